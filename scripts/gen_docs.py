@@ -1,0 +1,52 @@
+"""Regenerate the parts of docs/ that come from the code; --check only compares.
+
+- docs/design.md: the lifecycle state diagram, from trimperor.lifecycle.TABLE
+- docs/cli.md: the output of ``trimperor --help``
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from trimperor.cli import build_parser
+from trimperor.lifecycle import mermaid
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def blocks() -> dict[tuple[str, str], str]:
+    parser = build_parser()
+    parser.prog = "trimperor"
+    help_text = parser.format_help()
+    return {
+        ("design.md", "lifecycle"): f"```mermaid\n{mermaid()}\n```",
+        ("cli.md", "help"): f"```text\n{help_text.rstrip()}\n```",
+    }
+
+
+def main(check: bool) -> int:
+    stale = []
+    for (name, key), body in blocks().items():
+        path = DOCS / name
+        text = path.read_text()
+        pattern = re.compile(
+            rf"(<!-- generated:{key} -->\n).*?(<!-- /generated:{key} -->)", re.DOTALL
+        )
+        if not pattern.search(text):
+            print(f"{path}: missing <!-- generated:{key} --> markers", file=sys.stderr)
+            return 1
+        new = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        if new != text:
+            stale.append(str(path))
+            if not check:
+                path.write_text(new)
+    if stale and check:
+        print("generated docs are stale, run: python scripts/gen_docs.py", *stale, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main("--check" in sys.argv))

@@ -1,0 +1,5 @@
+import sys
+
+from trimperor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Contracts between the layers: what a monitor and a spawner look like.
+
+Typing only; implementations live in :mod:`trimperor.monitors` and
+:mod:`trimperor.spawner` (and fakes in :mod:`trimperor.testing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import trio
+
+    from trimperor.model import SourceEvent
+
+__all__ = ["LaunchPlan", "Monitor", "MonitorFactory", "MonitorOptions", "Process", "Spawner"]
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorOptions:
+    """Settings every monitor receives from the command line."""
+
+    freq: float = 3.0
+    """Seconds between full rescans (the safety net for missed events)."""
+    follow_symlinks: bool = True
+    extra_extensions: tuple[str, ...] = ()
+
+
+class Monitor(Protocol):
+    """Turns one source into :data:`~trimperor.model.SourceEvent` values.
+
+    ``run`` validates the source first and raises
+    :class:`~trimperor.errors.SourceError` if it cannot be used at all (an
+    unreadable directory at start); once it calls ``task_status.started()`` it
+    must never raise for a problem of the outside world: it logs, sends a
+    :class:`~trimperor.model.SourceProblem` and retries.
+    """
+
+    uri: str
+
+    async def run(
+        self,
+        send: trio.MemorySendChannel[SourceEvent],
+        *,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None: ...
+
+
+class MonitorFactory(Protocol):
+    def __call__(self, uri: str, options: MonitorOptions) -> Monitor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """Everything needed to start one vassal process; no policy left to decide."""
+
+    name: str
+    argv: tuple[str, ...]
+    cwd: str
+    env: tuple[tuple[str, str], ...]
+    user: str | None = None
+    """User name or number to run as; None keeps the emperor's."""
+    group: str | None = None
+    logto: str | None = None
+    pass_fds: tuple[int, ...] = ()
+    stdin_fd: int | None = None
+
+
+class Process(Protocol):
+    """A started vassal process, leader of its own process group."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; the exit code, or minus the signal number."""
+
+    async def wait(self) -> int:
+        """Wait until the process has exited, kill what is left of its group, reap it."""
+
+    @property
+    def output(self) -> trio.abc.ReceiveStream | None:
+        """The vassal's merged stdout and stderr, unless they go to a file."""
+
+    def signal_group(self, sig: int) -> None:
+        """Send *sig* to the whole process group; no error if it is already gone."""
+
+
+class Spawner(Protocol):
+    async def spawn(self, plan: LaunchPlan) -> Process:
+        """Start the process. Raises :class:`~trimperor.errors.SpawnError`."""

@@ -1,0 +1,243 @@
+"""The emperor: the nursery tree, the inbox and the only place that decides.
+
+::
+
+    sources nursery:  one task per monitor ──► inbox ──► Registry (pure) ──► actions
+    vassals nursery:  one Supervisor per vassal ◄──────────────────────────────┘
+
+Monitors never touch vassals and supervisors never read sources. A monitor that
+fails after it started is logged and restarted; it never takes the emperor down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from trimperor import __version__
+from trimperor.abc import Monitor, Spawner
+from trimperor.api import serve_stats
+from trimperor.model import SourceEvent, VassalDocument
+from trimperor.policy import BackoffPolicy
+from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop, Unsupported
+from trimperor.stats import EmperorStats
+from trimperor.supervisor import Supervisor
+from trimperor.vassalspec import UwsgiSpec, VassalSpec, build_spec
+
+__all__ = ["Emperor"]
+
+log = logging.getLogger(__name__)
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _TrackingStatus:
+    """Wraps a TaskStatus to remember whether ``started()`` was called."""
+
+    def __init__(self, inner: trio.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.started_called = False
+
+    def started(self, value: None = None) -> None:
+        self.started_called = True
+        self.inner.started(value)
+
+
+class Emperor:
+    def __init__(
+        self,
+        monitors: Sequence[Monitor],
+        *,
+        spawner: Spawner,
+        policy: BackoffPolicy | None = None,
+        environ: Mapping[str, str] | None = None,
+        extra_extensions: Iterable[str] = (),
+        stats_address: str | None = None,
+        retry_interval: float = 3.0,
+    ) -> None:
+        self.monitors = tuple(monitors)
+        self._spawner = spawner
+        self._policy = policy or BackoffPolicy()
+        self._environ = dict(os.environ if environ is None else environ)
+        self._extra_extensions = tuple(extra_extensions)
+        self._stats_address = stats_address
+        self._retry = retry_interval
+        self.registry: Registry[VassalSpec] = Registry(self._parse)
+        self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
+        self._sups: dict[str, Supervisor] = {}
+        self._stopping: set[str] = set()
+        self._pending: dict[str, Start[VassalSpec]] = {}
+        self._vassals: trio.Nursery | None = None
+        self._shutdown = trio.Event()
+        self._started_at = 0.0
+        self._wall_offset = 0.0
+        self.stats_bound: Any = None
+
+    # -- control (from the CLI's signal handler, or tests) -------------------
+
+    def shutdown(self) -> None:
+        """Stop every vassal gracefully and in parallel, then return from run()."""
+        self._shutdown.set()
+
+    def kill_all(self) -> None:
+        """SIGKILL every vassal's process group now."""
+        for sup in self._sups.values():
+            sup.kill()
+
+    def reload_all(self) -> None:
+        log.info("emperor.reload_all vassals=%d", len(self._sups))
+        for name, sup in self._sups.items():
+            if name not in self._stopping:
+                sup.reload()
+
+    def supervisor(self, name: str) -> Supervisor | None:
+        return self._sups.get(name)
+
+    def snapshot(self) -> EmperorStats:
+        now = trio.current_time()
+        return EmperorStats(
+            pid=os.getpid(),
+            version=__version__,
+            sources=tuple(m.uri for m in self.monitors),
+            uptime=now - self._started_at,
+            vassals=tuple(self._sups[n].snapshot() for n in sorted(self._sups)),
+        )
+
+    # -- the tree -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started_at = trio.current_time()
+        self._wall_offset = time.time() - self._started_at
+        log.info(
+            "emperor.start pid=%s version=%s sources=%s",
+            os.getpid(),
+            __version__,
+            ",".join(m.uri for m in self.monitors),
+        )
+        async with trio.open_nursery() as vassals:
+            self._vassals = vassals
+            try:
+                async with trio.open_nursery() as sources:
+                    sources.start_soon(self._inbox_loop)
+                    for monitor in self.monitors:
+                        await sources.start(self._run_monitor, monitor)
+                    if self._stats_address is not None:
+                        self.stats_bound = await sources.start(
+                            serve_stats, self._stats_address, self.snapshot
+                        )
+                    log.info("emperor.ready vassals=%d", len(self._sups))
+                    task_status.started()
+                    await self._shutdown.wait()
+                    sources.cancel_scope.cancel()
+            finally:
+                if self._sups:
+                    log.info("emperor.stopping vassals=%d", len(self._sups))
+                self._pending.clear()
+                for name, sup in self._sups.items():
+                    self._stopping.add(name)
+                    sup.stop()
+        log.info("emperor.stopped")
+
+    async def _run_monitor(
+        self, monitor: Monitor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        status = _TrackingStatus(task_status)
+        while True:
+            try:
+                await monitor.run(self._send.clone(), task_status=status)
+                log.warning("source.ended uri=%s; restarting in %ss", monitor.uri, self._retry)
+            except Exception as exc:
+                if not status.started_called:
+                    raise
+                log.error(
+                    "source.crashed uri=%s error=%r; restarting in %ss",
+                    monitor.uri,
+                    exc,
+                    self._retry,
+                    exc_info=True,
+                )
+            if not status.started_called:
+                status.started()
+            await trio.sleep(self._retry)
+
+    async def _inbox_loop(self) -> None:
+        async for event in self._recv:
+            try:
+                actions = self.registry.handle(event)
+            except Exception:
+                log.exception("emperor.bad_event event=%r", event)
+                continue
+            for action in actions:
+                self._apply(action)
+
+    # -- decisions --------------------------------------------------------------
+
+    def _parse(self, doc: VassalDocument) -> VassalSpec:
+        spec = build_spec(doc, self._environ, self._extra_extensions)
+        if isinstance(spec, UwsgiSpec):
+            raise Unsupported(
+                f"{doc.name}: uWSGI vassals (no [vassal] section) are not supported yet; left alone"
+            )
+        return spec
+
+    def _apply(self, action: Action[VassalSpec]) -> None:
+        if isinstance(action, Notice):
+            where = f" name={action.name}" if action.name else ""
+            log.log(
+                _LEVELS.get(action.level, logging.WARNING),
+                "%s%s source=%s: %s",
+                action.event,
+                where,
+                action.source,
+                action.message,
+            )
+        elif isinstance(action, Start):
+            if action.name in self._sups:
+                self._pending[action.name] = action  # starts when the old one is gone
+            else:
+                self._start(action)
+        elif isinstance(action, Reload):
+            if action.name in self._stopping:
+                self._pending[action.name] = Start(
+                    action.name, action.source, action.version, action.spec
+                )
+            else:
+                log.info("vassal.reload name=%s version=%s", action.name, action.version)
+                self._sups[action.name].update(action.version, action.spec)
+        elif isinstance(action, Stop):
+            self._pending.pop(action.name, None)
+            sup = self._sups.get(action.name)
+            if sup is not None and action.name not in self._stopping:
+                log.info("vassal.remove name=%s", action.name)
+                self._stopping.add(action.name)
+                sup.stop()
+
+    def _start(self, action: Start[VassalSpec]) -> None:
+        assert self._vassals is not None
+        sup = Supervisor(
+            action.name,
+            action.source,
+            action.version,
+            action.spec,
+            self._spawner,
+            self._policy,
+            self._environ,
+        )
+        self._sups[action.name] = sup
+        self._vassals.start_soon(self._run_supervisor, sup)
+
+    async def _run_supervisor(self, sup: Supervisor) -> None:
+        try:
+            await sup.run()
+        finally:
+            if self._sups.get(sup.name) is sup:
+                del self._sups[sup.name]
+            self._stopping.discard(sup.name)
+            pending = self._pending.pop(sup.name, None)
+            if pending is not None and not self._shutdown.is_set():
+                self._start(pending)

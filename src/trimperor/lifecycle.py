@@ -1,0 +1,112 @@
+"""The vassal lifecycle as a table: (state, event) -> (next state, actions).
+
+Everything a vassal supervisor does is a row of :data:`TABLE`. The supervisor
+feeds events in, carries the actions out, and never decides anything else;
+``docs/design.md`` shows the same table as a diagram
+(:func:`mermaid` generates it).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["TABLE", "Act", "Ev", "InvalidTransition", "State", "Transition", "mermaid", "step"]
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    """No process; a start is scheduled (first start or backoff)."""
+    RUNNING = "running"
+    RELOADING = "reloading"
+    """The old process is being stopped so that a new one can start."""
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    """Final: the configuration is gone and the process with it."""
+
+
+class Ev(enum.Enum):
+    TIMER = "timer"
+    """The scheduled start time has come."""
+    SPAWNED = "spawned"
+    SPAWN_FAILED = "spawn_failed"
+    EXITED = "exited"
+    """The process exited (on its own, or because we stopped it)."""
+    RESTART = "restart"
+    """New configuration or explicit reload, to be done by restarting."""
+    SIGNAL = "signal"
+    """Explicit reload of a vassal with a reload signal and unchanged command."""
+    STOP = "stop"
+    KILL = "kill"
+    """Stop at once with SIGKILL (second SIGINT)."""
+
+
+class Act(enum.Enum):
+    SPAWN = "spawn"
+    SCHEDULE = "schedule"
+    """Record the exit and schedule the next start with backoff."""
+    RESET_BACKOFF = "reset_backoff"
+    TERMINATE = "terminate"
+    """Stop signal to the process group; SIGKILL after the stop timeout."""
+    KILL = "kill"
+    SEND_RELOAD = "send_reload"
+    FINISH = "finish"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    next: State
+    actions: tuple[Act, ...] = ()
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+S, E, A, T = State, Ev, Act, Transition
+
+TABLE: dict[tuple[State, Ev], Transition] = {
+    (S.WAITING, E.TIMER): T(S.RUNNING, (A.SPAWN,)),
+    (S.WAITING, E.RESTART): T(S.RUNNING, (A.RESET_BACKOFF, A.SPAWN)),
+    (S.WAITING, E.SIGNAL): T(S.RUNNING, (A.RESET_BACKOFF, A.SPAWN)),
+    (S.WAITING, E.STOP): T(S.STOPPED, (A.FINISH,)),
+    (S.WAITING, E.KILL): T(S.STOPPED, (A.FINISH,)),
+    (S.RUNNING, E.SPAWNED): T(S.RUNNING),
+    (S.RUNNING, E.SPAWN_FAILED): T(S.WAITING, (A.SCHEDULE,)),
+    (S.RUNNING, E.EXITED): T(S.WAITING, (A.SCHEDULE,)),
+    (S.RUNNING, E.RESTART): T(S.RELOADING, (A.RESET_BACKOFF, A.TERMINATE)),
+    (S.RUNNING, E.SIGNAL): T(S.RUNNING, (A.RESET_BACKOFF, A.SEND_RELOAD)),
+    (S.RUNNING, E.STOP): T(S.STOPPING, (A.TERMINATE,)),
+    (S.RUNNING, E.KILL): T(S.STOPPING, (A.KILL,)),
+    (S.RELOADING, E.EXITED): T(S.RUNNING, (A.SPAWN,)),
+    (S.RELOADING, E.RESTART): T(S.RELOADING),
+    (S.RELOADING, E.SIGNAL): T(S.RELOADING),
+    (S.RELOADING, E.STOP): T(S.STOPPING),
+    (S.RELOADING, E.KILL): T(S.STOPPING, (A.KILL,)),
+    (S.STOPPING, E.EXITED): T(S.STOPPED, (A.FINISH,)),
+    (S.STOPPING, E.RESTART): T(S.STOPPING),
+    (S.STOPPING, E.SIGNAL): T(S.STOPPING),
+    (S.STOPPING, E.STOP): T(S.STOPPING),
+    (S.STOPPING, E.KILL): T(S.STOPPING, (A.KILL,)),
+}
+
+
+def step(state: State, event: Ev) -> Transition:
+    try:
+        return TABLE[state, event]
+    except KeyError:
+        raise InvalidTransition(f"no transition from {state.value} on {event.value}") from None
+
+
+def mermaid() -> str:
+    """The table as a Mermaid state diagram (for the design page)."""
+    lines = ["stateDiagram-v2", "    [*] --> waiting"]
+    for (state, event), tr in TABLE.items():
+        if tr.next is state and not tr.actions:
+            continue  # ignored events clutter the picture
+        label = event.value
+        if tr.actions:
+            label += " / " + ", ".join(a.value for a in tr.actions)
+        lines.append(f"    {state.value} --> {tr.next.value}: {label}")
+    lines.append("    stopped --> [*]")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Values that flow between the layers: vassal documents and source events.
+
+Monitors turn the outside world into :data:`SourceEvent` values and send them to
+the emperor's inbox. Events are *level-triggered*: besides single upserts and
+removals, a monitor sends a full :class:`Snapshot` of what it owns after every
+(re)connect or rescan, and the emperor diffs. A lost notification therefore
+heals at the next snapshot, and a source that cannot be reached sends nothing
+(rather than an empty snapshot), so it never means "everything was deleted".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "VALID_EXTENSIONS",
+    "Remove",
+    "Snapshot",
+    "SourceEvent",
+    "SourceProblem",
+    "Upsert",
+    "VassalDocument",
+    "is_valid_name",
+]
+
+#: File name endings that make a configuration, as uWSGI defines them.
+VALID_EXTENSIONS: tuple[str, ...] = (".ini", ".xml", ".yml", ".yaml", ".json", ".js")
+
+#: Names must be shorter than this many bytes (uWSGI's limit).
+MAX_NAME_BYTES = 255
+
+
+def is_valid_name(name: str, extra_extensions: Iterable[str] = ()) -> bool:
+    """Whether *name* is a vassal configuration name.
+
+    The match is on the end of the name and case-sensitive; editor leftovers
+    such as ``app.ini~`` or ``.app.ini.swp`` therefore do not match.
+    """
+    if not name or len(os.fsencode(name)) >= MAX_NAME_BYTES:
+        return False
+    endings = VALID_EXTENSIONS + tuple(normalize_extension(e) for e in extra_extensions)
+    return name.endswith(endings)
+
+
+def normalize_extension(ext: str) -> str:
+    """``ini`` and ``.ini`` both mean ``.ini``."""
+    return ext if ext.startswith(".") else "." + ext
+
+
+@dataclass(frozen=True, slots=True)
+class VassalDocument:
+    """One vassal configuration as a source sees it, before it is parsed.
+
+    ``version`` is opaque: any change of it (a new mtime, a new row timestamp,
+    a new message) means "this configuration changed, reload the vassal".
+    ``text`` is the configuration itself; ``path`` is where it lives on disk,
+    if it does (uWSGI vassals read their file themselves). ``error`` is set,
+    and ``text`` is None, when the source saw the name but could not read it.
+    """
+
+    name: str
+    source: str
+    version: str
+    text: str | None
+    path: str | None = None
+    error: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    socket: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """A vassal configuration appeared or changed."""
+
+    doc: VassalDocument
+
+    @property
+    def source(self) -> str:
+        return self.doc.source
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """The source no longer offers this name."""
+
+    source: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the source offers right now; names it owned and left out are gone."""
+
+    source: str
+    docs: tuple[VassalDocument, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceProblem:
+    """The source could not be read; nothing it owns is touched."""
+
+    source: str
+    message: str
+
+
+SourceEvent = Upsert | Remove | Snapshot | SourceProblem

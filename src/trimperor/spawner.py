@@ -1,0 +1,214 @@
+"""Starting vassal processes on Linux, and stopping every process they leave.
+
+Each vassal is the leader of a new session (so of a new process group); stops
+signal the whole group, and once the leader has exited whatever is left of its
+group is killed before the leader is reaped (while the zombie leader still
+reserves the group id). Vassals get ``PR_SET_PDEATHSIG=SIGKILL`` so that they
+die with the emperor even when the emperor is killed with SIGKILL.
+
+Why not ``trio.lowlevel.open_process``: it forks in a worker thread, and the
+parent-death signal fires when the *thread* that forked exits, which trio's
+thread cache does after a few idle seconds. We fork from the main thread and
+wait on a pidfd, which is what trio does internally on Linux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import grp
+import logging
+import os
+import pwd
+import signal
+import subprocess
+
+import trio
+
+from trimperor.abc import LaunchPlan
+from trimperor.errors import SpawnError
+
+__all__ = ["PosixProcess", "PosixSpawner", "resolve_ids"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the child
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The emperor may have died between fork and prctl: then we were re-parented.
+    if os.getppid() != emperor_pid:
+        os._exit(1)
+    # Python ignores SIGPIPE and trio may have blocked nothing, but reset the
+    # dispositions a plain fork would otherwise hand down.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def resolve_ids(
+    user: str | None, group: str | None
+) -> tuple[int | None, int | None, tuple[int, ...] | None]:
+    """Names or numbers -> (uid, gid, supplementary groups). Raises SpawnError."""
+    uid = gid = None
+    groups: tuple[int, ...] | None = None
+    if user is not None:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            if not user.isdigit():
+                raise SpawnError(f"unknown user {user!r}") from None
+            uid = int(user)
+        else:
+            uid, gid = pw.pw_uid, pw.pw_gid
+            if os.geteuid() == 0:
+                groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SpawnError(f"unknown group {group!r}") from None
+        if groups is not None and gid not in groups:
+            groups = (gid, *groups)
+    if uid is not None and groups is None and os.geteuid() == 0:
+        groups = (gid,) if gid is not None else ()
+    return uid, gid, groups
+
+
+class PosixProcess:
+    """A running vassal: its Popen, a pidfd to wait on, and its output pipe."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], output: trio.lowlevel.FdStream | None):
+        self._popen = popen
+        self._output = output
+        self._pidfd: int | None = os.pidfd_open(popen.pid)
+        self._reaped = False
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    @property
+    def output(self) -> trio.lowlevel.FdStream | None:
+        return self._output
+
+    def signal_group(self, sig: int) -> None:
+        if self._reaped:
+            return
+        try:
+            os.killpg(self._popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            # The group holds a process we may not signal (setuid helper); at
+            # least reach the leader.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._popen.pid, sig)
+
+    def send(self, sig: int) -> None:
+        """Signal the leader only (reload signals go to the master process)."""
+        if not self._reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._popen.pid, sig)
+
+    async def wait(self) -> int:
+        if self._reaped:
+            assert self._popen.returncode is not None
+            return self._popen.returncode
+        assert self._pidfd is not None
+        await trio.lowlevel.wait_readable(self._pidfd)
+        # The leader is a zombie and still holds the group id: nothing left of
+        # the group can escape, and the id cannot be reused yet.
+        self.signal_group(signal.SIGKILL)
+        returncode = self._popen.wait()
+        self._reaped = True
+        self._close_pidfd()
+        return returncode
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def aclose(self) -> None:
+        """Kill the whole group, reap, release every fd. Safe to call twice."""
+        if not self._reaped:
+            self.signal_group(signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                await self.wait()
+        if self._output is not None:
+            await self._output.aclose()
+
+
+class PosixSpawner:
+    """The real spawner: fork/exec from the main thread, one session per vassal."""
+
+    def __init__(self) -> None:
+        self._emperor_pid = os.getpid()
+
+    async def spawn(self, plan: LaunchPlan) -> PosixProcess:
+        uid, gid, groups = resolve_ids(plan.user, plan.group)
+        read_fd: int | None = None
+        write_fd: int
+        if plan.logto is not None:
+            try:
+                write_fd = os.open(plan.logto, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            except OSError as exc:
+                raise SpawnError(f"cannot open logto {plan.logto!r}: {exc.strerror}") from None
+        else:
+            read_fd, write_fd = os.pipe()
+        stdin = subprocess.DEVNULL if plan.stdin_fd is None else plan.stdin_fd
+        try:
+            # Forking from the main thread on purpose (see the module docstring);
+            # preexec_fn only sets the parent-death signal, no locks are involved.
+            popen = subprocess.Popen(  # noqa: ASYNC220
+                list(plan.argv),
+                cwd=plan.cwd,
+                env=dict(plan.env),
+                stdin=stdin,
+                stdout=write_fd,
+                stderr=write_fd,
+                close_fds=True,
+                pass_fds=plan.pass_fds,
+                start_new_session=True,
+                user=uid,
+                group=gid,
+                extra_groups=list(groups) if groups is not None else None,
+                preexec_fn=lambda: _child_setup(self._emperor_pid),  # noqa: PLW1509
+            )
+        except FileNotFoundError as exc:
+            missing = exc.filename if exc.filename else plan.argv[0]
+            if missing == plan.cwd:
+                message = f"working directory {plan.cwd!r} does not exist"
+            else:
+                message = f"program {plan.argv[0]!r} not found"
+            raise SpawnError(message) from None
+        except PermissionError as exc:
+            raise SpawnError(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise SpawnError(f"cannot run {plan.argv[0]!r}: {exc}") from None
+        finally:
+            os.close(write_fd)
+            if read_fd is not None and "popen" not in locals():
+                os.close(read_fd)
+        output = trio.lowlevel.FdStream(read_fd) if read_fd is not None else None
+        return PosixProcess(popen, output)
+
+
+def pid_alive(pid: int) -> bool:
+    """For tests and benchmarks: whether a process (not a zombie we own) exists."""
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True

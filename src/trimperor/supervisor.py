@@ -1,0 +1,359 @@
+"""One vassal supervisor: a process, its log pump and its timers, in one nursery.
+
+The supervisor is a small event loop over its own inbox. The emperor posts
+commands (new configuration, reload, stop, kill) and the supervisor's own tasks
+post what happened (process exited, timer fired); every event goes through
+:func:`trimperor.lifecycle.step`, and the supervisor carries out the actions the
+table names. Nothing else changes its state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from trimperor.abc import LaunchPlan, Process, Spawner
+from trimperor.errors import SpawnError
+from trimperor.lifecycle import Act, Ev, State, step
+from trimperor.policy import Backoff, BackoffPolicy
+from trimperor.stats import VassalStats
+from trimperor.vassalspec import NativeSpec, VassalSpec
+
+__all__ = ["Supervisor", "native_plan"]
+
+log = logging.getLogger(__name__)
+vassal_log = logging.getLogger("trimperor.vassal")
+
+#: Variables of the emperor's own service manager that must not leak into vassals.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
+_MAX_LINE = 64 * 1024
+
+
+def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
+    env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
+    env.update(spec.env)
+    return LaunchPlan(
+        name=spec.name,
+        argv=spec.command,
+        cwd=spec.chdir,
+        env=tuple(env.items()),
+        user=spec.uid,
+        group=spec.gid,
+        logto=spec.logto,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Post:
+    event: Ev
+    payload: Any = None
+
+
+class Supervisor:
+    """Keeps one vassal alive until told to stop. Create, then ``nursery.start(sup.run)``."""
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        version: str,
+        spec: VassalSpec,
+        spawner: Spawner,
+        policy: BackoffPolicy,
+        environ: Mapping[str, str],
+        *,
+        plan_for: Callable[[VassalSpec, Mapping[str, str]], LaunchPlan] | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.version = version
+        self.spec = spec
+        self._spawner = spawner
+        self._policy = policy
+        self._environ = environ
+        self._plan_for = plan_for or _default_plan
+        self._jitter = jitter
+        self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
+        self.state = State.WAITING
+        self.backoff = Backoff()
+        self._timer_gen = 0
+        self._proc: Process | None = None
+        self._nursery: trio.Nursery | None = None
+        self._started_at: float | None = None
+        self._wall_offset = 0.0
+        self.restarts = -1
+        self.reloads = 0
+        self.last_returncode: int | None = None
+        self.last_error: str | None = None
+        self.finished = trio.Event()
+
+    # -- commands (called by the emperor, never block) ----------------------
+
+    def update(self, version: str, spec: VassalSpec) -> None:
+        """A new configuration: restart, or send the reload signal if that is enough."""
+        old = self.spec
+        self.version, self.spec = version, spec
+        if (
+            isinstance(spec, NativeSpec)
+            and isinstance(old, NativeSpec)
+            and spec.reload_signal is not None
+            and spec.launch_key() == old.launch_key()
+        ):
+            self._post(Ev.SIGNAL)
+        else:
+            self._post(Ev.RESTART)
+
+    def reload(self) -> None:
+        """Explicit reload (SIGHUP to the emperor)."""
+        if isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None:
+            self._post(Ev.SIGNAL)
+        else:
+            self._post(Ev.RESTART)
+
+    def stop(self) -> None:
+        self._post(Ev.STOP)
+
+    def kill(self) -> None:
+        self._post(Ev.KILL)
+
+    def _post(self, event: Ev, payload: Any = None) -> None:
+        with contextlib.suppress(trio.ClosedResourceError):  # already finished
+            self._send.send_nowait(_Post(event, payload))
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._wall_offset = time.time() - trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._dispatch(_Post(Ev.TIMER, self._timer_gen))
+                async with self._recv:
+                    async for post in self._recv:
+                        await self._dispatch(post)
+                        if self.state is State.STOPPED:
+                            break
+                nursery.cancel_scope.cancel()
+        finally:
+            self._send.close()
+            if self._proc is not None:
+                # Cancelled or crashed: nothing may outlive us.
+                with trio.CancelScope(shield=True):
+                    self._proc.signal_group(signal.SIGKILL)
+                    await _close(self._proc)
+                self._proc = None
+            self.finished.set()
+            log.info("vassal.finished name=%s", self.name)
+
+    async def _dispatch(self, post: _Post) -> None:
+        ev = post.event
+        if ev is Ev.EXITED and post.payload is not self._proc:
+            return  # a process we already forgot
+        if ev is Ev.TIMER and post.payload != self._timer_gen:
+            return  # a timer that was cancelled by a reset
+        if ev is Ev.EXITED:
+            self._record_exit(post.payload)
+        tr = step(self.state, ev)
+        if tr.next is not self.state:
+            log.debug(
+                "vassal.state name=%s %s->%s on %s",
+                self.name,
+                self.state.value,
+                tr.next.value,
+                ev.value,
+            )
+        self.state = tr.next
+        for act in tr.actions:
+            await self._act(act, post)
+
+    async def _act(self, act: Act, post: _Post) -> None:
+        now = trio.current_time()
+        if act is Act.SPAWN:
+            await self._spawn()
+        elif act is Act.SCHEDULE:
+            started = self._started_at if post.event is Ev.EXITED else now
+            self.backoff = self.backoff.after_exit(
+                self._policy, started if started is not None else now, now, self._jitter()
+            )
+            delay = (self.backoff.next_start or now) - now
+            if self.backoff.attempt:
+                log.warning(
+                    "vassal.backoff name=%s attempt=%d delay=%.3fs",
+                    self.name,
+                    self.backoff.attempt,
+                    delay,
+                )
+            else:
+                log.info("vassal.respawn name=%s", self.name)
+            self._schedule(self.backoff.next_start or now)
+        elif act is Act.RESET_BACKOFF:
+            if self.backoff.attempt:
+                log.info("vassal.backoff_reset name=%s", self.name)
+            self.backoff = self.backoff.reset()
+            self._timer_gen += 1
+            self.reloads += 1
+        elif act is Act.TERMINATE:
+            self._terminate()
+        elif act is Act.KILL:
+            if self._proc is not None:
+                log.warning("vassal.kill name=%s pid=%s", self.name, self._proc.pid)
+                self._proc.signal_group(signal.SIGKILL)
+        elif act is Act.SEND_RELOAD:
+            assert isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None
+            if self._proc is not None:
+                sig = self.spec.reload_signal
+                log.info(
+                    "vassal.reload_signal name=%s pid=%s signal=%s",
+                    self.name,
+                    self._proc.pid,
+                    signal.Signals(sig).name,
+                )
+                send = getattr(self._proc, "send", self._proc.signal_group)
+                send(sig)
+        elif act is Act.FINISH:
+            pass
+
+    async def _spawn(self) -> None:
+        assert self._nursery is not None
+        try:
+            plan = self._plan_for(self.spec, self._environ)
+            proc = await self._spawner.spawn(plan)
+        except SpawnError as exc:
+            self.last_error = str(exc)
+            log.error("vassal.spawn_failed name=%s error=%s", self.name, exc)
+            await self._dispatch(_Post(Ev.SPAWN_FAILED))
+            return
+        self._proc = proc
+        self._started_at = trio.current_time()
+        self.restarts += 1
+        self.last_error = None
+        log.info("vassal.spawned name=%s pid=%s", self.name, proc.pid)
+        self._nursery.start_soon(self._wait, proc)
+        if proc.output is not None:
+            self._nursery.start_soon(self._pump, proc.output)
+        await self._dispatch(_Post(Ev.SPAWNED))
+
+    async def _wait(self, proc: Process) -> None:
+        await proc.wait()
+        self._post(Ev.EXITED, proc)
+
+    def _record_exit(self, proc: Process) -> None:
+        rc = proc.returncode
+        self.last_returncode = rc
+        self._proc = None
+        how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
+        log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
+
+    def _schedule(self, when: float) -> None:
+        assert self._nursery is not None
+        self._timer_gen += 1
+        gen = self._timer_gen
+
+        async def timer() -> None:
+            await trio.sleep_until(when)
+            self._post(Ev.TIMER, gen)
+
+        self._nursery.start_soon(timer)
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        assert self._nursery is not None
+        stop_signal = signal.SIGTERM
+        timeout = 10.0
+        if isinstance(self.spec, NativeSpec):
+            stop_signal, timeout = signal.Signals(self.spec.stop_signal), self.spec.stop_timeout
+        log.info(
+            "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
+            self.name,
+            proc.pid,
+            signal.Signals(stop_signal).name,
+            timeout,
+        )
+        proc.signal_group(stop_signal)
+
+        async def escalate() -> None:
+            await trio.sleep(timeout)
+            if proc.returncode is None:
+                log.warning(
+                    "vassal.stop_timeout name=%s pid=%s: sending SIGKILL to the group",
+                    self.name,
+                    proc.pid,
+                )
+                proc.signal_group(signal.SIGKILL)
+
+        self._nursery.start_soon(escalate)
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buf = b""
+        try:
+            async with stream:
+                while chunk := await stream.receive_some(65536):
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    if len(buf) > _MAX_LINE:
+                        lines.append(buf)
+                        buf = b""
+                    for line in lines:
+                        self._log_line(line)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        if buf:
+            self._log_line(buf)
+
+    def _log_line(self, line: bytes) -> None:
+        vassal_log.info("%s| %s", self.name, line.decode(errors="replace").rstrip())
+
+    # -- observation ---------------------------------------------------------
+
+    def snapshot(self) -> VassalStats:
+        rc = self.last_returncode
+        next_start = None
+        if self.state is State.WAITING and self.backoff.next_start is not None:
+            next_start = self.backoff.next_start + self._wall_offset
+        return VassalStats(
+            name=self.name,
+            source=self.source,
+            kind=self.spec.kind,
+            state=self.state.value,
+            pid=self._proc.pid if self._proc is not None else None,
+            started_at=(
+                self._started_at + self._wall_offset
+                if self._proc is not None and self._started_at is not None
+                else None
+            ),
+            restarts=max(self.restarts, 0),
+            backoff_attempt=self.backoff.attempt,
+            next_start=next_start,
+            last_exit_code=rc if rc is not None and rc >= 0 else None,
+            last_exit_signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
+            config_version=self.version,
+            reloads=self.reloads,
+            last_error=self.last_error,
+        )
+
+
+async def _close(proc: Process) -> None:
+    aclose = getattr(proc, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    else:
+        await proc.wait()
+
+
+def _default_plan(spec: VassalSpec, environ: Mapping[str, str]) -> LaunchPlan:
+    if isinstance(spec, NativeSpec):
+        return native_plan(spec, environ)
+    raise SpawnError(f"{spec.name}: uWSGI vassals are not supported by this build")

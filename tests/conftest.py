@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    base = f"/proc/{os.getpid()}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Every test must leave no child process and no open file descriptor behind."""
+    children, fds = _children(), _fds()
+    yield
+    leaked_children = _children() - children
+    assert not leaked_children, f"child processes left running: {sorted(leaked_children)}"
+    # listdir itself opens one fd, present in both samples.
+    leaked_fds = {fd for fd in _fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked_fds, f"file descriptors leaked: " + ", ".join(
+        f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in sorted(leaked_fds)
+    )

@@ -1,0 +1,234 @@
+"""The command line and the whole emperor, end to end, with real processes and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for, write_atomic
+from trimperor import cli
+from trimperor.abc import MonitorOptions
+from trimperor.errors import MissingExtraError, UsageError
+
+pytestmark = pytest.mark.integration
+
+
+# -- source resolution (no processes) ------------------------------------------
+
+
+def test_existing_directory_is_dir_and_anything_else_is_glob(tmp_path: Path) -> None:
+    opts = MonitorOptions()
+    missing = tmp_path / "not-yet"
+    d, g, m, explicit = cli.resolve_sources(
+        [str(tmp_path), str(tmp_path / "*.ini"), str(missing), f"glob://{tmp_path}"], opts
+    )
+    assert d.uri == f"dir://{tmp_path}"
+    assert g.uri == f"glob://{tmp_path}/*.ini"
+    assert m.uri == f"glob://{missing}"
+    assert explicit.uri == f"glob://{tmp_path}"
+
+
+def test_unknown_scheme_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown source scheme 'nope'.*known: dir, glob"):
+        cli.resolve_sources(["nope://x"], MonitorOptions())
+
+
+def test_missing_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_factories", lambda: {"pg": "trimperor_missing_driver:Monitor"})
+    with pytest.raises(MissingExtraError, match=r"pip install 'trimperor\[pg\]'"):
+        cli.resolve_sources(["pg://dbname=x"], MonitorOptions())
+
+
+def test_shell_expansion_is_detected(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.ini", tmp_path / "b.ini"
+    a.touch()
+    b.touch()
+    assert cli.expanded_by_shell([str(a), str(b)])
+    assert not cli.expanded_by_shell([str(a)])
+    assert not cli.expanded_by_shell([str(a), str(tmp_path)])
+
+
+def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--bogus", "x"])
+    assert exc.value.code == 2
+    assert cli.main(["--freq", "0", "/tmp"]) == 2
+
+
+# -- the emperor as a real process -----------------------------------------------
+
+
+@pytest.fixture
+def vassals(tmp_path: Path) -> Path:
+    d = tmp_path / "vassals"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def emperor_factory(tmp_path: Path) -> Iterator[type[EmperorProcess]]:
+    started: list[EmperorProcess] = []
+
+    class Factory(EmperorProcess):
+        def __init__(self, args: list[str]) -> None:
+            super().__init__(args, tmp_path / f"emperor{len(started)}.log")
+            started.append(self)
+
+    yield Factory
+    for e in started:
+        e.close()
+
+
+async def test_lifecycle_through_files(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    emperor = emperor_factory([str(vassals), "--freq", "60", "--throttle", "50"])
+    pidfile = tmp_path / "app.pid"
+    write_atomic(vassals / "app.ini", pidfile_vassal(tmp_path, "app", body="print('hi there')"))
+    await wait_for(lambda: read_pid(pidfile) is not None)
+    first = read_pid(pidfile)
+    assert first is not None
+    await wait_for(lambda: "app.ini| hi there" in emperor.text())
+
+    # touch: reload (sub-second precision)
+    st = os.stat(vassals / "app.ini")
+    os.utime(vassals / "app.ini", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    await wait_for(lambda: read_pid(pidfile) not in {None, first})
+    second = read_pid(pidfile)
+    assert second is not None
+    await wait_for(lambda: not pid_alive(first))
+
+    # crash: respawned
+    os.kill(second, signal.SIGKILL)
+    await wait_for(lambda: read_pid(pidfile) not in {None, second})
+    third = read_pid(pidfile)
+    assert third is not None
+    assert "vassal.backoff name=app.ini attempt=1" in emperor.text()
+
+    # a broken edit keeps it running
+    write_atomic(vassals / "app.ini", "[vassal]\ncommand = x\nnonsense = 1\n")
+    await wait_for(lambda: "unknown key 'nonsense'" in emperor.text())
+    assert pid_alive(third)
+
+    # removal: stopped, not respawned
+    (vassals / "app.ini").unlink()
+    await wait_for(lambda: not pid_alive(third))
+    await trio.sleep(0.3)
+    assert read_pid(pidfile) == third
+
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+    assert "emperor.stopped" in emperor.text()
+
+
+async def test_sigterm_stops_all_vassals_and_exits_0(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    for i in range(5):
+        write_atomic(vassals / f"v{i}.ini", pidfile_vassal(tmp_path, f"v{i}"))
+    emperor = emperor_factory([str(vassals)])
+    await wait_for(lambda: all(read_pid(tmp_path / f"v{i}.pid") for i in range(5)))
+    pids = [read_pid(tmp_path / f"v{i}.pid") or 0 for i in range(5)]
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+    assert not [p for p in pids if pid_alive(p)]
+
+
+async def test_sigterm_kills_a_vassal_that_ignores_it_after_stop_timeout(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    body = "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    write_atomic(vassals / "stubborn.ini", pidfile_vassal(tmp_path, "s", "stop-timeout = 0.5\n", body))
+    emperor = emperor_factory([str(vassals)])
+    await wait_for(lambda: read_pid(tmp_path / "s.pid") is not None)
+    pid = read_pid(tmp_path / "s.pid") or 0
+    await trio.sleep(0.2)  # let the vassal install its handler
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+    assert not pid_alive(pid)
+    assert "vassal.stop_timeout name=stubborn.ini" in emperor.text()
+
+
+async def test_sighup_reloads_every_vassal(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
+    write_atomic(vassals / "b.yaml", f"vassal:\n  command: [{json.dumps(str(os.sys.executable))}, "
+                 f"{json.dumps(str(tmp_path / 'a.py'))}]\n  env: [UNUSED=1]\n")
+    emperor = emperor_factory([str(vassals)])
+    await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None)
+    await wait_for(lambda: emperor.text().count("vassal.spawned") == 2)
+    emperor.signal(signal.SIGHUP)
+    await wait_for(lambda: emperor.text().count("vassal.spawned") == 4)
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+
+
+async def test_vassals_die_when_the_emperor_is_killed(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
+    emperor = emperor_factory([str(vassals)])
+    await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None)
+    pid = read_pid(tmp_path / "a.pid") or 0
+    emperor.signal(signal.SIGKILL)
+    await emperor.wait()
+    await wait_for(lambda: not pid_alive(pid))
+
+
+async def test_unreadable_directory_at_start_exits_1(
+    tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    (tmp_path / "file").write_text("")
+    emperor = emperor_factory([f"dir://{tmp_path / 'file'}"])
+    assert await emperor.wait() == 1
+    assert str(tmp_path / "file") in emperor.text()
+
+
+async def test_unquoted_pattern_warning(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    for name in ("a.ini", "b.ini"):
+        write_atomic(vassals / name, pidfile_vassal(tmp_path, name[0]))
+    emperor = emperor_factory([str(vassals / "a.ini"), str(vassals / "b.ini")])
+    await wait_for(lambda: read_pid(tmp_path / "b.pid") is not None)
+    assert emperor.text().count("cli.unquoted_pattern") == 1
+    assert "Quote the pattern" in emperor.text()
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+
+
+async def test_stats_on_a_unix_socket(
+    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+) -> None:
+    write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
+    sock_path = tmp_path / "stats.sock"
+    emperor = emperor_factory([str(vassals), "--stats", str(sock_path)])
+    await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None and sock_path.exists())
+    await wait_for(lambda: "vassal.spawned" in emperor.text())
+
+    def fetch() -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock_path))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        result: dict[str, object] = json.loads(data)
+        return result
+
+    doc = await trio.to_thread.run_sync(fetch)
+    emperor_info = doc["emperor"]
+    assert isinstance(emperor_info, dict) and emperor_info["pid"] == emperor.proc.pid
+    [v] = doc["vassals"]  # type: ignore[misc]
+    assert v["name"] == "a.ini" and v["pid"] == read_pid(tmp_path / "a.pid")
+    assert v["source"] == f"dir://{vassals}"
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+    assert not sock_path.exists()

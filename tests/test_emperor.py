@@ -1,0 +1,186 @@
+"""The emperor's decisions, with a fake monitor and a fake spawner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from trimperor.emperor import Emperor
+from trimperor.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
+from trimperor.testing import FakeMonitor, FakeSpawner
+
+NATIVE = "[vassal]\ncommand = app {arg}\n"
+
+
+def doc(name: str, arg: str = "1", version: str = "1", source: str = "fake://a") -> VassalDocument:
+    return VassalDocument(name, source, version, NATIVE.format(arg=arg), path=f"/srv/{name}")
+
+
+@dataclass
+class World:
+    emperor: Emperor
+    a: FakeMonitor
+    b: FakeMonitor
+    spawner: FakeSpawner
+
+
+@pytest.fixture
+async def world(autojump_clock: trio.testing.MockClock) -> AsyncIterator[World]:
+    a, b, spawner = FakeMonitor("fake://a"), FakeMonitor("fake://b"), FakeSpawner()
+    emperor = Emperor([a, b], spawner=spawner, environ={"HOME": "/root"})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emperor.run)
+        yield World(emperor, a, b, spawner)
+        emperor.shutdown()
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_spawn_reload_remove(world: World) -> None:
+    await world.a.send(Upsert(doc("web.ini")))
+    proc = await world.spawner.wait_spawned(1)
+    assert proc.plan.argv == ("app", "1")
+    assert proc.plan.cwd == "/srv"
+    assert ("HOME", "/root") in proc.plan.env
+    await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
+    new = await world.spawner.wait_spawned(2)
+    assert new.plan.argv == ("app", "2")
+    assert proc.returncode == -signal.SIGTERM
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await settle()
+    assert world.spawner.alive() == []
+    assert world.emperor.snapshot().vassals == ()
+
+
+async def test_broken_config_keeps_the_running_vassal(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    await world.a.send(Upsert(doc("web.ini")))
+    proc = await world.spawner.wait_spawned(1)
+    broken = VassalDocument("web.ini", "fake://a", "2", "[vassal]\nbogus = 1\n", path="/srv/web.ini")
+    with caplog.at_level(logging.ERROR):
+        await world.a.send(Upsert(broken))
+        await settle()
+    assert "unknown key 'bogus'" in caplog.text
+    assert "keeps running its last good configuration" in caplog.text
+    assert proc.returncode is None
+    assert len(world.spawner.spawned) == 1
+
+
+async def test_new_broken_file_starts_nothing(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        await world.a.send(Upsert(VassalDocument("x.ini", "fake://a", "1", "[vassal]\n")))
+        await settle()
+    assert "needs a command" in caplog.text
+    assert world.spawner.spawned == []
+
+
+async def test_uwsgi_vassal_is_left_alone(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        text = "[uwsgi]\nsocket = :3031\n"
+        await world.a.send(Upsert(VassalDocument("u.ini", "fake://a", "1", text)))
+        await settle()
+    assert "vassal.unsupported" in caplog.text
+    assert world.spawner.spawned == []
+
+
+async def test_name_conflict_between_sources(world: World) -> None:
+    await world.a.send(Upsert(doc("web.ini", arg="a")))
+    await world.b.send(Upsert(doc("web.ini", arg="b", source="fake://b")))
+    await world.spawner.wait_spawned(1)
+    await settle()
+    assert len(world.spawner.spawned) == 1
+    await world.a.send(Snapshot("fake://a", ()))
+    second = await world.spawner.wait_spawned(2)
+    assert second.plan.argv == ("app", "b")
+    [vassal] = world.emperor.snapshot().vassals
+    assert vassal.source == "fake://b"
+
+
+async def test_source_problem_touches_nothing(world: World) -> None:
+    await world.a.send(Snapshot("fake://a", (doc("x.ini"), doc("y.ini"))))
+    await world.spawner.wait_spawned(2)
+    await world.a.send(SourceProblem("fake://a", "unreachable"))
+    await settle()
+    assert len(world.spawner.alive()) == 2
+
+
+async def test_readd_while_stopping_waits_for_the_old_process(world: World) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await settle()
+    await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
+    await settle()
+    assert len(world.spawner.spawned) == 1  # the old one is still within its stop timeout
+    new = await world.spawner.wait_spawned(2)
+    assert old.returncode == -signal.SIGKILL
+    assert new.plan.argv == ("app", "2")
+
+
+async def test_reload_all(world: World) -> None:
+    await world.a.send(Snapshot("fake://a", (doc("x.ini"), doc("y.ini"))))
+    await world.spawner.wait_spawned(2)
+    world.emperor.reload_all()
+    await world.spawner.wait_spawned(4)
+    await settle()
+    assert len(world.spawner.alive()) == 2
+
+
+async def test_shutdown_stops_everything_in_parallel(autojump_clock: trio.testing.MockClock) -> None:
+    a, spawner = FakeMonitor("fake://a"), FakeSpawner()
+    spawner.ignore = {signal.SIGTERM}
+    emperor = Emperor([a], spawner=spawner, environ={})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emperor.run)
+        await a.send(Snapshot("fake://a", tuple(doc(f"v{i}.ini") for i in range(20))))
+        await spawner.wait_spawned(20)
+        t0 = trio.current_time()
+        emperor.shutdown()
+    # each ignores SIGTERM: all are killed after one stop timeout (10 s), not 20 of them
+    assert trio.current_time() - t0 == pytest.approx(10.0)
+    assert spawner.alive() == []
+
+
+async def test_stats_server(world: World, tmp_path: object) -> None:
+    await world.a.send(Upsert(doc("web.ini")))
+    proc = await world.spawner.wait_spawned(1)
+    snap = world.emperor.snapshot()
+    assert snap.sources == ("fake://a", "fake://b")
+    [v] = snap.vassals
+    assert (v.name, v.kind, v.state, v.pid, v.restarts) == ("web.ini", "native", "running", proc.pid, 0)
+
+
+async def test_stats_json_over_tcp() -> None:
+    a, spawner = FakeMonitor("fake://a"), FakeSpawner()
+    emperor = Emperor([a], spawner=spawner, environ={}, stats_address="127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emperor.run)
+        await a.send(Upsert(doc("web.ini")))
+        await spawner.wait_spawned(1)
+        host, _, port = emperor.stats_bound.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        data = b""
+        async with stream:
+            while chunk := await stream.receive_some():
+                data += chunk
+        doc_ = json.loads(data)
+        assert doc_["emperor"]["sources"] == ["fake://a"]
+        assert doc_["emperor"]["version"]
+        [v] = doc_["vassals"]
+        for key in ("name", "source", "kind", "state", "pid", "started_at", "restarts",
+                    "backoff_attempt", "next_start", "last_exit_code", "last_exit_signal",
+                    "config_version"):
+            assert key in v
+        assert v["state"] == "running"
+        emperor.shutdown()

@@ -1,0 +1,137 @@
+"""The real spawner: process groups, stop escalation, parent-death signal, no leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import PYTHON, pid_alive, read_pid, wait_for
+from trimperor.abc import LaunchPlan
+from trimperor.errors import SpawnError
+from trimperor.spawner import PosixSpawner, resolve_ids
+
+pytestmark = pytest.mark.integration
+
+
+def plan(*argv: str, cwd: str = "/", logto: str | None = None) -> LaunchPlan:
+    return LaunchPlan(name="t", argv=argv, cwd=cwd, env=tuple(os.environ.items()), logto=logto)
+
+
+async def test_output_is_captured_and_exit_code_reported() -> None:
+    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
+    assert proc.output is not None
+    data = b""
+    async with proc.output:
+        while chunk := await proc.output.receive_some():
+            data += chunk
+    assert await proc.wait() == 3
+    assert data == b"hello\n"
+    await proc.aclose()
+
+
+async def test_logto_file(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    proc = await PosixSpawner().spawn(
+        plan(PYTHON, "-c", "import sys; print('out'); print('err', file=sys.stderr)", logto=str(log))
+    )
+    assert proc.output is None
+    assert await proc.wait() == 0
+    assert log.read_text().splitlines() == ["out", "err"]
+
+
+async def test_missing_program_and_cwd_are_spawn_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpawnError, match="not found"):
+        await PosixSpawner().spawn(plan("/nonexistent/program"))
+    with pytest.raises(SpawnError, match="working directory"):
+        await PosixSpawner().spawn(plan(PYTHON, "-c", "pass", cwd=str(tmp_path / "nope")))
+
+
+async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
+    tmp_path: Path,
+) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([{PYTHON!r}, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(600)\n"
+    )
+    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", code))
+    await wait_for(lambda: read_pid(pidfile) is not None)
+    grandchild = read_pid(pidfile)
+    assert grandchild is not None
+    assert os.getpgid(proc.pid) == proc.pid
+    assert os.getpgid(grandchild) == proc.pid
+    proc.signal_group(signal.SIGTERM)
+    assert await proc.wait() == -signal.SIGTERM
+    await wait_for(lambda: not pid_alive(grandchild))
+    await proc.aclose()
+
+
+async def test_leftover_group_members_are_killed_when_the_leader_exits(tmp_path: Path) -> None:
+    pidfile = tmp_path / "orphan.pid"
+    code = (
+        "import subprocess, signal\n"
+        f"p = subprocess.Popen([{PYTHON!r}, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+    )
+    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", code))
+    assert await proc.wait() == 0
+    orphan = read_pid(pidfile)
+    assert orphan is not None
+    await wait_for(lambda: not pid_alive(orphan))
+    await proc.aclose()
+
+
+async def test_vassal_dies_with_its_parent(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: an intermediate process spawns a vassal, then is SIGKILLed."""
+    pidfile = tmp_path / "vassal.pid"
+    code = (
+        "import os, sys, trio\n"
+        "from trimperor.abc import LaunchPlan\n"
+        "from trimperor.spawner import PosixSpawner\n"
+        "async def main():\n"
+        f"    p = await PosixSpawner().spawn(LaunchPlan('v', ({PYTHON!r}, '-c', "
+        "'import time; time.sleep(600)'), '/', tuple(os.environ.items()), logto='/dev/null'))\n"
+        f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "    await trio.sleep(600)\n"
+        "trio.run(main)\n"
+    )
+    parent = await trio.lowlevel.open_process([PYTHON, "-c", code])
+    try:
+        await wait_for(lambda: read_pid(pidfile) is not None)
+        vassal = read_pid(pidfile)
+        assert vassal is not None and pid_alive(vassal)
+        parent.kill()
+        await parent.wait()
+        await wait_for(lambda: not pid_alive(vassal))
+    finally:
+        parent.kill()
+        await parent.wait()
+
+
+def test_resolve_ids() -> None:
+    assert resolve_ids(None, None) == (None, None, None)
+    uid, gid, _ = resolve_ids("root", None)
+    assert (uid, gid) == (0, 0)
+    assert resolve_ids("0", "0")[:2] == (0, 0)
+    with pytest.raises(SpawnError, match="unknown user"):
+        resolve_ids("no-such-user-here", None)
+    with pytest.raises(SpawnError, match="unknown group"):
+        resolve_ids(None, "no-such-group-here")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+async def test_runs_as_another_user(tmp_path: Path) -> None:
+    out = tmp_path / "id.log"
+    os.chmod(tmp_path, 0o777)
+    proc = await PosixSpawner().spawn(
+        LaunchPlan("t", ("/usr/bin/id", "-u"), "/", (), user="nobody", logto=str(out))
+    )
+    assert await proc.wait() == 0
+    assert out.read_text().strip() == str(resolve_ids("nobody", None)[0])
