@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for, write_atomic
+from tests.helpers import (
+    EmperorProcess,
+    pid_alive,
+    pidfile_vassal,
+    read_pid,
+    wait_for,
+    write_atomic,
+)
 from trimperor import cli
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
@@ -36,7 +43,7 @@ def test_existing_directory_is_dir_and_anything_else_is_glob(tmp_path: Path) -> 
 
 
 def test_unknown_scheme_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="unknown source scheme 'nope'.*known: dir, glob"):
+    with pytest.raises(UsageError, match="unknown source scheme .nope.*known: .*dir, glob"):
         cli.resolve_sources(["nope://x"], MonitorOptions())
 
 
@@ -145,7 +152,9 @@ async def test_sigterm_kills_a_vassal_that_ignores_it_after_stop_timeout(
     vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
 ) -> None:
     body = "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
-    write_atomic(vassals / "stubborn.ini", pidfile_vassal(tmp_path, "s", "stop-timeout = 0.5\n", body))
+    write_atomic(
+        vassals / "stubborn.ini", pidfile_vassal(tmp_path, "s", "stop-timeout = 0.5\n", body)
+    )
     emperor = emperor_factory([str(vassals)])
     await wait_for(lambda: read_pid(tmp_path / "s.pid") is not None)
     pid = read_pid(tmp_path / "s.pid") or 0
@@ -160,8 +169,11 @@ async def test_sighup_reloads_every_vassal(
     vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
 ) -> None:
     write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
-    write_atomic(vassals / "b.yaml", f"vassal:\n  command: [{json.dumps(str(os.sys.executable))}, "
-                 f"{json.dumps(str(tmp_path / 'a.py'))}]\n  env: [UNUSED=1]\n")
+    write_atomic(
+        vassals / "b.yaml",
+        f"vassal:\n  command: [{json.dumps(str(os.sys.executable))}, "
+        f"{json.dumps(str(tmp_path / 'a.py'))}]\n  env: [UNUSED=1]\n",
+    )
     emperor = emperor_factory([str(vassals)])
     await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None)
     await wait_for(lambda: emperor.text().count("vassal.spawned") == 2)
@@ -212,7 +224,7 @@ async def test_stats_on_a_unix_socket(
     sock_path = tmp_path / "stats.sock"
     emperor = emperor_factory([str(vassals), "--stats", str(sock_path)])
     await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None and sock_path.exists())
-    await wait_for(lambda: "vassal.spawned" in emperor.text())
+    await wait_for(lambda: "vassal.spawned" in emperor.text() and "stats.listening" in emperor.text())
 
     def fetch() -> dict[str, object]:
         with socket.socket(socket.AF_UNIX) as s:

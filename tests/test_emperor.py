@@ -32,7 +32,7 @@ class World:
 
 
 @pytest.fixture
-async def world(autojump_clock: trio.testing.MockClock) -> AsyncIterator[World]:
+async def world() -> AsyncIterator[World]:
     a, b, spawner = FakeMonitor("fake://a"), FakeMonitor("fake://b"), FakeSpawner()
     emperor = Emperor([a, b], spawner=spawner, environ={"HOME": "/root"})
     async with trio.open_nursery() as nursery:
@@ -66,7 +66,9 @@ async def test_broken_config_keeps_the_running_vassal(
 ) -> None:
     await world.a.send(Upsert(doc("web.ini")))
     proc = await world.spawner.wait_spawned(1)
-    broken = VassalDocument("web.ini", "fake://a", "2", "[vassal]\nbogus = 1\n", path="/srv/web.ini")
+    broken = VassalDocument(
+        "web.ini", "fake://a", "2", "[vassal]\nbogus = 1\n", path="/srv/web.ini"
+    )
     with caplog.at_level(logging.ERROR):
         await world.a.send(Upsert(broken))
         await settle()
@@ -76,7 +78,9 @@ async def test_broken_config_keeps_the_running_vassal(
     assert len(world.spawner.spawned) == 1
 
 
-async def test_new_broken_file_starts_nothing(world: World, caplog: pytest.LogCaptureFixture) -> None:
+async def test_new_broken_file_starts_nothing(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.ERROR):
         await world.a.send(Upsert(VassalDocument("x.ini", "fake://a", "1", "[vassal]\n")))
         await settle()
@@ -84,13 +88,19 @@ async def test_new_broken_file_starts_nothing(world: World, caplog: pytest.LogCa
     assert world.spawner.spawned == []
 
 
-async def test_uwsgi_vassal_is_left_alone(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        text = "[uwsgi]\nsocket = :3031\n"
-        await world.a.send(Upsert(VassalDocument("u.ini", "fake://a", "1", text)))
-        await settle()
-    assert "vassal.unsupported" in caplog.text
-    assert world.spawner.spawned == []
+async def test_uwsgi_vassal_gets_the_emperor_protocol(world: World) -> None:
+    text = "[uwsgi]\nsocket = :3031\n"
+    await world.a.send(Upsert(VassalDocument("u.ini", "fake://a", "1", text, path="/srv/u.ini")))
+    proc = await world.spawner.wait_spawned(1)
+    assert proc.plan.argv == ("uwsgi", "--ini", "/srv/u.ini")
+    env = dict(proc.plan.env)
+    assert env["UWSGI_EMPEROR_FD"] == str(proc.plan.pass_fds[0])
+    assert "UWSGI_EMPEROR_FD_CONFIG" not in env
+    await world.a.send(Upsert(VassalDocument("m.ini", "fake://a", "1", text)))
+    proc = await world.spawner.wait_spawned(2)
+    assert proc.plan.argv == ("uwsgi", "--ini", "emperor://m.ini")
+    assert "UWSGI_EMPEROR_FD_CONFIG" in dict(proc.plan.env)
+    assert len(proc.plan.pass_fds) == 2
 
 
 async def test_name_conflict_between_sources(world: World) -> None:
@@ -114,7 +124,9 @@ async def test_source_problem_touches_nothing(world: World) -> None:
     assert len(world.spawner.alive()) == 2
 
 
-async def test_readd_while_stopping_waits_for_the_old_process(world: World) -> None:
+async def test_readd_while_stopping_waits_for_the_old_process(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
     world.spawner.ignore = {signal.SIGTERM}
     await world.a.send(Upsert(doc("web.ini")))
     old = await world.spawner.wait_spawned(1)
@@ -137,7 +149,9 @@ async def test_reload_all(world: World) -> None:
     assert len(world.spawner.alive()) == 2
 
 
-async def test_shutdown_stops_everything_in_parallel(autojump_clock: trio.testing.MockClock) -> None:
+async def test_shutdown_stops_everything_in_parallel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, spawner = FakeMonitor("fake://a"), FakeSpawner()
     spawner.ignore = {signal.SIGTERM}
     emperor = Emperor([a], spawner=spawner, environ={})
@@ -156,9 +170,15 @@ async def test_stats_server(world: World, tmp_path: object) -> None:
     await world.a.send(Upsert(doc("web.ini")))
     proc = await world.spawner.wait_spawned(1)
     snap = world.emperor.snapshot()
-    assert snap.sources == ("fake://a", "fake://b")
+    assert [s.uri for s in snap.sources] == ["fake://a", "fake://b"]
     [v] = snap.vassals
-    assert (v.name, v.kind, v.state, v.pid, v.restarts) == ("web.ini", "native", "running", proc.pid, 0)
+    assert (v.name, v.kind, v.state, v.pid, v.restarts) == (
+        "web.ini",
+        "native",
+        "running",
+        proc.pid,
+        0,
+    )
 
 
 async def test_stats_json_over_tcp() -> None:
@@ -175,12 +195,23 @@ async def test_stats_json_over_tcp() -> None:
             while chunk := await stream.receive_some():
                 data += chunk
         doc_ = json.loads(data)
-        assert doc_["emperor"]["sources"] == ["fake://a"]
+        assert [s["uri"] for s in doc_["emperor"]["sources"]] == ["fake://a"]
         assert doc_["emperor"]["version"]
         [v] = doc_["vassals"]
-        for key in ("name", "source", "kind", "state", "pid", "started_at", "restarts",
-                    "backoff_attempt", "next_start", "last_exit_code", "last_exit_signal",
-                    "config_version"):
+        for key in (
+            "name",
+            "source",
+            "kind",
+            "state",
+            "pid",
+            "started_at",
+            "restarts",
+            "backoff_attempt",
+            "next_start",
+            "last_exit_code",
+            "last_exit_signal",
+            "config_version",
+        ):
             assert key in v
         assert v["state"] == "running"
         emperor.shutdown()

@@ -8,12 +8,28 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "trimperor"
 
 LAYERS = {
-    "errors": 0, "model": 0, "configfile": 0, "vassalspec": 0, "lifecycle": 0, "policy": 0,
-    "reconcile": 0, "stats": 0, "uwsgi_protocol": 0,
+    "errors": 0,
+    "model": 0,
+    "configfile": 0,
+    "vassalspec": 0,
+    "lifecycle": 0,
+    "policy": 0,
+    "reconcile": 0,
+    "stats": 0,
+    "uwsgi_protocol": 0,
     "abc": 1,
-    "spawner": 2, "sockets": 2, "notify": 2, "api": 2, "monitors": 2, "testing": 2,
-    "supervisor": 3, "emperor": 3,
-    "cli": 4, "__main__": 4, "__init__": 0,
+    "spawner": 2,
+    "uwsgi": 2,
+    "sockets": 2,
+    "notify": 2,
+    "api": 2,
+    "monitors": 2,
+    "testing": 2,
+    "supervisor": 3,
+    "emperor": 3,
+    "cli": 4,
+    "__main__": 4,
+    "__init__": 0,
 }
 #: Third-party modules the pure core may use (pure parsers only).
 PURE_THIRD_PARTY = {"yaml"}

@@ -47,7 +47,9 @@ def test_early_deaths_count_up_and_a_loyal_run_resets() -> None:
 
 
 @given(policies, st.lists(st.tuples(st.floats(0, 50), jitters), max_size=30))
-def test_next_start_is_never_in_the_past(policy: BackoffPolicy, runs: list[tuple[float, float]]) -> None:
+def test_next_start_is_never_in_the_past(
+    policy: BackoffPolicy, runs: list[tuple[float, float]]
+) -> None:
     b, now = Backoff(), 0.0
     for duration, jitter in runs:
         started, now = now, now + duration

@@ -36,7 +36,9 @@ async def test_output_is_captured_and_exit_code_reported() -> None:
 async def test_logto_file(tmp_path: Path) -> None:
     log = tmp_path / "out.log"
     proc = await PosixSpawner().spawn(
-        plan(PYTHON, "-c", "import sys; print('out'); print('err', file=sys.stderr)", logto=str(log))
+        plan(
+            PYTHON, "-c", "import sys; print('out'); print('err', file=sys.stderr)", logto=str(log)
+        )
     )
     assert proc.output is None
     assert await proc.wait() == 0

@@ -138,7 +138,9 @@ async def test_reload_signal_when_only_touched(autojump_clock: trio.testing.Mock
         sup.stop()
 
 
-async def test_stop_escalates_to_sigkill_after_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_stop_escalates_to_sigkill_after_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     spawner = FakeSpawner()
     spawner.ignore = {signal.SIGTERM}
     sup = Supervisor("app.ini", "fake://", "v1", spec(stop_timeout=7.0), spawner, POLICY, {})

@@ -87,8 +87,10 @@ def test_errors_name_the_problem(text: str, message: str) -> None:
 
 
 def test_other_files_are_uwsgi_vassals() -> None:
-    doc = VassalDocument("u.ini", "s", "1", "[uwsgi]\nsocket = :3031\n", path="/v/u.ini")
-    assert build_spec(doc, ENV) == UwsgiSpec("u.ini", "/v/u.ini", "[uwsgi]\nsocket = :3031\n")
+    doc = VassalDocument("u.ini", "dir:///v", "1", "[uwsgi]\nsocket = :3031\n", path="/v/u.ini")
+    assert build_spec(doc, ENV) == UwsgiSpec(
+        "u.ini", "/v/u.ini", "[uwsgi]\nsocket = :3031\n", cwd="/v"
+    )
 
 
 def test_unreadable_is_a_config_error() -> None:

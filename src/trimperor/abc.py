@@ -25,6 +25,9 @@ class MonitorOptions:
     """Seconds between full rescans (the safety net for missed events)."""
     follow_symlinks: bool = True
     extra_extensions: tuple[str, ...] = ()
+    max_config_size: int = 64 * 1024
+    """Remote sources ignore (and log) configurations larger than this, in bytes."""
+    amqp_exchange: str = "uwsgi.emperor"
 
 
 class Monitor(Protocol):

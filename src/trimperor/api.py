@@ -79,7 +79,7 @@ async def serve_stats(
         task_status.started(shown)
         await trio.serve_listeners(handle, [listener])
     finally:
-        await listener.aclose()
         if not isinstance(parse_address(addr), tuple):
             with contextlib.suppress(OSError):
                 os.unlink(addr)
+        listener.socket.close()

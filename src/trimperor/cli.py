@@ -18,10 +18,12 @@ import trio
 
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
+from trimperor.configfile import parse
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import PosixSpawner
+from trimperor.uwsgi import UwsgiOptions
 
 __all__ = ["build_parser", "main", "resolve_sources"]
 
@@ -43,60 +45,184 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep one vassal process per configuration found in the given sources.",
         epilog="A source is scheme://... (dir, glob, and installed extras such as pg, "
         "mongodb, amqp, zmq); an existing directory means dir://, anything else glob://. "
-        "Quote glob patterns.",
+        "Quote glob patterns. Options also answer to their uWSGI spelling "
+        "(--emperor-freq, --emperor-stats, ...).",
     )
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="directory, glob or URI")
-    p.add_argument(
+    add = p.add_argument
+    add("sources", nargs="*", metavar="SOURCE", help="directory, glob or URI")
+    add(
+        "--emperor",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        dest="emperor",
+        help="a source, as uWSGI spells it; repeatable",
+    )
+    add(
+        "--ini",
+        metavar="FILE",
+        help="read emperor options from the [trimperor] or [uwsgi] section of FILE",
+    )
+
+    g = p.add_argument_group("lifecycle")
+    g.add_argument(
         "--throttle",
+        "--emperor-throttle",
         type=int,
         default=1000,
         metavar="MS",
         help="first respawn delay after an early death (default 1000)",
     )
-    p.add_argument(
+    g.add_argument(
         "--max-throttle",
+        "--emperor-max-throttle",
         type=int,
         default=180_000,
         metavar="MS",
         help="longest respawn delay (default 180000)",
     )
-    p.add_argument(
+    g.add_argument(
         "--loyal-after",
         type=float,
         default=10.0,
         metavar="SECONDS",
         help="a run this long resets the backoff (default 10)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--reload-mercy",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on shutdown, SIGKILL whatever still runs after this long "
+        "(default: each vassal's own stop timeout)",
+    )
+
+    g = p.add_argument_group("sources")
+    g.add_argument(
         "--freq",
+        "--emperor-freq",
         type=float,
         default=3.0,
         metavar="SECONDS",
         help="full rescan interval, the safety net for missed events (default 3)",
     )
-    p.add_argument(
-        "--nofollow", action="store_true", help="do not follow symlinks: a link's own mtime counts"
+    g.add_argument(
+        "--nofollow",
+        "--emperor-nofollow",
+        action="store_true",
+        help="do not follow symlinks: a link's own mtime counts",
     )
-    p.add_argument(
+    g.add_argument(
         "--extra-extension",
+        "--emperor-extra-extension",
         action="append",
         default=[],
         metavar="EXT",
         help="also accept files ending in EXT (parsed as INI); repeatable",
     )
-    p.add_argument(
+    g.add_argument(
+        "--max-config-size",
+        type=int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="remote sources ignore larger configurations (default 65536)",
+    )
+    g.add_argument(
+        "--amqp-exchange",
+        default="uwsgi.emperor",
+        metavar="NAME",
+        help="fanout exchange amqp:// sources consume (default uwsgi.emperor)",
+    )
+
+    g = p.add_argument_group("uWSGI vassals")
+    g.add_argument(
+        "--binary-path",
+        default="uwsgi",
+        metavar="PATH",
+        help="the uwsgi binary (default: uwsgi on PATH)",
+    )
+    g.add_argument(
+        "--vassal-set",
+        "--vassals-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pass --set KEY=VALUE to every uWSGI vassal",
+    )
+    g.add_argument("--vassals-include", action="append", default=[], metavar="FILE")
+    g.add_argument("--vassals-include-before", action="append", default=[], metavar="FILE")
+    g.add_argument("--vassals-inherit", action="append", default=[], metavar="FILE")
+    g.add_argument("--vassals-inherit-before", action="append", default=[], metavar="FILE")
+    g.add_argument(
+        "--graceful-shutdown",
+        "--emperor-graceful-shutdown",
+        action="store_true",
+        help="stop uWSGI vassals with the graceful stop message (2) instead of 0",
+    )
+    g.add_argument(
+        "--curse-tolerance",
+        "--emperor-curse-tolerance",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="SIGKILL a uWSGI vassal this long after asking it to stop (default 30)",
+    )
+    g.add_argument(
+        "--required-heartbeat",
+        "--emperor-required-heartbeat",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after its first heartbeat, a uWSGI vassal silent this long is "
+        "killed and respawned (default 30)",
+    )
+
+    g = p.add_argument_group("operation")
+    g.add_argument(
         "--stats",
+        "--emperor-stats",
+        "--emperor-stats-server",
         metavar="ADDR",
         help="serve a JSON status document on host:port or a unix socket path",
     )
-    p.add_argument(
+    g.add_argument(
+        "--pidfile", "--emperor-pidfile", metavar="FILE", help="write the emperor's pid to FILE"
+    )
+    g.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="default info",
     )
-    p.add_argument("--version", action="version", version=f"trimperor {__version__}")
+    add("--version", action="version", version=f"trimperor {__version__}")
     return p
+
+
+def ini_arguments(path: str) -> list[str]:
+    """Options from the ``[trimperor]`` (or else ``[uwsgi]``) section of an INI file,
+    as command-line arguments: ``emperor = X`` is a source, ``key = value`` is
+    ``--key value``, ``key = true`` of a flag is ``--key``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    options = parse(os.path.basename(path), text)
+    section = options.section("trimperor") or options.section("uwsgi")
+    if section is None:
+        raise UsageError(f"{path}: no [trimperor] or [uwsgi] section")
+    flags = {
+        s for action in build_parser()._actions if action.nargs == 0 for s in action.option_strings
+    }
+    argv: list[str] = []
+    for key, value in section.entries:
+        option = f"--{key}"
+        if option in flags:
+            if value.lower() in {"true", "1", "yes", "on"}:
+                argv.append(option)
+        else:
+            argv += [option, value]
+    return argv
 
 
 def _factories() -> dict[str, str]:
@@ -147,21 +273,57 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _serve(emperor: Emperor) -> None:
+def write_pidfile(path: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write pidfile {path}: {exc.strerror}") from None
+
+
+_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGURG,
+    signal.SIGWINCH,
+)
+
+
+async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(*_SIGNALS) as sigs:
+
+            async def mercy() -> None:
+                assert reload_mercy is not None
+                await trio.sleep(reload_mercy)
+                log.warning("emperor.reload_mercy: %ss passed, killing what is left", reload_mercy)
+                emperor.kill_all()
 
             async def signals() -> None:
                 stopping = False
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         emperor.reload_all()
+                    elif signum == signal.SIGUSR1:
+                        emperor.log_status()
+                    elif signum == signal.SIGURG:
+                        emperor.clear_throttles()
+                    elif signum == signal.SIGWINCH:
+                        log.info(
+                            "emperor.rescan: sources are event-driven and rescan every "
+                            "--freq seconds; nothing to do"
+                        )
                     elif stopping and signum == signal.SIGINT:
                         log.warning("emperor.kill_all: second SIGINT")
                         emperor.kill_all()
                     else:
                         name = signal.Signals(signum).name
                         log.info("emperor.shutdown signal=%s", name)
+                        if not stopping and reload_mercy is not None:
+                            nursery.start_soon(mercy)
                         stopping = True
                         emperor.shutdown()
 
@@ -171,25 +333,35 @@ async def _serve(emperor: Emperor) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     code = 0
     try:
+        if args.ini:
+            # The file's options first, so that the command line wins.
+            args = parser.parse_args(ini_arguments(args.ini) + argv)
+        sources = [*args.sources, *args.emperor]
+        if not sources:
+            raise UsageError("no source given (a directory, a glob or a URI)")
         if args.throttle < 0 or args.max_throttle < 0 or args.loyal_after < 0 or args.freq <= 0:
             raise UsageError("--throttle, --max-throttle, --loyal-after must be >= 0, --freq > 0")
         options = MonitorOptions(
             freq=args.freq,
             follow_symlinks=not args.nofollow,
             extra_extensions=tuple(args.extra_extension),
+            max_config_size=args.max_config_size,
+            amqp_exchange=args.amqp_exchange,
         )
-        if expanded_by_shell(args.sources):
+        if expanded_by_shell(sources):
             log.warning(
                 "cli.unquoted_pattern: %d plain files were given; the shell probably expanded "
                 "an unquoted pattern, so files added later will not be seen. Quote the "
                 'pattern: trimperor "/path/*.ini"',
                 len(args.sources),
             )
-        monitors = resolve_sources(args.sources, options)
+        monitors = resolve_sources(sources, options)
         emperor = Emperor(
             monitors,
             spawner=PosixSpawner(),
@@ -201,8 +373,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_extensions=options.extra_extensions,
             stats_address=args.stats,
             retry_interval=args.freq,
+            uwsgi=UwsgiOptions(
+                binary=args.binary_path,
+                vassal_set=tuple(args.vassal_set),
+                include=tuple(args.vassals_include),
+                include_before=tuple(args.vassals_include_before),
+                inherit=tuple(args.vassals_inherit),
+                inherit_before=tuple(args.vassals_inherit_before),
+                graceful_shutdown=args.graceful_shutdown,
+                curse_tolerance=args.curse_tolerance,
+                required_heartbeat=args.required_heartbeat,
+                extra_extensions=options.extra_extensions,
+            ),
         )
-        trio.run(_serve, emperor)
+        if args.pidfile:
+            write_pidfile(args.pidfile)
+        trio.run(_serve, emperor, args.reload_mercy)
     except* UsageError as group:
         log.error("%s", _first(group))
         code = 2

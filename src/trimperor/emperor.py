@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -24,10 +25,11 @@ from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
 from trimperor.model import SourceEvent, VassalDocument
 from trimperor.policy import BackoffPolicy
-from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop, Unsupported
-from trimperor.stats import EmperorStats
+from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
+from trimperor.stats import EmperorStats, SourceStats
 from trimperor.supervisor import Supervisor
-from trimperor.vassalspec import UwsgiSpec, VassalSpec, build_spec
+from trimperor.uwsgi import UwsgiOptions
+from trimperor.vassalspec import VassalSpec, build_spec
 
 __all__ = ["Emperor"]
 
@@ -48,6 +50,14 @@ class _TrackingStatus:
         self.inner.started(value)
 
 
+def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
+    status = getattr(monitor, "status", None)
+    if status is not None and hasattr(status, "snapshot"):
+        snap: SourceStats = status.snapshot()
+        return replace(snap, vassals=owned)
+    return SourceStats(uri=monitor.uri, state="watching", vassals=owned)
+
+
 class Emperor:
     def __init__(
         self,
@@ -59,6 +69,7 @@ class Emperor:
         extra_extensions: Iterable[str] = (),
         stats_address: str | None = None,
         retry_interval: float = 3.0,
+        uwsgi: UwsgiOptions | None = None,
     ) -> None:
         self.monitors = tuple(monitors)
         self._spawner = spawner
@@ -67,6 +78,7 @@ class Emperor:
         self._extra_extensions = tuple(extra_extensions)
         self._stats_address = stats_address
         self._retry = retry_interval
+        self._uwsgi = uwsgi or UwsgiOptions(extra_extensions=self._extra_extensions)
         self.registry: Registry[VassalSpec] = Registry(self._parse)
         self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
         self._sups: dict[str, Supervisor] = {}
@@ -95,6 +107,26 @@ class Emperor:
             if name not in self._stopping:
                 sup.reload()
 
+    def clear_throttles(self) -> None:
+        """Forget every vassal's backoff; those waiting for a restart start now."""
+        log.info("emperor.clear_throttles")
+        for name, sup in self._sups.items():
+            if name not in self._stopping:
+                sup.clear_backoff()
+
+    def log_status(self) -> None:
+        """One log line per vassal (SIGUSR1)."""
+        for v in self.snapshot().vassals:
+            log.info(
+                "vassal.status name=%s state=%s pid=%s restarts=%d backoff=%d source=%s",
+                v.name,
+                v.state,
+                v.pid,
+                v.restarts,
+                v.backoff_attempt,
+                v.source,
+            )
+
     def supervisor(self, name: str) -> Supervisor | None:
         return self._sups.get(name)
 
@@ -103,7 +135,7 @@ class Emperor:
         return EmperorStats(
             pid=os.getpid(),
             version=__version__,
-            sources=tuple(m.uri for m in self.monitors),
+            sources=tuple(_source_stats(m, len(self.registry.names(m.uri))) for m in self.monitors),
             uptime=now - self._started_at,
             vassals=tuple(self._sups[n].snapshot() for n in sorted(self._sups)),
         )
@@ -178,12 +210,7 @@ class Emperor:
     # -- decisions --------------------------------------------------------------
 
     def _parse(self, doc: VassalDocument) -> VassalSpec:
-        spec = build_spec(doc, self._environ, self._extra_extensions)
-        if isinstance(spec, UwsgiSpec):
-            raise Unsupported(
-                f"{doc.name}: uWSGI vassals (no [vassal] section) are not supported yet; left alone"
-            )
-        return spec
+        return build_spec(doc, self._environ, self._extra_extensions)
 
     def _apply(self, action: Action[VassalSpec]) -> None:
         if isinstance(action, Notice):
@@ -227,6 +254,7 @@ class Emperor:
             self._spawner,
             self._policy,
             self._environ,
+            uwsgi=self._uwsgi,
         )
         self._sups[action.name] = sup
         self._vassals.start_soon(self._run_supervisor, sup)
@@ -237,6 +265,8 @@ class Emperor:
         finally:
             if self._sups.get(sup.name) is sup:
                 del self._sups[sup.name]
+            if sup.retired and sup.name not in self._stopping:
+                self.registry.retired(sup.name)
             self._stopping.discard(sup.name)
             pending = self._pending.pop(sup.name, None)
             if pending is not None and not self._shutdown.is_set():

@@ -39,6 +39,10 @@ class Ev(enum.Enum):
     STOP = "stop"
     KILL = "kill"
     """Stop at once with SIGKILL (second SIGINT)."""
+    EXILED = "exiled"
+    """The process exited asking not to be respawned (uWSGI's exit status 26)."""
+    RETIRE = "retire"
+    """The vassal asked to be stopped (uWSGI's idle byte 22 without a socket)."""
 
 
 class Act(enum.Enum):
@@ -78,6 +82,10 @@ TABLE: dict[tuple[State, Ev], Transition] = {
     (S.RUNNING, E.SIGNAL): T(S.RUNNING, (A.RESET_BACKOFF, A.SEND_RELOAD)),
     (S.RUNNING, E.STOP): T(S.STOPPING, (A.TERMINATE,)),
     (S.RUNNING, E.KILL): T(S.STOPPING, (A.KILL,)),
+    (S.RUNNING, E.EXILED): T(S.STOPPED, (A.FINISH,)),
+    (S.RUNNING, E.RETIRE): T(S.STOPPING, (A.TERMINATE,)),
+    (S.RELOADING, E.RETIRE): T(S.RELOADING),
+    (S.STOPPING, E.RETIRE): T(S.STOPPING),
     (S.RELOADING, E.EXITED): T(S.RUNNING, (A.SPAWN,)),
     (S.RELOADING, E.RESTART): T(S.RELOADING),
     (S.RELOADING, E.SIGNAL): T(S.RELOADING),

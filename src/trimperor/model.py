@@ -23,6 +23,7 @@ __all__ = [
     "Upsert",
     "VassalDocument",
     "is_valid_name",
+    "remote_name_problem",
 ]
 
 #: File name endings that make a configuration, as uWSGI defines them.
@@ -47,6 +48,25 @@ def is_valid_name(name: str, extra_extensions: Iterable[str] = ()) -> bool:
 def normalize_extension(ext: str) -> str:
     """``ini`` and ``.ini`` both mean ``.ini``."""
     return ext if ext.startswith(".") else "." + ext
+
+
+def remote_name_problem(name: str, extra_extensions: Iterable[str] = ()) -> str | None:
+    """Why *name*, received from a remote source, is not a vassal name (None if it is).
+
+    Besides :func:`is_valid_name`, a remote name must not be able to point
+    anywhere in the file system: no ``/``, no NUL, not ``.`` or ``..``.
+    """
+    if not name:
+        return "empty name"
+    if "/" in name or "\0" in name:
+        return f"name {name!r} contains '/' or NUL"
+    if name in {".", ".."}:
+        return f"name {name!r} is not allowed"
+    if len(os.fsencode(name)) >= MAX_NAME_BYTES:
+        return f"name is {len(os.fsencode(name))} bytes long (the limit is {MAX_NAME_BYTES - 1})"
+    if not is_valid_name(name, extra_extensions):
+        return f"name {name!r} does not end in a configuration extension"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

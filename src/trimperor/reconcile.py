@@ -97,6 +97,18 @@ class Registry(Generic[S]):
     def names(self, source: str) -> frozenset[str]:
         return frozenset(self._offers.get(source, ()))
 
+    # -- what the emperor reports back ------------------------------------------
+
+    def retired(self, name: str) -> None:
+        """The vassal stopped itself for good (uWSGI exit 26, idle without socket).
+
+        It stays owned, but is no longer running: the next change of its
+        document starts it again.
+        """
+        owned = self._owned.get(name)
+        if owned is not None:
+            owned.running = False
+
     # -- events ------------------------------------------------------------
 
     def handle(self, event: SourceEvent) -> list[Action[S]]:
@@ -172,9 +184,10 @@ class Registry(Generic[S]):
                 owned.spec = None
                 actions.append(Stop(doc.name))
             return actions
-        owned.spec = spec
-        if owned.running:
+        if owned.running and owned.spec is not None:
+            owned.spec = spec
             return [Reload(doc.name, doc.source, doc.version, spec)]
+        owned.spec = spec
         owned.running = True
         return [Start(doc.name, doc.source, doc.version, spec)]
 

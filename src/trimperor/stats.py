@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-__all__ = ["EmperorStats", "VassalStats", "to_json"]
+__all__ = ["EmperorStats", "SourceStats", "VassalStats", "to_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +30,31 @@ class VassalStats:
     config_version: str
     reloads: int = 0
     last_error: str | None = None
+    ready: bool = False
+    """uWSGI vassals: the vassal said it is ready (byte 1)."""
+    accepting: bool = False
+    loyal: bool = False
+    last_heartbeat: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStats:
+    uri: str
+    state: str
+    """``connected`` (or ``watching``), ``retrying``, ``gone``..."""
+    vassals: int
+    last_ok: float | None = None
+    """Unix time of the last successful read."""
+    last_error: str | None = None
+    retry_attempt: int = 0
+    next_retry: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EmperorStats:
     pid: int
     version: str
-    sources: tuple[str, ...]
+    sources: tuple[SourceStats, ...]
     uptime: float
     vassals: tuple[VassalStats, ...]
 
@@ -46,7 +64,7 @@ def to_json(stats: EmperorStats) -> str:
         "emperor": {
             "pid": stats.pid,
             "version": stats.version,
-            "sources": list(stats.sources),
+            "sources": [asdict(s) for s in stats.sources],
             "uptime": round(stats.uptime, 3),
             "vassals": len(stats.vassals),
         },

@@ -26,7 +26,9 @@ from trimperor.errors import SpawnError
 from trimperor.lifecycle import Act, Ev, State, step
 from trimperor.policy import Backoff, BackoffPolicy
 from trimperor.stats import VassalStats
-from trimperor.vassalspec import NativeSpec, VassalSpec
+from trimperor.uwsgi import UwsgiChannel, UwsgiOptions
+from trimperor.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
+from trimperor.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
 
 __all__ = ["Supervisor", "native_plan"]
 
@@ -71,8 +73,9 @@ class Supervisor:
         policy: BackoffPolicy,
         environ: Mapping[str, str],
         *,
-        plan_for: Callable[[VassalSpec, Mapping[str, str]], LaunchPlan] | None = None,
+        plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan] | None = None,
         jitter: Callable[[], float] = random.random,
+        uwsgi: UwsgiOptions | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -81,8 +84,14 @@ class Supervisor:
         self._spawner = spawner
         self._policy = policy
         self._environ = environ
-        self._plan_for = plan_for or _default_plan
+        self._plan_for = plan_for or native_plan
         self._jitter = jitter
+        self._uwsgi = uwsgi or UwsgiOptions()
+        self._channel: UwsgiChannel | None = None
+        self.retired = False
+        """True when the vassal itself asked not to be respawned."""
+        self.ready = self.accepting = self.loyal = False
+        self.last_heartbeat: float | None = None
         self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
         self.state = State.WAITING
         self.backoff = Backoff()
@@ -103,22 +112,31 @@ class Supervisor:
         """A new configuration: restart, or send the reload signal if that is enough."""
         old = self.spec
         self.version, self.spec = version, spec
-        if (
+        in_place = (
             isinstance(spec, NativeSpec)
             and isinstance(old, NativeSpec)
             and spec.reload_signal is not None
             and spec.launch_key() == old.launch_key()
-        ):
-            self._post(Ev.SIGNAL)
-        else:
-            self._post(Ev.RESTART)
+        ) or (
+            isinstance(spec, UwsgiSpec)
+            and isinstance(old, UwsgiSpec)
+            and spec.launch_key() == old.launch_key()
+        )
+        self._post(Ev.SIGNAL if in_place else Ev.RESTART)
 
     def reload(self) -> None:
         """Explicit reload (SIGHUP to the emperor)."""
-        if isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None:
-            self._post(Ev.SIGNAL)
-        else:
+        in_place = isinstance(self.spec, UwsgiSpec) or (
+            isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None
+        )
+        self._post(Ev.SIGNAL if in_place else Ev.RESTART)
+
+    def clear_backoff(self) -> None:
+        """Forget the backoff; if waiting for a restart, start now (SIGURG)."""
+        if self.state is State.WAITING:
             self._post(Ev.RESTART)
+        else:
+            self.backoff = self.backoff.reset()
 
     def stop(self) -> None:
         self._post(Ev.STOP)
@@ -153,6 +171,9 @@ class Supervisor:
                     self._proc.signal_group(signal.SIGKILL)
                     await _close(self._proc)
                 self._proc = None
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
             self.finished.set()
             log.info("vassal.finished name=%s", self.name)
 
@@ -164,6 +185,20 @@ class Supervisor:
             return  # a timer that was cancelled by a reset
         if ev is Ev.EXITED:
             self._record_exit(post.payload)
+            if (
+                self.state is State.RUNNING
+                and isinstance(self.spec, UwsgiSpec)
+                and self.last_returncode == EXILE_CODE
+            ):
+                log.warning(
+                    "vassal.exiled name=%s: exit status 26, not respawned until its "
+                    "configuration changes",
+                    self.name,
+                )
+                self.retired = True
+                ev = Ev.EXILED
+        if ev is Ev.RETIRE:
+            self.retired = True
         tr = step(self.state, ev)
         if tr.next is not self.state:
             log.debug(
@@ -210,6 +245,17 @@ class Supervisor:
                 log.warning("vassal.kill name=%s pid=%s", self.name, self._proc.pid)
                 self._proc.signal_group(signal.SIGKILL)
         elif act is Act.SEND_RELOAD:
+            if self._channel is not None and isinstance(self.spec, UwsgiSpec):
+                self._channel.spec = self.spec
+                self.ready = self.accepting = False
+                log.info(
+                    "vassal.reload_in_place name=%s pid=%s",
+                    self.name,
+                    self._proc.pid if self._proc else None,
+                )
+                if not self._channel.send(ToVassal.RELOAD) and self._proc is not None:
+                    self._proc.signal_group(signal.SIGKILL)
+                return
             assert isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None
             if self._proc is not None:
                 sig = self.spec.reload_signal
@@ -226,15 +272,28 @@ class Supervisor:
 
     async def _spawn(self) -> None:
         assert self._nursery is not None
+        channel = None
         try:
-            plan = self._plan_for(self.spec, self._environ)
+            if isinstance(self.spec, UwsgiSpec):
+                channel = UwsgiChannel(self.spec, self._uwsgi, self._environ)
+                plan = channel.plan
+            else:
+                plan = self._plan_for(self.spec, self._environ)
             proc = await self._spawner.spawn(plan)
         except SpawnError as exc:
+            if channel is not None:
+                channel.close()
             self.last_error = str(exc)
             log.error("vassal.spawn_failed name=%s error=%s", self.name, exc)
             await self._dispatch(_Post(Ev.SPAWN_FAILED))
             return
         self._proc = proc
+        self.ready = self.accepting = self.loyal = False
+        self.last_heartbeat = None
+        if channel is not None:
+            channel.spawned()
+            self._channel = channel
+            self._nursery.start_soon(self._converse, channel, proc)
         self._started_at = trio.current_time()
         self.restarts += 1
         self.last_error = None
@@ -252,6 +311,9 @@ class Supervisor:
         rc = proc.returncode
         self.last_returncode = rc
         self._proc = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
 
@@ -295,6 +357,61 @@ class Supervisor:
                 proc.signal_group(signal.SIGKILL)
 
         self._nursery.start_soon(escalate)
+
+    async def _converse(self, channel: UwsgiChannel, proc: Process) -> None:
+        """Speak the emperor protocol with one uWSGI vassal process."""
+        try:
+            await channel.push_config()
+        except SpawnError as exc:
+            self.last_error = str(exc)
+            log.error("vassal.config_refused name=%s error=%s", self.name, exc)
+        async for byte in channel.messages():
+            if proc is not self._proc:
+                return
+            if byte == ToEmperor.READY:
+                self.ready = True
+                log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+            elif byte == ToEmperor.ACCEPTING:
+                self.accepting = True
+            elif byte == ToEmperor.LOYAL:
+                if not self.loyal:
+                    log.info("vassal.loyal name=%s", self.name)
+                self.loyal = True
+                self.backoff = self.backoff.reset()
+            elif byte == ToEmperor.CONFIG_REQUEST:
+                try:
+                    await channel.push_config()
+                except SpawnError as exc:
+                    log.error("vassal.config_refused name=%s error=%s", self.name, exc)
+            elif byte == ToEmperor.HEARTBEAT:
+                first = self.last_heartbeat is None
+                self.last_heartbeat = trio.current_time()
+                if first:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._watch_heartbeat, proc)
+            elif byte == ToEmperor.IDLE:
+                log.info("vassal.idle name=%s: the vassal asked to stop", self.name)
+                self._post(Ev.RETIRE)
+            elif byte == ToEmperor.SOS:
+                log.info("vassal.sos name=%s: broodlord mode is not supported", self.name)
+            else:
+                log.debug("vassal.message name=%s byte=%s", self.name, describe(byte))
+
+    async def _watch_heartbeat(self, proc: Process) -> None:
+        """After the first heartbeat, one must arrive every ``required_heartbeat`` s."""
+        limit = self._uwsgi.required_heartbeat
+        while proc is self._proc and self.last_heartbeat is not None:
+            deadline = self.last_heartbeat + limit
+            if trio.current_time() >= deadline:
+                log.warning(
+                    "vassal.heartbeat_missed name=%s pid=%s: no heartbeat for %ss, killing it",
+                    self.name,
+                    proc.pid,
+                    limit,
+                )
+                proc.signal_group(signal.SIGKILL)
+                return
+            await trio.sleep_until(deadline)
 
     async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
         buf = b""
@@ -342,6 +459,12 @@ class Supervisor:
             config_version=self.version,
             reloads=self.reloads,
             last_error=self.last_error,
+            ready=self.ready,
+            accepting=self.accepting,
+            loyal=self.loyal,
+            last_heartbeat=(
+                self.last_heartbeat + self._wall_offset if self.last_heartbeat is not None else None
+            ),
         )
 
 
@@ -351,9 +474,3 @@ async def _close(proc: Process) -> None:
         await aclose()
     else:
         await proc.wait()
-
-
-def _default_plan(spec: VassalSpec, environ: Mapping[str, str]) -> LaunchPlan:
-    if isinstance(spec, NativeSpec):
-        return native_plan(spec, environ)
-    raise SpawnError(f"{spec.name}: uWSGI vassals are not supported by this build")

@@ -69,13 +69,24 @@ class NativeSpec:
 
 @dataclass(frozen=True, slots=True)
 class UwsgiSpec:
-    """A uWSGI configuration, run by the uwsgi binary (see the uWSGI issue)."""
+    """A uWSGI configuration, run by the uwsgi binary over the emperor protocol.
+
+    ``path`` is the file the vassal loads itself; without one (a configuration
+    from a database or a message) the text goes over the config channel.
+    """
 
     name: str
     path: str | None
     text: str
+    cwd: str = "/"
+    uid: str | None = None
+    gid: str | None = None
 
     kind = "uwsgi"
+
+    def launch_key(self) -> tuple[object, ...]:
+        """What a reload in place cannot change."""
+        return (self.path is None, self.path, self.cwd, self.uid, self.gid)
 
 
 VassalSpec = NativeSpec | UwsgiSpec
@@ -223,4 +234,17 @@ def build_spec(
     section = options.section("vassal")
     if section is not None:
         return native_spec(doc, section, environ)
-    return UwsgiSpec(name=doc.name, path=doc.path, text=doc.text)
+    # uWSGI runs a dir:// vassal in the watched directory and everything else
+    # in the emperor's own working directory.
+    if doc.path is not None and doc.source.startswith("dir://"):
+        cwd = os.path.dirname(os.path.abspath(doc.path))
+    else:
+        cwd = os.getcwd()
+    return UwsgiSpec(
+        name=doc.name,
+        path=os.path.abspath(doc.path) if doc.path is not None else None,
+        text=doc.text,
+        cwd=cwd,
+        uid=None if doc.uid is None else str(doc.uid),
+        gid=None if doc.gid is None else str(doc.gid),
+    )

@@ -1,0 +1,535 @@
+"""The ``dir://`` and ``glob://`` sources: vassal configurations as files.
+
+Both monitors work the same way; they differ only in how they list candidates:
+
+* :class:`DirMonitor` takes every regular file directly inside one directory
+  whose name is a configuration name (:func:`~trimperor.model.is_valid_name`);
+  the vassal name is the bare file name.
+* :class:`GlobMonitor` takes every regular file matched by a shell pattern
+  (:func:`glob.glob`, relative patterns against the current directory at scan
+  time); the vassal name is the path as matched.
+
+A monitor runs two tasks. The *scanner* lists the candidates, stats them, reads
+the ones whose version changed, and sends a :class:`~trimperor.model.Snapshot`
+when the result differs from the last one it sent. The *watcher* follows the
+file system with inotify (:func:`watchfiles.awatch`) and pokes the scanner
+when something relevant happens; the scanner also rescans every ``freq``
+seconds without a poke, which heals missed events and is the only mechanism
+while nothing watchable exists. Every scan is a full, level-triggered rescan;
+an unchanged file is not read again (texts are cached by version), so a
+rescan costs one ``stat`` per candidate.
+
+A directory that disappears counts as empty (its vassals stop) until it comes
+back; any other failure to scan sends a :class:`~trimperor.model.SourceProblem`
+and keeps the last snapshot. Scans and inotify waits run in worker threads.
+
+A document's version is ``mtime_ns:inode:size``: a ``touch`` within the same
+second and an atomic rename both change it. A file that cannot be read is sent
+with ``text=None`` and ``error`` set (its version gets an ``:unreadable``
+suffix, so that it changes again once the file becomes readable).
+
+Limitations: a change to the *target* of a symlink is not watched (only the
+periodic rescan sees it), and a glob whose wildcards span directories watches
+the fixed part of the pattern recursively, which costs one inotify watch per
+directory below it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from contextlib import aclosing, suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import trio
+from watchfiles import Change, awatch
+
+from trimperor.abc import MonitorOptions
+from trimperor.errors import SourceError, UsageError
+from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
+
+if TYPE_CHECKING:
+    from trimperor.abc import MonitorFactory
+
+__all__ = ["DirMonitor", "GlobMonitor"]
+
+log = logging.getLogger(__name__)
+
+#: How long the inotify thread sleeps between looks at its queue (ms). Wake-ups
+#: while idle cost little CPU; a change is reported after one or two steps.
+_STEP_MS = 20
+#: The longest a burst of changes is collected before the scanner is poked (ms).
+_DEBOUNCE_MS = 200
+
+#: stat() errors that mean "this candidate is not a file": skip it.
+_NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+class _Gone(Exception):
+    """The directory does not exist (any more): the source is empty."""
+
+
+# -- the blocking part: listing, stat and read (run in a worker thread) --------
+
+
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
+
+
+def _load(
+    name: str,
+    path: str,
+    source: str,
+    follow_symlinks: bool,
+    cache: dict[str, VassalDocument],
+) -> VassalDocument | None:
+    """The document for one candidate, or None if it is not a (readable) file.
+
+    Raises OSError when the candidate cannot even be examined (e.g. the
+    directory lost its search permission): the whole scan is then a problem.
+    """
+    try:
+        st = os.stat(path) if follow_symlinks else os.lstat(path)
+    except OSError as exc:
+        if exc.errno in _NOT_A_FILE:
+            return None
+        raise
+    if not (stat.S_ISREG(st.st_mode) or (not follow_symlinks and stat.S_ISLNK(st.st_mode))):
+        return None
+    version = _version(st)
+    cached = cache.get(name)
+    if cached is not None and cached.version == version and cached.path == path:
+        return cached
+    try:
+        read = _read(path)
+    except FileNotFoundError:
+        return None  # vanished since stat(), or a dangling symlink
+    except OSError as exc:
+        return _unreadable(name, path, source, version, exc)
+    if read is None:
+        return None
+    fst, data = read
+    if follow_symlinks:
+        version = _version(fst)  # describes exactly what was read
+    return VassalDocument(
+        name=name,
+        source=source,
+        version=version,
+        text=data.decode("utf-8", errors="replace"),
+        path=path,
+    )
+
+
+def _read(path: str) -> tuple[os.stat_result, bytes] | None:
+    """The status and content of the regular file at *path*; None if it is not one."""
+    # O_NONBLOCK: if the file was swapped for a FIFO since stat(), open must
+    # not wait for a writer; fstat() then rejects it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return st, f.read()
+
+
+def _unreadable(name: str, path: str, source: str, version: str, exc: OSError) -> VassalDocument:
+    return VassalDocument(
+        name=name,
+        source=source,
+        version=version + ":unreadable",
+        text=None,
+        path=path,
+        error=f"cannot read {path}: {exc.strerror or exc}",
+    )
+
+
+# -- watching --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _WatchTarget:
+    """The directory to watch, and which one it was (a new one means re-watch)."""
+
+    path: str
+    recursive: bool
+    device: int
+    inode: int
+
+
+_ESCAPED = re.compile(r"\[([*?[])\]")
+
+
+def _literal(part: str) -> str | None:
+    """A pattern component as a plain name, or None if it has wildcards.
+
+    ``[*]``, ``[?]`` and ``[[]`` are escapes (see :func:`glob.escape`), not wildcards.
+    """
+    if any(c in _ESCAPED.sub("", part) for c in "*?["):
+        return None
+    return _ESCAPED.sub(r"\1", part)
+
+
+def _watch_target(pattern: str) -> _WatchTarget | None:
+    """Where to watch for changes to the files an absolute glob *pattern* matches.
+
+    That is the longest directory prefix without wildcards, recursively if
+    wildcards remain in more than the last component. If that directory does
+    not exist or cannot be read, its deepest readable ancestor, not
+    recursively: the watcher moves down as the missing directories appear (or
+    become readable).
+    """
+    parts = pattern.split(os.sep)
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        literal = _literal(part)
+        if literal is None:
+            break
+        fixed.append(literal)
+    recursive = len(parts) - len(fixed) > 1
+    path = os.sep.join(fixed) or os.sep
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if (
+            st is not None
+            and stat.S_ISDIR(st.st_mode)
+            and os.access(path, os.R_OK | os.X_OK, effective_ids=True)
+        ):
+            return _WatchTarget(path, recursive, st.st_dev, st.st_ino)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path, recursive = parent, False
+
+
+def _relevance(pattern: str, extra_extensions: Iterable[str]) -> Callable[[Change, str], bool]:
+    """A watchfiles filter: does a change at this path matter to *pattern*?
+
+    It does if the path matches the pattern's leading components (a directory
+    on the way to the configurations, created or removed), or the whole pattern
+    with a configuration name. It may say yes too often, never too rarely: a
+    rescan decides.
+    """
+    want = pattern.split(os.sep)
+    extra = tuple(extra_extensions)
+
+    def relevant(change: Change, path: str) -> bool:
+        got = path.split(os.sep)
+        if len(got) > len(want):
+            return False
+        if not all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want, strict=False)):
+            return False
+        return len(got) < len(want) or is_valid_name(got[-1], extra)
+
+    return relevant
+
+
+class _WatchProbe:
+    """The ``stop_event`` handed to watchfiles, which also checks the new watch.
+
+    The inotify thread asks :meth:`is_set` on every step. The first question
+    means the watch is established: the probe then calls *on_live* in Trio (so
+    the scanner rescans, catching what happened before) and checks, still in
+    the thread, that *target* is still the right place to watch (a missing
+    directory may have appeared meanwhile); if not, it stops the watch. A
+    cancelled Trio task also stops it, within one step rather than at the
+    watch's timeout.
+    """
+
+    def __init__(self, pattern: str, target: _WatchTarget, on_live: Callable[[], None]) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._pattern = pattern
+        self._target = target
+        self._on_live: Callable[[], None] | None = on_live
+        self._stopped = False
+
+    def is_set(self) -> bool:
+        if self._on_live is not None:
+            on_live, self._on_live = self._on_live, None
+            self._token.run_sync_soon(on_live)
+            if _watch_target(self._pattern) != self._target:
+                self._stopped = True
+        if self._stopped:
+            return True
+        try:
+            trio.from_thread.check_cancelled()
+        except trio.Cancelled:
+            return True
+        return False
+
+    def set(self) -> None:
+        self._stopped = True
+
+
+def _poke(pokes: trio.MemorySendChannel[None]) -> None:
+    """Ask the scanner for a rescan; one pending request is enough."""
+    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pokes.send_nowait(None)
+
+
+# -- the monitors ------------------------------------------------------------------
+
+
+class _FileMonitor:
+    """What :class:`DirMonitor` and :class:`GlobMonitor` share: everything but listing."""
+
+    uri: str
+    #: Whether a first scan that cannot list the source is a :class:`SourceError`.
+    _strict_start = False
+
+    def __init__(self, options: MonitorOptions) -> None:
+        if not options.freq > 0:
+            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        self._options = options
+        # Scans get their own thread, so that many watchers (each holding one
+        # of Trio's default worker threads) can never starve them.
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _candidates(self) -> list[tuple[str, str]]:
+        """(vassal name, absolute path) of every configuration name; blocking.
+
+        Raises :class:`_Gone` if there is nothing to list, OSError if listing failed.
+        """
+        raise NotImplementedError
+
+    def _pattern(self) -> str:
+        """An absolute glob pattern for the files, to decide what to watch."""
+        raise NotImplementedError
+
+    def _scan(
+        self, cache: dict[str, VassalDocument]
+    ) -> tuple[tuple[VassalDocument, ...], dict[str, VassalDocument]]:
+        """Everything the source offers now, and the new cache; blocking."""
+        docs: dict[str, VassalDocument] = {}
+        for name, path in self._candidates():
+            doc = _load(name, path, self.uri, self._options.follow_symlinks, cache)
+            if doc is not None:
+                docs[name] = doc
+        fresh = {name: doc for name, doc in docs.items() if doc.error is None}
+        return tuple(docs[name] for name in sorted(docs)), fresh
+
+    async def run(
+        self,
+        send: trio.MemorySendChannel[SourceEvent],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send a snapshot now and whenever the files change; closes *send* on return.
+
+        A directory that cannot be listed at start raises
+        :class:`~trimperor.errors.SourceError` before ``task_status.started()``.
+        """
+        async with send:
+            scanner = _Scanner(self, send)
+            await scanner.first()
+            pokes_send, pokes_recv = trio.open_memory_channel[None](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_forever, pokes_send)
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self._options.freq):
+                        await pokes_recv.receive()
+                    await scanner.rescan()
+
+    async def _watch_forever(self, pokes: trio.MemorySendChannel[None]) -> None:
+        """Follow the file system and poke the scanner; survives every failure."""
+        failure: str | None = None
+        while True:
+            pattern = self._pattern()
+            target = await trio.to_thread.run_sync(_watch_target, pattern, limiter=self._limiter)
+            if target is None:
+                await trio.sleep(self._options.freq)
+                continue
+            try:
+                await self._watch(pattern, target, pokes)
+            except Exception as exc:
+                # The periodic rescan still works; try again later.
+                message = f"{type(exc).__name__}: {exc}"
+                if message != failure:
+                    log.warning(
+                        "source.watch_failed uri=%s path=%s error=%s; polling every %ss",
+                        self.uri,
+                        target.path,
+                        message,
+                        self._options.freq,
+                    )
+                    failure = message
+                await trio.sleep(self._options.freq)
+            else:
+                failure = None
+
+    async def _watch(
+        self, pattern: str, target: _WatchTarget, pokes: trio.MemorySendChannel[None]
+    ) -> None:
+        """Watch *target* until it is no longer the right place to watch."""
+
+        def live() -> None:
+            log.debug(
+                "source.watching uri=%s path=%s recursive=%s",
+                self.uri,
+                target.path,
+                target.recursive,
+            )
+            _poke(pokes)
+
+        probe = _WatchProbe(pattern, target, live)
+        batches = awatch(
+            target.path,
+            watch_filter=_relevance(pattern, self._options.extra_extensions),
+            debounce=_DEBOUNCE_MS,
+            step=_STEP_MS,
+            # watchfiles only calls is_set() and set() on its stop event.
+            stop_event=cast("trio.Event", probe),
+            # Wake up every freq seconds anyway, to notice a replaced directory.
+            rust_timeout=max(1, round(self._options.freq * 1000)),
+            yield_on_timeout=True,
+            recursive=target.recursive,
+            ignore_permission_denied=True,
+        )
+        async with aclosing(batches):
+            async for changes in batches:
+                if changes:
+                    log.debug("source.changed uri=%s changes=%d", self.uri, len(changes))
+                    _poke(pokes)
+                if self._pattern() != pattern:
+                    return  # a relative glob pattern and a new working directory
+                now = await trio.to_thread.run_sync(_watch_target, pattern, limiter=self._limiter)
+                if now != target:
+                    return
+
+
+class _Scanner:
+    """The scanning half of one :meth:`_FileMonitor.run`: what was sent, what is cached.
+
+    Snapshots are sent when they differ from the last one sent (the first one
+    always), and after a problem clears, so that the emperor hears the source
+    is healthy again. A problem is sent once per distinct message, not on every
+    failed rescan.
+    """
+
+    def __init__(self, monitor: _FileMonitor, send: trio.MemorySendChannel[SourceEvent]) -> None:
+        self._monitor = monitor
+        self._send = send
+        self._uri = monitor.uri
+        self._cache: dict[str, VassalDocument] = {}
+        self._sent: tuple[VassalDocument, ...] | None = None
+        self._gone = False
+        self._problem: str | None = None
+
+    async def first(self) -> None:
+        """The initial scan: raises SourceError if a strict source cannot be listed."""
+        if self._monitor._strict_start:
+            try:
+                docs = await self._scan()
+            except (_Gone, OSError) as exc:
+                raise SourceError(f"{self._uri}: cannot list the directory: {exc}") from exc
+            await self._publish(docs)
+        else:
+            await self.rescan()
+
+    async def rescan(self) -> None:
+        try:
+            docs = await self._scan()
+        except _Gone as exc:
+            if not self._gone:
+                log.warning("source.gone uri=%s error=%s; its vassals stop", self._uri, exc)
+                self._gone = True
+            docs = ()
+        except OSError as exc:
+            message = f"cannot scan: {exc}"
+            if message != self._problem:
+                log.warning("source.problem uri=%s error=%s", self._uri, message)
+                self._problem = message
+                await self._send.send(SourceProblem(self._uri, message))
+            return
+        else:
+            if self._gone:
+                log.info("source.back uri=%s", self._uri)
+                self._gone = False
+        await self._publish(docs)
+
+    async def _scan(self) -> tuple[VassalDocument, ...]:
+        docs, self._cache = await trio.to_thread.run_sync(
+            self._monitor._scan, self._cache, limiter=self._monitor._limiter
+        )
+        return docs
+
+    async def _publish(self, docs: tuple[VassalDocument, ...]) -> None:
+        recovered = self._problem is not None
+        if recovered:
+            log.info("source.recovered uri=%s", self._uri)
+            self._problem = None
+        if docs == self._sent and not recovered:
+            log.debug("source.unchanged uri=%s vassals=%d", self._uri, len(docs))
+            return
+        before = set(self._sent or ())
+        for doc in docs:
+            if doc.error is not None and doc not in before:
+                log.warning(
+                    "source.unreadable uri=%s name=%s error=%s", self._uri, doc.name, doc.error
+                )
+        log.info("source.rescan uri=%s vassals=%d", self._uri, len(docs))
+        await self._send.send(Snapshot(self._uri, docs))
+        self._sent = docs
+
+
+class DirMonitor(_FileMonitor):
+    """``dir:///path``: every configuration file directly inside one directory."""
+
+    _strict_start = True
+
+    def __init__(self, uri: str, options: MonitorOptions) -> None:
+        super().__init__(options)
+        path = uri.removeprefix("dir://")
+        if not path:
+            raise UsageError(f"no directory in {uri!r}")
+        self.path = os.path.abspath(path)
+        self.uri = f"dir://{self.path}"
+
+    def _candidates(self) -> list[tuple[str, str]]:
+        extra = self._options.extra_extensions
+        try:
+            with os.scandir(self.path) as entries:
+                return [(e.name, e.path) for e in entries if is_valid_name(e.name, extra)]
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise _Gone(str(exc)) from exc
+
+    def _pattern(self) -> str:
+        return os.path.join(glob.escape(self.path), "*")
+
+
+class GlobMonitor(_FileMonitor):
+    """``glob://pattern``: every configuration file the shell pattern matches."""
+
+    def __init__(self, uri: str, options: MonitorOptions) -> None:
+        super().__init__(options)
+        pattern = uri.removeprefix("glob://")
+        if not pattern:
+            raise UsageError(f"no pattern in {uri!r}")
+        self.pattern = pattern
+        self.uri = f"glob://{pattern}"
+
+    def _candidates(self) -> list[tuple[str, str]]:
+        extra = self._options.extra_extensions
+        return [
+            (match, os.path.abspath(match))
+            for match in glob.glob(self.pattern)
+            if is_valid_name(match, extra)
+        ]
+
+    def _pattern(self) -> str:
+        return os.path.abspath(self.pattern)
+
+
+if TYPE_CHECKING:
+    _dir: MonitorFactory = DirMonitor
+    _glob: MonitorFactory = GlobMonitor

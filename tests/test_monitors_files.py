@@ -1,0 +1,552 @@
+"""The dir:// and glob:// monitors, on real files with real inotify.
+
+Event-driven tests use a rescan interval of a minute, so that only inotify can
+satisfy them within the waiting bound. No test measures a duration; timeouts
+are only bounds on waiting.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from trimperor.abc import MonitorOptions
+from trimperor.errors import SourceError, UsageError
+from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
+from trimperor.monitors import files
+from trimperor.monitors.files import DirMonitor, GlobMonitor
+
+EVENTS = MonitorOptions(freq=60)
+"""Only inotify can deliver a change within the waiting bound."""
+
+BOUND = 5.0
+
+
+def version_of(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
+
+
+def names(snap: Snapshot) -> list[str]:
+    return [d.name for d in snap.docs]
+
+
+def doc(snap: Snapshot, name: str) -> VassalDocument:
+    (found,) = (d for d in snap.docs if d.name == name)
+    return found
+
+
+class Source:
+    """What a running monitor has sent so far."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[SourceEvent]) -> None:
+        self.recv = recv
+        self.snapshots: list[Snapshot] = []
+        self.problems: list[SourceProblem] = []
+
+    async def next_event(self) -> SourceEvent:
+        event = await self.recv.receive()
+        if isinstance(event, Snapshot):
+            self.snapshots.append(event)
+        elif isinstance(event, SourceProblem):
+            self.problems.append(event)
+        return event
+
+    async def until(self, predicate: Callable[[Snapshot], bool]) -> Snapshot:
+        """The first snapshot, from now on, for which *predicate* holds."""
+        with trio.fail_after(BOUND):
+            while True:
+                event = await self.next_event()
+                if isinstance(event, Snapshot) and predicate(event):
+                    return event
+
+    async def until_names(self, *expected: str) -> Snapshot:
+        return await self.until(lambda s: names(s) == sorted(expected))
+
+    async def until_problem(self) -> SourceProblem:
+        with trio.fail_after(BOUND):
+            while True:
+                event = await self.next_event()
+                if isinstance(event, SourceProblem):
+                    return event
+
+
+def open_fds() -> set[int]:
+    return set(map(int, os.listdir("/proc/self/fd")))
+
+
+async def threads_settled(before: set[int]) -> None:
+    """Wait until the file descriptors opened since *before* are closed.
+
+    watchfiles closes its inotify watcher synchronously, but its background
+    thread closes its epoll and eventfd descriptors a moment later, on its way
+    out; the leak check of ``conftest.py`` must not see them.
+    """
+    with trio.fail_after(BOUND):
+        while True:
+            if not open_fds() - before:
+                return
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(monitor: DirMonitor | GlobMonitor) -> AsyncIterator[Source]:
+    before = open_fds()
+    send, recv = trio.open_memory_channel[SourceEvent](100)
+    with recv:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(monitor.run, send)
+            yield Source(recv)
+            nursery.cancel_scope.cancel()
+    await threads_settled(before)
+
+
+# -- construction ------------------------------------------------------------------
+
+
+def test_dir_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert DirMonitor(f"dir://{tmp_path}", EVENTS).uri == f"dir://{tmp_path}"
+    assert DirMonitor(f"{tmp_path}/", EVENTS).uri == f"dir://{tmp_path}"
+    monkeypatch.chdir(tmp_path)
+    assert DirMonitor("dir://vassals", EVENTS).uri == f"dir://{tmp_path}/vassals"
+    assert DirMonitor("vassals", EVENTS).path == f"{tmp_path}/vassals"
+
+
+def test_glob_uri_keeps_the_pattern() -> None:
+    assert GlobMonitor("glob://apps/*/*.ini", EVENTS).uri == "glob://apps/*/*.ini"
+    assert GlobMonitor("/etc/app*.ini", EVENTS).uri == "glob:///etc/app*.ini"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(UsageError):
+        DirMonitor("dir://", EVENTS)
+    with pytest.raises(UsageError):
+        GlobMonitor("glob://", EVENTS)
+    with pytest.raises(UsageError):
+        DirMonitor("/srv", MonitorOptions(freq=0))
+
+
+# -- dir: start ----------------------------------------------------------------------
+
+
+async def test_initial_snapshot(tmp_path: Path) -> None:
+    (tmp_path / "a.ini").write_text("[uwsgi]\nhttp = :8000\n")
+    (tmp_path / "b.yaml").write_text("uwsgi: {}\n")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        snap = await src.until(lambda s: True)
+        assert snap.source == f"dir://{tmp_path}"
+        assert names(snap) == ["a.ini", "b.yaml"]
+        a = doc(snap, "a.ini")
+        assert a.source == snap.source
+        assert a.text == "[uwsgi]\nhttp = :8000\n"
+        assert a.path == str(tmp_path / "a.ini")
+        assert a.version == version_of((tmp_path / "a.ini").stat())
+        assert a.error is None
+
+
+async def test_empty_directory_sends_empty_snapshot(tmp_path: Path) -> None:
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        assert (await src.until(lambda s: True)).docs == ()
+
+
+async def test_missing_directory_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    send, _recv = trio.open_memory_channel[SourceEvent](1)
+    with pytest.raises(SourceError, match=r"nope.*No such file"):
+        await DirMonitor(str(missing), EVENTS).run(send)
+
+
+async def test_file_instead_of_directory_at_start(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    send, _recv = trio.open_memory_channel[SourceEvent](1)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(SourceError, match=r"file.*Not a directory"):
+            await nursery.start(DirMonitor(str(tmp_path / "file"), EVENTS).run, send)
+
+
+# -- dir: changes --------------------------------------------------------------------
+
+
+async def test_create(tmp_path: Path) -> None:
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        (tmp_path / "app.ini").write_text("x")
+        snap = await src.until_names("app.ini")
+        assert doc(snap, "app.ini").text == "x"
+
+
+async def test_modify(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    path.write_text("one")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        before = doc(await src.until_names("app.ini"), "app.ini")
+        path.write_text("two, longer")
+        snap = await src.until(lambda s: doc(s, "app.ini").text == "two, longer")
+        assert doc(snap, "app.ini").version != before.version
+        assert doc(snap, "app.ini").version == version_of(path.stat())
+
+
+async def test_touch_within_the_same_second(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    path.write_text("same")
+    mtime = path.stat().st_mtime_ns
+    second, fraction = divmod(mtime, 10**9)
+    touched = second * 10**9 + (fraction + 10**9 // 2) % 10**9
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        before = doc(await src.until_names("app.ini"), "app.ini")
+        os.utime(path, ns=(touched, touched))
+        snap = await src.until(lambda s: doc(s, "app.ini").version != before.version)
+        after = doc(snap, "app.ini")
+        assert after.version == version_of(path.stat())
+        assert after.text == "same"
+
+
+async def test_atomic_rename(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    path.write_text("old")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        before = doc(await src.until_names("app.ini"), "app.ini")
+        tmp = tmp_path / "app.ini.tmp"  # not a configuration name
+        tmp.write_text("new")  # same size as before
+        os.replace(tmp, path)
+        snap = await src.until(lambda s: doc(s, "app.ini").text == "new")
+        assert names(snap) == ["app.ini"]
+        assert doc(snap, "app.ini").version != before.version
+    assert all(names(s) == ["app.ini"] for s in src.snapshots)
+
+
+async def test_delete(tmp_path: Path) -> None:
+    (tmp_path / "a.ini").write_text("a")
+    (tmp_path / "b.ini").write_text("b")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names("a.ini", "b.ini")
+        (tmp_path / "a.ini").unlink()
+        await src.until_names("b.ini")
+
+
+async def test_invalid_names_ignored(tmp_path: Path) -> None:
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        for name in ("app.ini~", ".app.ini.swp", "notes.txt", "APP.INI"):
+            (tmp_path / name).write_text("x")
+        (tmp_path / "ok.ini").write_text("x")  # the marker: everything before is seen
+        await src.until_names("ok.ini")
+    assert all(names(s) in ([], ["ok.ini"]) for s in src.snapshots)
+
+
+async def test_subdirectories_ignored(tmp_path: Path) -> None:
+    (tmp_path / "sub.ini").mkdir()
+    (tmp_path / "sub.ini" / "inner.ini").write_text("x")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        (tmp_path / "more.ini").mkdir()
+        (tmp_path / "more.ini" / "deep.ini").write_text("x")
+        (tmp_path / "ok.ini").write_text("x")
+        await src.until_names("ok.ini")
+    assert all(names(s) in ([], ["ok.ini"]) for s in src.snapshots)
+
+
+async def test_extra_extension(tmp_path: Path) -> None:
+    (tmp_path / "a.conf").write_text("x")
+    (tmp_path / "b.ini").write_text("x")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names("b.ini")
+    options = MonitorOptions(freq=60, extra_extensions=("conf",))
+    async with running(DirMonitor(str(tmp_path), options)) as src:
+        await src.until_names("a.conf", "b.ini")
+        (tmp_path / "c.conf").write_text("x")
+        await src.until_names("a.conf", "b.ini", "c.conf")
+
+
+async def test_unchanged_file_is_not_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    path.write_text("old")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names("app.ini")
+        st = path.stat()
+        # New content, but the same size, inode and mtime: the same version.
+        with path.open("r+") as f:
+            f.write("new")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (tmp_path / "marker.ini").write_text("x")  # forces a rescan
+        snap = await src.until_names("app.ini", "marker.ini")
+        assert doc(snap, "app.ini").text == "old"  # served from the cache
+        os.utime(path)
+        snap = await src.until(lambda s: doc(s, "app.ini").text == "new")
+
+
+async def test_rescan_without_change_sends_nothing(tmp_path: Path) -> None:
+    (tmp_path / "app.ini").write_text("x")
+    async with running(DirMonitor(str(tmp_path), MonitorOptions(freq=0.05))) as src:
+        await src.until_names("app.ini")
+        (tmp_path / "notes.txt").write_text("x")  # an event that changes nothing
+        with trio.move_on_after(0.5):
+            event = await src.next_event()
+            pytest.fail(f"unexpected event {event!r}")
+
+
+# -- dir: symlinks -------------------------------------------------------------------
+
+
+async def test_symlink_followed(tmp_path: Path) -> None:
+    vassals, elsewhere = tmp_path / "vassals", tmp_path / "elsewhere"
+    vassals.mkdir()
+    elsewhere.mkdir()
+    target = elsewhere / "real.ini"
+    target.write_text("real")
+    (vassals / "app.ini").symlink_to(target)
+    (vassals / "dangling.ini").symlink_to(elsewhere / "missing.ini")
+    # The target is outside the watched directory: only the rescan sees it change.
+    async with running(DirMonitor(str(vassals), MonitorOptions(freq=0.05))) as src:
+        app = doc(await src.until_names("app.ini"), "app.ini")
+        assert app.text == "real"
+        assert app.path == str(vassals / "app.ini")
+        assert app.version == version_of(target.stat())
+        os.utime(target, ns=(10**18, 10**18))
+        snap = await src.until(lambda s: doc(s, "app.ini").version != app.version)
+        assert doc(snap, "app.ini").version == version_of(target.stat())
+
+
+async def test_symlink_not_followed(tmp_path: Path) -> None:
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    target = tmp_path / "real.ini"
+    target.write_text("real")
+    link = vassals / "app.ini"
+    link.symlink_to(target)
+    (vassals / "dangling.ini").symlink_to(tmp_path / "missing.ini")
+    options = MonitorOptions(freq=60, follow_symlinks=False)
+    async with running(DirMonitor(str(vassals), options)) as src:
+        app = doc(await src.until_names("app.ini"), "app.ini")
+        assert app.text == "real"
+        assert app.version == version_of(link.lstat())
+        assert app.version != version_of(target.stat())
+
+
+# -- dir: unreadable and vanishing ---------------------------------------------------
+
+
+async def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ok.ini").write_text("ok")
+    (tmp_path / "secret.ini").write_text("secret")
+    real_read = files._read
+
+    def read(path: str) -> tuple[os.stat_result, bytes] | None:
+        if path.endswith("secret.ini"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_read(path)
+
+    monkeypatch.setattr(files, "_read", read)
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        snap = await src.until_names("ok.ini", "secret.ini")
+        secret = doc(snap, "secret.ini")
+        assert secret.text is None
+        assert secret.error is not None
+        assert "Permission denied" in secret.error
+        assert doc(snap, "ok.ini").text == "ok"
+        monkeypatch.setattr(files, "_read", real_read)
+        os.chmod(tmp_path / "secret.ini", 0o600)  # an event, not a new mtime
+        snap = await src.until(lambda s: doc(s, "secret.ini").text == "secret")
+        # The version changes, so that the emperor takes the readable file.
+        assert doc(snap, "secret.ini").version != secret.version
+
+
+def _permissions_enforced() -> bool:
+    """False for root with CAP_DAC_OVERRIDE, who reads everything."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe"
+        path.write_text("")
+        path.chmod(0)
+        try:
+            path.read_text()
+        except PermissionError:
+            return True
+        return False
+
+
+needs_permissions = pytest.mark.skipif(
+    not _permissions_enforced(), reason="file permissions are not enforced for this user"
+)
+
+
+@needs_permissions
+async def test_unreadable_file_for_real(tmp_path: Path) -> None:
+    path = tmp_path / "secret.ini"
+    path.write_text("secret")
+    path.chmod(0)
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        snap = await src.until_names("secret.ini")
+        assert doc(snap, "secret.ini").text is None
+        path.chmod(0o600)
+        await src.until(lambda s: doc(s, "secret.ini").text == "secret")
+
+
+async def test_listing_problem_keeps_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.ini").write_text("a")
+    monitor = DirMonitor(str(tmp_path), EVENTS)
+    async with running(monitor) as src:
+        await src.until_names("a.ini")
+
+        def broken() -> list[tuple[str, str]]:
+            raise PermissionError(13, "Permission denied", str(tmp_path))
+
+        monkeypatch.setattr(monitor, "_candidates", broken)
+        (tmp_path / "b.ini").write_text("b")
+        problem = await src.until_problem()
+        assert problem.source == monitor.uri
+        assert "Permission denied" in problem.message
+        assert [names(s) for s in src.snapshots] == [["a.ini"]]
+        monkeypatch.undo()
+        (tmp_path / "c.ini").write_text("c")
+        await src.until_names("a.ini", "b.ini", "c.ini")
+
+
+@needs_permissions
+async def test_unreadable_directory_for_real(tmp_path: Path) -> None:
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    (vassals / "a.ini").write_text("a")
+    try:
+        async with running(DirMonitor(str(vassals), EVENTS)) as src:
+            await src.until_names("a.ini")
+            vassals.chmod(0)
+            assert "Permission denied" in (await src.until_problem()).message
+            vassals.chmod(0o700)
+            # Sent again although unchanged: the source is healthy again.
+            await src.until_names("a.ini")
+            assert [names(s) for s in src.snapshots] == [["a.ini"], ["a.ini"]]
+    finally:
+        vassals.chmod(0o700)
+
+
+async def test_directory_removed_and_recreated(tmp_path: Path) -> None:
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    (vassals / "a.ini").write_text("a")
+    async with running(DirMonitor(str(vassals), EVENTS)) as src:
+        await src.until_names("a.ini")
+        shutil.rmtree(vassals)
+        await src.until_names()
+        vassals.mkdir()
+        (vassals / "b.ini").write_text("b")
+        await src.until_names("b.ini")
+        (vassals / "c.ini").write_text("c")  # watched again
+        await src.until_names("b.ini", "c.ini")
+
+
+async def test_directory_replaced(tmp_path: Path) -> None:
+    vassals, new = tmp_path / "vassals", tmp_path / "new"
+    vassals.mkdir()
+    new.mkdir()
+    (vassals / "a.ini").write_text("a")
+    (new / "b.ini").write_text("b")
+    async with running(DirMonitor(str(vassals), EVENTS)) as src:
+        await src.until_names("a.ini")
+        os.rename(vassals, tmp_path / "old")
+        os.rename(new, vassals)
+        await src.until_names("b.ini")
+        (vassals / "c.ini").write_text("c")  # the new directory is watched
+        await src.until_names("b.ini", "c.ini")
+
+
+async def test_cancellation_is_prompt(tmp_path: Path) -> None:
+    before = open_fds()
+    send, recv = trio.open_memory_channel[SourceEvent](10)
+    with trio.fail_after(BOUND):  # far below the watcher's 60 s timeout
+        async with trio.open_nursery() as nursery:
+            await nursery.start(DirMonitor(str(tmp_path), EVENTS).run, send)
+            await trio.sleep(0.1)  # let the watch become established
+            nursery.cancel_scope.cancel()
+    with recv:
+        assert isinstance(recv.receive_nowait(), Snapshot)
+        # run() closes its send channel when it ends.
+        with pytest.raises(trio.EndOfChannel):
+            await recv.receive()
+    await threads_settled(before)
+
+
+# -- glob ----------------------------------------------------------------------------
+
+
+async def test_glob_relative_pattern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "apps" / "app1").mkdir(parents=True)
+    (tmp_path / "apps" / "app1" / "app1.ini").write_text("one")
+    (tmp_path / "apps" / "app1" / "app1.ini~").write_text("backup")
+    (tmp_path / "apps" / "other").mkdir()
+    (tmp_path / "apps" / "other" / "other.ini").write_text("x")
+    async with running(GlobMonitor("glob://apps/app*/app*.ini", EVENTS)) as src:
+        snap = await src.until_names("apps/app1/app1.ini")
+        assert snap.source == "glob://apps/app*/app*.ini"
+        one = doc(snap, "apps/app1/app1.ini")
+        assert one.path == str(tmp_path / "apps" / "app1" / "app1.ini")
+        assert one.text == "one"
+        # A directory that comes to match after the start.
+        (tmp_path / "apps" / "app3").mkdir()
+        (tmp_path / "apps" / "app3" / "app3.ini").write_text("three")
+        snap = await src.until_names("apps/app1/app1.ini", "apps/app3/app3.ini")
+        assert doc(snap, "apps/app3/app3.ini").text == "three"
+        (tmp_path / "apps" / "app1" / "app1.ini").unlink()
+        await src.until_names("apps/app3/app3.ini")
+
+
+async def test_glob_absolute_pattern(tmp_path: Path) -> None:
+    (tmp_path / "a.ini").write_text("a")
+    (tmp_path / "b.xml").write_text("<uwsgi/>")
+    (tmp_path / "dir.ini").mkdir()
+    pattern = f"{tmp_path}/*.*"
+    async with running(GlobMonitor(pattern, EVENTS)) as src:
+        await src.until_names(f"{tmp_path}/a.ini", f"{tmp_path}/b.xml")
+        (tmp_path / "c.json").write_text("{}")
+        (tmp_path / "c.txt").write_text("")
+        snap = await src.until_names(f"{tmp_path}/a.ini", f"{tmp_path}/b.xml", f"{tmp_path}/c.json")
+        assert doc(snap, f"{tmp_path}/c.json").path == str(tmp_path / "c.json")
+
+
+async def test_glob_literal_path(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    async with running(GlobMonitor(str(path), EVENTS)) as src:
+        await src.until_names()
+        path.write_text("x")
+        await src.until_names(str(path))
+
+
+async def test_glob_directory_created_later(tmp_path: Path) -> None:
+    """Nothing to watch at start: the watcher moves down as directories appear."""
+    async with running(GlobMonitor(f"{tmp_path}/srv/apps/*/*.ini", EVENTS)) as src:
+        await src.until_names()
+        (tmp_path / "srv" / "apps" / "x").mkdir(parents=True)
+        (tmp_path / "srv" / "apps" / "x" / "x.ini").write_text("x")
+        await src.until_names(f"{tmp_path}/srv/apps/x/x.ini")
+        (tmp_path / "srv" / "apps" / "y").mkdir()
+        (tmp_path / "srv" / "apps" / "y" / "y.ini").write_text("y")
+        await src.until_names(f"{tmp_path}/srv/apps/x/x.ini", f"{tmp_path}/srv/apps/y/y.ini")
+
+
+# -- the watch helpers ---------------------------------------------------------------
+
+
+def test_watch_target(tmp_path: Path) -> None:
+    (tmp_path / "apps").mkdir()
+    target = files._watch_target(f"{tmp_path}/apps/app*/app*.ini")
+    assert target is not None
+    assert (target.path, target.recursive) == (f"{tmp_path}/apps", True)
+    target = files._watch_target(f"{tmp_path}/apps/*.ini")
+    assert target is not None
+    assert (target.path, target.recursive) == (f"{tmp_path}/apps", False)
+    target = files._watch_target(f"{tmp_path}/missing/deeper/*/*.ini")
+    assert target is not None
+    assert (target.path, target.recursive) == (str(tmp_path), False)
+    (tmp_path / "a[1]*").mkdir()
+    escaped = files._watch_target(os.path.join(glob.escape(f"{tmp_path}/a[1]*"), "*"))
+    assert escaped is not None
+    assert (escaped.path, escaped.recursive) == (f"{tmp_path}/a[1]*", False)
