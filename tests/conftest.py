@@ -31,6 +31,6 @@ def no_leaks() -> Iterator[None]:
     assert not leaked_children, f"child processes left running: {sorted(leaked_children)}"
     # listdir itself opens one fd, present in both samples.
     leaked_fds = {fd for fd in _fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not leaked_fds, f"file descriptors leaked: " + ", ".join(
+    assert not leaked_fds, "file descriptors leaked: " + ", ".join(
         f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in sorted(leaked_fds)
     )

@@ -6,7 +6,8 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_existing_directory_is_dir_and_anything_else_is_glob(tmp_path: Path) -> 
 
 
 def test_unknown_scheme_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="unknown source scheme .nope.*known: .*dir, glob"):
+    with pytest.raises(UsageError, match=r"unknown source scheme 'nope'.*known: .*dir, glob"):
         cli.resolve_sources(["nope://x"], MonitorOptions())
 
 
@@ -79,22 +80,25 @@ def vassals(tmp_path: Path) -> Path:
     return d
 
 
+Factory = Callable[[list[str]], EmperorProcess]
+
+
 @pytest.fixture
-def emperor_factory(tmp_path: Path) -> Iterator[type[EmperorProcess]]:
+def emperor_factory(tmp_path: Path) -> Iterator[Factory]:
     started: list[EmperorProcess] = []
 
-    class Factory(EmperorProcess):
-        def __init__(self, args: list[str]) -> None:
-            super().__init__(args, tmp_path / f"emperor{len(started)}.log")
-            started.append(self)
+    def start(args: list[str]) -> EmperorProcess:
+        e = EmperorProcess(args, tmp_path / f"emperor{len(started)}.log")
+        started.append(e)
+        return e
 
-    yield Factory
+    yield start
     for e in started:
         e.close()
 
 
 async def test_lifecycle_through_files(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     emperor = emperor_factory([str(vassals), "--freq", "60", "--throttle", "50"])
     pidfile = tmp_path / "app.pid"
@@ -136,7 +140,7 @@ async def test_lifecycle_through_files(
 
 
 async def test_sigterm_stops_all_vassals_and_exits_0(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     for i in range(5):
         write_atomic(vassals / f"v{i}.ini", pidfile_vassal(tmp_path, f"v{i}"))
@@ -149,7 +153,7 @@ async def test_sigterm_stops_all_vassals_and_exits_0(
 
 
 async def test_sigterm_kills_a_vassal_that_ignores_it_after_stop_timeout(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     body = "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
     write_atomic(
@@ -166,12 +170,12 @@ async def test_sigterm_kills_a_vassal_that_ignores_it_after_stop_timeout(
 
 
 async def test_sighup_reloads_every_vassal(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
     write_atomic(
         vassals / "b.yaml",
-        f"vassal:\n  command: [{json.dumps(str(os.sys.executable))}, "
+        f"vassal:\n  command: [{json.dumps(sys.executable)}, "
         f"{json.dumps(str(tmp_path / 'a.py'))}]\n  env: [UNUSED=1]\n",
     )
     emperor = emperor_factory([str(vassals)])
@@ -184,7 +188,7 @@ async def test_sighup_reloads_every_vassal(
 
 
 async def test_vassals_die_when_the_emperor_is_killed(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
     emperor = emperor_factory([str(vassals)])
@@ -196,7 +200,7 @@ async def test_vassals_die_when_the_emperor_is_killed(
 
 
 async def test_unreadable_directory_at_start_exits_1(
-    tmp_path: Path, emperor_factory: type[EmperorProcess]
+    tmp_path: Path, emperor_factory: Factory
 ) -> None:
     (tmp_path / "file").write_text("")
     emperor = emperor_factory([f"dir://{tmp_path / 'file'}"])
@@ -205,7 +209,7 @@ async def test_unreadable_directory_at_start_exits_1(
 
 
 async def test_unquoted_pattern_warning(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     for name in ("a.ini", "b.ini"):
         write_atomic(vassals / name, pidfile_vassal(tmp_path, name[0]))
@@ -218,13 +222,15 @@ async def test_unquoted_pattern_warning(
 
 
 async def test_stats_on_a_unix_socket(
-    vassals: Path, tmp_path: Path, emperor_factory: type[EmperorProcess]
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
     write_atomic(vassals / "a.ini", pidfile_vassal(tmp_path, "a"))
     sock_path = tmp_path / "stats.sock"
     emperor = emperor_factory([str(vassals), "--stats", str(sock_path)])
     await wait_for(lambda: read_pid(tmp_path / "a.pid") is not None and sock_path.exists())
-    await wait_for(lambda: "vassal.spawned" in emperor.text() and "stats.listening" in emperor.text())
+    await wait_for(
+        lambda: "vassal.spawned" in emperor.text() and "stats.listening" in emperor.text()
+    )
 
     def fetch() -> dict[str, object]:
         with socket.socket(socket.AF_UNIX) as s:
@@ -238,7 +244,9 @@ async def test_stats_on_a_unix_socket(
     doc = await trio.to_thread.run_sync(fetch)
     emperor_info = doc["emperor"]
     assert isinstance(emperor_info, dict) and emperor_info["pid"] == emperor.proc.pid
-    [v] = doc["vassals"]  # type: ignore[misc]
+    vassals_info = doc["vassals"]
+    assert isinstance(vassals_info, list) and len(vassals_info) == 1
+    v = vassals_info[0]
     assert v["name"] == "a.ini" and v["pid"] == read_pid(tmp_path / "a.pid")
     assert v["source"] == f"dir://{vassals}"
     emperor.signal(signal.SIGTERM)

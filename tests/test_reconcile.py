@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +23,7 @@ def doc(name: str, text: str, version: str = "1", source: str = "a") -> VassalDo
     return VassalDocument(name=name, source=source, version=version, text=text)
 
 
-def kinds(actions: list[object]) -> list[str]:
+def kinds(actions: Sequence[object]) -> list[str]:
     return [type(a).__name__ for a in actions]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections.abc import AsyncIterator
 
@@ -49,7 +50,7 @@ async def test_crash_respawns_with_doubling_backoff(
         spawner.spawned[-1].exit(1)
         await spawner.wait_spawned(n)
         starts.append(trio.current_time())
-    gaps = [round(b - a, 6) for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts)]
     assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0]  # capped at max_throttle
     assert sup.snapshot().backoff_attempt == 5
     assert sup.snapshot().restarts == 5

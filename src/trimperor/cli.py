@@ -271,6 +271,8 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(message)s",
         stream=sys.stderr,
     )
+    # watchfiles logs every change it sees at INFO; our monitors log what matters.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def write_pidfile(path: str) -> None:

@@ -229,10 +229,11 @@ class Emperor:
             else:
                 self._start(action)
         elif isinstance(action, Reload):
-            if action.name in self._stopping:
-                self._pending[action.name] = Start(
-                    action.name, action.source, action.version, action.spec
-                )
+            start = Start(action.name, action.source, action.version, action.spec)
+            if action.name in self._stopping or action.name in self._pending:
+                self._pending[action.name] = start
+            elif action.name not in self._sups:
+                self._start(start)
             else:
                 log.info("vassal.reload name=%s version=%s", action.name, action.version)
                 self._sups[action.name].update(action.version, action.spec)
@@ -260,14 +261,28 @@ class Emperor:
         self._vassals.start_soon(self._run_supervisor, sup)
 
     async def _run_supervisor(self, sup: Supervisor) -> None:
+        crashed = False
         try:
             await sup.run()
+        except Exception:
+            # A bug in a supervisor must not take the emperor (and every other
+            # vassal) down: its process was killed on the way out; start afresh.
+            log.exception(
+                "vassal.supervisor_crashed name=%s; starting it again in %ss", sup.name, self._retry
+            )
+            crashed = True
         finally:
             if self._sups.get(sup.name) is sup:
                 del self._sups[sup.name]
             if sup.retired and sup.name not in self._stopping:
                 self.registry.retired(sup.name)
+            was_stopping = sup.name in self._stopping
             self._stopping.discard(sup.name)
             pending = self._pending.pop(sup.name, None)
-            if pending is not None and not self._shutdown.is_set():
+            if crashed and pending is None and not was_stopping and not self._shutdown.is_set():
+                # Reloads arriving meanwhile update the pending start.
+                self._pending[sup.name] = Start(sup.name, sup.source, sup.version, sup.spec)
+                await trio.sleep(self._retry)
+                pending = self._pending.pop(sup.name, None)
+            if pending is not None and not self._shutdown.is_set() and sup.name not in self._sups:
                 self._start(pending)
