@@ -31,7 +31,7 @@ BOUND = 5.0
 
 
 def version_of(st: os.stat_result) -> str:
-    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
+    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}:{st.st_uid}:{st.st_gid}"
 
 
 def names(snap: Snapshot) -> list[str]:

@@ -65,6 +65,8 @@ class LaunchPlan:
     user: str | None = None
     """User name or number to run as; None keeps the emperor's."""
     group: str | None = None
+    init_groups: bool = True
+    """When changing user: the user's supplementary groups (initgroups), else none."""
     logto: str | None = None
     pass_fds: tuple[int, ...] = ()
     stdin_fd: int | None = None

@@ -134,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fanout exchange amqp:// sources consume (default uwsgi.emperor)",
     )
 
+    g.add_argument(
+        "--tyrant",
+        "--emperor-tyrant",
+        action="store_true",
+        help="run every vassal as the owner of its configuration; refuse root",
+    )
+    g.add_argument(
+        "--tyrant-initgroups",
+        "--emperor-tyrant-initgroups",
+        action="store_true",
+        help="in tyrant mode, give vassals their owner's supplementary groups",
+    )
+
     g = p.add_argument_group("uWSGI vassals")
     g.add_argument(
         "--binary-path",
@@ -375,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_extensions=options.extra_extensions,
             stats_address=args.stats,
             retry_interval=args.freq,
+            tyrant=args.tyrant,
+            tyrant_initgroups=args.tyrant_initgroups,
             uwsgi=UwsgiOptions(
                 binary=args.binary_path,
                 vassal_set=tuple(args.vassal_set),

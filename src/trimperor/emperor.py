@@ -23,13 +23,15 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
+from trimperor.errors import ConfigError, SpawnError
 from trimperor.model import SourceEvent, VassalDocument
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
+from trimperor.spawner import resolve_ids
 from trimperor.stats import EmperorStats, SourceStats
 from trimperor.supervisor import Supervisor
 from trimperor.uwsgi import UwsgiOptions
-from trimperor.vassalspec import VassalSpec, build_spec
+from trimperor.vassalspec import VassalSpec, build_spec, tyrant
 
 __all__ = ["Emperor"]
 
@@ -48,6 +50,14 @@ class _TrackingStatus:
     def started(self, value: None = None) -> None:
         self.started_called = True
         self.inner.started(value)
+
+
+def _resolve(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    try:
+        uid, gid, _ = resolve_ids(user, group, init_groups=False)
+    except SpawnError as exc:
+        raise ConfigError(str(exc)) from None
+    return uid, gid
 
 
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
@@ -70,6 +80,8 @@ class Emperor:
         stats_address: str | None = None,
         retry_interval: float = 3.0,
         uwsgi: UwsgiOptions | None = None,
+        tyrant: bool = False,
+        tyrant_initgroups: bool = False,
     ) -> None:
         self.monitors = tuple(monitors)
         self._spawner = spawner
@@ -78,6 +90,8 @@ class Emperor:
         self._extra_extensions = tuple(extra_extensions)
         self._stats_address = stats_address
         self._retry = retry_interval
+        self.tyrant = tyrant
+        self._tyrant_initgroups = tyrant_initgroups
         self._uwsgi = uwsgi or UwsgiOptions(extra_extensions=self._extra_extensions)
         self.registry: Registry[VassalSpec] = Registry(self._parse)
         self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
@@ -210,7 +224,10 @@ class Emperor:
     # -- decisions --------------------------------------------------------------
 
     def _parse(self, doc: VassalDocument) -> VassalSpec:
-        return build_spec(doc, self._environ, self._extra_extensions)
+        spec = build_spec(doc, self._environ, self._extra_extensions)
+        if self.tyrant:
+            spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)
+        return spec
 
     def _apply(self, action: Action[VassalSpec]) -> None:
         if isinstance(action, Notice):

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "MissingExtraError",
+    "Refused",
     "SourceError",
     "SpawnError",
     "TrimperorError",
@@ -29,6 +30,16 @@ class ConfigError(TrimperorError):
 
     The message names the vassal and, where known, the line or position.
     """
+
+
+class Refused(TrimperorError):
+    """A valid configuration that must not run (tyrant rules, unsupported kind).
+
+    Unlike a :class:`ConfigError`, which keeps a running vassal on its last good
+    configuration, a refusal stops it.
+    """
+
+    event = "vassal.refused"
 
 
 class SourceError(TrimperorError):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from trimperor.errors import ConfigError
+from trimperor.errors import ConfigError, Refused
 from trimperor.model import Remove, Snapshot, SourceEvent, SourceProblem, Upsert, VassalDocument
 
 __all__ = ["Action", "Notice", "Registry", "Reload", "Start", "Stop", "Unsupported"]
@@ -22,8 +22,10 @@ __all__ = ["Action", "Notice", "Registry", "Reload", "Start", "Stop", "Unsupport
 S = TypeVar("S")
 
 
-class Unsupported(Exception):
+class Unsupported(Refused):
     """The document is valid but names a kind of vassal this build cannot run."""
+
+    event = "vassal.unsupported"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +177,8 @@ class Registry(Generic[S]):
                     )
                 ]
             return [Notice("config.invalid", doc.name, doc.source, f"{exc}; not started", "error")]
-        except Unsupported as exc:
-            actions: list[Action[S]] = [
-                Notice("vassal.unsupported", doc.name, doc.source, str(exc), "warning")
-            ]
+        except Refused as exc:
+            actions: list[Action[S]] = [Notice(exc.event, doc.name, doc.source, str(exc), "error")]
             if owned.running:
                 owned.running = False
                 owned.spec = None

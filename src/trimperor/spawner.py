@@ -52,9 +52,13 @@ def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the ch
 
 
 def resolve_ids(
-    user: str | None, group: str | None
+    user: str | None, group: str | None, init_groups: bool = True
 ) -> tuple[int | None, int | None, tuple[int, ...] | None]:
-    """Names or numbers -> (uid, gid, supplementary groups). Raises SpawnError."""
+    """Names or numbers -> (uid, gid, supplementary groups). Raises SpawnError.
+
+    The groups are the user's own (as initgroups would set them) when
+    *init_groups*, else just the primary group.
+    """
     uid = gid = None
     groups: tuple[int, ...] | None = None
     if user is not None:
@@ -66,7 +70,7 @@ def resolve_ids(
             uid = int(user)
         else:
             uid, gid = pw.pw_uid, pw.pw_gid
-            if os.geteuid() == 0:
+            if os.geteuid() == 0 and init_groups:
                 groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
     if group is not None:
         try:
@@ -75,6 +79,8 @@ def resolve_ids(
             raise SpawnError(f"unknown group {group!r}") from None
         if groups is not None and gid not in groups:
             groups = (gid, *groups)
+    if groups is not None and not init_groups:
+        groups = (gid,) if gid is not None else ()
     if uid is not None and groups is None and os.geteuid() == 0:
         groups = (gid,) if gid is not None else ()
     return uid, gid, groups
@@ -157,7 +163,7 @@ class PosixSpawner:
         self._emperor_pid = os.getpid()
 
     async def spawn(self, plan: LaunchPlan) -> PosixProcess:
-        uid, gid, groups = resolve_ids(plan.user, plan.group)
+        uid, gid, groups = resolve_ids(plan.user, plan.group, plan.init_groups)
         read_fd: int | None = None
         write_fd: int
         if plan.logto is not None:

@@ -50,6 +50,7 @@ def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
         env=tuple(env.items()),
         user=spec.uid,
         group=spec.gid,
+        init_groups=spec.init_groups,
         logto=spec.logto,
     )
 

@@ -116,6 +116,7 @@ class UwsgiChannel:
             env=tuple(env.items()),
             user=spec.uid,
             group=spec.gid,
+            init_groups=spec.init_groups,
             pass_fds=tuple(end.fileno() for end in self._child_ends),
             stdin_fd=stdin_fd,
         )

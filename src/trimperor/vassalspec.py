@@ -11,11 +11,11 @@ import os
 import re
 import shlex
 import signal
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from trimperor.configfile import Options, Section, parse
-from trimperor.errors import ConfigError
+from trimperor.errors import ConfigError, Refused
 from trimperor.model import VassalDocument
 
 __all__ = [
@@ -59,6 +59,8 @@ class NativeSpec:
     stop_timeout: float = 10.0
     reload_signal: int | None = None
     logto: str | None = None
+    init_groups: bool = True
+    """With ``uid``: take the user's supplementary groups (else none)."""
 
     kind = "native"
 
@@ -81,6 +83,7 @@ class UwsgiSpec:
     cwd: str = "/"
     uid: str | None = None
     gid: str | None = None
+    init_groups: bool = True
 
     kind = "uwsgi"
 
@@ -224,6 +227,43 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     )
 
 
+def tyrant(
+    spec: VassalSpec,
+    doc: VassalDocument,
+    resolve: Callable[[str | None, str | None], tuple[int | None, int | None]],
+    initgroups: bool = False,
+) -> VassalSpec:
+    """Tyrant mode: the vassal runs as the owner of its configuration.
+
+    The owner is the file's (or, for remote sources, the uid and gid fields).
+    Root is refused, and so is a native vassal whose ``uid``/``gid`` keys name
+    anyone else: a user who can write a file must not run programs as another.
+    *resolve* turns user and group names into numbers. Supplementary groups are
+    dropped unless *initgroups* (then the owner's groups from the group database).
+    """
+    if doc.uid is None or doc.gid is None:
+        raise Refused(
+            f"{doc.name}: tyrant mode needs an owner (uid and gid) for every vassal, "
+            "and this source gave none"
+        )
+    if doc.uid == 0 or doc.gid == 0:
+        where = doc.path or doc.name
+        raise Refused(
+            f"{doc.name}: tyrant mode refuses to run a vassal as root: {where} belongs to "
+            f"uid {doc.uid}, gid {doc.gid}; give it to the user the vassal should run as "
+            "(chown USER:GROUP)"
+        )
+    if isinstance(spec, NativeSpec):
+        asked_uid, asked_gid = resolve(spec.uid, spec.gid)
+        for key, asked, owner in (("uid", asked_uid, doc.uid), ("gid", asked_gid, doc.gid)):
+            if asked is not None and asked != owner:
+                raise Refused(
+                    f"{doc.name}: {key} {asked} differs from the owner of the configuration "
+                    f"({owner}); in tyrant mode a vassal always runs as its owner"
+                )
+    return replace(spec, uid=str(doc.uid), gid=str(doc.gid), init_groups=initgroups)
+
+
 def build_spec(
     doc: VassalDocument, environ: Mapping[str, str], extra_extensions: Iterable[str] = ()
 ) -> VassalSpec:
@@ -245,6 +285,4 @@ def build_spec(
         path=os.path.abspath(doc.path) if doc.path is not None else None,
         text=doc.text,
         cwd=cwd,
-        uid=None if doc.uid is None else str(doc.uid),
-        gid=None if doc.gid is None else str(doc.gid),
     )

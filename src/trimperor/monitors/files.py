@@ -23,7 +23,7 @@ A directory that disappears counts as empty (its vassals stop) until it comes
 back; any other failure to scan sends a :class:`~trimperor.model.SourceProblem`
 and keeps the last snapshot. Scans and inotify waits run in worker threads.
 
-A document's version is ``mtime_ns:inode:size``: a ``touch`` within the same
+A document's version is ``mtime_ns:inode:size:uid:gid``: a ``touch`` within the same
 second and an atomic rename both change it. A file that cannot be read is sent
 with ``text=None`` and ``error`` set (its version gets an ``:unreadable``
 suffix, so that it changes again once the file becomes readable).
@@ -80,7 +80,9 @@ class _Gone(Exception):
 
 
 def _version(st: os.stat_result) -> str:
-    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
+    # The owner is part of the version: in tyrant mode it decides the user the
+    # vassal runs as, so a chown must be acted on like an edit.
+    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}:{st.st_uid}:{st.st_gid}"
 
 
 def _load(
@@ -118,12 +120,15 @@ def _load(
     fst, data = read
     if follow_symlinks:
         version = _version(fst)  # describes exactly what was read
+        st = fst
     return VassalDocument(
         name=name,
         source=source,
         version=version,
         text=data.decode("utf-8", errors="replace"),
         path=path,
+        uid=st.st_uid,
+        gid=st.st_gid,
     )
 
 
