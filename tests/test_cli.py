@@ -242,8 +242,8 @@ async def test_stats_on_a_unix_socket(
         return result
 
     doc = await trio.to_thread.run_sync(fetch)
-    emperor_info = doc["emperor"]
-    assert isinstance(emperor_info, dict) and emperor_info["pid"] == emperor.proc.pid
+    assert doc["pid"] == emperor.proc.pid
+    assert doc["emperor"] == [f"dir://{vassals}"]
     vassals_info = doc["vassals"]
     assert isinstance(vassals_info, list) and len(vassals_info) == 1
     v = vassals_info[0]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -195,9 +197,45 @@ async def test_stats_json_over_tcp() -> None:
             while chunk := await stream.receive_some():
                 data += chunk
         doc_ = json.loads(data)
-        assert [s["uri"] for s in doc_["emperor"]["sources"]] == ["fake://a"]
-        assert doc_["emperor"]["version"]
+        assert [s["uri"] for s in doc_["sources"]] == ["fake://a"]
+        assert doc_["version"]
+        # uWSGI's keys first, in uWSGI's order
+        assert list(doc_)[:9] == [
+            "version",
+            "pid",
+            "uid",
+            "gid",
+            "cwd",
+            "emperor",
+            "emperor_tyrant",
+            "throttle_level",
+            "vassals",
+        ]
+        assert doc_["emperor"] == ["fake://a"]
         [v] = doc_["vassals"]
+        assert list(v)[:20] == [
+            "id",
+            "pid",
+            "born",
+            "last_mod",
+            "last_heartbeat",
+            "loyal",
+            "ready",
+            "accepting",
+            "last_loyal",
+            "last_ready",
+            "last_accepting",
+            "first_run",
+            "last_run",
+            "cursed",
+            "zerg",
+            "on_demand",
+            "uid",
+            "gid",
+            "monitor",
+            "respawns",
+        ]
+        assert v["id"] == "web.ini" and v["monitor"] == "fake://a" and v["respawns"] == 0
         for key in (
             "name",
             "source",
@@ -215,3 +253,23 @@ async def test_stats_json_over_tcp() -> None:
             assert key in v
         assert v["state"] == "running"
         emperor.shutdown()
+
+
+async def test_sd_notify_when_run_by_systemd(tmp_path: Path) -> None:
+    """NOTIFY_SOCKET: READY=1 and the STATUS line uWSGI's emperor sends."""
+    path = str(tmp_path / "notify.sock")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await sock.bind(path)
+    a, spawner = FakeMonitor("fake://a"), FakeSpawner()
+    emperor = Emperor([a], spawner=spawner, environ={"NOTIFY_SOCKET": path})
+    with sock:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(emperor.run)
+            ready = (await sock.recv(4096)).decode()
+            assert ready.splitlines() == ["READY=1", "STATUS=The Emperor is governing 0 vassals"]
+            await a.send(Upsert(doc("web.ini")))
+            assert (await sock.recv(4096)) == b"STATUS=The Emperor is governing 1 vassals"
+            proc = await spawner.wait_spawned(1)
+            assert "NOTIFY_SOCKET" not in dict(proc.plan.env)
+            emperor.shutdown()
+        assert (await sock.recv(4096)).startswith(b"STOPPING=1")

@@ -25,6 +25,7 @@ from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
 from trimperor.errors import ConfigError, SpawnError
 from trimperor.model import SourceEvent, VassalDocument
+from trimperor.notify import Notifier
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.spawner import resolve_ids
@@ -100,6 +101,7 @@ class Emperor:
         self._pending: dict[str, Start[VassalSpec]] = {}
         self._vassals: trio.Nursery | None = None
         self._shutdown = trio.Event()
+        self._notifier = Notifier(self._environ)
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
@@ -152,6 +154,10 @@ class Emperor:
             sources=tuple(_source_stats(m, len(self.registry.names(m.uri))) for m in self.monitors),
             uptime=now - self._started_at,
             vassals=tuple(self._sups[n].snapshot() for n in sorted(self._sups)),
+            uid=os.getuid(),
+            gid=os.getgid(),
+            cwd=os.getcwd(),
+            tyrant=self.tyrant,
         )
 
     # -- the tree -------------------------------------------------------------
@@ -177,10 +183,12 @@ class Emperor:
                             serve_stats, self._stats_address, self.snapshot
                         )
                     log.info("emperor.ready vassals=%d", len(self._sups))
+                    self._notifier.send(READY="1", STATUS=self._status_line())
                     task_status.started()
                     await self._shutdown.wait()
                     sources.cancel_scope.cancel()
             finally:
+                self._notifier.send(STOPPING="1", STATUS="The Emperor is stopping")
                 if self._sups:
                     log.info("emperor.stopping vassals=%d", len(self._sups))
                 self._pending.clear()
@@ -262,6 +270,9 @@ class Emperor:
                 self._stopping.add(action.name)
                 sup.stop()
 
+    def _status_line(self) -> str:
+        return f"The Emperor is governing {len(self._sups)} vassals"
+
     def _start(self, action: Start[VassalSpec]) -> None:
         assert self._vassals is not None
         sup = Supervisor(
@@ -275,6 +286,7 @@ class Emperor:
             uwsgi=self._uwsgi,
         )
         self._sups[action.name] = sup
+        self._notifier.status(self._status_line())
         self._vassals.start_soon(self._run_supervisor, sup)
 
     async def _run_supervisor(self, sup: Supervisor) -> None:
@@ -291,6 +303,8 @@ class Emperor:
         finally:
             if self._sups.get(sup.name) is sup:
                 del self._sups[sup.name]
+                if not self._shutdown.is_set():
+                    self._notifier.status(self._status_line())
             if sup.retired and sup.name not in self._stopping:
                 self.registry.retired(sup.name)
             was_stopping = sup.name in self._stopping

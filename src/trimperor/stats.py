@@ -35,6 +35,18 @@ class VassalStats:
     accepting: bool = False
     loyal: bool = False
     last_heartbeat: float | None = None
+    # The rest exists for uWSGI's stats shape; all Unix times.
+    born: float | None = None
+    last_run: float | None = None
+    last_mod: float | None = None
+    last_ready: float | None = None
+    last_accepting: float | None = None
+    last_loyal: float | None = None
+    cursed: float | None = None
+    """When the vassal was asked to stop, while it is stopping."""
+    uid: str | None = None
+    gid: str | None = None
+    on_demand: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +69,79 @@ class EmperorStats:
     sources: tuple[SourceStats, ...]
     uptime: float
     vassals: tuple[VassalStats, ...]
+    uid: int = 0
+    gid: int = 0
+    cwd: str = "/"
+    tyrant: bool = False
+
+
+def _secs(t: float | None) -> int:
+    return int(t) if t is not None else 0
+
+
+def _id(value: str | None) -> int:
+    return int(value) if value is not None and value.isdigit() else 0
+
+
+def vassal_doc(v: VassalStats) -> dict[str, object]:
+    """One vassal: uWSGI's emperor stats keys (in its order), then trimperor's."""
+    doc: dict[str, object] = {
+        "id": v.name,
+        "pid": v.pid if v.pid is not None else -1,
+        "born": _secs(v.born),
+        "last_mod": _secs(v.last_mod),
+        "last_heartbeat": _secs(v.last_heartbeat),
+        "loyal": int(v.loyal),
+        "ready": int(v.ready),
+        "accepting": int(v.accepting),
+        "last_loyal": _secs(v.last_loyal),
+        "last_ready": _secs(v.last_ready),
+        "last_accepting": _secs(v.last_accepting),
+        "first_run": _secs(v.born),
+        "last_run": _secs(v.last_run),
+        "cursed": _secs(v.cursed),
+        "zerg": 0,
+        "on_demand": v.on_demand,
+        "uid": _id(v.uid),
+        "gid": _id(v.gid),
+        "monitor": v.source,
+        "respawns": v.restarts,
+    }
+    for key, value in asdict(v).items():
+        doc.setdefault(key, value)
+    return doc
 
 
 def to_json(stats: EmperorStats) -> str:
+    """The stats document: a superset of uWSGI's emperor stats, valid JSON.
+
+    uWSGI's keys come first and keep their meaning (``pid`` is -1 for a vassal
+    with no process, times are integer Unix seconds, flags are 0 or 1), so
+    tools written for ``uwsgi --emperor-stats`` keep working; trimperor's own
+    keys follow.
+    """
     doc = {
-        "emperor": {
-            "pid": stats.pid,
-            "version": stats.version,
-            "sources": [asdict(s) for s in stats.sources],
-            "uptime": round(stats.uptime, 3),
-            "vassals": len(stats.vassals),
-        },
-        "vassals": [asdict(v) for v in stats.vassals],
+        "version": stats.version,
+        "pid": stats.pid,
+        "uid": stats.uid,
+        "gid": stats.gid,
+        "cwd": stats.cwd,
+        "emperor": [s.uri for s in stats.sources],
+        "emperor_tyrant": int(stats.tyrant),
+        "throttle_level": 0,
+        "vassals": [vassal_doc(v) for v in stats.vassals],
+        "blacklist": [
+            {
+                "id": v.name,
+                "throttle_level": int(max(0.0, (v.next_start or 0) - (v.last_run or 0)) * 1000),
+                "attempt": v.backoff_attempt,
+                "first_attempt": _secs(v.born),
+                "last_attempt": _secs(v.last_run),
+            }
+            for v in stats.vassals
+            if v.backoff_attempt
+        ],
+        "uptime": round(stats.uptime, 3),
+        "sources": [asdict(s) for s in stats.sources],
     }
     return json.dumps(doc, indent=2) + "\n"

@@ -38,6 +38,11 @@ vassal_log = logging.getLogger("trimperor.vassal")
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 _MAX_LINE = 64 * 1024
+_STAMPED: dict[int, str] = {
+    ToEmperor.READY: "last_ready",
+    ToEmperor.ACCEPTING: "last_accepting",
+    ToEmperor.LOYAL: "last_loyal",
+}
 
 
 def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
@@ -93,6 +98,8 @@ class Supervisor:
         """True when the vassal itself asked not to be respawned."""
         self.ready = self.accepting = self.loyal = False
         self.last_heartbeat: float | None = None
+        self._times: dict[str, float] = {}
+        """trio-clock times of events shown in stats: born, last_run, last_mod, ..."""
         self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
         self.state = State.WAITING
         self.backoff = Backoff()
@@ -113,6 +120,7 @@ class Supervisor:
         """A new configuration: restart, or send the reload signal if that is enough."""
         old = self.spec
         self.version, self.spec = version, spec
+        self._times["last_mod"] = trio.current_time()
         in_place = (
             isinstance(spec, NativeSpec)
             and isinstance(old, NativeSpec)
@@ -153,6 +161,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wall_offset = time.time() - trio.current_time()
+        self._times["born"] = self._times["last_mod"] = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -369,6 +378,8 @@ class Supervisor:
         async for byte in channel.messages():
             if proc is not self._proc:
                 return
+            if byte in _STAMPED:
+                self._times[_STAMPED[byte]] = trio.current_time()
             if byte == ToEmperor.READY:
                 self.ready = True
                 log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
@@ -397,6 +408,10 @@ class Supervisor:
                 log.info("vassal.sos name=%s: broodlord mode is not supported", self.name)
             else:
                 log.debug("vassal.message name=%s byte=%s", self.name, describe(byte))
+
+    def _wall(self, key: str) -> float | None:
+        t = self._times.get(key)
+        return None if t is None else t + self._wall_offset
 
     async def _watch_heartbeat(self, proc: Process) -> None:
         """After the first heartbeat, one must arrive every ``required_heartbeat`` s."""
@@ -466,6 +481,15 @@ class Supervisor:
             last_heartbeat=(
                 self.last_heartbeat + self._wall_offset if self.last_heartbeat is not None else None
             ),
+            born=self._wall("born"),
+            last_run=self._wall("last_run"),
+            last_mod=self._wall("last_mod"),
+            last_ready=self._wall("last_ready"),
+            last_accepting=self._wall("last_accepting"),
+            last_loyal=self._wall("last_loyal"),
+            cursed=self._wall("cursed") if self.state is State.STOPPING else None,
+            uid=self.spec.uid,
+            gid=self.spec.gid,
         )
 
 
