@@ -33,7 +33,7 @@ def test_every_state_is_reachable_from_waiting() -> None:
 def test_process_events_only_where_a_process_can_exist() -> None:
     for (state, event), _ in TABLE.items():
         if event is Ev.EXITED:
-            assert state in {State.RUNNING, State.RELOADING, State.STOPPING}
+            assert state in {State.RUNNING, State.RELOADING, State.STOPPING, State.SLEEPING}
 
 
 def test_reload_bypasses_backoff() -> None:

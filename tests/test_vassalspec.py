@@ -70,7 +70,7 @@ def test_list_command_in_yaml_and_json() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[vassal]\ncommand = x\nsocket = :80\n", "unknown key 'socket'"),
+        ("[vassal]\ncommand = x\nsockets = :80\n", "unknown key 'sockets'"),
         ("[vassal]\nenv = A=1\n", "needs a command"),
         ("[vassal]\ncommand = 'unclosed\n", "command: No closing quotation"),
         ("[vassal]\ncommand = x\nenv = NOEQUALS\n", "not KEY=VALUE"),

@@ -70,6 +70,10 @@ class LaunchPlan:
     logto: str | None = None
     pass_fds: tuple[int, ...] = ()
     stdin_fd: int | None = None
+    listen_fds: tuple[int, ...] = ()
+    """Sockets handed over systemd's way: moved to fds 3, 4, ... in the child,
+    with ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID`` (the child's own pid)."""
+    listen_names: tuple[str, ...] = ()
 
 
 class Process(Protocol):

@@ -21,6 +21,10 @@ class State(enum.Enum):
     RELOADING = "reloading"
     """The old process is being stopped so that a new one can start."""
     STOPPING = "stopping"
+    ARMED = "armed"
+    """On-demand and asleep: no process; the first connection wakes the vassal."""
+    SLEEPING = "sleeping"
+    """Idle: the process is being stopped, then the sockets are armed again."""
     STOPPED = "stopped"
     """Final: the configuration is gone and the process with it."""
 
@@ -43,6 +47,14 @@ class Ev(enum.Enum):
     """The process exited asking not to be respawned (uWSGI's exit status 26)."""
     RETIRE = "retire"
     """The vassal asked to be stopped (uWSGI's idle byte 22 without a socket)."""
+    REARM = "rearm"
+    """The scheduled start time of an on-demand vassal: arm, do not spawn."""
+    WAKE = "wake"
+    """A connection is waiting on an armed socket."""
+    IDLE = "idle"
+    """No connection for ``idle`` seconds (or uWSGI's byte 22 with a socket)."""
+    SLEPT = "slept"
+    """An on-demand vassal exited by itself with status 0: back to sleep."""
 
 
 class Act(enum.Enum):
@@ -54,6 +66,10 @@ class Act(enum.Enum):
     """Stop signal to the process group; SIGKILL after the stop timeout."""
     KILL = "kill"
     SEND_RELOAD = "send_reload"
+    ARM = "arm"
+    """Wait for a connection on the held sockets."""
+    REBIND = "rebind"
+    """Bind the sockets of a changed configuration; wake if no longer on demand."""
     FINISH = "finish"
 
 
@@ -96,6 +112,26 @@ TABLE: dict[tuple[State, Ev], Transition] = {
     (S.STOPPING, E.SIGNAL): T(S.STOPPING),
     (S.STOPPING, E.STOP): T(S.STOPPING),
     (S.STOPPING, E.KILL): T(S.STOPPING, (A.KILL,)),
+    # on demand
+    (S.WAITING, E.REARM): T(S.ARMED, (A.ARM,)),
+    (S.ARMED, E.WAKE): T(S.RUNNING, (A.SPAWN,)),
+    (S.ARMED, E.SPAWN_FAILED): T(S.WAITING, (A.SCHEDULE,)),
+    (S.ARMED, E.RESTART): T(S.ARMED, (A.RESET_BACKOFF, A.REBIND)),
+    (S.ARMED, E.SIGNAL): T(S.ARMED),
+    (S.ARMED, E.IDLE): T(S.ARMED),
+    (S.ARMED, E.STOP): T(S.STOPPED, (A.FINISH,)),
+    (S.ARMED, E.KILL): T(S.STOPPED, (A.FINISH,)),
+    (S.RUNNING, E.IDLE): T(S.SLEEPING, (A.TERMINATE,)),
+    (S.RUNNING, E.SLEPT): T(S.ARMED, (A.ARM,)),
+    (S.SLEEPING, E.EXITED): T(S.ARMED, (A.ARM,)),
+    (S.SLEEPING, E.RESTART): T(S.SLEEPING),
+    (S.SLEEPING, E.SIGNAL): T(S.SLEEPING),
+    (S.SLEEPING, E.IDLE): T(S.SLEEPING),
+    (S.SLEEPING, E.RETIRE): T(S.SLEEPING),
+    (S.SLEEPING, E.STOP): T(S.STOPPING),
+    (S.SLEEPING, E.KILL): T(S.STOPPING, (A.KILL,)),
+    (S.RELOADING, E.IDLE): T(S.RELOADING),
+    (S.STOPPING, E.IDLE): T(S.STOPPING),
 }
 
 

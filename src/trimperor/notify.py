@@ -12,9 +12,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
-__all__ = ["Notifier"]
+import trio
+
+__all__ = ["Notifier", "NotifyListener"]
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,48 @@ class Notifier:
             self._last_status = text
             with contextlib.suppress(OSError):
                 self.send(STATUS=text)
+
+
+class NotifyListener:
+    """One vassal process's ``NOTIFY_SOCKET``: an abstract unix datagram socket.
+
+    Each process gets its own, so a message needs no credentials to be
+    attributed, and nothing is left in the file system.
+    """
+
+    _count = 0
+
+    def __init__(self, sock: trio.socket.SocketType, name: str) -> None:
+        self._sock = sock
+        self.address = "@" + name
+        """The value of ``NOTIFY_SOCKET`` for the vassal."""
+
+    @classmethod
+    async def open(cls) -> NotifyListener:
+        cls._count += 1
+        name = f"trimperor/{os.getpid()}/{cls._count}"
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            await sock.bind("\0" + name)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, name)
+
+    async def messages(self) -> AsyncIterator[dict[str, str]]:
+        """Each datagram as a mapping (``READY=1\\nSTATUS=x`` -> ``{READY: 1, STATUS: x}``)."""
+        while True:
+            try:
+                data = await self._sock.recv(4096)
+            except (OSError, trio.ClosedResourceError):
+                return
+            fields: dict[str, str] = {}
+            for line in data.decode(errors="replace").splitlines():
+                key, sep, value = line.partition("=")
+                if sep:
+                    fields[key] = value
+            if fields:
+                yield fields
+
+    def close(self) -> None:
+        self._sock.close()

@@ -18,10 +18,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import grp
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 
@@ -49,6 +51,33 @@ def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the ch
     # Python ignores SIGPIPE and trio may have blocked nothing, but reset the
     # dispositions a plain fork would otherwise hand down.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+_LISTEN_FDS_START = 3
+
+
+def _child_exec_with_listen_fds(
+    emperor_pid: int, argv: list[str], env: dict[str, str], fds: tuple[int, ...]
+) -> None:  # pragma: no cover - runs in the child
+    """preexec_fn for socket hand-off: put *fds* at 3, 4, ..., set LISTEN_PID to
+    our own pid, close everything else, and exec. Never returns on success.
+
+    The environment must name the child's pid, which only the child knows, so
+    the child execs itself instead of returning to subprocess.
+    """
+    _child_setup(emperor_pid)
+    # Move them out of the way first: a source may sit where another must go.
+    high = [os.dup(fd) for fd in fds]
+    top = max([*high, *fds, _LISTEN_FDS_START + len(fds)]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in high]
+    for fd in high:
+        os.close(fd)
+    for i, fd in enumerate(moved):
+        os.dup2(fd, _LISTEN_FDS_START + i, inheritable=True)
+    os.closerange(_LISTEN_FDS_START + len(fds), max(moved) + 1)
+    os.closerange(max(moved) + 1, os.sysconf("SC_OPEN_MAX"))
+    env["LISTEN_PID"] = str(os.getpid())
+    os.execvpe(argv[0], argv, env)
 
 
 def resolve_ids(
@@ -174,23 +203,46 @@ class PosixSpawner:
         else:
             read_fd, write_fd = os.pipe()
         stdin = subprocess.DEVNULL if plan.stdin_fd is None else plan.stdin_fd
+        env = dict(plan.env)
+        argv = list(plan.argv)
+        preexec = lambda: _child_setup(self._emperor_pid)  # noqa: E731
+        if plan.listen_fds:
+            # Our own exec in the child: check what would fail there, here.
+            program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+            if program is None or not os.path.isdir(plan.cwd):  # noqa: ASYNC240
+                os.close(write_fd)
+                if read_fd is not None:
+                    os.close(read_fd)
+                if program is None:
+                    raise SpawnError(f"program {plan.argv[0]!r} not found")
+                raise SpawnError(f"working directory {plan.cwd!r} does not exist")
+            env["LISTEN_FDS"] = str(len(plan.listen_fds))
+            env["LISTEN_FDNAMES"] = ":".join(plan.listen_names)
+            fds = plan.listen_fds
+            emperor_pid = self._emperor_pid
+            child_argv = [program, *argv[1:]]
+            child_env = env
+
+            def preexec() -> None:  # pragma: no cover - runs in the child
+                _child_exec_with_listen_fds(emperor_pid, child_argv, child_env, fds)
+
         try:
             # Forking from the main thread on purpose (see the module docstring);
             # preexec_fn only sets the parent-death signal, no locks are involved.
             popen = subprocess.Popen(  # noqa: ASYNC220
-                list(plan.argv),
+                argv,
                 cwd=plan.cwd,
-                env=dict(plan.env),
+                env=env,
                 stdin=stdin,
                 stdout=write_fd,
                 stderr=write_fd,
                 close_fds=True,
-                pass_fds=plan.pass_fds,
+                pass_fds=(*plan.pass_fds, *plan.listen_fds),
                 start_new_session=True,
                 user=uid,
                 group=gid,
                 extra_groups=list(groups) if groups is not None else None,
-                preexec_fn=lambda: _child_setup(self._emperor_pid),  # noqa: PLW1509
+                preexec_fn=preexec,  # noqa: PLW1509
             )
         except FileNotFoundError as exc:
             missing = exc.filename if exc.filename else plan.argv[0]

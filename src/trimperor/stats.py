@@ -47,6 +47,16 @@ class VassalStats:
     uid: str | None = None
     gid: str | None = None
     on_demand: str = ""
+    sockets: tuple[tuple[str, str], ...] = ()
+    """(address, state): ``armed``, ``handed over`` or ``sleeping``."""
+    wakes: int = 0
+    last_wake: float | None = None
+    first_accept: float | None = None
+    """Seconds from the waking connection to the vassal's first accept (TCP)."""
+    notify_ready: bool = False
+    """The vassal sent sd_notify's READY=1."""
+    notify_status: str | None = None
+    last_watchdog: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +119,7 @@ def vassal_doc(v: VassalStats) -> dict[str, object]:
     }
     for key, value in asdict(v).items():
         doc.setdefault(key, value)
+    doc["sockets"] = [{"address": a, "state": st} for a, st in v.sockets]
     return doc
 
 

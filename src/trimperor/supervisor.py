@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -24,11 +24,13 @@ import trio
 from trimperor.abc import LaunchPlan, Process, Spawner
 from trimperor.errors import SpawnError
 from trimperor.lifecycle import Act, Ev, State, step
+from trimperor.notify import NotifyListener
 from trimperor.policy import Backoff, BackoffPolicy
+from trimperor.sockets import ConnectionTable, HeldSocket, bind
 from trimperor.stats import VassalStats
 from trimperor.uwsgi import UwsgiChannel, UwsgiOptions
 from trimperor.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
-from trimperor.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
+from trimperor.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
 
 __all__ = ["Supervisor", "native_plan"]
 
@@ -82,6 +84,7 @@ class Supervisor:
         plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan] | None = None,
         jitter: Callable[[], float] = random.random,
         uwsgi: UwsgiOptions | None = None,
+        connections: ConnectionTable | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -113,6 +116,18 @@ class Supervisor:
         self.last_returncode: int | None = None
         self.last_error: str | None = None
         self.finished = trio.Event()
+        # on demand
+        self._held: dict[SocketSpec, HeldSocket] = {}
+        self._connections = connections or ConnectionTable()
+        self._arm_gen = 0
+        self.wakes = 0
+        self.first_accept: float | None = None
+        """Seconds from the waking connection to the vassal's first accept (TCP)."""
+        # sd_notify
+        self._notify: NotifyListener | None = None
+        self.notify_ready = False
+        self.notify_status: str | None = None
+        self.last_watchdog: float | None = None
 
     # -- commands (called by the emperor, never block) ----------------------
 
@@ -166,7 +181,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await self._dispatch(_Post(Ev.TIMER, self._timer_gen))
+                if self._bind_sockets():
+                    first = Ev.REARM if self.spec.on_demand else Ev.TIMER
+                    await self._dispatch(_Post(first, self._timer_gen))
+                else:
+                    await self._dispatch(_Post(Ev.SPAWN_FAILED))
                 async with self._recv:
                     async for post in self._recv:
                         await self._dispatch(post)
@@ -184,6 +203,12 @@ class Supervisor:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+            if self._notify is not None:
+                self._notify.close()
+                self._notify = None
+            for held in self._held.values():
+                held.close()
+            self._held.clear()
             self.finished.set()
             log.info("vassal.finished name=%s", self.name)
 
@@ -191,8 +216,10 @@ class Supervisor:
         ev = post.event
         if ev is Ev.EXITED and post.payload is not self._proc:
             return  # a process we already forgot
-        if ev is Ev.TIMER and post.payload != self._timer_gen:
+        if ev in (Ev.TIMER, Ev.REARM) and post.payload != self._timer_gen:
             return  # a timer that was cancelled by a reset
+        if ev is Ev.WAKE and (post.payload != self._arm_gen or self.state is not State.ARMED):
+            return  # an old wake-up
         if ev is Ev.EXITED:
             self._record_exit(post.payload)
             if (
@@ -207,6 +234,9 @@ class Supervisor:
                 )
                 self.retired = True
                 ev = Ev.EXILED
+            elif self.state is State.RUNNING and self.spec.on_demand and self.last_returncode == 0:
+                log.info("vassal.asleep name=%s: exited by itself, sockets armed", self.name)
+                ev = Ev.SLEPT
         if ev is Ev.RETIRE:
             self.retired = True
         tr = step(self.state, ev)
@@ -249,6 +279,10 @@ class Supervisor:
             self._timer_gen += 1
             self.reloads += 1
         elif act is Act.TERMINATE:
+            if self.state is State.SLEEPING:
+                log.info("vassal.idle name=%s: putting it to sleep", self.name)
+                for held in self._held.values():
+                    held.state = "sleeping"
             self._terminate()
         elif act is Act.KILL:
             if self._proc is not None:
@@ -277,34 +311,69 @@ class Supervisor:
                 )
                 send = getattr(self._proc, "send", self._proc.signal_group)
                 send(sig)
+        elif act is Act.ARM:
+            self._arm()
+        elif act is Act.REBIND:
+            if not self._bind_sockets():
+                await self._dispatch(_Post(Ev.SPAWN_FAILED))
+            elif not self.spec.on_demand:
+                self._post(Ev.WAKE, self._arm_gen)
         elif act is Act.FINISH:
             pass
 
     async def _spawn(self) -> None:
         assert self._nursery is not None
         channel = None
+        notify = None
         try:
+            if not self._bind_sockets():
+                raise SpawnError(self.last_error or "cannot bind the sockets")
+            fds = tuple(self._held[s].fd for s in self.spec.sockets)
             if isinstance(self.spec, UwsgiSpec):
-                channel = UwsgiChannel(self.spec, self._uwsgi, self._environ)
+                channel = UwsgiChannel(
+                    self.spec, self._uwsgi, self._environ, stdin_fd=fds[0] if fds else None
+                )
                 plan = channel.plan
             else:
                 plan = self._plan_for(self.spec, self._environ)
+                notify = await NotifyListener.open()
+                env = dict(plan.env)
+                env["NOTIFY_SOCKET"] = notify.address
+                if self.spec.watchdog is not None:
+                    env["WATCHDOG_USEC"] = str(int(self.spec.watchdog * 1_000_000))
+                plan = replace(
+                    plan,
+                    env=tuple(env.items()),
+                    listen_fds=fds,
+                    listen_names=tuple(s.fd_name for s in self.spec.sockets),
+                )
             proc = await self._spawner.spawn(plan)
-        except SpawnError as exc:
+        except (SpawnError, OSError) as exc:
             if channel is not None:
                 channel.close()
+            if notify is not None:
+                notify.close()
             self.last_error = str(exc)
             log.error("vassal.spawn_failed name=%s error=%s", self.name, exc)
             await self._dispatch(_Post(Ev.SPAWN_FAILED))
             return
         self._proc = proc
         self.ready = self.accepting = self.loyal = False
-        self.last_heartbeat = None
+        self.last_heartbeat = self.last_watchdog = None
+        self.notify_ready, self.notify_status = False, None
+        for held in self._held.values():
+            held.state = "handed over"
+        if notify is not None:
+            self._notify = notify
+            self._nursery.start_soon(self._listen_notify, notify, proc)
+        if self.spec.idle is not None and self._held:
+            self._nursery.start_soon(self._watch_idle, proc, self.spec.idle)
         if channel is not None:
             channel.spawned()
             self._channel = channel
             self._nursery.start_soon(self._converse, channel, proc)
-        self._started_at = trio.current_time()
+        self._started_at = self._times["last_run"] = trio.current_time()
+        self._times.pop("cursed", None)
         self.restarts += 1
         self.last_error = None
         log.info("vassal.spawned name=%s pid=%s", self.name, proc.pid)
@@ -324,6 +393,9 @@ class Supervisor:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
 
@@ -334,7 +406,7 @@ class Supervisor:
 
         async def timer() -> None:
             await trio.sleep_until(when)
-            self._post(Ev.TIMER, gen)
+            self._post(Ev.REARM if self.spec.on_demand else Ev.TIMER, gen)
 
         self._nursery.start_soon(timer)
 
@@ -402,12 +474,136 @@ class Supervisor:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._watch_heartbeat, proc)
             elif byte == ToEmperor.IDLE:
-                log.info("vassal.idle name=%s: the vassal asked to stop", self.name)
-                self._post(Ev.RETIRE)
+                if self.spec.on_demand:
+                    log.info("vassal.idle name=%s: back to on-demand", self.name)
+                    self._post(Ev.IDLE)
+                else:
+                    log.info("vassal.idle name=%s: the vassal asked to stop", self.name)
+                    self._post(Ev.RETIRE)
             elif byte == ToEmperor.SOS:
                 log.info("vassal.sos name=%s: broodlord mode is not supported", self.name)
             else:
                 log.debug("vassal.message name=%s byte=%s", self.name, describe(byte))
+
+    # -- on demand ------------------------------------------------------------
+
+    def _bind_sockets(self) -> bool:
+        """Hold exactly the sockets of the current spec; False (and logged) on failure."""
+        wanted = set(self.spec.sockets)
+        for spec in list(self._held):
+            if spec not in wanted:
+                log.info("socket.closed name=%s address=%s", self.name, spec.address)
+                self._held.pop(spec).close()
+        for spec in self.spec.sockets:
+            if spec in self._held:
+                continue
+            try:
+                self._held[spec] = bind(spec, self.spec.uid, self.spec.gid)
+            except SpawnError as exc:
+                self.last_error = str(exc)
+                log.error("vassal.bind_failed name=%s error=%s", self.name, exc)
+                return False
+        return True
+
+    def _arm(self) -> None:
+        """Wait for the first connection on any held socket, without accepting it."""
+        assert self._nursery is not None
+        self._arm_gen += 1
+        gen = self._arm_gen
+        for held in self._held.values():
+            held.state = "armed"
+        log.info(
+            "vassal.armed name=%s sockets=%s",
+            self.name,
+            ",".join(h.spec.address for h in self._held.values()),
+        )
+
+        async def wait_for_connection(held: HeldSocket, done: trio.CancelScope) -> None:
+            await held.wait_readable()
+            if gen == self._arm_gen and self.state is State.ARMED:
+                self._wake(held)
+            done.cancel()
+
+        async def arm() -> None:
+            async with trio.open_nursery() as nursery:
+                for held in self._held.values():
+                    nursery.start_soon(wait_for_connection, held, nursery.cancel_scope)
+
+        self._nursery.start_soon(arm)
+
+    def _wake(self, held: HeldSocket) -> None:
+        assert self._nursery is not None
+        self.wakes += 1
+        self._times["last_wake"] = woke = trio.current_time()
+        log.info("vassal.wake name=%s address=%s", self.name, held.spec.address)
+        self._post(Ev.WAKE, self._arm_gen)
+        before = held.pending()
+        if before:
+            self._nursery.start_soon(self._time_first_accept, held, before, woke)
+
+    async def _time_first_accept(self, held: HeldSocket, before: int, woke: float) -> None:
+        """Time until the accept queue shrinks: the vassal's first accept (TCP only)."""
+        with trio.move_on_after(30):
+            while True:
+                pending = held.pending()
+                if pending is None or pending < before:
+                    self.first_accept = trio.current_time() - woke
+                    return
+                await trio.sleep(0.001)
+
+    async def _watch_idle(self, proc: Process, idle: float) -> None:
+        """Put the vassal to sleep after *idle* seconds without a client connection."""
+        step = min(1.0, idle / 4)
+        quiet_since: float | None = None
+        while proc is self._proc and self.state is State.RUNNING:
+            open_now = sum(self._connections.connections(h) for h in self._held.values())
+            open_now += sum(h.pending() or 0 for h in self._held.values())
+            now = trio.current_time()
+            if open_now:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= idle:
+                self._post(Ev.IDLE)
+                return
+            await trio.sleep(step)
+
+    # -- sd_notify ----------------------------------------------------------------
+
+    async def _listen_notify(self, notify: NotifyListener, proc: Process) -> None:
+        async for fields in notify.messages():
+            if proc is not self._proc:
+                return
+            if fields.get("READY") == "1" and not self.notify_ready:
+                self.notify_ready = True
+                log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+            if "STATUS" in fields:
+                self.notify_status = fields["STATUS"]
+            if fields.get("STOPPING") == "1":
+                log.info("vassal.stopping_notified name=%s pid=%s", self.name, proc.pid)
+            if fields.get("WATCHDOG") == "1" and self.spec.watchdog is not None:
+                first = self.last_watchdog is None
+                self.last_watchdog = trio.current_time()
+                if first:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._watch_watchdog, proc, self.spec.watchdog)
+            elif fields.get("WATCHDOG") == "trigger":
+                log.warning("vassal.watchdog_triggered name=%s pid=%s", self.name, proc.pid)
+                proc.signal_group(signal.SIGKILL)
+
+    async def _watch_watchdog(self, proc: Process, limit: float) -> None:
+        while proc is self._proc and self.last_watchdog is not None:
+            deadline = self.last_watchdog + limit
+            if trio.current_time() >= deadline:
+                log.warning(
+                    "vassal.watchdog_expired name=%s pid=%s: no WATCHDOG=1 for %ss, restarting it",
+                    self.name,
+                    proc.pid,
+                    limit,
+                )
+                proc.signal_group(signal.SIGKILL)
+                return
+            await trio.sleep_until(deadline)
 
     def _wall(self, key: str) -> float | None:
         t = self._times.get(key)
@@ -490,6 +686,16 @@ class Supervisor:
             cursed=self._wall("cursed") if self.state is State.STOPPING else None,
             uid=self.spec.uid,
             gid=self.spec.gid,
+            on_demand=",".join(s.address for s in self.spec.sockets) if self.spec.on_demand else "",
+            sockets=tuple((h.spec.address, h.state) for h in self._held.values()),
+            wakes=self.wakes,
+            last_wake=self._wall("last_wake"),
+            first_accept=self.first_accept,
+            notify_ready=self.notify_ready,
+            notify_status=self.notify_status,
+            last_watchdog=(
+                self.last_watchdog + self._wall_offset if self.last_watchdog is not None else None
+            ),
         )
 
 

@@ -22,11 +22,13 @@ __all__ = [
     "NATIVE_KEYS",
     "MagicContext",
     "NativeSpec",
+    "SocketSpec",
     "UwsgiSpec",
     "VassalSpec",
     "expand",
     "native_spec",
     "parse_signal",
+    "parse_socket",
 ]
 
 #: Keys a ``vassal`` section may hold; anything else is an error naming the key.
@@ -41,8 +43,71 @@ NATIVE_KEYS = frozenset(
         "stop-timeout",
         "reload-signal",
         "logto",
+        "socket",
+        "socket-mode",
+        "socket-owner",
+        "listen-backlog",
+        "on-demand",
+        "idle",
+        "watchdog",
     }
 )
+
+#: The default listen backlog (the kernel caps it at net.core.somaxconn).
+DEFAULT_BACKLOG = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSpec:
+    """A listening socket the emperor binds and holds for a vassal."""
+
+    address: str
+    """As written: ``host:port``, ``[v6]:port``, ``:port`` or a unix socket path."""
+    family: str
+    """``inet``, ``inet6`` or ``unix``."""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mode: int = 0o660
+    owner: str | None = None
+    group: str | None = None
+    backlog: int = DEFAULT_BACKLOG
+
+    @property
+    def fd_name(self) -> str:
+        """The name given in ``LISTEN_FDNAMES`` (no ``:`` allowed there)."""
+        return self.address.replace(":", "_")[:255] or "socket"
+
+
+def parse_socket(address: str, where: str = "socket") -> SocketSpec:
+    """``host:port``, ``[v6]:port``, ``:port`` (all interfaces) or a unix socket path."""
+    text = address.strip()
+    if not text:
+        raise ConfigError(f"{where}: empty socket address")
+    if text.startswith("/") or text.startswith("./") or ":" not in text:
+        if "\0" in text or len(os.fsencode(text)) > 107:
+            raise ConfigError(f"{where}: unix socket path {text!r} is too long or invalid")
+        return SocketSpec(address=text, family="unix", path=text)
+    host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: {address!r} needs a port number (host:port)")
+    port = int(port_text)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"{where}: {address!r}: unbalanced [ ] around the IPv6 address")
+        return SocketSpec(address=text, family="inet6", host=host[1:-1], port=port)
+    if ":" in host:
+        raise ConfigError(f"{where}: write IPv6 addresses in brackets: [{host}]:{port}")
+    return SocketSpec(address=text, family="inet", host=host or "0.0.0.0", port=port)
+
+
+def _bool(value: str, where: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"true", "yes", "on", "1"}:
+        return True
+    if lowered in {"false", "no", "off", "0", ""}:
+        return False
+    raise ConfigError(f"{where}: {value!r} is not true or false")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +126,24 @@ class NativeSpec:
     logto: str | None = None
     init_groups: bool = True
     """With ``uid``: take the user's supplementary groups (else none)."""
+    sockets: tuple[SocketSpec, ...] = ()
+    on_demand: bool = False
+    idle: float | None = None
+    watchdog: float | None = None
 
     kind = "native"
 
     def launch_key(self) -> tuple[object, ...]:
         """What the process was started with; if equal, a reload signal suffices."""
-        return (self.command, self.env, self.chdir, self.uid, self.gid, self.logto)
+        return (
+            self.command,
+            self.env,
+            self.chdir,
+            self.uid,
+            self.gid,
+            self.logto,
+            self.sockets,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +161,21 @@ class UwsgiSpec:
     uid: str | None = None
     gid: str | None = None
     init_groups: bool = True
+    sockets: tuple[SocketSpec, ...] = ()
+    """At most one: the on-demand socket, handed over as fd 0."""
 
     kind = "uwsgi"
 
+    @property
+    def on_demand(self) -> bool:
+        return bool(self.sockets)
+
+    idle: float | None = None
+    watchdog: float | None = None
+
     def launch_key(self) -> tuple[object, ...]:
         """What a reload in place cannot change."""
-        return (self.path is None, self.path, self.cwd, self.uid, self.gid)
+        return (self.path is None, self.path, self.cwd, self.uid, self.gid, self.sockets)
 
 
 VassalSpec = NativeSpec | UwsgiSpec
@@ -213,6 +299,17 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     reload_raw = one("reload-signal")
     reload_signal = parse_signal(reload_raw, f"{name}: reload-signal") if reload_raw else None
     stop_timeout = _seconds(one("stop-timeout") or "10", f"{name}: stop-timeout")
+    sockets = _sockets(name, section, ctx, environ, one)
+    on_demand = _bool(one("on-demand") or "false", f"{name}: on-demand")
+    if on_demand and not sockets:
+        raise ConfigError(f"{name}: on-demand needs at least one socket")
+    idle_raw, watchdog_raw = one("idle"), one("watchdog")
+    idle = _seconds(idle_raw, f"{name}: idle") if idle_raw else None
+    if idle is not None and not sockets:
+        raise ConfigError(f"{name}: idle needs a socket (it counts the socket's connections)")
+    watchdog = _seconds(watchdog_raw, f"{name}: watchdog") if watchdog_raw else None
+    if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
+        raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
     return NativeSpec(
         name=name,
         command=argv,
@@ -224,7 +321,46 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         stop_timeout=stop_timeout,
         reload_signal=reload_signal,
         logto=logto or None,
+        sockets=sockets,
+        on_demand=on_demand,
+        idle=idle,
+        watchdog=watchdog,
     )
+
+
+def _sockets(
+    name: str,
+    section: Section,
+    ctx: MagicContext,
+    environ: Mapping[str, str],
+    one: Callable[[str], str | None],
+) -> tuple[SocketSpec, ...]:
+    mode_raw = one("socket-mode")
+    try:
+        mode = int(mode_raw, 8) if mode_raw else 0o660
+    except ValueError:
+        raise ConfigError(f"{name}: socket-mode {mode_raw!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{name}: socket-mode {mode_raw!r} is not a file mode")
+    owner_raw = one("socket-owner")
+    owner = group = None
+    if owner_raw:
+        owner, _, group_part = owner_raw.partition(":")
+        group = group_part or None
+    backlog_raw = one("listen-backlog")
+    if backlog_raw is not None and (not backlog_raw.isdigit() or int(backlog_raw) < 1):
+        raise ConfigError(f"{name}: listen-backlog {backlog_raw!r} is not a positive number")
+    backlog = int(backlog_raw) if backlog_raw else DEFAULT_BACKLOG
+    specs = []
+    seen: set[str] = set()
+    for raw in section.get_all("socket"):
+        address = expand(raw, ctx, environ, f"{name}: socket")
+        spec = parse_socket(address, f"{name}: socket")
+        if spec.address in seen:
+            raise ConfigError(f"{name}: socket {spec.address!r} is listed twice")
+        seen.add(spec.address)
+        specs.append(replace(spec, mode=mode, owner=owner or None, group=group, backlog=backlog))
+    return tuple(specs)
 
 
 def tyrant(
@@ -280,9 +416,13 @@ def build_spec(
         cwd = os.path.dirname(os.path.abspath(doc.path))
     else:
         cwd = os.getcwd()
+    sockets: tuple[SocketSpec, ...] = ()
+    if doc.socket:  # an empty value means "not on demand" (uWSGI would bind "")
+        sockets = (replace(parse_socket(doc.socket, f"{doc.name}: socket"), mode=0o666),)
     return UwsgiSpec(
         name=doc.name,
         path=os.path.abspath(doc.path) if doc.path is not None else None,
         text=doc.text,
         cwd=cwd,
+        sockets=sockets,
     )

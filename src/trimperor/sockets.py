@@ -1,0 +1,168 @@
+"""Listening sockets the emperor binds and holds for its vassals.
+
+The emperor binds a vassal's sockets when its configuration appears and keeps
+them open for the vassal's whole life, across restarts, reloads and sleeps. A
+vassal gets duplicates; connections that arrive while no process is there
+wait in the backlog instead of being refused. The emperor never accepts a
+connection itself.
+
+Idle detection counts the connections of a socket from the kernel's tables
+(``/proc/net/tcp``, ``tcp6``, ``unix``), so it works for servers that never
+report anything (gunicorn, uvicorn), and nothing is proxied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+
+import trio
+
+from trimperor.errors import SpawnError
+from trimperor.spawner import resolve_ids
+from trimperor.vassalspec import SocketSpec
+
+__all__ = ["ConnectionTable", "HeldSocket", "bind"]
+
+log = logging.getLogger(__name__)
+
+_TCP_INFO_UNACKED = struct.Struct("B" * 8 + "I" * 5)  # up to tcpi_unacked
+_TCP_LISTEN = "0A"
+_TCP_ESTABLISHED = "01"
+_TCP_CLOSE_WAIT = "08"
+_UNIX_CONNECTED = "03"
+
+
+class HeldSocket:
+    """One bound, listening socket owned by the emperor."""
+
+    def __init__(self, spec: SocketSpec, sock: socket.socket) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.state = "armed"
+        """``armed`` (no process; a connection wakes the vassal), ``handed over``
+        (a process has it), ``sleeping`` (the vassal is being put to sleep)."""
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    def local_port(self) -> int:
+        if self.spec.family == "unix":
+            return 0
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def pending(self) -> int | None:
+        """Connections waiting in the accept queue (TCP only; None if unknown)."""
+        if self.spec.family == "unix":
+            return None
+        try:
+            raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        if len(raw) < _TCP_INFO_UNACKED.size:
+            return None
+        fields = _TCP_INFO_UNACKED.unpack_from(raw)
+        unacked: int = fields[-1]  # for a listening socket: the accept queue length
+        return unacked
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        if self.spec.family == "unix":
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self.spec.path).st_mode):
+                    os.unlink(self.spec.path)
+
+
+def bind(spec: SocketSpec, user: str | None = None, group: str | None = None) -> HeldSocket:
+    """Bind and listen. Raises SpawnError with a message naming the address."""
+    family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+    sock = socket.socket(family[spec.family], socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if spec.family == "unix":
+            _bind_unix(sock, spec, user, group)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.family == "inet6":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.host, spec.port))
+        sock.listen(spec.backlog)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        raise SpawnError(f"cannot bind {spec.address}: {reason}") from None
+    log.info("socket.bound address=%s fd=%d", spec.address, sock.fileno())
+    return HeldSocket(spec, sock)
+
+
+def _bind_unix(sock: socket.socket, spec: SocketSpec, user: str | None, group: str | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
+            os.unlink(spec.path)  # a stale socket from an earlier run
+    sock.bind(spec.path)
+    os.chmod(spec.path, spec.mode)
+    owner, owner_group = spec.owner or user, spec.group or group
+    if owner is not None or owner_group is not None:
+        uid, gid, _ = resolve_ids(owner, owner_group, init_groups=False)
+        os.chown(spec.path, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+class ConnectionTable:
+    """Open client connections per listening socket, read from ``/proc/net``.
+
+    One read serves every vassal asking within ``max_age`` seconds, so that a
+    host with thousands of sleeping sites does not read the tables thousands
+    of times.
+    """
+
+    def __init__(self, max_age: float = 0.5, proc: str = "/proc/net") -> None:
+        self._max_age = max_age
+        self._proc = proc
+        self._read_at = -1e9
+        self._tcp: dict[int, int] = {}
+        self._unix: dict[str, int] = {}
+
+    def connections(self, held: HeldSocket) -> int:
+        now = trio.current_time()
+        if now - self._read_at > self._max_age:
+            self._tcp, self._unix = self._read()
+            self._read_at = now
+        if held.spec.family == "unix":
+            return self._unix.get(held.spec.path, 0)
+        return self._tcp.get(held.local_port(), 0)
+
+    def _read(self) -> tuple[dict[int, int], dict[str, int]]:
+        tcp: dict[int, int] = {}
+        for name in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError), open(f"{self._proc}/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 4 or parts[3] not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
+                        continue
+                    port = int(parts[1].rpartition(":")[2], 16)
+                    tcp[port] = tcp.get(port, 0) + 1
+        unix: dict[str, int] = {}
+        with contextlib.suppress(OSError), open(f"{self._proc}/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                # Num RefCount Protocol Flags Type St Inode Path
+                if len(parts) >= 8 and parts[5] == _UNIX_CONNECTED:
+                    path = parts[7]
+                    unix[path] = unix.get(path, 0) + 1
+        return tcp, unix
