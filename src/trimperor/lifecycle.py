@@ -114,6 +114,7 @@ TABLE: dict[tuple[State, Ev], Transition] = {
     (S.STOPPING, E.KILL): T(S.STOPPING, (A.KILL,)),
     # on demand
     (S.WAITING, E.REARM): T(S.ARMED, (A.ARM,)),
+    (S.WAITING, E.SPAWN_FAILED): T(S.WAITING, (A.SCHEDULE,)),
     (S.ARMED, E.WAKE): T(S.RUNNING, (A.SPAWN,)),
     (S.ARMED, E.SPAWN_FAILED): T(S.WAITING, (A.SCHEDULE,)),
     (S.ARMED, E.RESTART): T(S.ARMED, (A.RESET_BACKOFF, A.REBIND)),

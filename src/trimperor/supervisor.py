@@ -120,6 +120,7 @@ class Supervisor:
         self._held: dict[SocketSpec, HeldSocket] = {}
         self._connections = connections or ConnectionTable()
         self._arm_gen = 0
+        self._arm_scope: trio.CancelScope | None = None
         self.wakes = 0
         self.first_accept: float | None = None
         """Seconds from the waking connection to the vassal's first accept (TCP)."""
@@ -312,12 +313,18 @@ class Supervisor:
                 send = getattr(self._proc, "send", self._proc.signal_group)
                 send(sig)
         elif act is Act.ARM:
-            self._arm()
+            if self._bind_sockets():
+                self._arm()
+            else:
+                await self._dispatch(_Post(Ev.SPAWN_FAILED))
         elif act is Act.REBIND:
+            self._disarm()
             if not self._bind_sockets():
                 await self._dispatch(_Post(Ev.SPAWN_FAILED))
             elif not self.spec.on_demand:
                 self._post(Ev.WAKE, self._arm_gen)
+            else:
+                self._arm()
         elif act is Act.FINISH:
             pass
 
@@ -508,6 +515,7 @@ class Supervisor:
     def _arm(self) -> None:
         """Wait for the first connection on any held socket, without accepting it."""
         assert self._nursery is not None
+        self._disarm()
         self._arm_gen += 1
         gen = self._arm_gen
         for held in self._held.values():
@@ -517,19 +525,29 @@ class Supervisor:
             self.name,
             ",".join(h.spec.address for h in self._held.values()),
         )
+        scope = self._arm_scope = trio.CancelScope()
 
-        async def wait_for_connection(held: HeldSocket, done: trio.CancelScope) -> None:
-            await held.wait_readable()
+        async def wait_for_connection(held: HeldSocket) -> None:
+            try:
+                await held.wait_readable()
+            except trio.ClosedResourceError:
+                return  # rebound meanwhile; a new arming is under way
             if gen == self._arm_gen and self.state is State.ARMED:
+                scope.cancel()
                 self._wake(held)
-            done.cancel()
 
         async def arm() -> None:
-            async with trio.open_nursery() as nursery:
-                for held in self._held.values():
-                    nursery.start_soon(wait_for_connection, held, nursery.cancel_scope)
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for held in list(self._held.values()):
+                        nursery.start_soon(wait_for_connection, held)
 
         self._nursery.start_soon(arm)
+
+    def _disarm(self) -> None:
+        if self._arm_scope is not None:
+            self._arm_scope.cancel()
+            self._arm_scope = None
 
     def _wake(self, held: HeldSocket) -> None:
         assert self._nursery is not None

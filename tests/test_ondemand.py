@@ -1,0 +1,324 @@
+"""On-demand vassals with real processes: held sockets, wake, idle, watchdog.
+
+The servers are real and unmodified: a plain Python socket server
+(tests/ondemand_server.py), gunicorn (LISTEN_FDS), uvicorn (--fd 3), uwsgi (fd 0).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import wait_for
+from trimperor.emperor import Emperor
+from trimperor.errors import ConfigError
+from trimperor.model import Upsert, VassalDocument
+from trimperor.policy import BackoffPolicy
+from trimperor.spawner import PosixSpawner
+from trimperor.supervisor import Supervisor
+from trimperor.testing import FakeMonitor
+from trimperor.uwsgi import UwsgiOptions
+from trimperor.vassalspec import parse_socket
+
+SERVER = Path(__file__).with_name("ondemand_server.py")
+APPS = Path(__file__).resolve().parents[1] / "examples" / "apps"
+BIN = Path(sys.executable).parent
+
+
+# -- addresses (pure) ---------------------------------------------------------------
+
+
+def test_socket_address_forms() -> None:
+    def parts(address: str) -> tuple[str, str, int]:
+        s = parse_socket(address)
+        return s.family, s.host, s.port
+
+    assert parts("127.0.0.1:80") == ("inet", "127.0.0.1", 80)
+    assert parts(":8080") == ("inet", "0.0.0.0", 8080)
+    assert parts("[::1]:80") == ("inet6", "::1", 80)
+    unix = parse_socket("/run/app.sock")
+    assert (unix.family, unix.path) == ("unix", "/run/app.sock")
+    for bad, message in [("::1:80", "brackets"), ("host:http", "port"), ("[::1:80", "unbalanced")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_socket(bad)
+
+
+# -- a small world ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def fetch(address: str) -> int:
+    """Connect, read the server's answer (its pid) until EOF."""
+    if address.startswith("/"):
+        stream: trio.abc.Stream = await trio.open_unix_socket(address)
+    else:
+        host, _, port = address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+    data = b""
+    async with stream:
+        while chunk := await stream.receive_some():
+            data += chunk
+    return int(data)
+
+
+async def http_get(address: str, path: str = "/") -> str:
+    host, _, port = address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    data = b""
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def vassal(address: str, *extra: str) -> str:
+    lines = [
+        "[vassal]",
+        f"command = {sys.executable} {SERVER}",
+        f"socket = {address}",
+        "stop-timeout = 5",
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class World:
+    def __init__(self, emperor: Emperor, source: FakeMonitor) -> None:
+        self.emperor = emperor
+        self.source = source
+        self.versions = 0
+
+    async def put(self, name: str, text: str) -> Supervisor:
+        self.versions += 1
+        await self.source.send(Upsert(VassalDocument(name, "fake://", str(self.versions), text)))
+        await wait_for(lambda: self.emperor.supervisor(name) is not None)
+        sup = self.emperor.supervisor(name)
+        assert sup is not None
+        return sup
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    source = FakeMonitor("fake://")
+    emperor = Emperor(
+        [source],
+        spawner=PosixSpawner(),
+        policy=BackoffPolicy(throttle=0.05, max_throttle=0.5),
+        uwsgi=UwsgiOptions(binary=str(BIN / "uwsgi")),
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(emperor.run)
+            yield World(emperor, source)
+            emperor.shutdown()
+
+
+def state(sup: Supervisor) -> str:
+    return sup.snapshot().state
+
+
+# -- behaviour ---------------------------------------------------------------------------
+
+pytestmark = pytest.mark.integration
+
+
+async def test_armed_until_the_first_connection(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    sup = await world.put("a.ini", vassal(address, "on-demand = true"))
+    await wait_for(lambda: state(sup) == "armed")
+    snap = sup.snapshot()
+    assert snap.pid is None and snap.wakes == 0
+    assert snap.sockets == ((address, "armed"),)
+    pid = await fetch(address)
+    snap = sup.snapshot()
+    assert snap.pid == pid and snap.wakes == 1 and snap.state == "running"
+    assert snap.sockets == ((address, "handed over"),)
+    assert await fetch(address) == pid  # the same process serves the next one
+
+
+async def test_unix_socket_mode_and_owner(world: World, tmp_path: Path) -> None:
+    path = str(tmp_path / "app.sock")
+    sup = await world.put("u.ini", vassal(path, "on-demand = true", "socket-mode = 600"))
+    await wait_for(lambda: state(sup) == "armed")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert await fetch(path) == sup.snapshot().pid
+
+
+async def test_fifty_concurrent_first_connections_all_succeed(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    sup = await world.put("c.ini", vassal(address, "on-demand = true"))
+    await wait_for(lambda: state(sup) == "armed")
+    pids: list[int] = []
+
+    async def one() -> None:
+        pids.append(await fetch(address))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+    assert len(pids) == 50
+    assert len(set(pids)) == 1
+    assert sup.snapshot().wakes == 1
+
+
+async def test_idle_sleep_and_wake_five_times(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    sup = await world.put("i.ini", vassal(address, "on-demand = true", "idle = 0.3"))
+    seen = set()
+    for cycle in range(5):
+        await wait_for(lambda: state(sup) == "armed")
+        seen.add(await fetch(address))
+        assert sup.snapshot().wakes == cycle + 1
+    assert len(seen) == 5
+    assert sup.snapshot().last_exit_code is not None or sup.snapshot().last_exit_signal
+
+
+async def test_exit_0_rearms_and_fds_stay_flat_over_100_cycles(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    sup = await world.put("x.ini", vassal(address, "on-demand = true", "env = EXIT_AFTER=1"))
+    await wait_for(lambda: state(sup) == "armed")
+    pids = {await fetch(address)}
+    await wait_for(lambda: state(sup) == "armed")
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(100):
+        pids.add(await fetch(address))
+        await wait_for(lambda: state(sup) == "armed")
+    assert len(pids) == 101
+    assert len(os.listdir("/proc/self/fd")) == fds
+    snap = sup.snapshot()
+    assert snap.backoff_attempt == 0  # a clean exit on demand is not a crash
+    assert snap.wakes == 101
+
+
+async def test_restart_under_load_refuses_no_connection(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    text = vassal(address)
+    sup = await world.put("l.ini", text)
+    await wait_for(lambda: state(sup) == "running")
+    results: list[int] = []
+    failures: list[BaseException] = []
+    done = trio.Event()
+
+    async def client() -> None:
+        while not done.is_set():
+            try:
+                results.append(await fetch(address))
+            except (OSError, ValueError) as exc:
+                failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(client)
+        for i in range(3):
+            await trio.sleep(0.3)
+            await world.put("l.ini", text + f"; restart {i}\n")
+        await wait_for(lambda: sup.restarts >= 3 and state(sup) == "running")
+        await trio.sleep(0.3)
+        done.set()
+    assert failures == []
+    assert len(set(results)) >= 4  # served by every generation of the process
+
+
+async def test_config_change_while_asleep_and_rebind(world: World) -> None:
+    old, new = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    sup = await world.put("r.ini", vassal(old, "on-demand = true"))
+    await wait_for(lambda: state(sup) == "armed")
+    await world.put("r.ini", vassal(new, "on-demand = true"))
+    await wait_for(lambda: sup.snapshot().sockets == ((new, "armed"),))
+    assert sup.snapshot().pid is None  # a change while asleep starts nothing
+    with pytest.raises(OSError):
+        await fetch(old)
+    assert await fetch(new) == sup.snapshot().pid
+
+
+async def test_bind_failure_is_that_vassals_problem_only(world: World) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = f"127.0.0.1:{blocker.getsockname()[1]}"
+    try:
+        bad = await world.put("bad.ini", vassal(taken, "on-demand = true"))
+        good_address = f"127.0.0.1:{free_port()}"
+        good = await world.put("good.ini", vassal(good_address, "on-demand = true"))
+        await wait_for(lambda: bad.snapshot().backoff_attempt >= 2)
+        assert f"cannot bind {taken}: address already in use" in (bad.snapshot().last_error or "")
+        assert await fetch(good_address) == good.snapshot().pid
+    finally:
+        blocker.close()
+    await wait_for(lambda: state(bad) == "armed", 10)
+
+
+async def test_watchdog_expiry_restarts_the_vassal(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    sup = await world.put("w.ini", vassal(address, "watchdog = 0.5", "env = WATCHDOG_PINGS=3"))
+    await wait_for(lambda: sup.snapshot().notify_ready)
+    first = sup.snapshot().pid
+    assert sup.snapshot().notify_status == "serving"
+    await wait_for(lambda: sup.snapshot().pid not in {None, first}, 20)
+    assert sup.snapshot().last_exit_signal == "SIGKILL"
+
+
+async def test_gunicorn_takes_listen_fds(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    text = (
+        "[vassal]\n"
+        f"command = {BIN / 'gunicorn'} --workers 2 hello:app\n"
+        f"chdir = {APPS}\n"
+        f"socket = {address}\n"
+        "on-demand = true\n"
+        "idle = 1\n"
+    )
+    sup = await world.put("g.ini", text)
+    for _ in range(2):
+        await wait_for(lambda: state(sup) == "armed", 20)
+        reply = await http_get(address)
+        assert " 200 " in reply.splitlines()[0] and "hello from pid" in reply
+
+
+async def test_uvicorn_takes_fd_3(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    text = (
+        "[vassal]\n"
+        f"command = {BIN / 'uvicorn'} --fd 3 clock:app\n"
+        f"chdir = {APPS}\n"
+        f"socket = {address}\n"
+        "on-demand = true\n"
+    )
+    sup = await world.put("v.ini", text)
+    await wait_for(lambda: state(sup) == "armed")
+    reply = await http_get(address)
+    assert " 200 " in reply.splitlines()[0]
+
+
+@pytest.mark.skipif(not (BIN / "uwsgi").exists(), reason="uwsgi is not installed")
+async def test_uwsgi_vassal_on_fd_0_goes_back_to_on_demand(world: World, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    text = (
+        "[uwsgi]\nmodule = werkzeug.testapp:test_app\nprotocol = http\nmaster = true\n"
+        "processes = 1\nidle = 1\ndie-on-idle = true\n"
+    )
+    world.versions += 1
+    doc = VassalDocument("u.ini", "fake://", str(world.versions), text, socket=address)
+    await world.source.send(Upsert(doc))
+    await wait_for(lambda: world.emperor.supervisor("u.ini") is not None)
+    sup = world.emperor.supervisor("u.ini")
+    assert sup is not None
+    for cycle in range(2):
+        await wait_for(lambda: state(sup) == "armed", 30)
+        reply = await http_get(address)
+        assert " 200 " in reply.splitlines()[0]
+        assert sup.snapshot().wakes == cycle + 1
