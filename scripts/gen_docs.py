@@ -37,7 +37,7 @@ def main(check: bool) -> int:
         if not pattern.search(text):
             print(f"{path}: missing <!-- generated:{key} --> markers", file=sys.stderr)
             return 1
-        new = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        new = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
         if new != text:
             stale.append(str(path))
             if not check:

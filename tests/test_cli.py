@@ -252,3 +252,73 @@ async def test_stats_on_a_unix_socket(
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0
     assert not sock_path.exists()
+
+
+def test_every_option_and_its_uwsgi_spelling_reaches_the_emperor(tmp_path: Path) -> None:
+    """Builds everything main() builds; the source then fails at start (exit 1)."""
+    (tmp_path / "file").write_text("")
+    args = [
+        "--emperor-throttle",
+        "10",
+        "--emperor-max-throttle",
+        "100",
+        "--loyal-after",
+        "1",
+        "--reload-mercy",
+        "5",
+        "--emperor-freq",
+        "1",
+        "--emperor-nofollow",
+        "--emperor-extra-extension",
+        "cfg",
+        "--emperor-on-demand-extension",
+        ".sock",
+        "--emperor-on-demand-directory",
+        str(tmp_path),
+        "--max-config-size",
+        "100",
+        "--amqp-exchange",
+        "x",
+        "--emperor-tyrant",
+        "--emperor-tyrant-initgroups",
+        "--binary-path",
+        "/usr/bin/uwsgi",
+        "--vassal-set",
+        "a=1",
+        "--vassals-include",
+        "i",
+        "--vassals-include-before",
+        "ib",
+        "--vassals-inherit",
+        "t",
+        "--vassals-inherit-before",
+        "tb",
+        "--emperor-graceful-shutdown",
+        "--emperor-curse-tolerance",
+        "3",
+        "--emperor-required-heartbeat",
+        "4",
+        "--emperor-stats",
+        str(tmp_path / "s.sock"),
+        "--emperor-pidfile",
+        str(tmp_path / "pid"),
+        "--log-level",
+        "error",
+        "--emperor",
+        f"dir://{tmp_path / 'file'}",
+    ]
+    assert cli.main(args) == 1
+    assert (tmp_path / "pid").read_text().strip() == str(os.getpid())
+
+
+def test_ini_file_supplies_emperor_options(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    ini = tmp_path / "emperor.ini"
+    ini.write_text(
+        f"[uwsgi]\nemperor = dir://{tmp_path / 'file'}\nemperor-freq = 2\n"
+        f"emperor-pidfile = {tmp_path / 'pid'}\nemperor-tyrant = true\n"
+    )
+    assert cli.main(["--ini", str(ini)]) == 1  # got as far as the (broken) source
+    assert (tmp_path / "pid").exists()
+    ini.write_text("[other]\nx = 1\n")
+    assert cli.main(["--ini", str(ini)]) == 2

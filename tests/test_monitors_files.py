@@ -550,3 +550,23 @@ def test_watch_target(tmp_path: Path) -> None:
     escaped = files._watch_target(os.path.join(glob.escape(f"{tmp_path}/a[1]*"), "*"))
     assert escaped is not None
     assert (escaped.path, escaped.recursive) == (f"{tmp_path}/a[1]*", False)
+
+
+def test_on_demand_socket_discovery(tmp_path: Path) -> None:
+
+    conf = tmp_path / "app.ini"
+    conf.write_text("[uwsgi]\n")
+    doc = VassalDocument("app.ini", "dir://x", "1", "[uwsgi]\n", path=str(conf))
+    _with_socket = files._with_socket
+    assert _with_socket(doc, MonitorOptions()) is doc
+    by_dir = _with_socket(doc, MonitorOptions(on_demand_directory="/run/od"))
+    assert by_dir.socket == "/run/od/app.socket"
+    assert by_dir.version == "1:/run/od/app.socket"
+    (tmp_path / "app.ini.sock").write_bytes(b"127.0.0.1:9000\nignored")
+    by_ext = _with_socket(doc, MonitorOptions(on_demand_extension=".sock"))
+    assert by_ext.socket == "127.0.0.1:9000"
+    # the side file wins over the directory, and an empty one means none
+    both = MonitorOptions(on_demand_extension=".sock", on_demand_directory="/run/od")
+    assert _with_socket(doc, both).socket == "127.0.0.1:9000"
+    (tmp_path / "app.ini.sock").write_bytes(b"")
+    assert _with_socket(doc, MonitorOptions(on_demand_extension=".sock")) is doc

@@ -28,6 +28,10 @@ class MonitorOptions:
     max_config_size: int = 64 * 1024
     """Remote sources ignore (and log) configurations larger than this, in bytes."""
     amqp_exchange: str = "uwsgi.emperor"
+    on_demand_extension: str | None = None
+    """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
+    on_demand_directory: str | None = None
+    """File vassals: the on-demand socket is ``DIR/<name without extension>.socket``."""
 
 
 class Monitor(Protocol):

@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also accept files ending in EXT (parsed as INI); repeatable",
     )
     g.add_argument(
+        "--on-demand-extension",
+        "--emperor-on-demand-extension",
+        metavar="EXT",
+        help="file vassals: read the on-demand socket from the file NAME+EXT",
+    )
+    g.add_argument(
+        "--on-demand-directory",
+        "--emperor-on-demand-directory",
+        metavar="DIR",
+        help="file vassals: on-demand unix socket DIR/<name>.socket",
+    )
+    g.add_argument(
         "--max-config-size",
         type=int,
         default=64 * 1024,
@@ -367,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             follow_symlinks=not args.nofollow,
             extra_extensions=tuple(args.extra_extension),
             max_config_size=args.max_config_size,
+            on_demand_extension=args.on_demand_extension,
+            on_demand_directory=(
+                os.path.abspath(args.on_demand_directory) if args.on_demand_directory else None
+            ),
             amqp_exchange=args.amqp_exchange,
         )
         if expanded_by_shell(sources):

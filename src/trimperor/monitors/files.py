@@ -45,7 +45,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 import trio
@@ -130,6 +130,31 @@ def _load(
         uid=st.st_uid,
         gid=st.st_gid,
     )
+
+
+def _with_socket(doc: VassalDocument, options: MonitorOptions) -> VassalDocument:
+    """uWSGI's on-demand socket discovery for file vassals; blocking.
+
+    ``--on-demand-extension EXT``: the first line of the file ``NAME + EXT`` next
+    to the configuration; else ``--on-demand-directory DIR``: the unix socket
+    ``DIR/<name without extension>.socket``. The socket is part of the version,
+    so that a change of it is acted on.
+    """
+    socket = None
+    if options.on_demand_extension and doc.path is not None:
+        try:
+            with open(doc.path + options.on_demand_extension, "rb") as f:
+                raw = f.read(4096)
+        except OSError:
+            raw = b""
+        cut = next((i for i, b in enumerate(raw) if b < 32), len(raw))
+        socket = raw[:cut].decode(errors="replace") or None
+    if socket is None and options.on_demand_directory:
+        stem = os.path.splitext(os.path.basename(doc.name))[0]
+        socket = os.path.join(options.on_demand_directory, stem + ".socket")
+    if socket is None:
+        return doc
+    return replace(doc, socket=socket, version=f"{doc.version}:{socket}")
 
 
 def _read(path: str) -> tuple[os.stat_result, bytes] | None:
@@ -318,7 +343,7 @@ class _FileMonitor:
         for name, path in self._candidates():
             doc = _load(name, path, self.uri, self._options.follow_symlinks, cache)
             if doc is not None:
-                docs[name] = doc
+                docs[name] = _with_socket(doc, self._options)
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
         return tuple(docs[name] for name in sorted(docs)), fresh
 
