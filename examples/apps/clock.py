@@ -15,6 +15,11 @@ async def app(
     if scope["type"] != "http":
         return
     body = time.strftime("%Y-%m-%d %H:%M:%S\n").encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -9,25 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
-running = True
-
-
-def stop(signum: int, frame: object) -> None:
-    global running
-    running = False
-
-
-signal.signal(signal.SIGTERM, stop)
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
 interval = float(os.environ.get("INTERVAL", "5"))
 done = 0
 print(f"worker {os.getpid()} started, one job every {interval}s", flush=True)
-while running:
+while not stopping.is_set():
     done += 1
     print(f"job {done} done", flush=True)
     deadline = time.monotonic() + interval
-    while running and time.monotonic() < deadline:
-        time.sleep(0.1)
+    stopping.wait(max(0.0, deadline - time.monotonic()))
 print(f"worker stopping after {done} jobs", flush=True)
 sys.exit(0)
