@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from trimperor.cli import build_parser
@@ -26,6 +27,10 @@ def blocks() -> dict[tuple[str, str], str]:
     }
 
 
+def _replacement(body: str) -> Callable[[re.Match[str]], str]:
+    return lambda m: m.group(1) + body + "\n" + m.group(2)
+
+
 def main(check: bool) -> int:
     stale = []
     for (name, key), body in blocks().items():
@@ -37,7 +42,7 @@ def main(check: bool) -> int:
         if not pattern.search(text):
             print(f"{path}: missing <!-- generated:{key} --> markers", file=sys.stderr)
             return 1
-        new = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        new = pattern.sub(_replacement(body), text)
         if new != text:
             stale.append(str(path))
             if not check:
