@@ -4,6 +4,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import trio.testing
 
 
 def _children() -> set[int]:
@@ -34,3 +35,11 @@ def no_leaks() -> Iterator[None]:
     assert not leaked_fds, "file descriptors leaked: " + ", ".join(
         f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in sorted(leaked_fds)
     )
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only once the test's own ``wait_all_tasks_blocked()``
+    (cushion 0) has had its turn: with a threshold of exactly 0 the two race, and
+    which one wins differs between Python versions."""
+    return trio.testing.MockClock(autojump_threshold=0.001)

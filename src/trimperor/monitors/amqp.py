@@ -1,0 +1,562 @@
+"""The ``amqp://`` source: vassals announced on an AMQP fanout exchange.
+
+``amqp://[user:password@]host[:port][/vhost]`` (defaults ``guest:guest``, port
+5672, vhost ``/``; ``%2F`` and friends are percent-decoded). The monitor
+declares the fanout exchange ``--amqp-exchange`` (``uwsgi.emperor``), binds an
+exclusive, auto-delete, server-named queue to it and consumes with manual
+acknowledgements: a message is acknowledged once the event it produced was
+handed to the emperor. Every emperor has its own queue, so every emperor
+subscribed to the exchange acts on every message.
+
+What a message means:
+
+* **With a routing key**: the key is the vassal name and the body its
+  configuration; an empty body removes the vassal.
+* **Without one**, the body is either the absolute path of a configuration
+  file (the vassal is named after the file; a missing file removes it) or an
+  ``http://``/``https://`` URL whose last path segment is the vassal name (any
+  answer but 200 removes it; a timeout or connection error changes nothing).
+
+Every message that touches a name gets a new document version, so a
+re-published message reloads the vassal. Files named by a message are also
+checked every ``--freq`` seconds: a deleted file removes its vassal. Invalid
+messages are logged (``source.bad_message``), acknowledged and ignored.
+
+The broker is consumed with pika's ``BlockingConnection`` in a worker thread
+(pika is the driver the uWSGI documentation uses, and it is maintained by the
+RabbitMQ team). Each delivery re-enters Trio with :func:`trio.from_thread.run`
+and is handled there, one at a time and in order. Cancellation asks the thread
+to stop through :meth:`BlockingConnection.add_callback_threadsafe`, the one
+thread-safe entry point pika has, and waits for it; only a connection attempt
+in progress delays that, by at most its timeout (:data:`CONNECT_TIMEOUT`).
+
+A lost connection leaves every vassal running: the monitor retries with
+backoff and, once subscribed again, acts on new messages. Nothing that was
+published meanwhile is replayed (the queue went away with the connection), and
+nothing is removed on reconnect.
+
+pika logs every failed connection attempt at ERROR with a traceback; this
+module turns the ``pika`` logger down to CRITICAL unless its level was set
+already, and logs one ``source.retrying`` line per attempt instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from trimperor.abc import MonitorOptions
+from trimperor.errors import MissingExtraError, UsageError
+from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
+from trimperor.monitors.remote import SourceStatus, check_document, redact
+
+try:
+    import httpx
+    import pika
+    import pika.exceptions
+except ImportError as exc:
+    raise MissingExtraError("amqp", "amqp", exc.name or "pika") from exc
+
+if TYPE_CHECKING:
+    from trimperor.abc import MonitorFactory
+
+__all__ = ["AmqpAddress", "AmqpMonitor", "parse_uri"]
+
+log = logging.getLogger(__name__)
+
+_pika_log = logging.getLogger("pika")
+if _pika_log.level == logging.NOTSET:
+    _pika_log.setLevel(logging.CRITICAL)
+
+#: Seconds a connection attempt may take (TCP connect, then the AMQP handshake).
+CONNECT_TIMEOUT = 10.0
+#: Seconds an HTTP fetch may take, per network operation.
+HTTP_TIMEOUT = 10.0
+#: Deliveries the broker may send ahead of the acknowledgements.
+PREFETCH = 32
+#: The longest path or URL a body without routing key may hold.
+MAX_LOCATOR = 4096
+#: How much of an untrusted string a log line quotes.
+_LOG_CHARS = 200
+
+_BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+# -- the URI ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpAddress:
+    """Where the broker is, from an ``amqp://`` URI."""
+
+    host: str
+    port: int = 5672
+    user: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"
+
+
+def parse_uri(uri: str) -> AmqpAddress:
+    """``amqp://[user:password@]host[:port][/vhost]``; raises UsageError."""
+    parts = urlsplit(uri)
+    if parts.scheme != "amqp":
+        raise UsageError(f"not an amqp:// URI: {redact(uri)!r}")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{redact(uri)}: query strings and fragments are not supported")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"{redact(uri)}: bad port: {exc}") from None
+    if not parts.hostname:
+        raise UsageError(f"{redact(uri)}: no broker host")
+    vhost = unquote(parts.path[1:]) if parts.path else ""
+    return AmqpAddress(
+        host=parts.hostname,
+        port=port or 5672,
+        user=unquote(parts.username) if parts.username is not None else "guest",
+        password=unquote(parts.password) if parts.password is not None else "guest",
+        vhost=vhost or "/",
+    )
+
+
+# -- the consumer thread -------------------------------------------------------------
+
+
+class _Consumer:
+    """One broker connection, run by :meth:`run` in a worker thread.
+
+    *on_ready* (sync) and *on_message* (async, ``(routing_key, body)``) are
+    called in Trio. :meth:`stop` may be called from any thread, any number of
+    times; ``run`` then returns promptly.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        params: Any,
+        exchange: str,
+        on_ready: Callable[[str], None],
+        on_message: Callable[[str, bytes], Awaitable[None]],
+    ) -> None:
+        self._uri = uri
+        self._params = params
+        self._exchange = exchange
+        self._on_ready = on_ready
+        self._on_message = on_message
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            connection = self._connection
+        if connection is not None:
+            # Closed already: the thread is on its way out.
+            with suppress(pika.exceptions.AMQPError):
+                connection.add_callback_threadsafe(self._halt)
+
+    def _halt(self) -> None:
+        """In the pika thread: end ``start_consuming``."""
+        if self._channel is not None and self._channel.is_open:
+            self._channel.stop_consuming()
+
+    def run(self) -> None:
+        """Connect, subscribe, deliver until stopped; raises on a broker problem."""
+        connection = pika.BlockingConnection(self._params)
+        try:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._connection = connection
+            channel = self._declare_exchange(connection)
+            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            channel.queue_bind(queue, self._exchange)
+            channel.basic_qos(prefetch_count=PREFETCH)
+            channel.basic_consume(queue, self._deliver)
+            self._channel = channel
+            trio.from_thread.run_sync(self._on_ready, queue)
+            with self._lock:
+                if self._stopping:
+                    return
+            channel.start_consuming()
+        finally:
+            with self._lock:
+                self._connection = None
+            if connection.is_open:
+                with suppress(*_BROKER_ERRORS):  # it is going away either way
+                    connection.close()
+
+    def _declare_exchange(self, connection: Any) -> Any:
+        """Declare the fanout exchange as uWSGI does; use an existing one as it is.
+
+        A declaration whose flags differ from an existing exchange's (say, one
+        made durable by another program) fails with 406 PRECONDITION_FAILED and
+        closes the channel; a passive declaration on a new channel then only
+        checks that the exchange exists.
+        """
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(self._exchange, exchange_type="fanout")
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            log.info(
+                "source.exchange_exists uri=%s exchange=%s: declared with other flags; used as is",
+                self._uri,
+                self._exchange,
+            )
+            channel = connection.channel()
+            channel.exchange_declare(self._exchange, passive=True)
+        return channel
+
+    def _deliver(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """In the pika thread: hand one delivery to Trio, then acknowledge it."""
+        try:
+            trio.from_thread.run(self._on_message, method.routing_key or "", body)
+        except (trio.Cancelled, trio.RunFinishedError):
+            # Shutting down: leave it unacknowledged (the queue dies with us).
+            with self._lock:
+                self._stopping = True
+            channel.stop_consuming()
+            return
+        channel.basic_ack(method.delivery_tag)
+
+
+async def _stop_on_cancel(consumer: _Consumer) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        consumer.stop()
+
+
+# -- blocking file helpers (worker threads) --------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_file(path: str, limit: int) -> bytes | None:
+    """The contents of the regular file at *path*, None if there is none.
+
+    Raises :class:`_TooLarge` past *limit* bytes, OSError if it cannot be read.
+    """
+    try:
+        # O_NONBLOCK: a FIFO must not block the open; fstat() rejects it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _TooLarge
+    return data
+
+
+def _is_file(path: str) -> bool:
+    """False only when *path* is certainly not a regular file (any more)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True  # cannot tell (permissions, I/O): keep it
+
+
+def _gone(paths: dict[str, str]) -> list[str]:
+    return [name for name, path in paths.items() if not _is_file(path)]
+
+
+def _http_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=True)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + "..."
+
+
+# -- the monitor -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Owned:
+    """A name this monitor offered, and the file it came from (None: not a file)."""
+
+    version: str
+    path: str | None
+
+
+class AmqpMonitor:
+    """``amqp://[user:password@]host[:port][/vhost]``: vassals announced on a fanout exchange."""
+
+    def __init__(self, uri: str, options: MonitorOptions) -> None:
+        address = parse_uri(uri)
+        if not options.amqp_exchange:
+            raise UsageError("the AMQP exchange name must not be empty")
+        if not options.freq > 0:
+            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        self.uri = redact(uri)
+        self.address = address
+        self.status = SourceStatus(self.uri)
+        self.options = options
+        self._exchange = options.amqp_exchange
+        self._params = pika.ConnectionParameters(
+            host=address.host,
+            port=address.port,
+            virtual_host=address.vhost,
+            credentials=pika.PlainCredentials(address.user, address.password),
+            connection_attempts=1,
+            socket_timeout=CONNECT_TIMEOUT,
+            stack_timeout=CONNECT_TIMEOUT,
+            client_properties={"connection_name": f"trimperor {self.uri}"},
+        )
+        # What this monitor offered; it outlives a run, so that a restarted
+        # run can still remove what an earlier one added.
+        self.owned: dict[str, _Owned] = {}
+        self._versions = itertools.count(1)
+        # The consumer thread lives as long as the connection: give it its own
+        # token rather than hold one of Trio's default worker threads.
+        self._thread_limiter = trio.CapacityLimiter(1)
+
+    async def run(
+        self,
+        send: trio.MemorySendChannel[SourceEvent],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume the exchange until cancelled, reconnecting with backoff; closes *send*."""
+        async with send:
+            log.info("source.connecting uri=%s exchange=%s", self.uri, self._exchange)
+            task_status.started()
+            # Building a client loads the CA certificates: not in Trio's thread.
+            http = await trio.to_thread.run_sync(_http_client)
+            async with http, trio.open_nursery() as nursery:
+                handler = _Handler(self, send, http)
+                nursery.start_soon(handler.watch_files)
+                while True:
+                    error = await self._consume(handler.message)
+                    await self.status.backoff(error)
+
+    async def _consume(self, on_message: Callable[[str, bytes], Awaitable[None]]) -> str:
+        """One connection, until it is lost; returns what went wrong."""
+        consumer = _Consumer(self.uri, self._params, self._exchange, self._subscribed, on_message)
+        error = "the broker cancelled the subscription"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_cancel, consumer)
+            try:
+                await trio.to_thread.run_sync(consumer.run, limiter=self._thread_limiter)
+            except _BROKER_ERRORS as exc:
+                error = _short(f"{type(exc).__name__}: {exc}")
+            nursery.cancel_scope.cancel()
+        return error
+
+    def next_version(self) -> str:
+        """A version no earlier message had: every message is a change."""
+        return f"{next(self._versions)}@{time.time():.6f}"
+
+    def _subscribed(self, queue: str) -> None:
+        log.info("source.subscribed uri=%s exchange=%s queue=%s", self.uri, self._exchange, queue)
+        self.status.ok(len(self.owned))
+
+
+class _Handler:
+    """What one run does with messages and watched files; everything here runs in Trio.
+
+    Messages are handled one at a time, in order: the consumer thread waits
+    for each to finish before it acknowledges it and delivers the next.
+    """
+
+    def __init__(
+        self,
+        monitor: AmqpMonitor,
+        send: trio.MemorySendChannel[SourceEvent],
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._uri = monitor.uri
+        self._options = monitor.options
+        self._status = monitor.status
+        self._owned = monitor.owned
+        self._next_version = monitor.next_version
+        self._send = send
+        self._http = http
+
+    async def message(self, routing_key: str, body: bytes) -> None:
+        if routing_key:
+            await self._config(routing_key, body)
+        else:
+            await self._locator(body)
+        self._status.ok(len(self._owned))
+
+    async def watch_files(self) -> None:
+        """Every ``freq`` seconds, remove the vassals whose file was deleted."""
+        while True:
+            await trio.sleep(self._options.freq)
+            looked_at = dict(self._owned)
+            paths = {name: o.path for name, o in looked_at.items() if o.path is not None}
+            if not paths:
+                continue
+            for name in await trio.to_thread.run_sync(_gone, paths):
+                # Only if no message touched the name while we looked.
+                if self._owned.get(name) is looked_at[name]:
+                    log.info(
+                        "source.file_gone uri=%s name=%s path=%s", self._uri, name, paths[name]
+                    )
+                    await self._remove(name)
+
+    # -- the three kinds of message ----------------------------------------------------
+
+    async def _config(self, name: str, body: bytes) -> None:
+        """Routing key = name, body = configuration; an empty body removes."""
+        if not self._name_ok(name):
+            return
+        if not body:
+            await self._remove(name)
+            return
+        if len(body) > self._options.max_config_size:
+            self._bad(
+                f"configuration of {name!r} is {len(body)} bytes, over --max-config-size "
+                f"({self._options.max_config_size})"
+            )
+            return
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            self._bad(f"configuration of {name!r} is not UTF-8")
+            return
+        await self._upsert(VassalDocument(name, self._uri, self._next_version(), text))
+
+    async def _locator(self, body: bytes) -> None:
+        """No routing key: the body is an absolute path or an http(s) URL."""
+        if len(body) > MAX_LOCATOR:
+            self._bad(f"body of {len(body)} bytes without routing key")
+            return
+        try:
+            where = body.decode().strip()
+        except UnicodeDecodeError:
+            self._bad("body without routing key is not UTF-8")
+            return
+        if where.startswith(("http://", "https://")):
+            await self._fetch(where)
+        elif os.path.isabs(where) and "\0" not in where:
+            await self._read(where)
+        else:
+            self._bad(f"body {where!r} without routing key is neither an absolute path nor a URL")
+
+    async def _read(self, path: str) -> None:
+        name = os.path.basename(path)
+        if not self._name_ok(name):
+            return
+        limit = self._options.max_config_size
+        version = self._next_version()
+        try:
+            data = await trio.to_thread.run_sync(_read_file, path, limit)
+        except _TooLarge:
+            self._bad(f"{path} is over --max-config-size ({limit} bytes)")
+            return
+        except OSError as exc:
+            error = f"cannot read {path}: {exc.strerror or exc}"
+            await self._upsert(
+                VassalDocument(name, self._uri, version, None, path=path, error=error)
+            )
+            return
+        if data is None:
+            log.info("source.file_missing uri=%s path=%s", self._uri, path)
+            await self._remove(name)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            self._bad(f"{path} is not UTF-8")
+            return
+        await self._upsert(VassalDocument(name, self._uri, version, text, path=path))
+
+    async def _fetch(self, url: str) -> None:
+        shown = redact(url)
+        name = unquote(urlsplit(url).path.rpartition("/")[2])
+        if not self._name_ok(name):
+            return
+        limit = self._options.max_config_size
+        chunks: list[bytes] = []
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    log.info(
+                        "source.http_status uri=%s url=%s status=%d",
+                        self._uri,
+                        shown,
+                        response.status_code,
+                    )
+                    await self._remove(name)
+                    return
+                size = 0
+                # Stop reading past the limit by cancelling the read: returning
+                # from the loop would leave httpx's nested generators unfinished.
+                with trio.CancelScope() as reading:
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            reading.cancel()
+                        else:
+                            chunks.append(chunk)
+                if size > limit:
+                    self._bad(f"{shown} is over --max-config-size ({limit} bytes)")
+                    return
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            error = _short(f"{type(exc).__name__}: {exc}")
+            log.warning("source.http_failed uri=%s url=%s error=%s", self._uri, shown, error)
+            return
+        try:
+            text = b"".join(chunks).decode()
+        except UnicodeDecodeError:
+            self._bad(f"{shown} is not UTF-8")
+            return
+        await self._upsert(VassalDocument(name, self._uri, self._next_version(), text))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _bad(self, reason: str) -> None:
+        log.warning("source.bad_message uri=%s reason=%s", self._uri, _short(reason))
+
+    def _name_ok(self, name: str) -> bool:
+        problem = remote_name_problem(name, self._options.extra_extensions)
+        if problem is not None:
+            self._bad(problem)
+        return problem is None
+
+    async def _upsert(self, doc: VassalDocument) -> None:
+        problem = check_document(doc, self._options)
+        if problem is not None:
+            self._bad(problem)
+            return
+        log.info("source.upsert uri=%s name=%s version=%s", self._uri, doc.name, doc.version)
+        self._owned[doc.name] = _Owned(doc.version, doc.path)
+        await self._send.send(Upsert(doc))
+
+    async def _remove(self, name: str) -> None:
+        if self._owned.pop(name, None) is None:
+            log.info("source.remove_unknown uri=%s name=%s", self._uri, name)
+            return
+        log.info("source.remove uri=%s name=%s", self._uri, name)
+        await self._send.send(Remove(self._uri, name))
+
+
+if TYPE_CHECKING:
+    _factory: MonitorFactory = AmqpMonitor
