@@ -28,6 +28,7 @@ from trimperor.model import SourceEvent, VassalDocument
 from trimperor.notify import Notifier
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
+from trimperor.sockets import ConnectionTable
 from trimperor.spawner import resolve_ids
 from trimperor.stats import EmperorStats, SourceStats
 from trimperor.supervisor import Supervisor
@@ -102,6 +103,7 @@ class Emperor:
         self._vassals: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self._notifier = Notifier(self._environ)
+        self._connections = ConnectionTable()  # one read of /proc/net serves every vassal
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
@@ -284,6 +286,7 @@ class Emperor:
             self._policy,
             self._environ,
             uwsgi=self._uwsgi,
+            connections=self._connections,
         )
         self._sups[action.name] = sup
         self._notifier.status(self._status_line())
