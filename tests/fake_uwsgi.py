@@ -11,6 +11,7 @@ Scenario from $FAKE_SCENARIO:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import sys
@@ -31,6 +32,8 @@ def read_config(fd: int) -> bytes:
 
 
 def main() -> None:
+    # Like uwsgi's master, which reloads on SIGTERM: only the stop byte may end it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     scenario = os.environ["FAKE_SCENARIO"]
     with open(os.environ["FAKE_PIDFILE"] + ".tmp", "w") as f:
         f.write(str(os.getpid()))

@@ -422,18 +422,33 @@ class Supervisor:
         if proc is None:
             return
         assert self._nursery is not None
-        stop_signal = signal.SIGTERM
-        timeout = 10.0
-        if isinstance(self.spec, NativeSpec):
-            stop_signal, timeout = signal.Signals(self.spec.stop_signal), self.spec.stop_timeout
-        log.info(
-            "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
-            self.name,
-            proc.pid,
-            signal.Signals(stop_signal).name,
-            timeout,
-        )
-        proc.signal_group(stop_signal)
+        if self.state is State.STOPPING:
+            self._times["cursed"] = trio.current_time()
+        if self._channel is not None:
+            # uWSGI: the stop message; SIGTERM would make its master reload.
+            message = ToVassal.GRACEFUL_STOP if self._uwsgi.graceful_shutdown else ToVassal.STOP
+            timeout = self._uwsgi.curse_tolerance
+            log.info(
+                "vassal.stopping name=%s pid=%s message=%s timeout=%ss",
+                self.name,
+                proc.pid,
+                message.name,
+                timeout,
+            )
+            self._channel.send(message)
+        else:
+            stop_signal, timeout = signal.SIGTERM, 10.0
+            if isinstance(self.spec, NativeSpec):
+                stop_signal = signal.Signals(self.spec.stop_signal)
+                timeout = self.spec.stop_timeout
+            log.info(
+                "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
+                self.name,
+                proc.pid,
+                signal.Signals(stop_signal).name,
+                timeout,
+            )
+            proc.signal_group(stop_signal)
 
         async def escalate() -> None:
             await trio.sleep(timeout)
