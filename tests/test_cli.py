@@ -322,3 +322,20 @@ def test_ini_file_supplies_emperor_options(tmp_path: Path) -> None:
     assert (tmp_path / "pid").exists()
     ini.write_text("[other]\nx = 1\n")
     assert cli.main(["--ini", str(ini)]) == 2
+
+
+async def test_sigusr1_logs_status_and_sigurg_clears_backoff(
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
+) -> None:
+    # a vassal that dies at once: after a few deaths its backoff is long
+    write_atomic(vassals / "crash.ini", "[vassal]\ncommand = /bin/sh -c 'echo started; exit 3'\n")
+    emperor = emperor_factory([str(vassals), "--throttle", "1000", "--max-throttle", "60000"])
+    await wait_for(lambda: "attempt=3" in emperor.text())  # the next start is 4 s away
+    emperor.signal(signal.SIGUSR1)
+    await wait_for(lambda: "vassal.status name=crash.ini state=waiting" in emperor.text())
+    started = emperor.text().count("crash.ini| started")
+    emperor.signal(signal.SIGURG)
+    await wait_for(lambda: "emperor.clear_throttles" in emperor.text())
+    await wait_for(lambda: emperor.text().count("crash.ini| started") > started, 1.5)
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
