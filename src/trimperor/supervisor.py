@@ -494,7 +494,9 @@ class Supervisor:
                 self.last_heartbeat = trio.current_time()
                 if first:
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._watch_heartbeat, proc)
+                    self._nursery.start_soon(
+                        self._watch_deadline, proc, "heartbeat", self._uwsgi.required_heartbeat
+                    )
             elif byte == ToEmperor.IDLE:
                 if self.spec.on_demand:
                     log.info("vassal.idle name=%s: back to on-demand", self.name)
@@ -619,37 +621,30 @@ class Supervisor:
                 self.last_watchdog = trio.current_time()
                 if first:
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._watch_watchdog, proc, self.spec.watchdog)
+                    self._nursery.start_soon(
+                        self._watch_deadline, proc, "watchdog", self.spec.watchdog
+                    )
             elif fields.get("WATCHDOG") == "trigger":
                 log.warning("vassal.watchdog_triggered name=%s pid=%s", self.name, proc.pid)
                 proc.signal_group(signal.SIGKILL)
-
-    async def _watch_watchdog(self, proc: Process, limit: float) -> None:
-        while proc is self._proc and self.last_watchdog is not None:
-            deadline = self.last_watchdog + limit
-            if trio.current_time() >= deadline:
-                log.warning(
-                    "vassal.watchdog_expired name=%s pid=%s: no WATCHDOG=1 for %ss, restarting it",
-                    self.name,
-                    proc.pid,
-                    limit,
-                )
-                proc.signal_group(signal.SIGKILL)
-                return
-            await trio.sleep_until(deadline)
 
     def _wall(self, key: str) -> float | None:
         t = self._times.get(key)
         return None if t is None else t + self._wall_offset
 
-    async def _watch_heartbeat(self, proc: Process) -> None:
-        """After the first heartbeat, one must arrive every ``required_heartbeat`` s."""
-        limit = self._uwsgi.required_heartbeat
-        while proc is self._proc and self.last_heartbeat is not None:
-            deadline = self.last_heartbeat + limit
+    def _last(self, what: str) -> float | None:
+        return self.last_heartbeat if what == "heartbeat" else self.last_watchdog
+
+    async def _watch_deadline(self, proc: Process, what: str, limit: float) -> None:
+        """Once the first *what* (uWSGI heartbeat, sd_notify watchdog) arrived, one
+        must arrive every *limit* seconds, or the process group is killed (and
+        respawned with backoff)."""
+        while proc is self._proc and (seen := self._last(what)) is not None:
+            deadline = seen + limit
             if trio.current_time() >= deadline:
                 log.warning(
-                    "vassal.heartbeat_missed name=%s pid=%s: no heartbeat for %ss, killing it",
+                    "vassal.%s_missed name=%s pid=%s: none for %ss, killing it",
+                    what,
                     self.name,
                     proc.pid,
                     limit,
