@@ -320,6 +320,8 @@ def test_ini_file_supplies_emperor_options(tmp_path: Path) -> None:
     )
     assert cli.main(["--ini", str(ini)]) == 1  # got as far as the (broken) source
     assert (tmp_path / "pid").exists()
+    ini.write_text(f"[uwsgi]\nemperor = dir://{tmp_path / 'file'}\nmaster = true\nlogto = /tmp/x\n")
+    assert cli.main(["--ini", str(ini)]) == 1  # uWSGI's own options are skipped, not fatal
     ini.write_text("[other]\nx = 1\n")
     assert cli.main(["--ini", str(ini)]) == 2
 

@@ -112,3 +112,13 @@ def test_expand_never_raises_on_text_without_env_refs(text: str) -> None:
     out = expand(text, ctx, {}, "w")
     assert isinstance(out, str)
     assert expand(text.replace("%", "%%"), ctx, {}, "w") == text
+
+
+def test_in_memory_uwsgi_config_over_the_protocol_limit_is_refused() -> None:
+    text = "[uwsgi]\n" + "x = " + "y" * 65535 + "\n"
+    with pytest.raises(ConfigError, match="carries at most 65535"):
+        build_spec(VassalDocument("big.ini", "pg://", "1", text), ENV)
+    # a file vassal reads its file itself: no limit
+    assert isinstance(
+        build_spec(VassalDocument("big.ini", "dir://", "1", text, path="/v/b.ini"), ENV), UwsgiSpec
+    )

@@ -236,12 +236,22 @@ def ini_arguments(path: str) -> list[str]:
     section = options.section("trimperor") or options.section("uwsgi")
     if section is None:
         raise UsageError(f"{path}: no [trimperor] or [uwsgi] section")
-    flags = {
-        s for action in build_parser()._actions if action.nargs == 0 for s in action.option_strings
-    }
+    actions = build_parser()._actions
+    flags = {s for action in actions if action.nargs == 0 for s in action.option_strings}
+    known = {s for action in actions for s in action.option_strings}
     argv: list[str] = []
     for key, value in section.entries:
         option = f"--{key}"
+        if option not in known or option in {"--ini", "--help", "--version"}:
+            # An emperor.ini written for uWSGI holds options of uWSGI's own
+            # (master, uid, logto, ...): say so, and go on with the rest.
+            log.warning(
+                "cli.ini_option_ignored file=%s section=%s key=%s: not a trimperor option",
+                path,
+                section.name,
+                key,
+            )
+            continue
         if option in flags:
             if value.lower() in {"true", "1", "yes", "on"}:
                 argv.append(option)

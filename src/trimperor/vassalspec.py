@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from trimperor.configfile import Options, Section, parse
 from trimperor.errors import ConfigError, Refused
 from trimperor.model import VassalDocument
+from trimperor.uwsgi_protocol import MAX_CONFIG_BYTES
 
 __all__ = [
     "NATIVE_KEYS",
@@ -416,6 +417,11 @@ def build_spec(
         cwd = os.path.dirname(os.path.abspath(doc.path))
     else:
         cwd = os.getcwd()
+    if doc.path is None and len(doc.text.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{doc.name}: the configuration is {len(doc.text.encode())} bytes; a uWSGI vassal "
+            f"receives it over the emperor protocol, which carries at most {MAX_CONFIG_BYTES}"
+        )
     sockets: tuple[SocketSpec, ...] = ()
     if doc.socket:  # an empty value means "not on demand" (uWSGI would bind "")
         sockets = (replace(parse_socket(doc.socket, f"{doc.name}: socket"), mode=0o666),)
