@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGKILL a uWSGI vassal this long after asking it to stop (default 30)",
     )
     g.add_argument(
+        "--broodlord",
+        "--emperor-broodlord",
+        type=int,
+        default=0,
+        metavar="N",
+        help="accepted for compatibility; zergs are not supported (a warning says so)",
+    )
+    g.add_argument(
         "--required-heartbeat",
         "--emperor-required-heartbeat",
         type=float,
@@ -395,6 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             amqp_exchange=args.amqp_exchange,
         )
+        if args.broodlord:
+            log.warning(
+                "cli.broodlord_unsupported: --emperor-broodlord %d is accepted but zergs are "
+                "not spawned; a vassal's SOS (byte 30) is logged",
+                args.broodlord,
+            )
         if expanded_by_shell(sources):
             log.warning(
                 "cli.unquoted_pattern: %d plain files were given; the shell probably expanded "
