@@ -296,6 +296,8 @@ def test_every_option_and_its_uwsgi_spelling_reaches_the_emperor(tmp_path: Path)
         "--emperor-graceful-shutdown",
         "--emperor-curse-tolerance",
         "3",
+        "--emperor-broodlord",
+        "2",
         "--emperor-required-heartbeat",
         "4",
         "--emperor-stats",
