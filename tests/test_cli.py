@@ -343,3 +343,21 @@ async def test_sigusr1_logs_status_and_sigurg_clears_backoff(
     await wait_for(lambda: emperor.text().count("crash.ini| started") > started, 1.5)
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0
+
+
+async def test_second_sigint_kills_at_once(
+    vassals: Path, tmp_path: Path, emperor_factory: Factory
+) -> None:
+    body = "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    write_atomic(vassals / "s.ini", pidfile_vassal(tmp_path, "s", "stop-timeout = 600\n", body))
+    emperor = emperor_factory([str(vassals)])
+    await wait_for(lambda: read_pid(tmp_path / "s.pid") is not None)
+    pid = read_pid(tmp_path / "s.pid") or 0
+    await trio.sleep(0.2)  # let the vassal install its handlers
+    emperor.signal(signal.SIGINT)
+    await wait_for(lambda: "vassal.stopping name=s.ini" in emperor.text())
+    assert pid_alive(pid)
+    emperor.signal(signal.SIGINT)
+    assert await emperor.wait(timeout=10) == 0
+    assert not pid_alive(pid)
+    assert "emperor.kill_all" in emperor.text()
