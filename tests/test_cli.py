@@ -348,7 +348,7 @@ async def test_sigusr1_logs_status_and_sigurg_clears_backoff(
 async def test_second_sigint_kills_at_once(
     vassals: Path, tmp_path: Path, emperor_factory: Factory
 ) -> None:
-    body = "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    body = "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)"
     write_atomic(vassals / "s.ini", pidfile_vassal(tmp_path, "s", "stop-timeout = 600\n", body))
     emperor = emperor_factory([str(vassals)])
     await wait_for(lambda: read_pid(tmp_path / "s.pid") is not None)
