@@ -322,3 +322,19 @@ async def test_uwsgi_vassal_on_fd_0_goes_back_to_on_demand(world: World, tmp_pat
         reply = await http_get(address)
         assert " 200 " in reply.splitlines()[0]
         assert sup.snapshot().wakes == cycle + 1
+
+
+async def test_notify_from_a_child_of_the_vassal_is_attributed(
+    world: World, tmp_path: Path
+) -> None:
+    """One NOTIFY_SOCKET for all vassals: the sender's process group names the vassal."""
+    script = tmp_path / "send.py"
+    script.write_text(
+        "import os, socket\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.sendto(b'READY=1\\nSTATUS=from a worker', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
+    )
+    text = f"[vassal]\ncommand = /bin/sh -c '{sys.executable} {script}; exec sleep 600'\n"
+    sup = await world.put("n.ini", text)
+    await wait_for(lambda: sup.snapshot().notify_ready)
+    assert sup.snapshot().notify_status == "from a worker"

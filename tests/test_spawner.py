@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -137,3 +138,23 @@ async def test_runs_as_another_user(tmp_path: Path) -> None:
     )
     assert await proc.wait() == 0
     assert out.read_text().strip() == str(resolve_ids("nobody", None)[0])
+
+
+async def test_vassals_keep_the_open_file_limit_the_emperor_was_started_with(
+    tmp_path: Path,
+) -> None:
+    from trimperor import spawner
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024:
+        pytest.skip("the hard limit leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        assert spawner.raise_fd_limit() == (hard, hard)
+        out = tmp_path / "limit"
+        proc = await PosixSpawner().spawn(plan("/bin/sh", "-c", "ulimit -n", logto=str(out)))
+        assert await proc.wait() == 0
+        assert out.read_text().strip() == "1024"
+    finally:
+        spawner._VASSAL_NOFILE = None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -22,7 +22,7 @@ from trimperor.configfile import parse
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner
+from trimperor.spawner import PosixSpawner, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions
 
 __all__ = ["build_parser", "main", "resolve_sources"]
@@ -443,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra_extensions=options.extra_extensions,
             ),
         )
+        raise_fd_limit()
         if args.pidfile:
             write_pidfile(args.pidfile)
         trio.run(_serve, emperor, args.reload_mercy)

@@ -25,7 +25,7 @@ from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
 from trimperor.errors import ConfigError, SpawnError
 from trimperor.model import SourceEvent, VassalDocument
-from trimperor.notify import Notifier
+from trimperor.notify import Notifier, NotifyHub
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.sockets import ConnectionTable
@@ -103,7 +103,8 @@ class Emperor:
         self._vassals: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self._notifier = Notifier(self._environ)
-        self._connections = ConnectionTable()  # one read of /proc/net serves every vassal
+        self._connections = ConnectionTable()
+        self._notify_hub = NotifyHub()  # one read of /proc/net serves every vassal
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
@@ -173,30 +174,34 @@ class Emperor:
             __version__,
             ",".join(m.uri for m in self.monitors),
         )
-        async with trio.open_nursery() as vassals:
-            self._vassals = vassals
-            try:
-                async with trio.open_nursery() as sources:
-                    sources.start_soon(self._inbox_loop)
-                    for monitor in self.monitors:
-                        await sources.start(self._run_monitor, monitor)
-                    if self._stats_address is not None:
-                        self.stats_bound = await sources.start(
-                            serve_stats, self._stats_address, self.snapshot
-                        )
-                    log.info("emperor.ready vassals=%d", len(self._sups))
-                    self._notifier.send(READY="1", STATUS=self._status_line())
-                    task_status.started()
-                    await self._shutdown.wait()
-                    sources.cancel_scope.cancel()
-            finally:
-                self._notifier.send(STOPPING="1", STATUS="The Emperor is stopping")
-                if self._sups:
-                    log.info("emperor.stopping vassals=%d", len(self._sups))
-                self._pending.clear()
-                for name, sup in self._sups.items():
-                    self._stopping.add(name)
-                    sup.stop()
+        async with trio.open_nursery() as services:
+            # One NOTIFY_SOCKET for every native vassal; it outlives them all.
+            await services.start(self._notify_hub.run)
+            async with trio.open_nursery() as vassals:
+                self._vassals = vassals
+                try:
+                    async with trio.open_nursery() as sources:
+                        sources.start_soon(self._inbox_loop)
+                        for monitor in self.monitors:
+                            await sources.start(self._run_monitor, monitor)
+                        if self._stats_address is not None:
+                            self.stats_bound = await sources.start(
+                                serve_stats, self._stats_address, self.snapshot
+                            )
+                        log.info("emperor.ready vassals=%d", len(self._sups))
+                        self._notifier.send(READY="1", STATUS=self._status_line())
+                        task_status.started()
+                        await self._shutdown.wait()
+                        sources.cancel_scope.cancel()
+                finally:
+                    self._notifier.send(STOPPING="1", STATUS="The Emperor is stopping")
+                    if self._sups:
+                        log.info("emperor.stopping vassals=%d", len(self._sups))
+                    self._pending.clear()
+                    for name, sup in self._sups.items():
+                        self._stopping.add(name)
+                        sup.stop()
+            services.cancel_scope.cancel()
         log.info("emperor.stopped")
 
     async def _run_monitor(
@@ -287,6 +292,7 @@ class Emperor:
             self._environ,
             uwsgi=self._uwsgi,
             connections=self._connections,
+            notify_hub=self._notify_hub,
         )
         self._sups[action.name] = sup
         self._notifier.status(self._status_line())

@@ -12,11 +12,12 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Mapping
+import struct
+from collections.abc import Callable, Mapping
 
 import trio
 
-__all__ = ["Notifier", "NotifyListener"]
+__all__ = ["Notifier", "NotifyHub", "parse_message"]
 
 log = logging.getLogger(__name__)
 
@@ -55,46 +56,70 @@ class Notifier:
                 self.send(STATUS=text)
 
 
-class NotifyListener:
-    """One vassal process's ``NOTIFY_SOCKET``: an abstract unix datagram socket.
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-    Each process gets its own, so a message needs no credentials to be
-    attributed, and nothing is left in the file system.
+
+class NotifyHub:
+    """The one ``NOTIFY_SOCKET`` every native vassal shares.
+
+    The kernel attaches the sender's credentials to each datagram
+    (``SO_PASSCRED``), so a message is attributed to the vassal whose process,
+    or whose process group (a worker of it), sent it: one socket and one task
+    for all vassals, whatever their number.
     """
 
-    _count = 0
+    def __init__(self) -> None:
+        self._routes: dict[int, Callable[[dict[str, str]], None]] = {}
+        self.address = ""
 
-    def __init__(self, sock: trio.socket.SocketType, name: str) -> None:
-        self._sock = sock
-        self.address = "@" + name
-        """The value of ``NOTIFY_SOCKET`` for the vassal."""
+    def register(self, pid: int, handler: Callable[[dict[str, str]], None]) -> None:
+        self._routes[pid] = handler
 
-    @classmethod
-    async def open(cls) -> NotifyListener:
-        cls._count += 1
-        name = f"trimperor/{os.getpid()}/{cls._count}"
+    def unregister(self, pid: int) -> None:
+        self._routes.pop(pid, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        name = f"trimperor/{os.getpid()}/notify"
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             await sock.bind("\0" + name)
-        except OSError:
-            sock.close()
-            raise
-        return cls(sock, name)
+            self.address = "@" + name
+            task_status.started(self.address)
+            while True:
+                data, ancdata, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+                pid = _sender(ancdata)
+                handler = self._route(pid)
+                if handler is None:
+                    log.debug("notify.unknown_sender pid=%s", pid)
+                    continue
+                handler(parse_message(data))
 
-    async def messages(self) -> AsyncIterator[dict[str, str]]:
-        """Each datagram as a mapping (``READY=1\\nSTATUS=x`` -> ``{READY: 1, STATUS: x}``)."""
-        while True:
+    def _route(self, pid: int | None) -> Callable[[dict[str, str]], None] | None:
+        if pid is None:
+            return None
+        handler = self._routes.get(pid)
+        if handler is None:
             try:
-                data = await self._sock.recv(4096)
-            except (OSError, trio.ClosedResourceError):
-                return
-            fields: dict[str, str] = {}
-            for line in data.decode(errors="replace").splitlines():
-                key, sep, value = line.partition("=")
-                if sep:
-                    fields[key] = value
-            if fields:
-                yield fields
+                handler = self._routes.get(os.getpgid(pid))
+            except OSError:
+                return None
+        return handler
 
-    def close(self) -> None:
-        self._sock.close()
+
+def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid, _, _ = _CREDENTIALS.unpack_from(data)
+            return int(pid)
+    return None
+
+
+def parse_message(data: bytes) -> dict[str, str]:
+    """``READY=1\\nSTATUS=x`` -> ``{"READY": "1", "STATUS": "x"}``."""
+    fields: dict[str, str] = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields

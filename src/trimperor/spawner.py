@@ -23,6 +23,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ import trio
 from trimperor.abc import LaunchPlan
 from trimperor.errors import SpawnError
 
-__all__ = ["PosixProcess", "PosixSpawner", "resolve_ids"]
+__all__ = ["PosixProcess", "PosixSpawner", "raise_fd_limit", "resolve_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,33 @@ def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the ch
     # The emperor may have died between fork and prctl: then we were re-parented.
     if os.getppid() != emperor_pid:
         os._exit(1)
-    # Python ignores SIGPIPE and trio may have blocked nothing, but reset the
-    # dispositions a plain fork would otherwise hand down.
+    # Python ignores SIGPIPE; a vassal expects the default.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # The emperor raised its own open-file limit (it holds several fds per
+    # vassal); vassals get the limit it was started with, as systemd does for
+    # programs that still use select().
+    if _VASSAL_NOFILE is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _VASSAL_NOFILE)
+
+
+_VASSAL_NOFILE: tuple[int, int] | None = None
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; vassals keep the old one.
+
+    Returns the (soft, hard) limits now in force for the emperor.
+    """
+    global _VASSAL_NOFILE  # noqa: PLW0603 - set once at start, read in children
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+        _VASSAL_NOFILE = (soft, hard)
+        log.info("emperor.fd_limit raised=%d was=%d", hard, soft)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 _LISTEN_FDS_START = 3

@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -24,7 +25,7 @@ import trio
 from trimperor.abc import LaunchPlan, Process, Spawner
 from trimperor.errors import SpawnError
 from trimperor.lifecycle import Act, Ev, State, step
-from trimperor.notify import NotifyListener
+from trimperor.notify import NotifyHub
 from trimperor.policy import Backoff, BackoffPolicy
 from trimperor.sockets import ConnectionTable, HeldSocket, bind
 from trimperor.stats import VassalStats
@@ -85,6 +86,7 @@ class Supervisor:
         jitter: Callable[[], float] = random.random,
         uwsgi: UwsgiOptions | None = None,
         connections: ConnectionTable | None = None,
+        notify_hub: NotifyHub | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -125,7 +127,7 @@ class Supervisor:
         self.first_accept: float | None = None
         """Seconds from the waking connection to the vassal's first accept (TCP)."""
         # sd_notify
-        self._notify: NotifyListener | None = None
+        self._notify_hub = notify_hub
         self.notify_ready = False
         self.notify_status: str | None = None
         self.last_watchdog: float | None = None
@@ -204,9 +206,6 @@ class Supervisor:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
-            if self._notify is not None:
-                self._notify.close()
-                self._notify = None
             for held in self._held.values():
                 held.close()
             self._held.clear()
@@ -331,7 +330,6 @@ class Supervisor:
     async def _spawn(self) -> None:
         assert self._nursery is not None
         channel = None
-        notify = None
         try:
             if not self._bind_sockets():
                 raise SpawnError(self.last_error or "cannot bind the sockets")
@@ -343,9 +341,9 @@ class Supervisor:
                 plan = channel.plan
             else:
                 plan = self._plan_for(self.spec, self._environ)
-                notify = await NotifyListener.open()
                 env = dict(plan.env)
-                env["NOTIFY_SOCKET"] = notify.address
+                if self._notify_hub is not None:
+                    env["NOTIFY_SOCKET"] = self._notify_hub.address
                 if self.spec.watchdog is not None:
                     env["WATCHDOG_USEC"] = str(int(self.spec.watchdog * 1_000_000))
                 plan = replace(
@@ -358,8 +356,6 @@ class Supervisor:
         except (SpawnError, OSError) as exc:
             if channel is not None:
                 channel.close()
-            if notify is not None:
-                notify.close()
             self.last_error = str(exc)
             log.error("vassal.spawn_failed name=%s error=%s", self.name, exc)
             await self._dispatch(_Post(Ev.SPAWN_FAILED))
@@ -370,9 +366,8 @@ class Supervisor:
         self.notify_ready, self.notify_status = False, None
         for held in self._held.values():
             held.state = "handed over"
-        if notify is not None:
-            self._notify = notify
-            self._nursery.start_soon(self._listen_notify, notify, proc)
+        if self._notify_hub is not None and isinstance(self.spec, NativeSpec):
+            self._notify_hub.register(proc.pid, partial(self._on_notify, proc))
         if self.spec.idle is not None and self._held:
             self._nursery.start_soon(self._watch_idle, proc, self.spec.idle)
         if channel is not None:
@@ -400,9 +395,8 @@ class Supervisor:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self._notify is not None:
-            self._notify.close()
-            self._notify = None
+        if self._notify_hub is not None:
+            self._notify_hub.unregister(proc.pid)
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
 
@@ -605,28 +599,26 @@ class Supervisor:
 
     # -- sd_notify ----------------------------------------------------------------
 
-    async def _listen_notify(self, notify: NotifyListener, proc: Process) -> None:
-        async for fields in notify.messages():
-            if proc is not self._proc:
-                return
-            if fields.get("READY") == "1" and not self.notify_ready:
-                self.notify_ready = True
-                log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
-            if "STATUS" in fields:
-                self.notify_status = fields["STATUS"]
-            if fields.get("STOPPING") == "1":
-                log.info("vassal.stopping_notified name=%s pid=%s", self.name, proc.pid)
-            if fields.get("WATCHDOG") == "1" and self.spec.watchdog is not None:
-                first = self.last_watchdog is None
-                self.last_watchdog = trio.current_time()
-                if first:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(
-                        self._watch_deadline, proc, "watchdog", self.spec.watchdog
-                    )
-            elif fields.get("WATCHDOG") == "trigger":
-                log.warning("vassal.watchdog_triggered name=%s pid=%s", self.name, proc.pid)
-                proc.signal_group(signal.SIGKILL)
+    def _on_notify(self, proc: Process, fields: dict[str, str]) -> None:
+        """A message on the shared NOTIFY_SOCKET from this vassal's process group."""
+        if proc is not self._proc:
+            return
+        if fields.get("READY") == "1" and not self.notify_ready:
+            self.notify_ready = True
+            log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+        if "STATUS" in fields:
+            self.notify_status = fields["STATUS"]
+        if fields.get("STOPPING") == "1":
+            log.info("vassal.stopping_notified name=%s pid=%s", self.name, proc.pid)
+        if fields.get("WATCHDOG") == "1" and self.spec.watchdog is not None:
+            first = self.last_watchdog is None
+            self.last_watchdog = trio.current_time()
+            if first:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._watch_deadline, proc, "watchdog", self.spec.watchdog)
+        elif fields.get("WATCHDOG") == "trigger":
+            log.warning("vassal.watchdog_triggered name=%s pid=%s", self.name, proc.pid)
+            proc.signal_group(signal.SIGKILL)
 
     def _wall(self, key: str) -> float | None:
         t = self._times.get(key)

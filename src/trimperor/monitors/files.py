@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 #: How long the inotify thread sleeps between looks at its queue (ms). Wake-ups
 #: while idle cost little CPU; a change is reported after one or two steps.
-_STEP_MS = 20
+_STEP_MS = 5
 #: The longest a burst of changes is collected before the scanner is poked (ms).
 _DEBOUNCE_MS = 200
 
