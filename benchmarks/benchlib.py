@@ -1,0 +1,411 @@
+"""Shared helpers for the benchmarks: statistics, /proc readings, and cleanup.
+
+Every emperor a benchmark starts is registered with a :class:`Janitor`, which
+on exit (normal, exception, Ctrl-C or SIGTERM) sends SIGTERM to the emperor's
+process group, SIGKILLs it if it lingers, kills any vassal pid the benchmark
+recorded that is still alive, and removes the temporary directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+
+__all__ = [
+    "Emperor",
+    "Janitor",
+    "Summary",
+    "cpu_ticks",
+    "is_gone",
+    "machine_info",
+    "percentile",
+    "proc_state",
+    "sigterm_as_interrupt",
+    "status_field_kib",
+    "trimperor_command",
+    "uwsgi_binary",
+]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- statistics --------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The *q*-th percentile (0..100) by linear interpolation between closest ranks.
+
+    This is NumPy's default ("linear") method: with 50 samples p99 lies between
+    the largest and the second largest value.
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Order statistics of a set of durations, in milliseconds."""
+
+    n: int
+    minimum: float
+    p50: float
+    p99: float
+    maximum: float
+
+    @classmethod
+    def of(cls, values_ms: Sequence[float]) -> Summary:
+        if not values_ms:
+            return cls(0, math.nan, math.nan, math.nan, math.nan)
+        return cls(
+            n=len(values_ms),
+            minimum=min(values_ms),
+            p50=percentile(values_ms, 50),
+            p99=percentile(values_ms, 99),
+            maximum=max(values_ms),
+        )
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, or NaN when either is missing or b is not positive."""
+    if math.isnan(a) or math.isnan(b) or b <= 0:
+        return math.nan
+    return a / b
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+# -- /proc ---------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 is the state)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is in parentheses and may itself contain ") ".
+    return data[data.rfind(b")") + 2 :].decode().split()
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of a process (R, S, Z, ...), or None if there is none."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def is_gone(pid: int) -> bool:
+    """True once the process has exited: no /proc entry, or a zombie / dead entry."""
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of *pid* (its own, not its children's), in clock ticks."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
+    # stat(5): utime is field 14, stime 15; fields[0] is field 3 (state).
+    return int(fields[11]) + int(fields[12])
+
+
+def status_field_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status, such as VmRSS or VmHWM, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0])
+    raise KeyError(key)
+
+
+def status_field(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name == key:
+                return value.strip()
+    raise KeyError(key)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def read_pid_file(path: Path) -> int | None:
+    """The pid in *path*, or None while the file is missing or half-written."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    if not text.endswith("\n"):
+        return None
+    return int(text)
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def trimperor_command(*args: str) -> list[str]:
+    """How the benchmarks start trimperor: this interpreter, ``-m trimperor``."""
+    return [sys.executable, "-m", "trimperor", *args]
+
+
+def uwsgi_binary() -> str | None:
+    """The ``uwsgi`` next to this interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "uwsgi"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("uwsgi")
+
+
+class Emperor:
+    """An emperor process in its own session, its output in a log file."""
+
+    def __init__(self, label: str, argv: Sequence[str], log_path: Path, cwd: Path) -> None:
+        self.label = label
+        self.argv = list(argv)
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise RuntimeError(
+                f"{self.label} exited with status {self.popen.returncode}; "
+                f"see its log:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def terminate(self, grace: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL it after *grace* seconds; reap."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=grace)
+        # Whatever is left of the group (the emperor, or uWSGI vassals that share it).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
+
+
+class Janitor:
+    """Cleans up everything a benchmark started, however it ends."""
+
+    def __init__(self) -> None:
+        self._emperors: list[Emperor] = []
+        self._pids: set[int] = set()
+        self._dirs: list[Path] = []
+
+    def __enter__(self) -> Janitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def tempdir(self, prefix: str) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._dirs.append(path)
+        return path
+
+    def start(self, label: str, argv: Sequence[str], log_path: Path, cwd: Path) -> Emperor:
+        emperor = Emperor(label, argv, log_path, cwd)
+        self._emperors.append(emperor)
+        return emperor
+
+    def track(self, pids: Iterable[int]) -> None:
+        """Vassal pids to kill at cleanup if they are still there."""
+        self._pids.update(pids)
+
+    def stop_emperor(self, emperor: Emperor) -> None:
+        emperor.terminate()
+        self._kill_vassals()
+        if emperor in self._emperors:
+            self._emperors.remove(emperor)
+
+    def _kill_vassals(self) -> None:
+        for pid in sorted(self._pids):
+            if is_gone(pid):
+                continue
+            # Only what looks like one of ours: a pid may in theory be reused.
+            if any(word in _cmdline(pid) for word in ("sleep", "uwsgi", "sh")):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        self._pids.clear()
+
+    def remove_dir(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        if path in self._dirs:
+            self._dirs.remove(path)
+
+    def cleanup(self) -> None:
+        # Ctrl-C again while cleaning up should not leave processes behind.
+        with _interrupts_deferred():
+            for emperor in reversed(self._emperors):
+                emperor.terminate()
+            self._emperors.clear()
+            self._kill_vassals()
+            for path in self._dirs:
+                shutil.rmtree(path, ignore_errors=True)
+            self._dirs.clear()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    pending: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def keep_log(emperor: Emperor, directory: Path | None, what: str) -> None:
+    """Copy the emperor's log to DIRECTORY/LABEL-WHAT.log, if a directory is given."""
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        shutil.copyfile(
+            emperor.log_path, directory / f"{emperor.label.split(maxsplit=1)[0]}-{what}.log"
+        )
+
+
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (and SIGHUP) behave like Ctrl-C, so that cleanup runs."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.001) -> bool:
+    """Poll *predicate* until it is true or *timeout* seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# -- the machine -----------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    """What the figures were measured on."""
+    uwsgi = uwsgi_binary()
+    uwsgi_version = "not installed"
+    if uwsgi is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            uwsgi_version = subprocess.run(
+                [uwsgi, "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+    trimperor_version = subprocess.run(
+        trimperor_command("--version"), capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    trimperor_path = subprocess.run(
+        [sys.executable, "-c", "import trimperor; print(trimperor.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.strip()
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trimperor": f"{trimperor_version or 'unknown'} ({trimperor_path or '?'})",
+        "uwsgi": uwsgi_version,
+        "CPU busy at start (1 s sample, all cores)": f"{cpu_busy_percent():.0f} %",
+        "load average at start (1/5/15 min)": load,
+    }
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def cpu_busy_percent(window: float = 1.0) -> float:
+    """How busy the machine's CPUs are (everyone's work), over *window* seconds."""
+    b0, t0 = _cpu_times()
+    time.sleep(window)
+    b1, t1 = _cpu_times()
+    return 100 * (b1 - b0) / max(1, t1 - t0)
