@@ -173,3 +173,105 @@ async def test_exit_26_is_not_respawned(tmp_path: Path) -> None:
             await wait_for(lambda: emperor.supervisor("x.ini") is None, 20)
             assert emperor.registry.running() == {}
             emperor.shutdown()
+
+
+def uwsgi_http_config(port: int) -> str:
+    return (
+        "[uwsgi]\nmodule = werkzeug.testapp:test_app\nmaster = true\nprocesses = 1\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+    )
+
+
+async def test_pg_sourced_uwsgi_vassal_gets_its_config_over_the_channel(tmp_path: Path) -> None:
+    import psycopg
+
+    port = free_port()
+    table = f"vassals_{os.getpid()}_{port}"
+    dsn = "host=127.0.0.1 user=postgres dbname=test"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (name text, config text, ts bigint)")
+        try:
+            conn.execute(
+                f"INSERT INTO {table} VALUES ('pgapp.ini', %s, 1)", (uwsgi_http_config(port),)
+            )
+            emperor = EmperorProcess(
+                [
+                    f"pg://{dsn};SELECT name, config, ts FROM {table}",
+                    "--freq",
+                    "0.2",
+                    "--binary-path",
+                    str(UWSGI),
+                ],
+                tmp_path / "e.log",
+            )
+            try:
+                await wait_http(port)
+                assert "getting INI configuration from emperor://pgapp.ini" in emperor.text()
+                conn.execute(f"DELETE FROM {table}")
+                await wait_for(lambda: port_closed(port), 30)
+                emperor.signal(signal.SIGTERM)
+                assert await emperor.wait() == 0
+            finally:
+                emperor.close()
+        finally:
+            conn.execute(f"DROP TABLE {table}")
+
+
+async def test_zmq_sourced_uwsgi_vassal_gets_its_config_over_the_channel(tmp_path: Path) -> None:
+    import zmq
+
+    port, zport = free_port(), free_port()
+    emperor = EmperorProcess(
+        [f"zmq://tcp://127.0.0.1:{zport}", "--binary-path", str(UWSGI)], tmp_path / "e.log"
+    )
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        await wait_for(lambda: "emperor.ready" in emperor.text())
+        push.connect(f"tcp://127.0.0.1:{zport}")
+        push.send_multipart([b"touch", b"zapp.ini", uwsgi_http_config(port).encode()])
+        await wait_http(port)
+        assert "getting INI configuration from emperor://zapp.ini" in emperor.text()
+        push.send_multipart([b"destroy", b"zapp.ini"])
+        await wait_for(lambda: port_closed(port), 30)
+        emperor.signal(signal.SIGTERM)
+        assert await emperor.wait() == 0
+    finally:
+        push.close(linger=0)
+        ctx.term()
+        emperor.close()
+
+
+async def test_missed_heartbeat_restarts_a_real_uwsgi_vassal(tmp_path: Path) -> None:
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    port = free_port()
+    emperor = EmperorProcess(
+        [
+            str(vassals),
+            "--binary-path",
+            str(UWSGI),
+            "--required-heartbeat",
+            "2",
+            "--throttle",
+            "100",
+        ],
+        tmp_path / "e.log",
+    )
+    try:
+        write_atomic(vassals / "hb.xml", werkzeug_xml(port, "    <heartbeat>1</heartbeat>\n"))
+        await wait_http(port)
+        pidfile = vassals / "hb.pid"
+        first = master_pid(pidfile)
+        assert first is not None
+        # freeze the whole vassal: no more heartbeats
+        await wait_for(lambda: "vassal" in emperor.text())
+        await trio.sleep(1.5)  # the first heartbeat arms the check
+        os.killpg(first, signal.SIGSTOP)
+        await wait_for(lambda: "vassal.heartbeat_missed name=hb.xml" in emperor.text(), 20)
+        await wait_for(lambda: master_pid(pidfile) not in {None, first}, 30)
+        await wait_http(port)
+        emperor.signal(signal.SIGTERM)
+        assert await emperor.wait() == 0
+    finally:
+        emperor.close()

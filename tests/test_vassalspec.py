@@ -122,3 +122,14 @@ def test_in_memory_uwsgi_config_over_the_protocol_limit_is_refused() -> None:
     assert isinstance(
         build_spec(VassalDocument("big.ini", "dir://", "1", text, path="/v/b.ini"), ENV), UwsgiSpec
     )
+
+
+def test_a_socket_from_the_source_makes_a_native_vassal_on_demand() -> None:
+    doc = VassalDocument("a.ini", "pg://", "1", "[vassal]\ncommand = x\n", socket="/run/a.sock")
+    spec = build_spec(doc, ENV)
+    assert isinstance(spec, NativeSpec)
+    assert spec.on_demand and [s.address for s in spec.sockets] == ["/run/a.sock"]
+    empty = build_spec(
+        VassalDocument("a.ini", "pg://", "1", "[vassal]\ncommand = x\n", socket=""), ENV
+    )
+    assert isinstance(empty, NativeSpec) and not empty.on_demand and empty.sockets == ()

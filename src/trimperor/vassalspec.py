@@ -410,7 +410,15 @@ def build_spec(
     options: Options = parse(doc.name, doc.text, extra_extensions)
     section = options.section("vassal")
     if section is not None:
-        return native_spec(doc, section, environ)
+        spec = native_spec(doc, section, environ)
+        if doc.socket:
+            # A socket from the source (pg's 6th column, ...) makes the vassal
+            # on demand on it, as it would a uWSGI vassal.
+            extra = parse_socket(doc.socket, f"{doc.name}: socket")
+            if extra not in spec.sockets:
+                spec = replace(spec, sockets=(extra, *spec.sockets))
+            spec = replace(spec, on_demand=True)
+        return spec
     # uWSGI runs a dir:// vassal in the watched directory and everything else
     # in the emperor's own working directory.
     if doc.path is not None and doc.source.startswith("dir://"):
