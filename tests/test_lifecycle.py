@@ -33,7 +33,13 @@ def test_every_state_is_reachable_from_waiting() -> None:
 def test_process_events_only_where_a_process_can_exist() -> None:
     for (state, event), _ in TABLE.items():
         if event is Ev.EXITED:
-            assert state in {State.RUNNING, State.RELOADING, State.STOPPING, State.SLEEPING}
+            assert state in {
+                State.STARTING,
+                State.RUNNING,
+                State.RELOADING,
+                State.STOPPING,
+                State.SLEEPING,
+            }
 
 
 def test_reload_bypasses_backoff() -> None:
@@ -54,3 +60,13 @@ def test_mermaid_lists_every_non_trivial_row() -> None:
     assert diagram.startswith("stateDiagram-v2")
     assert "running --> reloading: restart / reset_backoff, terminate" in diagram
     assert "stopping --> stopped: exited / finish" in diagram
+
+
+def test_starting_behaves_like_running_until_ready() -> None:
+    assert step(State.RUNNING, Ev.SPAWNED_NOTIFY).next is State.STARTING
+    assert step(State.STARTING, Ev.READY).next is State.RUNNING
+    for (state, event), tr in TABLE.items():
+        if state is State.RUNNING and event not in (Ev.SPAWNED, Ev.SPAWNED_NOTIFY, Ev.READY):
+            starting = step(State.STARTING, event)
+            assert starting.actions == tr.actions
+            assert starting.next is (State.STARTING if tr.next is State.RUNNING else tr.next)

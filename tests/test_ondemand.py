@@ -334,7 +334,14 @@ async def test_notify_from_a_child_of_the_vassal_is_attributed(
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.sendto(b'READY=1\\nSTATUS=from a worker', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
     )
-    text = f"[vassal]\ncommand = /bin/sh -c '{sys.executable} {script}; exec sleep 600'\n"
+    gate = tmp_path / "gate"
+    text = (
+        "[vassal]\ntype = notify\ncommand = /bin/sh -c "
+        f"'while [ ! -e {gate} ]; do sleep 0.01; done; {sys.executable} {script}; exec sleep 600'\n"
+    )
     sup = await world.put("n.ini", text)
-    await wait_for(lambda: sup.snapshot().notify_ready)
+    await wait_for(lambda: state(sup) == "starting")  # type = notify: until READY=1
+    gate.touch()
+    await wait_for(lambda: state(sup) == "running")
+    assert sup.snapshot().notify_ready
     assert sup.snapshot().notify_status == "from a worker"

@@ -17,6 +17,8 @@ __all__ = ["TABLE", "Act", "Ev", "InvalidTransition", "State", "Transition", "me
 class State(enum.Enum):
     WAITING = "waiting"
     """No process; a start is scheduled (first start or backoff)."""
+    STARTING = "starting"
+    """A ``type = notify`` vassal that has not sent sd_notify's READY=1 yet."""
     RUNNING = "running"
     RELOADING = "reloading"
     """The old process is being stopped so that a new one can start."""
@@ -33,6 +35,9 @@ class Ev(enum.Enum):
     TIMER = "timer"
     """The scheduled start time has come."""
     SPAWNED = "spawned"
+    SPAWNED_NOTIFY = "spawned_notify"
+    """Spawned a ``type = notify`` vassal: it is starting until READY=1."""
+    READY = "ready"
     SPAWN_FAILED = "spawn_failed"
     EXITED = "exited"
     """The process exited (on its own, or because we stopped it)."""
@@ -133,7 +138,19 @@ TABLE: dict[tuple[State, Ev], Transition] = {
     (S.SLEEPING, E.KILL): T(S.STOPPING, (A.KILL,)),
     (S.RELOADING, E.IDLE): T(S.RELOADING),
     (S.STOPPING, E.IDLE): T(S.STOPPING),
+    # sd_notify readiness
+    (S.RUNNING, E.SPAWNED_NOTIFY): T(S.STARTING),
+    (S.STARTING, E.READY): T(S.RUNNING),
+    (S.RUNNING, E.READY): T(S.RUNNING),
 }
+
+# Until READY=1, a starting vassal is handled exactly like a running one.
+for (_state, _event), _tr in list(TABLE.items()):
+    if _state is S.RUNNING and _event not in (E.SPAWNED, E.SPAWNED_NOTIFY, E.READY):
+        _next = S.STARTING if _tr.next is S.RUNNING else _tr.next
+        TABLE[S.STARTING, _event] = T(_next, _tr.actions)
+for _state in (S.RELOADING, S.STOPPING, S.SLEEPING):
+    TABLE[_state, E.READY] = T(_state)
 
 
 def step(state: State, event: Ev) -> Transition:

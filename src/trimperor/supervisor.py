@@ -41,6 +41,8 @@ vassal_log = logging.getLogger("trimperor.vassal")
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 _MAX_LINE = 64 * 1024
+#: States in which the vassal's process is up and wanted.
+_UP = (State.RUNNING, State.STARTING)
 _STAMPED: dict[int, str] = {
     ToEmperor.READY: "last_ready",
     ToEmperor.ACCEPTING: "last_accepting",
@@ -223,7 +225,7 @@ class Supervisor:
         if ev is Ev.EXITED:
             self._record_exit(post.payload)
             if (
-                self.state is State.RUNNING
+                self.state in _UP
                 and isinstance(self.spec, UwsgiSpec)
                 and self.last_returncode == EXILE_CODE
             ):
@@ -234,7 +236,7 @@ class Supervisor:
                 )
                 self.retired = True
                 ev = Ev.EXILED
-            elif self.state is State.RUNNING and self.spec.on_demand and self.last_returncode == 0:
+            elif self.state in _UP and self.spec.on_demand and self.last_returncode == 0:
                 log.info("vassal.asleep name=%s: exited by itself, sockets armed", self.name)
                 ev = Ev.SLEPT
         if ev is Ev.RETIRE:
@@ -382,7 +384,8 @@ class Supervisor:
         self._nursery.start_soon(self._wait, proc)
         if proc.output is not None:
             self._nursery.start_soon(self._pump, proc.output)
-        await self._dispatch(_Post(Ev.SPAWNED))
+        notify_type = isinstance(self.spec, NativeSpec) and self.spec.type == "notify"
+        await self._dispatch(_Post(Ev.SPAWNED_NOTIFY if notify_type else Ev.SPAWNED))
 
     async def _wait(self, proc: Process) -> None:
         await proc.wait()
@@ -584,7 +587,7 @@ class Supervisor:
         """Put the vassal to sleep after *idle* seconds without a client connection."""
         step = min(1.0, idle / 4)
         quiet_since: float | None = None
-        while proc is self._proc and self.state is State.RUNNING:
+        while proc is self._proc and self.state in _UP:
             open_now = sum(self._connections.connections(h) for h in self._held.values())
             open_now += sum(h.pending() or 0 for h in self._held.values())
             now = trio.current_time()
@@ -606,6 +609,7 @@ class Supervisor:
         if fields.get("READY") == "1" and not self.notify_ready:
             self.notify_ready = True
             log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+            self._post(Ev.READY)
         if "STATUS" in fields:
             self.notify_status = fields["STATUS"]
         if fields.get("STOPPING") == "1":

@@ -51,6 +51,7 @@ NATIVE_KEYS = frozenset(
         "on-demand",
         "idle",
         "watchdog",
+        "type",
     }
 )
 
@@ -131,6 +132,8 @@ class NativeSpec:
     on_demand: bool = False
     idle: float | None = None
     watchdog: float | None = None
+    type: str = "simple"
+    """``simple``: running once started; ``notify``: starting until sd_notify READY=1."""
 
     kind = "native"
 
@@ -309,6 +312,9 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     if idle is not None and not sockets:
         raise ConfigError(f"{name}: idle needs a socket (it counts the socket's connections)")
     watchdog = _seconds(watchdog_raw, f"{name}: watchdog") if watchdog_raw else None
+    kind = (one("type") or "simple").strip().lower()
+    if kind not in {"simple", "notify"}:
+        raise ConfigError(f"{name}: type {kind!r} is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
     return NativeSpec(
@@ -326,6 +332,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         on_demand=on_demand,
         idle=idle,
         watchdog=watchdog,
+        type=kind,
     )
 
 

@@ -59,7 +59,15 @@ import trio
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import SourceStatus, check_document, redact
+from trimperor.monitors.remote import (
+    SourceStatus,
+    TooLarge,
+    check_document,
+    check_freq,
+    read_file,
+    redact,
+    short,
+)
 
 try:
     import httpx
@@ -87,8 +95,6 @@ HTTP_TIMEOUT = 10.0
 PREFETCH = 32
 #: The longest path or URL a body without routing key may hold.
 MAX_LOCATOR = 4096
-#: How much of an untrusted string a log line quotes.
-_LOG_CHARS = 200
 
 _BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
 
@@ -245,32 +251,6 @@ async def _stop_on_cancel(consumer: _Consumer) -> None:
 # -- blocking file helpers (worker threads) --------------------------------------------
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _read_file(path: str, limit: int) -> bytes | None:
-    """The contents of the regular file at *path*, None if there is none.
-
-    Raises :class:`_TooLarge` past *limit* bytes, OSError if it cannot be read.
-    """
-    try:
-        # O_NONBLOCK: a FIFO must not block the open; fstat() rejects it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise _TooLarge
-    return data
-
-
 def _is_file(path: str) -> bool:
     """False only when *path* is certainly not a regular file (any more)."""
     try:
@@ -287,10 +267,6 @@ def _gone(paths: dict[str, str]) -> list[str]:
 
 def _http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=True)
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + "..."
 
 
 # -- the monitor -------------------------------------------------------------------------
@@ -311,8 +287,7 @@ class AmqpMonitor:
         address = parse_uri(uri)
         if not options.amqp_exchange:
             raise UsageError("the AMQP exchange name must not be empty")
-        if not options.freq > 0:
-            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        check_freq(options)
         self.uri = redact(uri)
         self.address = address
         self.status = SourceStatus(self.uri)
@@ -364,7 +339,7 @@ class AmqpMonitor:
             try:
                 await trio.to_thread.run_sync(consumer.run, limiter=self._thread_limiter)
             except _BROKER_ERRORS as exc:
-                error = _short(f"{type(exc).__name__}: {exc}")
+                error = short(f"{type(exc).__name__}: {exc}")
             nursery.cancel_scope.cancel()
         return error
 
@@ -467,8 +442,8 @@ class _Handler:
         limit = self._options.max_config_size
         version = self._next_version()
         try:
-            data = await trio.to_thread.run_sync(_read_file, path, limit)
-        except _TooLarge:
+            data = await trio.to_thread.run_sync(read_file, path, limit)
+        except TooLarge:
             self._bad(f"{path} is over --max-config-size ({limit} bytes)")
             return
         except OSError as exc:
@@ -520,7 +495,7 @@ class _Handler:
                     self._bad(f"{shown} is over --max-config-size ({limit} bytes)")
                     return
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            error = _short(f"{type(exc).__name__}: {exc}")
+            error = short(f"{type(exc).__name__}: {exc}")
             log.warning("source.http_failed uri=%s url=%s error=%s", self._uri, shown, error)
             return
         try:
@@ -533,7 +508,7 @@ class _Handler:
     # -- helpers --------------------------------------------------------------------------
 
     def _bad(self, reason: str) -> None:
-        log.warning("source.bad_message uri=%s reason=%s", self._uri, _short(reason))
+        log.warning("source.bad_message uri=%s reason=%s", self._uri, short(reason))
 
     def _name_ok(self, name: str) -> bool:
         problem = remote_name_problem(name, self._options.extra_extensions)

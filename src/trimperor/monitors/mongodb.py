@@ -37,7 +37,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,14 +46,16 @@ import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
-from trimperor.model import (
-    Snapshot,
-    SourceEvent,
-    SourceProblem,
-    VassalDocument,
-    remote_name_problem,
+from trimperor.model import Snapshot, SourceEvent, VassalDocument, remote_name_problem
+from trimperor.monitors.remote import (
+    BadVassal,
+    LastGood,
+    SourceStatus,
+    check_document,
+    check_freq,
+    redact,
+    static_file,
 )
-from trimperor.monitors.remote import SourceStatus, check_document, redact, static_file
 
 try:
     import bson
@@ -276,13 +278,8 @@ def parse_uri(uri: str) -> MongoSource:
 # -- documents ---------------------------------------------------------------------------
 
 
-class BadDocument(Exception):
+class BadDocument(BadVassal):
     """A document that is not a vassal; ``name`` is set if it has a usable one."""
-
-    def __init__(self, name: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.name = name
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +290,10 @@ class _StaticFile:
     version: str
     text: str | None
     error: str | None = None
+
+
+#: A document read, and the static file it refers to (if it has no config).
+_Found = tuple[Mapping[str, Any], _StaticFile | None]
 
 
 def _version(ts: object) -> str:
@@ -402,52 +403,6 @@ def _read_static(name: str, cached: _StaticFile | None) -> _StaticFile:
     return _StaticFile(path, version, text)
 
 
-class _Documents:
-    """Turns read results into snapshots, remembering each name's last good document."""
-
-    def __init__(self, source: str, options: MonitorOptions) -> None:
-        self._source = source
-        self._options = options
-        self._good: dict[str, VassalDocument] = {}
-        self._reported: set[tuple[str | None, str]] = set()
-
-    def snapshot(
-        self, found: Sequence[tuple[Mapping[str, Any], _StaticFile | None]]
-    ) -> tuple[VassalDocument, ...]:
-        docs: dict[str, VassalDocument] = {}
-        reported: set[tuple[str | None, str]] = set()
-        for raw, static in found:
-            try:
-                doc = document_to_vassal(raw, self._source, self._options, static)
-            except BadDocument as bad:
-                kept = self._good.get(bad.name) if bad.name is not None else None
-                self._report(reported, bad.name, bad.reason, kept is not None)
-                if kept is not None and bad.name not in docs:
-                    docs[kept.name] = kept
-                continue
-            if doc.name in docs:
-                self._report(reported, doc.name, "duplicate name; the first document wins", False)
-                continue
-            docs[doc.name] = doc
-        self._reported = reported
-        self._good = docs
-        return tuple(docs[name] for name in sorted(docs))
-
-    def _report(
-        self, reported: set[tuple[str | None, str]], name: str | None, reason: str, kept: bool
-    ) -> None:
-        key = (name, reason)
-        reported.add(key)
-        log.log(
-            logging.DEBUG if key in self._reported else logging.WARNING,
-            "source.bad_document uri=%s name=%s reason=%s%s",
-            self._source,
-            name,
-            reason,
-            "; keeping its last good configuration" if kept else "",
-        )
-
-
 # -- the monitor ---------------------------------------------------------------------------
 
 
@@ -461,8 +416,7 @@ class MongoMonitor:
     """``mongodb://HOSTS,DB.COLLECTION[,FILTER]``: documents, polled (and watched)."""
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
-        if not options.freq > 0:
-            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        check_freq(options)
         self.source = parse_uri(uri)
         self.uri = self.source.label
         self._options = options
@@ -505,19 +459,20 @@ class MongoMonitor:
         send: trio.MemorySendChannel[SourceEvent],
         pokes: trio.MemoryReceiveChannel[None],
     ) -> None:
-        documents = _Documents(self.uri, self._options)
+        documents = LastGood[_Found](
+            self.uri,
+            lambda item: document_to_vassal(item[0], self.uri, self._options, item[1]),
+            event="source.bad_document",
+            what="document",
+            logger=log,
+        )
         while True:
             try:
                 found = await trio.to_thread.run_sync(
                     self._read, collection, abandon_on_cancel=True, limiter=self._limiter
                 )
             except PyMongoError as exc:
-                message = _describe(exc)
-                new_outage = self.status.state != "retrying"
-                delay = self.status.failed(message)
-                if new_outage:
-                    await send.send(SourceProblem(self.uri, message))
-                await trio.sleep(delay)
+                await self.status.backoff(_describe(exc), report=send)
                 continue
             docs = documents.snapshot(found)
             log.debug(
@@ -528,11 +483,9 @@ class MongoMonitor:
             with trio.move_on_after(self._options.freq):
                 await pokes.receive()
 
-    def _read(
-        self, collection: Collection[dict[str, Any]]
-    ) -> list[tuple[dict[str, Any], _StaticFile | None]]:
+    def _read(self, collection: Collection[dict[str, Any]]) -> list[_Found]:
         """Every matching document, and the static file of those without config; blocking."""
-        found: list[tuple[dict[str, Any], _StaticFile | None]] = []
+        found: list[_Found] = []
         files: dict[str, _StaticFile] = {}
         for raw in collection.find(self.source.filter, _PROJECTION):
             name = raw.get("name")

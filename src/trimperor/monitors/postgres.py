@@ -47,8 +47,15 @@ import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
-from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
-from trimperor.monitors.remote import SourceStatus, check_document, redact
+from trimperor.model import Snapshot, SourceEvent, VassalDocument
+from trimperor.monitors.remote import (
+    BadVassal,
+    LastGood,
+    SourceStatus,
+    check_document,
+    check_freq,
+    redact,
+)
 
 try:
     import psycopg
@@ -128,13 +135,8 @@ def _label(uri: str, dsn: str) -> str:
 # -- rows --------------------------------------------------------------------------
 
 
-class BadRow(Exception):
+class BadRow(BadVassal):
     """A row that is not a vassal; ``name`` is set if the row has a usable one."""
-
-    def __init__(self, name: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.name = name
-        self.reason = reason
 
 
 def _version(ts: object) -> str:
@@ -208,51 +210,6 @@ def row_document(row: Sequence[Any], source: str, options: MonitorOptions) -> Va
     return doc
 
 
-class _Rows:
-    """Turns query results into snapshots, remembering each name's last good document."""
-
-    def __init__(self, source: str, options: MonitorOptions) -> None:
-        self._source = source
-        self._options = options
-        self._good: dict[str, VassalDocument] = {}
-        self._reported: set[tuple[str | None, str]] = set()
-
-    def snapshot(self, rows: Sequence[Sequence[Any]]) -> tuple[VassalDocument, ...]:
-        docs: dict[str, VassalDocument] = {}
-        reported: set[tuple[str | None, str]] = set()
-        for row in rows:
-            try:
-                doc = row_document(row, self._source, self._options)
-            except BadRow as bad:
-                kept = self._good.get(bad.name) if bad.name is not None else None
-                self._report(reported, bad.name, bad.reason, kept is not None)
-                if kept is not None and bad.name not in docs:
-                    docs[kept.name] = kept
-                continue
-            if doc.name in docs:
-                self._report(reported, doc.name, "duplicate name; the first row wins", False)
-                continue
-            docs[doc.name] = doc
-        self._reported = reported
-        self._good = docs
-        return tuple(docs[name] for name in sorted(docs))
-
-    def _report(
-        self, reported: set[tuple[str | None, str]], name: str | None, reason: str, kept: bool
-    ) -> None:
-        key = (name, reason)
-        reported.add(key)
-        level = logging.DEBUG if key in self._reported else logging.WARNING
-        log.log(
-            level,
-            "source.bad_row uri=%s name=%s reason=%s%s",
-            self._source,
-            name,
-            reason,
-            "; keeping its last good configuration" if kept else "",
-        )
-
-
 # -- the connection ----------------------------------------------------------------
 
 
@@ -310,8 +267,7 @@ class PostgresMonitor:
     """``pg://DSN;QUERY[;LISTEN channel]``: the rows of a query, polled or notified."""
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
-        if not options.freq > 0:
-            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        check_freq(options)
         self._dsn, self.query, self.channel = parse_uri(uri)
         self.uri = _label(uri, self._dsn)
         self._options = options
@@ -332,19 +288,22 @@ class PostgresMonitor:
         """Send a snapshot after every successful query, forever; closes *send* on return."""
         async with send:
             task_status.started()
-            rows = _Rows(self.uri, self._options)
+            rows = LastGood[Sequence[Any]](
+                self.uri,
+                lambda row: row_document(row, self.uri, self._options),
+                event="source.bad_row",
+                what="row",
+                logger=log,
+            )
             while True:
                 try:
                     await self._session(send, rows)
                 except (psycopg.Error, OSError, trio.TooSlowError) as exc:
-                    message = _describe(exc)
-                    new_outage = self.status.state != "retrying"
-                    delay = self.status.failed(message)
-                    if new_outage:
-                        await send.send(SourceProblem(self.uri, message))
-                    await trio.sleep(delay)
+                    await self.status.backoff(_describe(exc), report=send)
 
-    async def _session(self, send: trio.MemorySendChannel[SourceEvent], rows: _Rows) -> None:
+    async def _session(
+        self, send: trio.MemorySendChannel[SourceEvent], rows: LastGood[Sequence[Any]]
+    ) -> None:
         """Connect, then query and wait, until something fails."""
         link = _Link()
         try:

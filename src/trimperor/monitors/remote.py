@@ -4,27 +4,48 @@
   retrying, last successful read, vassal count, last error), with reconnect
   backoff.
 - :func:`check_document`: name and size validation of what came over the wire.
+- :class:`LastGood`: full snapshots from what a polled source (pg, mongodb)
+  read, each name keeping its last good document while it is bad.
+- :func:`read_file`, :func:`short`: for the push sources (amqp, zmq).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.model import VassalDocument, remote_name_problem
+from trimperor.errors import UsageError
+from trimperor.model import SourceEvent, SourceProblem, VassalDocument, remote_name_problem
 from trimperor.stats import SourceStats
 
-__all__ = ["SourceStatus", "check_document", "redact"]
+__all__ = [
+    "BadVassal",
+    "LastGood",
+    "SourceStatus",
+    "TooLarge",
+    "check_document",
+    "check_freq",
+    "read_file",
+    "redact",
+    "short",
+]
 
 log = logging.getLogger(__name__)
 
 #: Reconnect delays: first, doubling up to the maximum.
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
+#: How much of an untrusted string a log line quotes.
+LOG_CHARS = 200
+
+T = TypeVar("T")
 
 
 def redact(uri: str) -> str:
@@ -77,9 +98,19 @@ class SourceStatus:
         )
         return delay
 
-    async def backoff(self, error: str) -> None:
-        """Record a failure and sleep until the next attempt."""
-        await trio.sleep(self.failed(error))
+    async def backoff(
+        self, error: str, report: trio.MemorySendChannel[SourceEvent] | None = None
+    ) -> None:
+        """Record a failure and sleep until the next attempt.
+
+        With *report*, a failure that begins an outage is also sent there, once,
+        as a :class:`~trimperor.model.SourceProblem`.
+        """
+        new_outage = self.state != "retrying"
+        delay = self.failed(error)
+        if report is not None and new_outage:
+            await report.send(SourceProblem(self.uri, error))
+        await trio.sleep(delay)
 
     def snapshot(self) -> SourceStats:
         return SourceStats(
@@ -106,6 +137,120 @@ def check_document(doc: VassalDocument, options: MonitorOptions) -> str | None:
                 f"({options.max_config_size})"
             )
     return None
+
+
+def check_freq(options: MonitorOptions) -> None:
+    """Raise UsageError unless the rescan interval is positive."""
+    if not options.freq > 0:
+        raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+
+
+# -- polled sources: snapshots ----------------------------------------------------------
+
+
+class BadVassal(Exception):
+    """What a source read is not a vassal; ``name`` is set if it has a usable one."""
+
+    def __init__(self, name: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
+        self.reason = reason
+
+
+class LastGood(Generic[T]):
+    """Turns what a source read into snapshots, remembering each name's last good document.
+
+    *parse* makes a document of one item read (a row, a document) or raises
+    :class:`BadVassal`. A bad item is logged on *logger* as *event*, at WARNING
+    the first time and at DEBUG while it stays the same; if its name had a good
+    document at the previous read, that one stays in the snapshot. Of two good
+    items with one name, the first wins ("the first *what* wins").
+    """
+
+    def __init__(
+        self,
+        source: str,
+        parse: Callable[[T], VassalDocument],
+        *,
+        event: str,
+        what: str,
+        logger: logging.Logger,
+    ) -> None:
+        self._source = source
+        self._parse = parse
+        self._message = event + " uri=%s name=%s reason=%s%s"
+        self._duplicate = f"duplicate name; the first {what} wins"
+        self._log = logger
+        self._good: dict[str, VassalDocument] = {}
+        self._reported: set[tuple[str | None, str]] = set()
+
+    def snapshot(self, items: Iterable[T]) -> tuple[VassalDocument, ...]:
+        docs: dict[str, VassalDocument] = {}
+        reported: set[tuple[str | None, str]] = set()
+        for item in items:
+            try:
+                doc = self._parse(item)
+            except BadVassal as bad:
+                kept = self._good.get(bad.name) if bad.name is not None else None
+                self._report(reported, bad.name, bad.reason, kept is not None)
+                if kept is not None and bad.name not in docs:
+                    docs[kept.name] = kept
+                continue
+            if doc.name in docs:
+                self._report(reported, doc.name, self._duplicate, False)
+                continue
+            docs[doc.name] = doc
+        self._reported = reported
+        self._good = docs
+        return tuple(docs[name] for name in sorted(docs))
+
+    def _report(
+        self, reported: set[tuple[str | None, str]], name: str | None, reason: str, kept: bool
+    ) -> None:
+        key = (name, reason)
+        reported.add(key)
+        self._log.log(
+            logging.DEBUG if key in self._reported else logging.WARNING,
+            self._message,
+            self._source,
+            name,
+            reason,
+            "; keeping its last good configuration" if kept else "",
+        )
+
+
+# -- push sources: files and log lines -----------------------------------------------------
+
+
+class TooLarge(Exception):
+    """A file over the size limit :func:`read_file` was given."""
+
+
+def read_file(path: str, limit: int) -> bytes | None:
+    """The contents of the regular file at *path*, None if there is none; blocking.
+
+    Raises :class:`TooLarge` past *limit* bytes, OSError if it cannot be read.
+    """
+    try:
+        # O_NONBLOCK: a FIFO must not block the open; fstat() rejects it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise TooLarge
+    return data
+
+
+def short(text: str) -> str:
+    """*text*, cut to :data:`LOG_CHARS` characters for a log line."""
+    return text if len(text) <= LOG_CHARS else text[:LOG_CHARS] + "..."
 
 
 def static_file(name: str) -> str:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -42,7 +40,15 @@ import trio
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import SourceStatus, check_document, redact, static_file
+from trimperor.monitors.remote import (
+    SourceStatus,
+    TooLarge,
+    check_document,
+    read_file,
+    redact,
+    short,
+    static_file,
+)
 
 try:
     import zmq
@@ -58,8 +64,6 @@ log = logging.getLogger(__name__)
 
 #: The smallest frame size limit (ZMQ_MAXMSGSIZE) a socket gets.
 MIN_FRAME_LIMIT = 1 << 20
-#: How much of an untrusted string a log line quotes.
-_LOG_CHARS = 200
 
 _ENDPOINT = re.compile(r"[a-z][a-z0-9+.-]*://.+")
 _NUMBER = re.compile(r"[0-9]{1,10}")
@@ -87,15 +91,11 @@ class Destroy:
     name: str
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + "..."
-
-
 def _id(part: str | None, what: str) -> int | None:
     if part is None:
         return None
     if not _NUMBER.fullmatch(part):
-        raise BadMessage(f"{what} {_short(part)!r} is not a non-negative integer")
+        raise BadMessage(f"{what} {short(part)!r} is not a non-negative integer")
     return int(part)
 
 
@@ -118,29 +118,7 @@ def parse_command(frames: list[bytes]) -> Touch | Destroy:
         return Touch(name, config, _id(uid, "uid"), _id(gid, "gid"), socket)
     if command == "destroy":
         return Destroy(name)
-    raise BadMessage(f"unknown command {_short(command)!r} (touch or destroy)")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _read_static(path: str, limit: int) -> bytes | None:
-    """The contents of the regular file at *path*, None if there is none; blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise _TooLarge
-    return data
+    raise BadMessage(f"unknown command {short(command)!r} (touch or destroy)")
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
@@ -241,7 +219,7 @@ class ZmqMonitor:
             else:
                 await self._touch(command, send)
         except BadMessage as exc:
-            log.warning("source.bad_message uri=%s reason=%s", self.uri, _short(str(exc)))
+            log.warning("source.bad_message uri=%s reason=%s", self.uri, short(str(exc)))
         self.status.ok(len(self.owned))
 
     async def _destroy(self, name: str, send: trio.MemorySendChannel[SourceEvent]) -> None:
@@ -260,8 +238,8 @@ class ZmqMonitor:
             path = static_file(command.name)
             limit = self.options.max_config_size
             try:
-                data = await trio.to_thread.run_sync(_read_static, path, limit)
-            except _TooLarge:
+                data = await trio.to_thread.run_sync(read_file, path, limit)
+            except TooLarge:
                 raise BadMessage(f"{path} is over --max-config-size ({limit} bytes)") from None
             except OSError as exc:
                 raise BadMessage(f"cannot read {path}: {exc.strerror or exc}") from None
