@@ -7,10 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 import trio
+
+from tests.proxy import TcpProxy
+from trimperor.abc import Monitor
+from trimperor.model import Snapshot, SourceEvent, SourceProblem, Upsert
+from trimperor.monitors.remote import SourceStatus
 
 PYTHON = sys.executable
 
@@ -102,3 +109,188 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
             return []
         time.sleep(0.02)
     return [p for p in pids if pid_alive(p)]
+
+
+# -- monitors of remote sources (tests/test_monitor_*.py) -----------------------------------
+
+
+class RemoteMonitor(Monitor, Protocol):
+    """A monitor that reports its source's health."""
+
+    status: SourceStatus
+
+
+@asynccontextmanager
+async def monitor_running(
+    monitor: Monitor, capacity: int = 1000
+) -> AsyncIterator[trio.MemoryReceiveChannel[SourceEvent]]:
+    """Run *monitor* until the block ends; yields the channel of its events."""
+    send, recv = trio.open_memory_channel[SourceEvent](capacity)
+    async with recv, trio.open_nursery() as nursery:
+        await nursery.start(monitor.run, send)
+        yield recv
+        nursery.cancel_scope.cancel()
+
+
+async def next_event(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceEvent:
+    with trio.fail_after(5):
+        return await recv.receive()
+
+
+async def next_upsert(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert:
+    event = await next_event(recv)
+    assert isinstance(event, Upsert), event
+    return event
+
+
+async def next_snapshot(
+    recv: trio.MemoryReceiveChannel[SourceEvent],
+    predicate: Callable[[Snapshot], bool] = lambda s: True,
+    timeout: float = 10.0,
+) -> Snapshot:
+    """The next snapshot that satisfies *predicate* (earlier events are dropped)."""
+    with trio.fail_after(timeout):
+        async for event in recv:
+            if isinstance(event, Snapshot) and predicate(event):
+                return event
+    raise AssertionError("the monitor closed its channel")
+
+
+async def next_problem(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceProblem:
+    with trio.fail_after(10):
+        async for event in recv:
+            if isinstance(event, SourceProblem):
+                return event
+    raise AssertionError("the monitor closed its channel")
+
+
+def versions(snap: Snapshot) -> dict[str, str]:
+    return {doc.name: doc.version for doc in snap.docs}
+
+
+async def new_pid(pidfile: Path, old: int | None = None) -> int:
+    """Wait until *pidfile* holds a pid other than *old*, and return it."""
+    await wait_for(lambda: read_pid(pidfile) not in {None, old})
+    pid = read_pid(pidfile)
+    assert pid is not None
+    return pid
+
+
+async def polled_source_outage(
+    server: tuple[str, int],
+    monitor_at: Callable[[int], RemoteMonitor],
+    remove_b: Callable[[], object],
+) -> None:
+    """A polled source (pg, mongodb) offering a.ini and b.ini, through an outage.
+
+    The monitor ``monitor_at(port)`` reads *server* through a
+    :class:`~tests.proxy.TcpProxy` listening on *port*. Once the proxy is cut,
+    it must report a problem and send no snapshot, even after *remove_b* has
+    removed b.ini at the source; once restored, its next snapshot is a.ini alone.
+    """
+    proxy = TcpProxy(*server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.run)
+        monitor = monitor_at(port)
+        async with monitor_running(monitor) as recv:
+            await next_snapshot(recv, lambda s: len(s.docs) == 2)
+            proxy.cut()
+            problem = await next_problem(recv)
+            assert problem.source == monitor.uri
+            assert monitor.status.state == "retrying"
+            remove_b()
+            # While cut, nothing can tell the emperor b.ini is gone.
+            with trio.move_on_after(0.3):
+                async for event in recv:
+                    assert not isinstance(event, Snapshot), event
+            proxy.restore()
+            snap = await next_snapshot(recv)
+            assert list(versions(snap)) == ["a.ini"]
+            assert monitor.status.state == "connected"
+        nursery.cancel_scope.cancel()
+
+
+async def polled_source_unreachable_at_start(
+    server: tuple[str, int], monitor_at: Callable[[int], RemoteMonitor]
+) -> None:
+    """A polled source offering a.ini alone, cut off while the monitor starts.
+
+    ``monitor_at(port)`` reads *server* through a cut proxy on *port*: it must
+    start at once, report a problem, and send a.ini once the proxy is restored.
+    """
+    proxy = TcpProxy(*server)
+    proxy.cut()
+    send, recv = trio.open_memory_channel[SourceEvent](1000)
+    async with recv, trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.run)
+        monitor = monitor_at(port)
+        with trio.fail_after(1):  # start() does not wait for the database
+            await nursery.start(monitor.run, send)
+        await next_problem(recv)
+        assert monitor.status.state == "retrying"
+        proxy.restore()
+        snap = await next_snapshot(recv)
+        assert list(versions(snap)) == ["a.ini"]
+        nursery.cancel_scope.cancel()
+
+
+async def emperor_follows_a_polled_source(
+    tmp_path: Path,
+    server: tuple[str, int],
+    uri_at: Callable[[int], str],
+    *,
+    freq: float,
+    add: Callable[[], object],
+    reload_a: Callable[[], object],
+    stop_b: Callable[[], object],
+    remove_a: Callable[[], object],
+    retries: int = 1,
+) -> None:
+    """The emperor, on a polled source (pg, mongodb), through its life and an outage.
+
+    The emperor (``--freq`` *freq*) reads the source ``uri_at(port)``: *server*
+    through a :class:`~tests.proxy.TcpProxy` on *port*. The source changes by the
+    callables: *add* offers a.ini and b.ini, :func:`pidfile_vassal` ``a`` and
+    ``b`` in *tmp_path*; *reload_a* changes a.ini's version; *stop_b* takes b.ini
+    away; *remove_a* takes a.ini away while the proxy is cut, after the emperor
+    has logged *retries* failed attempts. The emperor must start, reload and
+    stop the vassals accordingly, keep a.ini through the outage, stop it once
+    the source is back, and exit 0 on SIGTERM.
+    """
+    proxy = TcpProxy(*server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.run)
+        emperor = EmperorProcess(
+            [uri_at(port), "--freq", str(freq), "--throttle", "50"], tmp_path / "emperor.log"
+        )
+        try:
+            a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
+            add()
+            first_a, b = await new_pid(a_pid), await new_pid(b_pid)
+
+            reload_a()
+            a = await new_pid(a_pid, first_a)
+            await wait_for(lambda: not pid_alive(first_a))
+
+            stop_b()
+            await wait_for(lambda: not pid_alive(b))
+
+            # outage: the removal made meanwhile is applied once it ends
+            proxy.cut()
+            await wait_for(
+                lambda: (
+                    "source.retrying" in emperor.text() and f"attempt={retries}" in emperor.text()
+                )
+            )
+            remove_a()
+            await trio.sleep(0.3)
+            assert pid_alive(a)
+            proxy.restore()
+            await wait_for(lambda: not pid_alive(a))
+            assert "source.recovered" in emperor.text()
+
+            emperor.signal(signal.SIGTERM)
+            assert await emperor.wait() == 0
+        finally:
+            emperor.close()
+        nursery.cancel_scope.cancel()

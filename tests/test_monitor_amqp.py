@@ -20,11 +20,20 @@ import pika
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for
+from tests.helpers import (
+    EmperorProcess,
+    monitor_running,
+    new_pid,
+    next_event,
+    next_upsert,
+    pid_alive,
+    pidfile_vassal,
+    wait_for,
+)
 from tests.proxy import TcpProxy
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
-from trimperor.model import Remove, SourceEvent, Upsert
+from trimperor.model import Remove, SourceEvent
 from trimperor.monitors import amqp
 from trimperor.monitors.amqp import AmqpAddress, AmqpMonitor, parse_uri
 
@@ -67,23 +76,9 @@ async def running(
     monitor: AmqpMonitor, capacity: int = 100
 ) -> AsyncIterator[trio.MemoryReceiveChannel[SourceEvent]]:
     """Run *monitor* until the block ends; yields its events once it is subscribed."""
-    send, recv = trio.open_memory_channel[SourceEvent](capacity)
-    async with trio.open_nursery() as nursery, recv:
-        await nursery.start(monitor.run, send)
+    async with monitor_running(monitor, capacity) as recv:
         await wait_for(lambda: monitor.status.state == "connected")
         yield recv
-        nursery.cancel_scope.cancel()
-
-
-async def next_event(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceEvent:
-    with trio.fail_after(5):
-        return await recv.receive()
-
-
-async def next_upsert(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert:
-    event = await next_event(recv)
-    assert isinstance(event, Upsert), event
-    return event
 
 
 def monitor_on(
@@ -404,14 +399,10 @@ async def test_emperor_lifecycle_through_amqp_with_an_outage(exchange: str, tmp_
             pidfile = tmp_path / "app.pid"
 
             await publish(exchange, config, "app.ini")
-            await wait_for(lambda: read_pid(pidfile) is not None)
-            first = read_pid(pidfile)
-            assert first is not None
+            first = await new_pid(pidfile)
 
             await publish(exchange, config, "app.ini")
-            await wait_for(lambda: read_pid(pidfile) not in {None, first})
-            second = read_pid(pidfile)
-            assert second is not None
+            second = await new_pid(pidfile, first)
 
             proxy.cut()
             await wait_for(lambda: "source.retrying" in emperor.text())
@@ -421,9 +412,7 @@ async def test_emperor_lifecycle_through_amqp_with_an_outage(exchange: str, tmp_
             assert pid_alive(second)
 
             await publish(exchange, config, "app.ini")
-            await wait_for(lambda: read_pid(pidfile) not in {None, second})
-            third = read_pid(pidfile)
-            assert third is not None
+            third = await new_pid(pidfile, second)
 
             await publish(exchange, b"", "app.ini")
             await wait_for(lambda: not pid_alive(third))

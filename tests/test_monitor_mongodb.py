@@ -19,7 +19,7 @@ import signal
 import subprocess
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,20 @@ from hypothesis import strategies as st
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
-from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for
-from tests.proxy import TcpProxy
+from tests.helpers import (
+    emperor_follows_a_polled_source,
+    monitor_running,
+    next_problem,
+    next_snapshot,
+    pidfile_vassal,
+    polled_source_outage,
+    polled_source_unreachable_at_start,
+    versions,
+    wait_for,
+)
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
-from trimperor.model import Snapshot, SourceEvent, SourceProblem
+from trimperor.model import SourceEvent
 from trimperor.monitors.mongodb import (
     DEFAULT_NAMESPACE,
     MongoMonitor,
@@ -264,35 +273,8 @@ async def running(
     uri: str, **options: Any
 ) -> AsyncIterator[tuple[MongoMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
     monitor = MongoMonitor(uri, MonitorOptions(**options))
-    send, recv = trio.open_memory_channel[SourceEvent](1000)
-    async with recv, trio.open_nursery() as nursery:
-        await nursery.start(monitor.run, send)
+    async with monitor_running(monitor) as recv:
         yield monitor, recv
-        nursery.cancel_scope.cancel()
-
-
-async def next_snapshot(
-    recv: trio.MemoryReceiveChannel[SourceEvent],
-    predicate: Callable[[Snapshot], bool] = lambda s: True,
-    timeout: float = 10.0,
-) -> Snapshot:
-    with trio.fail_after(timeout):
-        async for event in recv:
-            if isinstance(event, Snapshot) and predicate(event):
-                return event
-    raise AssertionError("the monitor closed its channel")
-
-
-async def next_problem(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceProblem:
-    with trio.fail_after(10):
-        async for event in recv:
-            if isinstance(event, SourceProblem):
-                return event
-    raise AssertionError("the monitor closed its channel")
-
-
-def versions(snap: Snapshot) -> dict[str, str]:
-    return {doc.name: doc.version for doc in snap.docs}
 
 
 # -- the monitor on its own ---------------------------------------------------------------------
@@ -503,44 +485,21 @@ async def test_outage_stops_nothing_and_heals_after(
             {"name": "b.ini", "config": "[vassal]\ncommand = b\n", "ts": ts(1)},
         ]
     )
-    proxy = TcpProxy(*mongo_server)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        async with running(uri_for(collection, port), freq=0.05) as (monitor, recv):
-            await next_snapshot(recv, lambda s: len(s.docs) == 2)
-            proxy.cut()
-            problem = await next_problem(recv)
-            assert problem.source == monitor.uri
-            assert monitor.status.state == "retrying"
-            collection.delete_one({"name": "b.ini"})
-            with trio.move_on_after(0.3):
-                async for event in recv:
-                    assert not isinstance(event, Snapshot), event
-            proxy.restore()
-            snap = await next_snapshot(recv)
-            assert list(versions(snap)) == ["a.ini"]
-            assert monitor.status.state == "connected"
-        nursery.cancel_scope.cancel()
+    await polled_source_outage(
+        mongo_server,
+        lambda port: MongoMonitor(uri_for(collection, port), MonitorOptions(freq=0.05)),
+        lambda: collection.delete_one({"name": "b.ini"}),
+    )
 
 
 async def test_an_unreachable_server_at_start_is_retried(
     collection: Collection[dict[str, Any]], mongo_server: tuple[str, int]
 ) -> None:
     collection.insert_one({"name": "a.ini", "config": "x", "ts": ts(1)})
-    proxy = TcpProxy(*mongo_server)
-    proxy.cut()
-    send, recv = trio.open_memory_channel[SourceEvent](1000)
-    async with recv, trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        monitor = MongoMonitor(uri_for(collection, port), MonitorOptions(freq=0.05))
-        with trio.fail_after(1):  # start() does not wait for the database
-            await nursery.start(monitor.run, send)
-        await next_problem(recv)
-        assert monitor.status.state == "retrying"
-        proxy.restore()
-        snap = await next_snapshot(recv)
-        assert list(versions(snap)) == ["a.ini"]
-        nursery.cancel_scope.cancel()
+    await polled_source_unreachable_at_start(
+        mongo_server,
+        lambda port: MongoMonitor(uri_for(collection, port), MonitorOptions(freq=0.05)),
+    )
 
 
 # -- the emperor, end to end -------------------------------------------------------------------
@@ -549,48 +508,23 @@ async def test_an_unreachable_server_at_start_is_retried(
 async def test_emperor_end_to_end_with_an_outage(
     collection: Collection[dict[str, Any]], mongo_server: tuple[str, int], tmp_path: Path
 ) -> None:
-    proxy = TcpProxy(*mongo_server)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        emperor = EmperorProcess(
-            [uri_for(collection, port, "{enabled: 1}"), "--freq", "0.1", "--throttle", "50"],
-            tmp_path / "emperor.log",
+    def add() -> None:
+        collection.insert_many(
+            [
+                {"name": n, "config": pidfile_vassal(tmp_path, n[0]), "ts": ts(1), "enabled": 1}
+                for n in ("a.ini", "b.ini")
+            ]
         )
-        try:
-            a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
-            collection.insert_many(
-                [
-                    {"name": n, "config": pidfile_vassal(tmp_path, n[0]), "ts": ts(1), "enabled": 1}
-                    for n in ("a.ini", "b.ini")
-                ]
-            )
-            await wait_for(lambda: read_pid(a_pid) is not None and read_pid(b_pid) is not None)
-            first_a, b = read_pid(a_pid), read_pid(b_pid)
-            assert first_a is not None and b is not None
 
-            # ts changes: reload
-            collection.update_one({"name": "a.ini"}, {"$set": {"ts": ts(2)}})
-            await wait_for(lambda: read_pid(a_pid) not in {None, first_a})
-            a = read_pid(a_pid)
-            assert a is not None
-            await wait_for(lambda: not pid_alive(first_a))
-
-            # no longer matched by the filter: stopped
-            collection.update_one({"name": "b.ini"}, {"$set": {"enabled": 0}})
-            await wait_for(lambda: not pid_alive(b))
-
-            # outage: the deletion made meanwhile is applied once it ends
-            proxy.cut()
-            await wait_for(lambda: "source.retrying" in emperor.text())
-            collection.delete_one({"name": "a.ini"})
-            await trio.sleep(0.3)
-            assert pid_alive(a)
-            proxy.restore()
-            await wait_for(lambda: not pid_alive(a))
-            assert "source.recovered" in emperor.text()
-
-            emperor.signal(signal.SIGTERM)
-            assert await emperor.wait() == 0
-        finally:
-            emperor.close()
-        nursery.cancel_scope.cancel()
+    await emperor_follows_a_polled_source(
+        tmp_path,
+        mongo_server,
+        lambda port: uri_for(collection, port, "{enabled: 1}"),
+        freq=0.1,
+        add=add,
+        # ts changes: reload
+        reload_a=lambda: collection.update_one({"name": "a.ini"}, {"$set": {"ts": ts(2)}}),
+        # no longer matched by the filter: stopped
+        stop_b=lambda: collection.update_one({"name": "b.ini"}, {"$set": {"enabled": 0}}),
+        remove_a=lambda: collection.delete_one({"name": "a.ini"}),
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,11 +22,20 @@ import pytest
 import trio
 from psycopg import sql
 
-from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for
-from tests.proxy import TcpProxy
+from tests.helpers import (
+    emperor_follows_a_polled_source,
+    monitor_running,
+    next_problem,
+    next_snapshot,
+    pidfile_vassal,
+    polled_source_outage,
+    polled_source_unreachable_at_start,
+    versions,
+    wait_for,
+)
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
-from trimperor.model import Snapshot, SourceEvent, SourceProblem
+from trimperor.model import Snapshot, SourceEvent
 from trimperor.monitors.postgres import DEFAULT_QUERY, PostgresMonitor, parse_uri
 
 pytestmark = pytest.mark.integration
@@ -116,36 +124,13 @@ async def running(
     uri: str, **options: Any
 ) -> AsyncIterator[tuple[PostgresMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
     monitor = PostgresMonitor(uri, MonitorOptions(**options))
-    send, recv = trio.open_memory_channel[SourceEvent](1000)
-    async with recv, trio.open_nursery() as nursery:
-        await nursery.start(monitor.run, send)
+    async with monitor_running(monitor) as recv:
         yield monitor, recv
-        nursery.cancel_scope.cancel()
 
 
-async def next_snapshot(
-    recv: trio.MemoryReceiveChannel[SourceEvent],
-    predicate: Callable[[Snapshot], bool] = lambda s: True,
-    timeout: float = 10.0,
-) -> Snapshot:
-    """The next snapshot that satisfies *predicate* (earlier events are dropped)."""
-    with trio.fail_after(timeout):
-        async for event in recv:
-            if isinstance(event, Snapshot) and predicate(event):
-                return event
-    raise AssertionError("the monitor closed its channel")
-
-
-async def next_problem(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceProblem:
-    with trio.fail_after(10):
-        async for event in recv:
-            if isinstance(event, SourceProblem):
-                return event
-    raise AssertionError("the monitor closed its channel")
-
-
-def versions(snap: Snapshot) -> dict[str, str]:
-    return {doc.name: doc.version for doc in snap.docs}
+def proxied(port: int) -> str:
+    """The DSN of the server, reached through a proxy on *port*."""
+    return f"host={HOST} port={port} user=postgres dbname=test"
 
 
 def offers(name: str) -> Callable[[Snapshot], bool]:
@@ -374,45 +359,21 @@ async def test_not_a_select_is_a_problem(table: Table) -> None:
 async def test_outage_stops_nothing_and_heals_after(table: Table) -> None:
     table.insert("a.ini", "[vassal]\ncommand = a\n")
     table.insert("b.ini", "[vassal]\ncommand = b\n")
-    proxy = TcpProxy(HOST, PORT)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        dsn = f"host={HOST} port={port} user=postgres dbname=test"
-        async with running(table.uri(dsn=dsn, listen=True), freq=0.05) as (monitor, recv):
-            await next_snapshot(recv, lambda s: len(s.docs) == 2)
-            proxy.cut()
-            problem = await next_problem(recv)
-            assert problem.source == monitor.uri
-            assert monitor.status.state == "retrying"
-            table.execute("DELETE FROM {t} WHERE name = 'b.ini'")
-            # While cut, nothing can tell the emperor b.ini is gone.
-            with trio.move_on_after(0.3):
-                async for event in recv:
-                    assert not isinstance(event, Snapshot), event
-            proxy.restore()
-            snap = await next_snapshot(recv)
-            assert list(versions(snap)) == ["a.ini"]
-            assert monitor.status.state == "connected"
-        nursery.cancel_scope.cancel()
+    await polled_source_outage(
+        (HOST, PORT),
+        lambda port: PostgresMonitor(
+            table.uri(dsn=proxied(port), listen=True), MonitorOptions(freq=0.05)
+        ),
+        lambda: table.execute("DELETE FROM {t} WHERE name = 'b.ini'"),
+    )
 
 
 async def test_an_unreachable_server_at_start_is_retried(table: Table) -> None:
     table.insert("a.ini", "[vassal]\ncommand = a\n")
-    proxy = TcpProxy(HOST, PORT)
-    proxy.cut()
-    send, recv = trio.open_memory_channel[SourceEvent](1000)
-    async with recv, trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        dsn = f"host={HOST} port={port} user=postgres dbname=test"
-        monitor = PostgresMonitor(table.uri(dsn=dsn), MonitorOptions(freq=0.05))
-        with trio.fail_after(1):  # start() does not wait for the database
-            await nursery.start(monitor.run, send)
-        await next_problem(recv)
-        assert monitor.status.state == "retrying"
-        proxy.restore()
-        snap = await next_snapshot(recv)
-        assert list(versions(snap)) == ["a.ini"]
-        nursery.cancel_scope.cancel()
+    await polled_source_unreachable_at_start(
+        (HOST, PORT),
+        lambda port: PostgresMonitor(table.uri(dsn=proxied(port)), MonitorOptions(freq=0.05)),
+    )
 
 
 async def test_cancel_during_a_slow_query_is_prompt_and_closes_the_connection(
@@ -433,51 +394,26 @@ async def test_cancel_during_a_slow_query_is_prompt_and_closes_the_connection(
 
 async def test_emperor_end_to_end_with_listen_and_an_outage(table: Table, tmp_path: Path) -> None:
     table.conn.execute(TRIGGER_SQL.format(table=table.name).encode())
-    proxy = TcpProxy(HOST, PORT)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
-        dsn = f"host={HOST} port={port} user=postgres dbname=test"
-        emperor = EmperorProcess(
-            [table.uri(dsn=dsn, listen=True), "--freq", "60", "--throttle", "50"],
-            tmp_path / "emperor.log",
-        )
-        try:
-            a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
-            table.insert("a.ini", pidfile_vassal(tmp_path, "a"))
-            table.insert("b.ini", pidfile_vassal(tmp_path, "b"))
-            await wait_for(lambda: read_pid(a_pid) is not None and read_pid(b_pid) is not None)
-            first_a, b = read_pid(a_pid), read_pid(b_pid)
-            assert first_a is not None and b is not None
 
-            # ts changes (the trigger sets it): reload
-            table.execute("UPDATE {t} SET config = config || '# 2' WHERE name = 'a.ini'")
-            await wait_for(lambda: read_pid(a_pid) not in {None, first_a})
-            a = read_pid(a_pid)
-            assert a is not None
-            await wait_for(lambda: not pid_alive(first_a))
+    def add() -> None:
+        table.insert("a.ini", pidfile_vassal(tmp_path, "a"))
+        table.insert("b.ini", pidfile_vassal(tmp_path, "b"))
 
-            # row deleted: stopped
-            table.execute("DELETE FROM {t} WHERE name = 'b.ini'")
-            await wait_for(lambda: not pid_alive(b))
-
-            # outage: the deletion made meanwhile is applied once it ends
-            proxy.cut()
-            # attempt=2: a reconnection has failed too, the line is really down
-            await wait_for(
-                lambda: "source.retrying" in emperor.text() and "attempt=2" in emperor.text()
-            )
-            table.execute("DELETE FROM {t} WHERE name = 'a.ini'")
-            await trio.sleep(0.3)
-            assert pid_alive(a)
-            proxy.restore()
-            await wait_for(lambda: not pid_alive(a))
-            assert "source.recovered" in emperor.text()
-
-            emperor.signal(signal.SIGTERM)
-            assert await emperor.wait() == 0
-        finally:
-            emperor.close()
-        nursery.cancel_scope.cancel()
+    await emperor_follows_a_polled_source(
+        tmp_path,
+        (HOST, PORT),
+        lambda port: table.uri(dsn=proxied(port), listen=True),
+        freq=60,
+        add=add,
+        # ts changes (the trigger sets it): reload
+        reload_a=lambda: table.execute(
+            "UPDATE {t} SET config = config || '# 2' WHERE name = 'a.ini'"
+        ),
+        stop_b=lambda: table.execute("DELETE FROM {t} WHERE name = 'b.ini'"),
+        remove_a=lambda: table.execute("DELETE FROM {t} WHERE name = 'a.ini'"),
+        # attempt=2: a reconnection has failed too, the line is really down
+        retries=2,
+    )
 
 
 def test_fraction_of_ts_is_kept() -> None:

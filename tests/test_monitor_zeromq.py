@@ -7,15 +7,24 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 import zmq
 
-from tests.helpers import EmperorProcess, pid_alive, pidfile_vassal, read_pid, wait_for
+from tests.helpers import (
+    EmperorProcess,
+    monitor_running,
+    new_pid,
+    next_event,
+    next_upsert,
+    pid_alive,
+    pidfile_vassal,
+    wait_for,
+)
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert
@@ -56,26 +65,10 @@ def pushers() -> Iterator[Pushers]:
     p.close()
 
 
-@asynccontextmanager
-async def running(
+def running(
     monitor: ZmqMonitor,
-) -> AsyncIterator[trio.MemoryReceiveChannel[SourceEvent]]:
-    send, recv = trio.open_memory_channel[SourceEvent](100)
-    async with trio.open_nursery() as nursery, recv:
-        await nursery.start(monitor.run, send)
-        yield recv
-        nursery.cancel_scope.cancel()
-
-
-async def next_event(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceEvent:
-    with trio.fail_after(5):
-        return await recv.receive()
-
-
-async def next_upsert(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert:
-    event = await next_event(recv)
-    assert isinstance(event, Upsert), event
-    return event
+) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[SourceEvent]]:
+    return monitor_running(monitor, capacity=100)
 
 
 def free_port() -> int:
@@ -305,9 +298,7 @@ async def test_emperor_lifecycle_through_zmq(tmp_path: Path, pushers: Pushers) -
         pidfile = tmp_path / "app.pid"
 
         push.send_multipart([b"touch", b"app.ini", config])
-        await wait_for(lambda: read_pid(pidfile) is not None)
-        first = read_pid(pidfile)
-        assert first is not None
+        first = await new_pid(pidfile)
 
         # Garbage in between: logged, the emperor and the vassal carry on.
         for frames in ([b"touch"], [b"\xff", b"\xfe"], [b"touch", b"../x.ini", config]):
@@ -315,9 +306,7 @@ async def test_emperor_lifecycle_through_zmq(tmp_path: Path, pushers: Pushers) -
         push.send_multipart([b"destroy", b"unknown.ini"])
 
         push.send_multipart([b"touch", b"app.ini", config])
-        await wait_for(lambda: read_pid(pidfile) not in {None, first})
-        second = read_pid(pidfile)
-        assert second is not None
+        second = await new_pid(pidfile, first)
         await wait_for(lambda: not pid_alive(first))
 
         push.send_multipart([b"destroy", b"app.ini"])
