@@ -316,6 +316,9 @@ def _configure_logging(level: str) -> None:
     )
     # watchfiles logs every change it sees at INFO; our monitors log what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    # pymongo logs its topology at DEBUG, and its fork hook repeats that in
+    # every vassal's child before exec; keep --log-level debug about trimperor.
+    logging.getLogger("pymongo").setLevel(logging.WARNING)
 
 
 def write_pidfile(path: str) -> None:

@@ -252,8 +252,10 @@ class PosixSpawner:
                 _child_exec_with_listen_fds(emperor_pid, child_argv, child_env, fds)
 
         try:
-            # Forking from the main thread on purpose (see the module docstring);
-            # preexec_fn only sets the parent-death signal, no locks are involved.
+            # Forking from the main thread on purpose (see the module docstring).
+            # preexec_fn sets the parent-death signal; note that with it CPython
+            # also runs the at-fork hooks libraries registered (pymongo has one)
+            # in the child before exec.
             popen = subprocess.Popen(  # noqa: ASYNC220
                 argv,
                 cwd=plan.cwd,
