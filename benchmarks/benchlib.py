@@ -10,30 +10,41 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 __all__ = [
     "Emperor",
     "Janitor",
     "Summary",
+    "children",
     "cpu_ticks",
+    "epoll_fds",
+    "epoll_watches",
+    "fd_limits",
     "is_gone",
     "machine_info",
+    "open_fds",
     "percentile",
     "proc_state",
+    "query_stats",
     "sigterm_as_interrupt",
+    "spawn_in_session",
     "status_field_kib",
     "trimperor_command",
     "uwsgi_binary",
@@ -166,6 +177,59 @@ def read_pid_file(path: Path) -> int | None:
     return int(text)
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of *pid* (from every one of its threads), from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(word) for word in f.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors *pid* has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def epoll_fds(pid: int) -> list[int]:
+    """The descriptors of *pid* that are epoll instances."""
+    found: list[int] = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[eventpoll]":
+                found.append(int(name))
+    return found
+
+
+def epoll_watches(pid: int, fds: Iterable[int]) -> int:
+    """How many descriptors the epoll instances *fds* of *pid* watch (``tfd:`` lines
+    of /proc/PID/fdinfo): for an emperor, the sockets it waits on, among others."""
+    total = 0
+    for fd in fds:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            total += f.read().count(b"\ntfd:")
+    return total
+
+
+def fd_limits(pid: int | None = None) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of *pid* (from /proc), or of this process."""
+    if pid is None:
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                words = line.split()
+                return int(words[3]), int(words[4])
+    raise KeyError("Max open files")
+
+
 # -- processes -----------------------------------------------------------------------
 
 
@@ -180,6 +244,59 @@ def uwsgi_binary() -> str | None:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("uwsgi")
+
+
+def spawn_in_session(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: Mapping[int, int],
+    log_path: Path | None = None,
+) -> int:
+    """Start *argv* with ``posix_spawn`` as the leader of a new session; return its pid.
+
+    *fds* maps a target descriptor in the child to a descriptor of ours (for
+    example ``{3: listener.fileno()}``, or ``{0: ...}`` as uWSGI's emperor does);
+    the child gets nothing else but stdin from /dev/null (unless mapped) and
+    stdout and stderr appended to *log_path* (or /dev/null). Register the pid
+    with :meth:`Janitor.adopt`.
+    """
+    opened: list[int] = []
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        opened.append(null)
+        out = null
+        if log_path is not None:
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            opened.append(out)
+        actions: list[tuple[int, int, int]] = []
+        for target in (0, 1, 2):
+            if target not in fds:
+                actions.append((os.POSIX_SPAWN_DUP2, null if target == 0 else out, target))
+        for target, source in fds.items():
+            if source == target:
+                # dup2 onto itself would leave close-on-exec set.
+                os.set_inheritable(source, True)
+            else:
+                actions.append((os.POSIX_SPAWN_DUP2, source, target))
+        return os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions, setsid=True)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def query_stats(path: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """trimperor's stats document, read from its ``--stats`` unix socket."""
+    chunks: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    doc: dict[str, Any] = json.loads(b"".join(chunks))
+    return doc
 
 
 class Emperor:
@@ -243,6 +360,7 @@ class Janitor:
     def __init__(self) -> None:
         self._emperors: list[Emperor] = []
         self._pids: set[int] = set()
+        self._adopted: set[int] = set()
         self._dirs: list[Path] = []
 
     def __enter__(self) -> Janitor:
@@ -270,6 +388,37 @@ class Janitor:
         """Vassal pids to kill at cleanup if they are still there."""
         self._pids.update(pids)
 
+    def adopt(self, pid: int) -> None:
+        """A child of this process leading its own session (see :func:`spawn_in_session`)."""
+        self._adopted.add(pid)
+
+    def reap(self, pid: int, kill: bool = False, timeout: float = 10.0) -> int | None:
+        """Wait for an adopted child (SIGKILL its session first if *kill*, or at the
+        timeout); return its wait status as a return code, None if it was not ours."""
+        if pid not in self._adopted:
+            return None
+        if kill:
+            _kill_session(pid)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                _kill_session(pid)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.001)
+        self._adopted.discard(pid)
+        return os.waitstatus_to_exitcode(status)
+
+    def _kill_adopted(self) -> None:
+        for pid in sorted(self._adopted):
+            _kill_session(pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self._adopted.clear()
+
     def stop_emperor(self, emperor: Emperor) -> None:
         emperor.terminate()
         self._kill_vassals()
@@ -294,6 +443,7 @@ class Janitor:
     def cleanup(self) -> None:
         # Ctrl-C again while cleaning up should not leave processes behind.
         with _interrupts_deferred():
+            self._kill_adopted()
             for emperor in reversed(self._emperors):
                 emperor.terminate()
             self._emperors.clear()
@@ -301,6 +451,13 @@ class Janitor:
             for path in self._dirs:
                 shutil.rmtree(path, ignore_errors=True)
             self._dirs.clear()
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL the process group led by *pid* (a session leader), and *pid* itself."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
