@@ -111,16 +111,27 @@ def test_environment_rules() -> None:
     }
 
 
+def scripted_emperor(
+    tmp_path: Path, scenario: str, **options: float
+) -> tuple[Emperor, FakeMonitor, Path]:
+    """An emperor whose uWSGI vassals are tests/fake_uwsgi.py running *scenario*."""
+    pidfile = tmp_path / "v.pid"
+    env = {
+        **os.environ,
+        "FAKE_SCENARIO": scenario,
+        "FAKE_PIDFILE": str(pidfile),
+        "FAKE_OUT": str(tmp_path / "configs.txt"),
+    }
+    source = FakeMonitor("fake://t")
+    uwsgi = UwsgiOptions(binary=str(FAKE), **options)  # type: ignore[arg-type]
+    emperor = Emperor([source], spawner=PosixSpawner(), environ=env, uwsgi=uwsgi)
+    return emperor, source, pidfile
+
+
 @pytest.mark.integration
 async def test_missed_heartbeat_restarts_the_vassal(tmp_path: Path) -> None:
-    source = FakeMonitor("fake://t")
-    pidfile = tmp_path / "v.pid"
-    env = {**os.environ, "FAKE_SCENARIO": "heartbeat-then-silence", "FAKE_PIDFILE": str(pidfile)}
-    emperor = Emperor(
-        [source],
-        spawner=PosixSpawner(),
-        environ=env,
-        uwsgi=UwsgiOptions(binary=str(FAKE), required_heartbeat=0.5),
+    emperor, source, pidfile = scripted_emperor(
+        tmp_path, "heartbeat-then-silence", required_heartbeat=0.5
     )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -136,15 +147,7 @@ async def test_missed_heartbeat_restarts_the_vassal(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 async def test_idle_byte_without_socket_stops_the_vassal(tmp_path: Path) -> None:
-    source = FakeMonitor("fake://t")
-    pidfile = tmp_path / "v.pid"
-    env = {**os.environ, "FAKE_SCENARIO": "idle", "FAKE_PIDFILE": str(pidfile)}
-    emperor = Emperor(
-        [source],
-        spawner=PosixSpawner(),
-        environ=env,
-        uwsgi=UwsgiOptions(binary=str(FAKE)),
-    )
+    emperor, source, pidfile = scripted_emperor(tmp_path, "idle")
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(emperor.run)
@@ -160,20 +163,8 @@ async def test_idle_byte_without_socket_stops_the_vassal(tmp_path: Path) -> None
 
 @pytest.mark.integration
 async def test_config_request_gets_the_current_config(tmp_path: Path) -> None:
-    source = FakeMonitor("fake://t")
+    emperor, source, _ = scripted_emperor(tmp_path, "ask-config")
     out = tmp_path / "configs.txt"
-    env = {
-        **os.environ,
-        "FAKE_SCENARIO": "ask-config",
-        "FAKE_OUT": str(out),
-        "FAKE_PIDFILE": str(tmp_path / "v.pid"),
-    }
-    emperor = Emperor(
-        [source],
-        spawner=PosixSpawner(),
-        environ=env,
-        uwsgi=UwsgiOptions(binary=str(FAKE)),
-    )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(emperor.run)

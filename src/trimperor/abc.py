@@ -97,6 +97,9 @@ class Process(Protocol):
     def output(self) -> trio.abc.ReceiveStream | None:
         """The vassal's merged stdout and stderr, unless they go to a file."""
 
+    def send(self, sig: int) -> None:
+        """Send *sig* to the main process only (a reload signal for its master)."""
+
     def signal_group(self, sig: int) -> None:
         """Send *sig* to the whole process group; no error if it is already gone."""
 

@@ -311,8 +311,7 @@ class Supervisor:
                     self._proc.pid,
                     signal.Signals(sig).name,
                 )
-                send = getattr(self._proc, "send", self._proc.signal_group)
-                send(sig)
+                self._proc.send(sig)
         elif act is Act.ARM:
             if self._bind_sockets():
                 self._arm()
