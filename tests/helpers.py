@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +21,26 @@ from trimperor.model import Snapshot, SourceEvent, SourceProblem, Upsert
 from trimperor.monitors.remote import SourceStatus
 
 PYTHON = sys.executable
+
+
+@contextmanager
+def system_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """A real unprivileged user (created for the test if missing, removed after)."""
+    created = False
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+        )
+        created = True
+        pw = pwd.getpwnam(name)
+    try:
+        yield pw
+    finally:
+        if created:
+            subprocess.run(["userdel", name], check=False)
 
 
 def pid_alive(pid: int) -> bool:

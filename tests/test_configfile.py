@@ -599,3 +599,13 @@ def test_parsers_fail_only_with_config_error(parser: Parser, text: str) -> None:
         assert str(exc).startswith("fuzz.cfg")
     else:
         assert isinstance(options, Options)
+
+
+def test_yaml_aliases_are_refused() -> None:
+    # A few kilobytes of aliases can stand for gigabytes of options.
+    items = ", ".join(["x"] * 3000)
+    bomb = "\n".join(["vassal:", f"  a: &l [{items}]", *(f"  k{i}: *l" for i in range(1500))])
+    with pytest.raises(ConfigError, match=r"^x.yaml:3:7: aliases \(\*name\) are not supported"):
+        parse("x.yaml", bomb)
+    # An anchor alone is harmless.
+    assert parse("x.yaml", "vassal:\n  a: &l [1, 2]\n").section("vassal") is not None

@@ -18,6 +18,7 @@ LAYERS = {
     "stats": 0,
     "uwsgi_protocol": 0,
     "abc": 1,
+    "asuser": 2,
     "spawner": 2,
     "uwsgi": 2,
     "sockets": 2,

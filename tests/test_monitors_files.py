@@ -338,10 +338,10 @@ async def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "secret.ini").write_text("secret")
     real_read = files._read
 
-    def read(path: str) -> tuple[os.stat_result, bytes] | None:
+    def read(path: str, max_size: int | None = None) -> tuple[os.stat_result, bytes] | None:
         if path.endswith("secret.ini"):
             raise PermissionError(13, "Permission denied", path)
-        return real_read(path)
+        return real_read(path, max_size)
 
     monkeypatch.setattr(files, "_read", read)
     async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
@@ -570,3 +570,16 @@ def test_on_demand_socket_discovery(tmp_path: Path) -> None:
     assert _with_socket(doc, both).socket == "127.0.0.1:9000"
     (tmp_path / "app.ini.sock").write_bytes(b"")
     assert _with_socket(doc, MonitorOptions(on_demand_extension=".sock")) is doc
+
+
+async def test_file_over_the_size_limit_is_not_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.ini"
+    big.write_text("[vassal]\ncommand = x\n" + "; padding\n" * 200)
+    (tmp_path / "small.ini").write_text("[vassal]\ncommand = x\n")
+    options = MonitorOptions(freq=0.05, max_config_size=1000)
+    async with running(DirMonitor(str(tmp_path), options)) as src:
+        snap = await src.until_names("big.ini", "small.ini")
+        assert doc(snap, "small.ini").text is not None
+        refused = doc(snap, "big.ini")
+        assert refused.text is None
+        assert refused.error == "2021 bytes, over --max-config-size (1000); not read"

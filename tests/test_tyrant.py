@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import subprocess
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, pid_alive, system_user, wait_for, write_atomic
 from trimperor.errors import Refused
 from trimperor.model import VassalDocument
 from trimperor.vassalspec import NativeSpec, UwsgiSpec, tyrant
@@ -61,26 +62,17 @@ def test_native_uid_key_cannot_name_someone_else() -> None:
 def unprivileged_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
         pytest.skip("tyrant mode tests need root")
-    created = False
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-        )
-        created = True
-        pw = pwd.getpwnam(USER)
-    yield pw
-    if created:
-        subprocess.run(["userdel", USER], check=False)
+    with system_user(USER) as pw:
+        yield pw
 
 
 @pytest.mark.integration
 async def test_tyrant_end_to_end(tmp_path: Path, unprivileged_user: pwd.struct_passwd) -> None:
     pw = unprivileged_user
-    vassals = tmp_path / "vassals"
-    vassals.mkdir()
+    # The vassal runs in its configuration's directory, entered as its user:
+    # not under pytest's tmp_path, which only root may enter.
+    vassals = Path(tempfile.mkdtemp(prefix="trimperor-tyrant-"))
+    vassals.chmod(0o755)
     # A system shell that reports its ids in the emperor's log: the unprivileged
     # user can reach neither the test's interpreter nor its temporary directory.
     text = "[vassal]\ncommand = /bin/sh -c 'echo ids `id -u` `id -g` `id -G`; exec sleep 600'\n"
@@ -112,3 +104,4 @@ async def test_tyrant_end_to_end(tmp_path: Path, unprivileged_user: pwd.struct_p
         await wait_for(lambda: not pid_alive(pid))
     finally:
         emperor.close()
+        shutil.rmtree(vassals, ignore_errors=True)

@@ -26,7 +26,10 @@ class MonitorOptions:
     follow_symlinks: bool = True
     extra_extensions: tuple[str, ...] = ()
     max_config_size: int = 64 * 1024
-    """Remote sources ignore (and log) configurations larger than this, in bytes."""
+    """Every source ignores (and logs) configurations larger than this, in bytes."""
+    tyrant: bool = False
+    """Tyrant mode: sources refuse what could make one user run as another
+    (a symlink whose owner is not its target's)."""
     amqp_exchange: str = "uwsgi.emperor"
     on_demand_extension: str | None = None
     """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
@@ -72,6 +75,9 @@ class LaunchPlan:
     init_groups: bool = True
     """When changing user: the user's supplementary groups (initgroups), else none."""
     logto: str | None = None
+    as_user: bool = False
+    """Tyrant mode: open ``logto`` and enter ``cwd`` with the user's rights only
+    (the configuration's author is not trusted with root's)."""
     pass_fds: tuple[int, ...] = ()
     stdin_fd: int | None = None
     listen_fds: tuple[int, ...] = ()

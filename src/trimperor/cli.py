@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64 * 1024,
         metavar="BYTES",
-        help="remote sources ignore larger configurations (default 65536)",
+        help="every source ignores larger configurations, with a log line (default 65536)",
     )
     g.add_argument(
         "--amqp-exchange",
@@ -400,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             follow_symlinks=not args.nofollow,
             extra_extensions=tuple(args.extra_extension),
             max_config_size=args.max_config_size,
+            tyrant=args.tyrant,
             on_demand_extension=args.on_demand_extension,
             on_demand_directory=(
                 os.path.abspath(args.on_demand_directory) if args.on_demand_directory else None

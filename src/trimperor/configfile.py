@@ -219,14 +219,32 @@ _BOOLS = {  # YAML 1.1 booleans, lower-cased
 }
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Composes a document, refusing aliases.
+
+    An alias repeats a node without its text, so a few kilobytes of them can
+    stand for gigabytes of options; uWSGI's own YAML reader has none either.
+    Anchors alone are harmless and accepted.
+    """
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported", event.start_mark
+            )
+        node: Node | None = super().compose_node(parent, index)
+        return node
+
+
 def parse_yaml(name: str, text: str) -> Options:
     """Parse a YAML document (see the module documentation for the rules).
 
     The document is composed, not constructed: no Python object is built from a
-    tag, and scalars keep their text.
+    tag, and scalars keep their text. Aliases are refused (see _NoAliasLoader).
     """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_NoAliasLoader)
     except yaml.MarkedYAMLError as exc:
         message = exc.problem or exc.context or "invalid YAML"
         if exc.problem and exc.context:

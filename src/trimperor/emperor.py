@@ -96,6 +96,7 @@ class Emperor:
         self._tyrant_initgroups = tyrant_initgroups
         self._uwsgi = uwsgi or UwsgiOptions(extra_extensions=self._extra_extensions)
         self.registry: Registry[VassalSpec] = Registry(self._parse)
+        self._parsed: dict[int, VassalSpec | Exception] = {}
         self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
         self._sups: dict[str, Supervisor] = {}
         self._stopping: set[str] = set()
@@ -228,17 +229,43 @@ class Emperor:
 
     async def _inbox_loop(self) -> None:
         async for event in self._recv:
+            # Parsing is bounded (sizes, no YAML aliases) but still CPU work
+            # proportional to the input: do it off the event loop, so that no
+            # document can delay a wake, a stop or a heartbeat.
+            docs = self.registry.to_parse(event)
+            if docs:
+                self._parsed = await trio.to_thread.run_sync(self._parse_all, docs)
             try:
                 actions = self.registry.handle(event)
             except Exception:
                 log.exception("emperor.bad_event event=%r", event)
                 continue
+            finally:
+                self._parsed = {}
             for action in actions:
                 self._apply(action)
+
+    def _parse_all(self, docs: list[VassalDocument]) -> dict[int, VassalSpec | Exception]:
+        """In a worker thread: each document's spec, or the error parsing raised."""
+        parsed: dict[int, VassalSpec | Exception] = {}
+        for doc in docs:
+            try:
+                parsed[id(doc)] = self._parse_now(doc)
+            except Exception as exc:  # re-raised where handle() parses it
+                parsed[id(doc)] = exc
+        return parsed
 
     # -- decisions --------------------------------------------------------------
 
     def _parse(self, doc: VassalDocument) -> VassalSpec:
+        done = self._parsed.get(id(doc))
+        if done is None:
+            return self._parse_now(doc)
+        if isinstance(done, Exception):
+            raise done
+        return done
+
+    def _parse_now(self, doc: VassalDocument) -> VassalSpec:
         spec = build_spec(doc, self._environ, self._extra_extensions)
         if self.tyrant:
             spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)

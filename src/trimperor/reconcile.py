@@ -99,6 +99,27 @@ class Registry(Generic[S]):
     def names(self, source: str) -> frozenset[str]:
         return frozenset(self._offers.get(source, ()))
 
+    def to_parse(self, event: SourceEvent) -> list[VassalDocument]:
+        """The documents :meth:`handle` would parse for *event* (new versions).
+
+        Lets the caller parse them beforehand, elsewhere (off its event loop);
+        a document left out is simply parsed by :meth:`handle` itself.
+        """
+        if isinstance(event, Upsert):
+            docs: tuple[VassalDocument, ...] = (event.doc,)
+        elif isinstance(event, Snapshot):
+            docs = event.docs
+        else:
+            return []
+        wanted = []
+        for doc in docs:
+            owned = self._owned.get(doc.name)
+            if doc.text is None or doc.error is not None:
+                continue
+            if owned is None or (owned.source == doc.source and owned.version != doc.version):
+                wanted.append(doc)
+        return wanted
+
     # -- what the emperor reports back ------------------------------------------
 
     def retired(self, name: str) -> None:

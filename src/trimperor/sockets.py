@@ -17,12 +17,14 @@ import contextlib
 import errno
 import logging
 import os
+import pwd
 import socket
 import stat
 import struct
 
 import trio
 
+from trimperor.asuser import Credentials, call_as
 from trimperor.errors import SpawnError
 from trimperor.spawner import resolve_ids
 from trimperor.vassalspec import SocketSpec
@@ -41,9 +43,13 @@ _UNIX_CONNECTED = "03"
 class HeldSocket:
     """One bound, listening socket owned by the emperor."""
 
-    def __init__(self, spec: SocketSpec, sock: socket.socket) -> None:
+    def __init__(
+        self, spec: SocketSpec, sock: socket.socket, creds: Credentials | None = None
+    ) -> None:
         self.spec = spec
         self.sock = sock
+        self._creds = creds
+        """Tyrant mode: the user whose rights the socket's path is handled with."""
         self.state = "armed"
         """``armed`` (no process; a connection wakes the vassal), ``handed over``
         (a process has it), ``sleeping`` (the vassal is being put to sleep)."""
@@ -80,19 +86,44 @@ class HeldSocket:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         if self.spec.family == "unix":
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(self.spec.path).st_mode):
-                    os.unlink(self.spec.path)
+            with contextlib.suppress(OSError, SpawnError):
+                call_as(self._creds, _unlink_ours, self.spec.path, self._creds)
 
 
-def bind(spec: SocketSpec, user: str | None = None, group: str | None = None) -> HeldSocket:
-    """Bind and listen. Raises SpawnError with a message naming the address."""
+def _unlink_ours(path: str, creds: Credentials | None) -> None:
+    """Remove the socket at *path*, if it is one (and, in tyrant mode, the user's)."""
+    st = os.lstat(path)
+    if stat.S_ISSOCK(st.st_mode) and (creds is None or st.st_uid == creds.uid):
+        os.unlink(path)
+
+
+def bind(
+    spec: SocketSpec, user: str | None = None, group: str | None = None, as_user: bool = False
+) -> HeldSocket:
+    """Bind and listen. Raises SpawnError with a message naming the address.
+
+    With *as_user* (tyrant mode) a unix socket's path is handled with the
+    rights of *user* alone: it is bound (so created) as that user, an existing
+    path is replaced only if it is a socket the user owns, and ``socket-owner``
+    can only name the user and its groups (the kernel's rule for chown).
+    """
+    creds = None
+    if as_user and user is not None and spec.family == "unix":
+        uid, gid, _ = resolve_ids(user, group, init_groups=False)
+        if uid is not None:
+            gid = uid if gid is None else gid
+            try:
+                name = pwd.getpwuid(uid).pw_name
+                groups = tuple(os.getgrouplist(name, gid))
+            except KeyError:
+                groups = (gid,)
+            creds = Credentials(uid, gid, groups)
     family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
     sock = socket.socket(family[spec.family], socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if spec.family == "unix":
-            _bind_unix(sock, spec, user, group)
+            call_as(creds, _bind_unix, sock, spec, user, group, creds)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if spec.family == "inet6":
@@ -104,21 +135,50 @@ def bind(spec: SocketSpec, user: str | None = None, group: str | None = None) ->
         reason = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use"
+        if creds is not None:
+            reason += f" (as uid {creds.uid})"
         raise SpawnError(f"cannot bind {spec.address}: {reason}") from None
+    except SpawnError:
+        sock.close()
+        raise
     log.info("socket.bound address=%s fd=%d", spec.address, sock.fileno())
-    return HeldSocket(spec, sock)
+    return HeldSocket(spec, sock, creds)
 
 
-def _bind_unix(sock: socket.socket, spec: SocketSpec, user: str | None, group: str | None) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
-            os.unlink(spec.path)  # a stale socket from an earlier run
+def _bind_unix(
+    sock: socket.socket,
+    spec: SocketSpec,
+    user: str | None,
+    group: str | None,
+    creds: Credentials | None,
+) -> None:
+    """Bind *sock* at its path; runs with *creds*' rights when given."""
+    try:
+        st = os.lstat(spec.path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SpawnError(f"cannot bind {spec.address}: the path exists and is not a socket")
+        if creds is not None and st.st_uid != creds.uid:
+            raise SpawnError(
+                f"cannot bind {spec.address}: the socket there belongs to uid {st.st_uid}, "
+                f"not to the vassal's user ({creds.uid}); it is not replaced"
+            )
+        os.unlink(spec.path)  # a stale socket from an earlier run
     sock.bind(spec.path)
     os.chmod(spec.path, spec.mode)
     owner, owner_group = spec.owner or user, spec.group or group
     if owner is not None or owner_group is not None:
         uid, gid, _ = resolve_ids(owner, owner_group, init_groups=False)
-        os.chown(spec.path, -1 if uid is None else uid, -1 if gid is None else gid)
+        try:
+            os.chown(spec.path, -1 if uid is None else uid, -1 if gid is None else gid)
+        except PermissionError:
+            os.unlink(spec.path)
+            raise SpawnError(
+                f"cannot bind {spec.address}: socket-owner {owner}:{owner_group or ''} "
+                "names another user or a group the vassal's user is not in"
+            ) from None
 
 
 class ConnectionTable:

@@ -26,11 +26,13 @@ import pwd
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 
 import trio
 
 from trimperor.abc import LaunchPlan
+from trimperor.asuser import Credentials, run_as
 from trimperor.errors import SpawnError
 
 __all__ = ["PosixProcess", "PosixSpawner", "raise_fd_limit", "resolve_ids"]
@@ -43,7 +45,7 @@ with contextlib.suppress(OSError):
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the child
+def _child_setup(emperor_pid: int, cwd: str) -> None:  # pragma: no cover - runs in the child
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The emperor may have died between fork and prctl: then we were re-parented.
@@ -56,6 +58,9 @@ def _child_setup(emperor_pid: int) -> None:  # pragma: no cover - runs in the ch
     # programs that still use select().
     if _VASSAL_NOFILE is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, _VASSAL_NOFILE)
+    # Here, after the change of user (subprocess's own ``cwd=`` would enter it
+    # as root): a vassal can only work in a directory its user may enter.
+    os.chdir(cwd)
 
 
 _VASSAL_NOFILE: tuple[int, int] | None = None
@@ -82,7 +87,7 @@ _LISTEN_FDS_START = 3
 
 
 def _child_exec_with_listen_fds(
-    emperor_pid: int, argv: list[str], env: dict[str, str], fds: tuple[int, ...]
+    emperor_pid: int, cwd: str, argv: list[str], env: dict[str, str], fds: tuple[int, ...]
 ) -> None:  # pragma: no cover - runs in the child
     """preexec_fn for socket hand-off: put *fds* at 3, 4, ..., set LISTEN_PID to
     our own pid, close everything else, and exec. Never returns on success.
@@ -90,7 +95,7 @@ def _child_exec_with_listen_fds(
     The environment must name the child's pid, which only the child knows, so
     the child execs itself instead of returning to subprocess.
     """
-    _child_setup(emperor_pid)
+    _child_setup(emperor_pid, cwd)
     # Move them out of the way first: a source may sit where another must go.
     high = [os.dup(fd) for fd in fds]
     top = max([*high, *fds, _LISTEN_FDS_START + len(fds)]) + 1
@@ -218,38 +223,43 @@ class PosixSpawner:
 
     async def spawn(self, plan: LaunchPlan) -> PosixProcess:
         uid, gid, groups = resolve_ids(plan.user, plan.group, plan.init_groups)
+        creds = None
+        if plan.as_user and uid is not None:
+            creds = Credentials(uid, uid if gid is None else gid, groups or ())
+        # Checked here for a clear message; the child enters it again as the
+        # vassal's user (see _child_setup), which is what counts.
+        await run_as(creds, _check_directory, plan.cwd, uid)
         read_fd: int | None = None
         write_fd: int
         if plan.logto is not None:
-            try:
-                write_fd = os.open(plan.logto, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            except OSError as exc:
-                raise SpawnError(f"cannot open logto {plan.logto!r}: {exc.strerror}") from None
+            write_fd = await run_as(creds, _open_log, plan.logto, uid)
         else:
             read_fd, write_fd = os.pipe()
         stdin = subprocess.DEVNULL if plan.stdin_fd is None else plan.stdin_fd
         env = dict(plan.env)
         argv = list(plan.argv)
-        preexec = lambda: _child_setup(self._emperor_pid)  # noqa: E731
+        emperor_pid = self._emperor_pid
+        cwd = plan.cwd
+
+        def preexec() -> None:  # pragma: no cover - runs in the child
+            _child_setup(emperor_pid, cwd)
+
         if plan.listen_fds:
             # Our own exec in the child: check what would fail there, here.
             program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
-            if program is None or not os.path.isdir(plan.cwd):  # noqa: ASYNC240
+            if program is None:
                 os.close(write_fd)
                 if read_fd is not None:
                     os.close(read_fd)
-                if program is None:
-                    raise SpawnError(f"program {plan.argv[0]!r} not found")
-                raise SpawnError(f"working directory {plan.cwd!r} does not exist")
+                raise SpawnError(f"program {plan.argv[0]!r} not found")
             env["LISTEN_FDS"] = str(len(plan.listen_fds))
             env["LISTEN_FDNAMES"] = ":".join(plan.listen_names)
             fds = plan.listen_fds
-            emperor_pid = self._emperor_pid
             child_argv = [program, *argv[1:]]
             child_env = env
 
             def preexec() -> None:  # pragma: no cover - runs in the child
-                _child_exec_with_listen_fds(emperor_pid, child_argv, child_env, fds)
+                _child_exec_with_listen_fds(emperor_pid, cwd, child_argv, child_env, fds)
 
         try:
             # Forking from the main thread on purpose (see the module docstring).
@@ -258,7 +268,6 @@ class PosixSpawner:
             # in the child before exec.
             popen = subprocess.Popen(  # noqa: ASYNC220
                 argv,
-                cwd=plan.cwd,
                 env=env,
                 stdin=stdin,
                 stdout=write_fd,
@@ -271,16 +280,17 @@ class PosixSpawner:
                 extra_groups=list(groups) if groups is not None else None,
                 preexec_fn=preexec,  # noqa: PLW1509
             )
-        except FileNotFoundError as exc:
-            missing = exc.filename if exc.filename else plan.argv[0]
-            if missing == plan.cwd:
-                message = f"working directory {plan.cwd!r} does not exist"
-            else:
-                message = f"program {plan.argv[0]!r} not found"
-            raise SpawnError(message) from None
+        except FileNotFoundError:
+            raise SpawnError(f"program {plan.argv[0]!r} not found") from None
         except PermissionError as exc:
             raise SpawnError(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        except subprocess.SubprocessError:
+            # The child failed before exec: the working directory (or, for a
+            # socket hand-off, the program) changed since it was checked.
+            raise SpawnError(
+                f"cannot start {plan.argv[0]!r} in {plan.cwd!r}{_as_whom(uid)}"
+            ) from None
+        except (OSError, ValueError) as exc:
             raise SpawnError(f"cannot run {plan.argv[0]!r}: {exc}") from None
         finally:
             os.close(write_fd)
@@ -288,6 +298,32 @@ class PosixSpawner:
                 os.close(read_fd)
         output = trio.lowlevel.FdStream(read_fd) if read_fd is not None else None
         return PosixProcess(popen, output)
+
+
+def _as_whom(uid: int | None) -> str:
+    return "" if uid is None or os.geteuid() != 0 else f" as uid {uid}"
+
+
+def _check_directory(path: str, uid: int | None) -> None:
+    """Raise SpawnError unless *path* is a directory the caller may enter."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError:
+        is_dir = True  # a parent cannot be searched: the access check says so
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        raise SpawnError(f"working directory {path!r} does not exist")
+    if not os.access(path, os.X_OK, effective_ids=True):
+        raise SpawnError(f"working directory {path!r} cannot be entered{_as_whom(uid)}")
+
+
+def _open_log(path: str, uid: int | None) -> int:
+    """Open (create) a vassal's log file for appending; with the caller's rights."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise SpawnError(f"cannot open logto {path!r}{_as_whom(uid)}: {exc.strerror}") from None
 
 
 def pid_alive(pid: int) -> bool:

@@ -62,6 +62,7 @@ def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
         group=spec.gid,
         init_groups=spec.init_groups,
         logto=spec.logto,
+        as_user=spec.tyrant,
     )
 
 
@@ -518,7 +519,9 @@ class Supervisor:
             if spec in self._held:
                 continue
             try:
-                self._held[spec] = bind(spec, self.spec.uid, self.spec.gid)
+                self._held[spec] = bind(
+                    spec, self.spec.uid, self.spec.gid, as_user=self.spec.tyrant
+                )
             except SpawnError as exc:
                 self.last_error = str(exc)
                 log.error("vassal.bind_failed name=%s error=%s", self.name, exc)

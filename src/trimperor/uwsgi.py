@@ -117,6 +117,7 @@ class UwsgiChannel:
             user=spec.uid,
             group=spec.gid,
             init_groups=spec.init_groups,
+            as_user=spec.tyrant,
             pass_fds=tuple(end.fileno() for end in self._child_ends),
             stdin_fd=stdin_fd,
         )

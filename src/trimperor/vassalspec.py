@@ -134,6 +134,9 @@ class NativeSpec:
     watchdog: float | None = None
     type: str = "simple"
     """``simple``: running once started; ``notify``: starting until sd_notify READY=1."""
+    tyrant: bool = False
+    """Set by :func:`tyrant`: every path the configuration names is opened, bound
+    or entered with the user's rights, never root's."""
 
     kind = "native"
 
@@ -176,6 +179,7 @@ class UwsgiSpec:
 
     idle: float | None = None
     watchdog: float | None = None
+    tyrant: bool = False
 
     def launch_key(self) -> tuple[object, ...]:
         """What a reload in place cannot change."""
@@ -405,7 +409,16 @@ def tyrant(
                     f"{doc.name}: {key} {asked} differs from the owner of the configuration "
                     f"({owner}); in tyrant mode a vassal always runs as its owner"
                 )
-    return replace(spec, uid=str(doc.uid), gid=str(doc.gid), init_groups=initgroups)
+    for sock in spec.sockets:
+        if sock.owner is None:
+            continue
+        asked_uid, _ = resolve(sock.owner, None)
+        if asked_uid is not None and asked_uid != doc.uid:
+            raise Refused(
+                f"{doc.name}: socket-owner {sock.owner} is not the owner of the configuration "
+                f"({doc.uid}); in tyrant mode a socket belongs to the vassal's user"
+            )
+    return replace(spec, uid=str(doc.uid), gid=str(doc.gid), init_groups=initgroups, tyrant=True)
 
 
 def build_spec(

@@ -91,6 +91,9 @@ def _load(
     source: str,
     follow_symlinks: bool,
     cache: dict[str, VassalDocument],
+    *,
+    tyrant: bool = False,
+    max_size: int | None = None,
 ) -> VassalDocument | None:
     """The document for one candidate, or None if it is not a (readable) file.
 
@@ -109,8 +112,32 @@ def _load(
     cached = cache.get(name)
     if cached is not None and cached.version == version and cached.path == path:
         return cached
+    if tyrant and follow_symlinks:
+        # As Apache's SymLinksIfOwnerMatch: a user must not make another
+        # user's configuration run from their directory (as that user).
+        try:
+            link = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(link.st_mode) and link.st_uid != st.st_uid:
+            return _refused(
+                name,
+                path,
+                source,
+                version,
+                f"symlink owned by uid {link.st_uid} points to a file owned by uid "
+                f"{st.st_uid}; tyrant mode needs both to have the same owner",
+            )
+    if max_size is not None and st.st_size > max_size:
+        return _refused(
+            name,
+            path,
+            source,
+            version,
+            f"{st.st_size} bytes, over --max-config-size ({max_size}); not read",
+        )
     try:
-        read = _read(path)
+        read = _read(path, max_size)
     except FileNotFoundError:
         return None  # vanished since stat(), or a dangling symlink
     except OSError as exc:
@@ -118,6 +145,8 @@ def _load(
     if read is None:
         return None
     fst, data = read
+    if max_size is not None and len(data) > max_size:
+        return _refused(name, path, source, version, f"over --max-config-size ({max_size})")
     if follow_symlinks:
         version = _version(fst)  # describes exactly what was read
         st = fst
@@ -157,8 +186,11 @@ def _with_socket(doc: VassalDocument, options: MonitorOptions) -> VassalDocument
     return replace(doc, socket=socket, version=f"{doc.version}:{socket}")
 
 
-def _read(path: str) -> tuple[os.stat_result, bytes] | None:
-    """The status and content of the regular file at *path*; None if it is not one."""
+def _read(path: str, max_size: int | None = None) -> tuple[os.stat_result, bytes] | None:
+    """The status and content of the regular file at *path*; None if it is not one.
+
+    At most ``max_size + 1`` bytes are read: enough to tell that it is too large.
+    """
     # O_NONBLOCK: if the file was swapped for a FIFO since stat(), open must
     # not wait for a writer; fstat() then rejects it.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -166,7 +198,14 @@ def _read(path: str) -> tuple[os.stat_result, bytes] | None:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             return None
-        return st, f.read()
+        return st, f.read() if max_size is None else f.read(max_size + 1)
+
+
+def _refused(name: str, path: str, source: str, version: str, why: str) -> VassalDocument:
+    """A candidate that is not read (and not started): *why* is logged once."""
+    return VassalDocument(
+        name=name, source=source, version=version + ":refused", text=None, path=path, error=why
+    )
 
 
 def _unreadable(name: str, path: str, source: str, version: str, exc: OSError) -> VassalDocument:
@@ -341,7 +380,15 @@ class _FileMonitor:
         """Everything the source offers now, and the new cache; blocking."""
         docs: dict[str, VassalDocument] = {}
         for name, path in self._candidates():
-            doc = _load(name, path, self.uri, self._options.follow_symlinks, cache)
+            doc = _load(
+                name,
+                path,
+                self.uri,
+                self._options.follow_symlinks,
+                cache,
+                tyrant=self._options.tyrant,
+                max_size=self._options.max_config_size,
+            )
             if doc is not None:
                 docs[name] = _with_socket(doc, self._options)
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
