@@ -274,3 +274,20 @@ async def test_sd_notify_when_run_by_systemd(tmp_path: Path) -> None:
             assert dict(proc.plan.env)["NOTIFY_SOCKET"].startswith("@trimperor/")
             emperor.shutdown()
         assert (await sock.recv(4096)).startswith(b"STOPPING=1")
+
+
+async def test_large_snapshots_are_parsed_off_the_event_loop(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    padding = "; " + "x" * 500 + "\n"
+    docs = [
+        VassalDocument(f"v{i}.ini", "fake://a", "1", NATIVE.format(arg=i) + padding * 2)
+        for i in range(40)
+    ]
+    broken = VassalDocument("broken.ini", "fake://a", "1", "[vassal]\nbogus = 1\n")
+    with caplog.at_level(logging.ERROR):
+        await world.a.send(Snapshot("fake://a", (*docs, broken)))
+        await world.spawner.wait_spawned(40)
+    args = sorted(p.plan.argv[1] for p in world.spawner.spawned)
+    assert args == sorted(str(i) for i in range(40))
+    assert "unknown key 'bogus'" in caplog.text

@@ -39,6 +39,9 @@ __all__ = ["Emperor"]
 
 log = logging.getLogger(__name__)
 
+#: Characters of configuration text the inbox parses on the event loop itself.
+_PARSE_HERE_MAX = 16 * 1024
+
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -232,8 +235,10 @@ class Emperor:
             # Parsing is bounded (sizes, no YAML aliases) but still CPU work
             # proportional to the input: do it off the event loop, so that no
             # document can delay a wake, a stop or a heartbeat.
+            # A few small documents parse in microseconds, less than a thread
+            # hand-off costs: those stay here.
             docs = self.registry.to_parse(event)
-            if docs:
+            if sum(len(doc.text or "") for doc in docs) > _PARSE_HERE_MAX:
                 self._parsed = await trio.to_thread.run_sync(self._parse_all, docs)
             try:
                 actions = self.registry.handle(event)
