@@ -41,6 +41,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -174,6 +175,35 @@ def _id(value: object, what: str) -> int | None:
     raise ValueError(f"{what} is not a non-negative integer: {value!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A config column the server measured and did not send: over the limit."""
+
+    size: int
+
+
+def guarded_query(query: str, columns: int, limit: int) -> str:
+    """*query* wrapped so that the server never sends a config over *limit* bytes.
+
+    Its second column comes back NULL where it is too large, followed by an
+    extra column with its size; see :func:`unguard`.
+    """
+    names = [f"c{i}" for i in range(columns)]
+    rest = ", ".join(f"t.{n}" for n in names[2:])
+    return (
+        f"SELECT t.c0, CASE WHEN octet_length(t.c1) > {int(limit)} THEN NULL ELSE t.c1 END, "
+        f"octet_length(t.c1), {rest} FROM ({query.rstrip().rstrip(';')}) AS t({', '.join(names)})"
+    )
+
+
+def unguard(row: Sequence[Any], limit: int) -> tuple[Any, ...]:
+    """A row of :func:`guarded_query` in the shape of the user's query."""
+    config, size = row[1], row[2]
+    if config is None and isinstance(size, int) and size > limit:
+        config = Oversized(size)
+    return (row[0], config, *row[3:])
+
+
 def row_document(row: Sequence[Any], source: str, options: MonitorOptions) -> VassalDocument:
     """The vassal a query row describes; raises :class:`BadRow`."""
     name = row[0] if row else None
@@ -182,6 +212,12 @@ def row_document(row: Sequence[Any], source: str, options: MonitorOptions) -> Va
     if not 3 <= len(row) <= 6:
         raise BadRow(name, f"the query returns {len(row)} columns, not 3 to 6")
     config = row[1]
+    if isinstance(config, Oversized):
+        raise BadRow(
+            name,
+            f"configuration is {config.size} bytes, over --max-config-size "
+            f"({options.max_config_size}); not fetched",
+        )
     if isinstance(config, bytes | memoryview):
         config = bytes(config).decode("utf-8", errors="replace")
     if not isinstance(config, str):
@@ -272,6 +308,7 @@ class PostgresMonitor:
         self.uri = _label(uri, self._dsn)
         self._options = options
         self.status = SourceStatus(self.uri)
+        self._guarded: str | None = None
 
     def _conninfo(self) -> str:
         """The DSN plus the connection defaults it does not set."""
@@ -336,15 +373,40 @@ class PostgresMonitor:
         link.conn = psycopg.connect(self._conninfo(), autocommit=True)
         if self.channel is not None:
             link.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        self._guarded = self._guard(link.conn)
+
+    def _guard(self, conn: psycopg.Connection[Any]) -> str | None:
+        """The query that leaves oversized configs on the server, if it applies."""
+        encoding = conn.info.encoding
+        try:
+            cur = conn.execute(f"SELECT * FROM ({self.query.rstrip().rstrip(';')}) AS t LIMIT 0")
+            columns = len(cur.description or ())
+            if not 3 <= columns <= 6:
+                return None  # row_document says why, for every row
+            guarded = guarded_query(self.query, columns, self._options.max_config_size)
+            conn.execute(f"{guarded} LIMIT 0".encode(encoding))
+        except (psycopg.ProgrammingError, psycopg.DataError) as exc:
+            log.info(
+                "source.unguarded uri=%s reason=%s: configurations are fetched whole and "
+                "then checked against --max-config-size",
+                self.uri,
+                _describe(exc),
+            )
+            return None
+        return guarded
 
     def _query(self, link: _Link) -> list[tuple[Any, ...]]:
         """Run the query; blocking."""
         conn = link.conn
         assert conn is not None
-        cur = conn.execute(self.query.encode(conn.info.encoding))
+        query = self._guarded or self.query
+        cur = conn.execute(query.encode(conn.info.encoding))
         if cur.description is None:
             raise psycopg.ProgrammingError("the query returns no rows (is it a SELECT?)")
-        return cur.fetchall()
+        rows = cur.fetchall()
+        if self._guarded is None:
+            return rows
+        return [unguard(row, self._options.max_config_size) for row in rows]
 
     async def _notified(self, conn: psycopg.Connection[Any]) -> None:
         """Return once a notification has arrived (including during the last query)."""
