@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s unit``, ``tests``, ``lint``, ``typecheck``, ``docs``, ``bench``."""
+"""Developer sessions: ``nox -s unit``, ``tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``fuzz``."""
 
 from __future__ import annotations
 
@@ -49,3 +49,12 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (installs uWSGI from PyPI to compare against)."""
     session.install("-e", ".[examples]", "uwsgi")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz suite with many more examples than CI runs (tests/test_fuzz.py)."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "tests/test_fuzz.py", *session.posargs, env={"HYPOTHESIS_PROFILE": "fuzz"}
+    )

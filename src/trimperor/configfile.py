@@ -219,6 +219,12 @@ _BOOLS = {  # YAML 1.1 booleans, lower-cased
 }
 
 
+#: Deepest nesting a YAML document may have. A vassal needs three levels
+#: (sections, options, lists); PyYAML's composer recurses per level, and
+#: thousands of levels cost it seconds.
+MAX_DEPTH = 32
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """Composes a document, refusing aliases.
 
@@ -227,13 +233,22 @@ class _NoAliasLoader(yaml.SafeLoader):
     Anchors alone are harmless and accepted.
     """
 
+    _depth = 0
+
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported", mark)
+        if self._depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not supported", event.start_mark
+                None, None, f"nested deeper than {MAX_DEPTH} levels", mark
             )
-        node: Node | None = super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            node: Node | None = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
         return node
 
 
