@@ -410,7 +410,7 @@ def test_syntax_errors_name_the_line(name: str, text: str, where: str) -> None:
             "uwsgi:\n  env: !!binary aGk=\n",
             "app.yaml:2:8: section 'uwsgi', option 'env'",
         ),
-        ("app.yaml", "uwsgi:\n  env: !!bool maybe\n", "app.yaml:2:8: 'maybe' is not a boolean"),
+        ("app.yaml", "uwsgi:\n  env: !!bool maybe\n", "app.yaml:2:8: the value is not a boolean"),
         ("app.yaml", "uwsgi: !!set {a}\n", "app.yaml:1:8: unsupported tag"),
         ("app.json", "[]", "app.json: the top level must map"),
         ("app.json", '"uwsgi"', "app.json: the top level must map"),

@@ -74,7 +74,7 @@ def test_list_command_in_yaml_and_json() -> None:
         ("[vassal]\nenv = A=1\n", "needs a command"),
         ("[vassal]\ncommand = 'unclosed\n", "command: No closing quotation"),
         ("[vassal]\ncommand = x\nenv = NOEQUALS\n", "not KEY=VALUE"),
-        ("[vassal]\ncommand = x\nstop-signal = BOGUS\n", "unknown signal 'BOGUS'"),
+        ("[vassal]\ncommand = x\nstop-signal = BOGUS\n", "stop-signal: unknown signal"),
         ("[vassal]\ncommand = x\nstop-timeout = soon\n", "not a number of seconds"),
         ("[vassal]\ncommand = x\nstop-timeout = -1\n", "not a number of seconds"),
         ("[vassal]\ncommand = $(MISSING)\n", "'MISSING' is not set"),
@@ -133,3 +133,29 @@ def test_a_socket_from_the_source_makes_a_native_vassal_on_demand() -> None:
         VassalDocument("a.ini", "pg://", "1", "[vassal]\ncommand = x\n", socket=""), ENV
     )
     assert isinstance(empty, NativeSpec) and not empty.on_demand and empty.sockets == ()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "stop-timeout = hunter2",
+        "stop-signal = hunter2",
+        "env = hunter2",
+        "type = hunter2",
+        "socket-mode = hunter2",
+        "listen-backlog = hunter2",
+        "socket = hunter2:http",
+        "socket = [hunter2:80",
+        "socket = hunter2::2:80",
+        "on-demand = hunter2",
+    ],
+)
+def test_errors_never_quote_values(line: str) -> None:
+    # A configuration may hold secrets (or be a file it should not be): an
+    # error names the file and the key, never the value.
+    doc = VassalDocument(
+        "a.ini", "dir:///v", "1", f"[vassal]\ncommand = x\n{line}\n", path="/v/a.ini"
+    )
+    with pytest.raises(ConfigError) as info:
+        build_spec(doc, {})
+    assert "hunter2" not in str(info.value)

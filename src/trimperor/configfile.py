@@ -365,7 +365,7 @@ def _text(name: str, node: Node, what: str) -> str:
         try:
             return _BOOLS[str(node.value).lower()]
         except KeyError:
-            raise _node_error(name, node, f"{node.value!r} is not a boolean") from None
+            raise _node_error(name, node, "the value is not a boolean") from None
     if node.tag in _TEXT_TAGS:
         return str(node.value)
     raise _node_error(name, node, f"{what}: unsupported tag {node.tag!r}")
