@@ -583,3 +583,36 @@ async def test_file_over_the_size_limit_is_not_read(tmp_path: Path) -> None:
         refused = doc(snap, "big.ini")
         assert refused.text is None
         assert refused.error == "2021 bytes, over --max-config-size (1000); not read"
+
+
+async def test_a_file_open_for_writing_is_read_once_closed(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    with path.open("w") as writer:
+        writer.write("[vassal]\n")
+        writer.flush()
+        async with running(DirMonitor(str(tmp_path), MonitorOptions(freq=60))) as src:
+            assert names(await src.until(lambda s: True)) == []
+            writer.write("command = x\n")
+            writer.flush()
+            # Still open: every rescan (one per change) leaves it out.
+            (tmp_path / "other.ini").write_text("[vassal]\ncommand = y\n")
+            snap = await src.until_names("other.ini")
+            assert "app.ini" not in names(snap)
+            writer.close()
+            snap = await src.until_names("app.ini", "other.ini")
+            assert doc(snap, "app.ini").text == "[vassal]\ncommand = x\n"
+
+
+async def test_a_running_file_rewritten_in_place_keeps_its_last_version(tmp_path: Path) -> None:
+    path = tmp_path / "app.ini"
+    path.write_text("[vassal]\ncommand = old\n")
+    async with running(DirMonitor(str(tmp_path), MonitorOptions(freq=60))) as src:
+        first = doc(await src.until_names("app.ini"), "app.ini")
+        with path.open("w") as writer:
+            writer.write("[vassal]\n")
+            writer.flush()
+            (tmp_path / "other.ini").write_text("[vassal]\ncommand = y\n")
+            snap = await src.until_names("app.ini", "other.ini")
+            assert doc(snap, "app.ini") == first
+            writer.write("command = new\n")
+        snap = await src.until(lambda s: doc(s, "app.ini").text == "[vassal]\ncommand = new\n")

@@ -353,3 +353,31 @@ async def test_notify_from_a_child_of_the_vassal_is_attributed(
     await wait_for(lambda: state(sup) == "running")
     assert sup.snapshot().notify_ready
     assert sup.snapshot().notify_status == "from a worker"
+
+
+NAIVE = Path(__file__).with_name("naive_server.py")
+
+
+async def test_a_naive_blocking_accept_server_serves_request_after_request(world: World) -> None:
+    # systemd hands sockets over blocking unless NonBlocking=true; a server that
+    # just calls accept() in a loop must not die on its second accept.
+    address = f"127.0.0.1:{free_port()}"
+    text = f"[vassal]\ncommand = {sys.executable} {NAIVE}\nsocket = {address}\non-demand = true\n"
+    sup = await world.put("naive.ini", text)
+    await wait_for(lambda: state(sup) == "armed")
+    pids = [await fetch(address) for _ in range(20)]
+    assert pids[0] > 0
+    assert set(pids) == {pids[0]}
+    assert sup.snapshot().restarts == 0
+
+
+async def test_socket_nonblocking_hands_over_non_blocking(world: World) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    text = (
+        f"[vassal]\ncommand = {sys.executable} {NAIVE}\nsocket = {address}\n"
+        "on-demand = true\nsocket-nonblocking = true\n"
+    )
+    sup = await world.put("nb.ini", text)
+    await wait_for(lambda: state(sup) == "armed")
+    # The first accept may find the connection that woke it; the answer says the mode.
+    assert await fetch(address) < 0

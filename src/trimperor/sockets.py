@@ -121,7 +121,8 @@ def bind(
     family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
     sock = socket.socket(family[spec.family], socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
+        # The emperor never accepts, so the mode is the vassal's: see SocketSpec.
+        sock.setblocking(not spec.nonblocking)
         if spec.family == "unix":
             call_as(creds, _bind_unix, sock, spec, user, group, creds)
         else:

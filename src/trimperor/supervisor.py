@@ -380,7 +380,7 @@ class Supervisor:
         self._times.pop("cursed", None)
         self.restarts += 1
         self.last_error = None
-        log.info("vassal.spawned name=%s pid=%s", self.name, proc.pid)
+        log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, self.spec.kind)
         self._nursery.start_soon(self._wait, proc)
         if proc.output is not None:
             self._nursery.start_soon(self._pump, proc.output)

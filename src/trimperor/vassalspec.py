@@ -48,6 +48,7 @@ NATIVE_KEYS = frozenset(
         "socket-mode",
         "socket-owner",
         "listen-backlog",
+        "socket-nonblocking",
         "on-demand",
         "idle",
         "watchdog",
@@ -74,6 +75,11 @@ class SocketSpec:
     owner: str | None = None
     group: str | None = None
     backlog: int = DEFAULT_BACKLOG
+    nonblocking: bool = False
+    """Hand the socket over in non-blocking mode (systemd's ``NonBlocking=``).
+
+    The mode belongs to the open file, which the emperor and the vassal share:
+    blocking by default, as systemd does, since a plain ``accept()`` loop needs it."""
 
     @property
     def fd_name(self) -> str:
@@ -363,6 +369,10 @@ def _sockets(
     if backlog_raw is not None and (not backlog_raw.isdigit() or int(backlog_raw) < 1):
         raise ConfigError(f"{name}: listen-backlog is not a positive number")
     backlog = int(backlog_raw) if backlog_raw else DEFAULT_BACKLOG
+    nonblocking_raw = one("socket-nonblocking")
+    nonblocking = (
+        _bool(nonblocking_raw, f"{name}: socket-nonblocking") if nonblocking_raw else False
+    )
     specs = []
     seen: set[str] = set()
     for raw in section.get_all("socket"):
@@ -371,7 +381,16 @@ def _sockets(
         if spec.address in seen:
             raise ConfigError(f"{name}: socket {spec.address!r} is listed twice")
         seen.add(spec.address)
-        specs.append(replace(spec, mode=mode, owner=owner or None, group=group, backlog=backlog))
+        specs.append(
+            replace(
+                spec,
+                mode=mode,
+                owner=owner or None,
+                group=group,
+                backlog=backlog,
+                nonblocking=nonblocking,
+            )
+        )
     return tuple(specs)
 
 
@@ -439,6 +458,13 @@ def build_spec(
                 spec = replace(spec, sockets=(extra, *spec.sockets))
             spec = replace(spec, on_demand=True)
         return spec
+    if options.section("uwsgi") is None:
+        # An empty file, one still being written, or a typo in the section
+        # name: launching it as a uWSGI vassal would only crash-loop.
+        found = [f"[{section.name}]" for section in options.sections]
+        if not found:
+            raise ConfigError(f"{doc.name}: the configuration is empty")
+        raise ConfigError(f"{doc.name}: no [vassal] or [uwsgi] section (found {', '.join(found)})")
     # uWSGI runs a dir:// vassal in the watched directory and everything else
     # in the emperor's own working directory.
     if doc.path is not None and doc.source.startswith("dir://"):

@@ -37,6 +37,7 @@ directory below it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import glob
 import logging
@@ -68,6 +69,10 @@ _STEP_MS = 5
 #: The longest a burst of changes is collected before the scanner is poked (ms).
 _DEBOUNCE_MS = 200
 
+#: How often a file that is open for writing is looked at again (seconds).
+_WRITTEN_RECHECK = 0.05
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+
 #: stat() errors that mean "this candidate is not a file": skip it.
 _NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 
@@ -94,6 +99,7 @@ def _load(
     *,
     tyrant: bool = False,
     max_size: int | None = None,
+    busy: set[str] | None = None,
 ) -> VassalDocument | None:
     """The document for one candidate, or None if it is not a (readable) file.
 
@@ -138,6 +144,10 @@ def _load(
         )
     try:
         read = _read(path, max_size)
+    except _BeingWritten:
+        if busy is not None:
+            busy.add(name)
+        return cache.get(name)  # what it was before the writer opened it, if anything
     except FileNotFoundError:
         return None  # vanished since stat(), or a dangling symlink
     except OSError as exc:
@@ -198,7 +208,28 @@ def _read(path: str, max_size: int | None = None) -> tuple[os.stat_result, bytes
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             return None
+        if _being_written(f.fileno()):
+            raise _BeingWritten(path)
         return st, f.read() if max_size is None else f.read(max_size + 1)
+
+
+class _BeingWritten(Exception):
+    """The file is open for writing somewhere: it may be incomplete."""
+
+
+def _being_written(fd: int) -> bool:
+    """Whether any process has the file open for writing.
+
+    A read lease is refused (EAGAIN) exactly then; it is released at once.
+    Where leases are not available (another owner's file without CAP_LEASE, a
+    file system without them), the answer is False: the file is read as it is.
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 def _refused(name: str, path: str, source: str, version: str, why: str) -> VassalDocument:
@@ -362,6 +393,8 @@ class _FileMonitor:
         # Scans get their own thread, so that many watchers (each holding one
         # of Trio's default worker threads) can never starve them.
         self._limiter = trio.CapacityLimiter(1)
+        self._written: set[str] = set()
+        """Files that were open for writing at the last scan (not read yet)."""
 
     def _candidates(self) -> list[tuple[str, str]]:
         """(vassal name, absolute path) of every configuration name; blocking.
@@ -379,6 +412,7 @@ class _FileMonitor:
     ) -> tuple[tuple[VassalDocument, ...], dict[str, VassalDocument]]:
         """Everything the source offers now, and the new cache; blocking."""
         docs: dict[str, VassalDocument] = {}
+        busy: set[str] = set()
         for name, path in self._candidates():
             doc = _load(
                 name,
@@ -388,9 +422,17 @@ class _FileMonitor:
                 cache,
                 tyrant=self._options.tyrant,
                 max_size=self._options.max_config_size,
+                busy=busy,
             )
             if doc is not None:
-                docs[name] = _with_socket(doc, self._options)
+                docs[name] = doc if name in busy else _with_socket(doc, self._options)
+        for name in sorted(busy - self._written):
+            log.info(
+                "source.incomplete uri=%s name=%s reason=open for writing; read once closed",
+                self.uri,
+                name,
+            )
+        self._written = busy
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
         return tuple(docs[name] for name in sorted(docs)), fresh
 
@@ -413,7 +455,10 @@ class _FileMonitor:
                 nursery.start_soon(self._watch_forever, pokes_send)
                 task_status.started()
                 while True:
-                    with trio.move_on_after(self._options.freq):
+                    # A writer's close is no inotify event that watchfiles reports:
+                    # while a file is open for writing, look again soon.
+                    wait = _WRITTEN_RECHECK if self._written else self._options.freq
+                    with trio.move_on_after(wait):
                         await pokes_recv.receive()
                     await scanner.rescan()
 
@@ -535,8 +580,12 @@ class _Scanner:
         await self._publish(docs)
 
     async def _scan(self) -> tuple[VassalDocument, ...]:
+        # What was sent stands in for a file that is being written; the
+        # versions of failed reads never match, so those are read again.
+        known = {doc.name: doc for doc in self._sent or ()}
+        known.update(self._cache)
         docs, self._cache = await trio.to_thread.run_sync(
-            self._monitor._scan, self._cache, limiter=self._monitor._limiter
+            self._monitor._scan, known, limiter=self._monitor._limiter
         )
         return docs
 
