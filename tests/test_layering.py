@@ -19,6 +19,8 @@ LAYERS = {
     "uwsgi_protocol": 0,
     "abc": 1,
     "asuser": 2,
+    "launcher": 2,
+    "_launcher": 2,
     "spawner": 2,
     "uwsgi": 2,
     "sockets": 2,

@@ -11,19 +11,26 @@ import pytest
 import trio
 
 from tests.helpers import PYTHON, pid_alive, read_pid, wait_for
-from trimperor.abc import LaunchPlan
+from trimperor.abc import LaunchPlan, Spawner
 from trimperor.errors import SpawnError
+from trimperor.launcher import LauncherSpawner
 from trimperor.spawner import PosixSpawner, resolve_ids
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["posix", "launcher"])
+def spawner(request: pytest.FixtureRequest) -> Spawner:
+    """Both spawners keep the same contract: forked here, or by the launcher."""
+    return PosixSpawner() if request.param == "posix" else LauncherSpawner()
 
 
 def plan(*argv: str, cwd: str = "/", logto: str | None = None) -> LaunchPlan:
     return LaunchPlan(name="t", argv=argv, cwd=cwd, env=tuple(os.environ.items()), logto=logto)
 
 
-async def test_output_is_captured_and_exit_code_reported() -> None:
-    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
+async def test_output_is_captured_and_exit_code_reported(spawner: Spawner) -> None:
+    proc = await spawner.spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
     assert proc.output is not None
     data = b""
     async with proc.output:
@@ -34,9 +41,9 @@ async def test_output_is_captured_and_exit_code_reported() -> None:
     await proc.aclose()
 
 
-async def test_logto_file(tmp_path: Path) -> None:
+async def test_logto_file(tmp_path: Path, spawner: Spawner) -> None:
     log = tmp_path / "out.log"
-    proc = await PosixSpawner().spawn(
+    proc = await spawner.spawn(
         plan(
             PYTHON, "-c", "import sys; print('out'); print('err', file=sys.stderr)", logto=str(log)
         )
@@ -46,15 +53,15 @@ async def test_logto_file(tmp_path: Path) -> None:
     assert log.read_text().splitlines() == ["out", "err"]
 
 
-async def test_missing_program_and_cwd_are_spawn_errors(tmp_path: Path) -> None:
+async def test_missing_program_and_cwd_are_spawn_errors(tmp_path: Path, spawner: Spawner) -> None:
     with pytest.raises(SpawnError, match="not found"):
-        await PosixSpawner().spawn(plan("/nonexistent/program"))
+        await spawner.spawn(plan("/nonexistent/program"))
     with pytest.raises(SpawnError, match="working directory"):
-        await PosixSpawner().spawn(plan(PYTHON, "-c", "pass", cwd=str(tmp_path / "nope")))
+        await spawner.spawn(plan(PYTHON, "-c", "pass", cwd=str(tmp_path / "nope")))
 
 
 async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
-    tmp_path: Path,
+    tmp_path: Path, spawner: Spawner
 ) -> None:
     pidfile = tmp_path / "grandchild.pid"
     code = (
@@ -63,7 +70,7 @@ async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
         f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
         "time.sleep(600)\n"
     )
-    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", code))
+    proc = await spawner.spawn(plan(PYTHON, "-c", code))
     await wait_for(lambda: read_pid(pidfile) is not None)
     grandchild = read_pid(pidfile)
     assert grandchild is not None
@@ -75,7 +82,9 @@ async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
     await proc.aclose()
 
 
-async def test_leftover_group_members_are_killed_when_the_leader_exits(tmp_path: Path) -> None:
+async def test_leftover_group_members_are_killed_when_the_leader_exits(
+    tmp_path: Path, spawner: Spawner
+) -> None:
     pidfile = tmp_path / "orphan.pid"
     code = (
         "import subprocess, signal\n"
@@ -83,7 +92,7 @@ async def test_leftover_group_members_are_killed_when_the_leader_exits(tmp_path:
         "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
         f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
     )
-    proc = await PosixSpawner().spawn(plan(PYTHON, "-c", code))
+    proc = await spawner.spawn(plan(PYTHON, "-c", code))
     assert await proc.wait() == 0
     orphan = read_pid(pidfile)
     assert orphan is not None
@@ -130,10 +139,10 @@ def test_resolve_ids() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-async def test_runs_as_another_user(tmp_path: Path) -> None:
+async def test_runs_as_another_user(tmp_path: Path, spawner: Spawner) -> None:
     out = tmp_path / "id.log"
     os.chmod(tmp_path, 0o777)
-    proc = await PosixSpawner().spawn(
+    proc = await spawner.spawn(
         LaunchPlan("t", ("/usr/bin/id", "-u"), "/", (), user="nobody", logto=str(out))
     )
     assert await proc.wait() == 0
@@ -141,20 +150,20 @@ async def test_runs_as_another_user(tmp_path: Path) -> None:
 
 
 async def test_vassals_keep_the_open_file_limit_the_emperor_was_started_with(
-    tmp_path: Path,
+    tmp_path: Path, spawner: Spawner
 ) -> None:
-    from trimperor import spawner
+    from trimperor import spawner as spawner_module
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard <= 1024:
         pytest.skip("the hard limit leaves nothing to raise")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
     try:
-        assert spawner.raise_fd_limit() == (hard, hard)
+        assert spawner_module.raise_fd_limit() == (hard, hard)
         out = tmp_path / "limit"
-        proc = await PosixSpawner().spawn(plan("/bin/sh", "-c", "ulimit -n", logto=str(out)))
+        proc = await spawner.spawn(plan("/bin/sh", "-c", "ulimit -n", logto=str(out)))
         assert await proc.wait() == 0
         assert out.read_text().strip() == "1024"
     finally:
-        spawner._VASSAL_NOFILE = None
+        spawner_module._VASSAL_NOFILE = None
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -21,8 +21,9 @@ from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
 from trimperor.configfile import parse
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
+from trimperor.launcher import LauncherSpawner
 from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner, raise_fd_limit
+from trimperor.spawner import become_subreaper, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions
 
 __all__ = ["build_parser", "main", "resolve_sources"]
@@ -381,6 +382,11 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program. Without *argv* (the console script, ``python -m trimperor``)
+    this process is the emperor's own, and it also becomes the child subreaper
+    of its vassals' descendants; given *argv* (from tests), it does not.
+    """
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -423,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitors = resolve_sources(sources, options)
         emperor = Emperor(
             monitors,
-            spawner=PosixSpawner(),
+            spawner=LauncherSpawner(adopt_orphans=own_process and become_subreaper()),
             policy=BackoffPolicy(
                 throttle=args.throttle / 1000,
                 max_throttle=args.max_throttle / 1000,

@@ -35,11 +35,19 @@ from trimperor.abc import LaunchPlan
 from trimperor.asuser import Credentials, run_as
 from trimperor.errors import SpawnError
 
-__all__ = ["PosixProcess", "PosixSpawner", "raise_fd_limit", "resolve_ids"]
+__all__ = [
+    "PosixProcess",
+    "PosixSpawner",
+    "become_subreaper",
+    "raise_fd_limit",
+    "resolve_ids",
+    "vassal_nofile",
+]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc: ctypes.CDLL | None = None
 with contextlib.suppress(OSError):
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -64,6 +72,22 @@ def _child_setup(emperor_pid: int, cwd: str) -> None:  # pragma: no cover - runs
 
 
 _VASSAL_NOFILE: tuple[int, int] | None = None
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants; True if it is now.
+
+    Orphans then come to it instead of to init, so that it can kill and reap
+    what a dead launcher left (see :mod:`trimperor.launcher`).
+    """
+    if _libc is None:
+        return False
+    return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def vassal_nofile() -> tuple[int, int] | None:
+    """The open-file limit vassals get, if the emperor raised its own."""
+    return _VASSAL_NOFILE
 
 
 def raise_fd_limit() -> tuple[int, int]:

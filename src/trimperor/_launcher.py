@@ -1,0 +1,357 @@
+"""The launcher: the small process that spawns every vassal and outlives none.
+
+The emperor starts it once (``python -I -S _launcher.py FD``, FD being its
+end of a ``SOCK_SEQPACKET`` socketpair) and asks it to start vassals. It is
+the *child subreaper* of all of them (``PR_SET_CHILD_SUBREAPER``), so every
+descendant that loses its parent (double-forked, ``setsid`` daemons) becomes
+its child instead of init's, and nothing can slip away:
+
+* when a vassal's main process exits, the rest of its process group and
+  every orphan it left (recognised by the ``TRIMPEROR_VASSAL_ID`` in its
+  environment) are killed before the exit is reported;
+* when the emperor dies, however it dies, its end of the socket closes and
+  the launcher kills every descendant, reaps them, and exits;
+* when the launcher dies, its vassals die with it (their parent-death
+  signal), and the emperor starts a new one.
+
+Forking from this small process costs the same whatever the emperor's size,
+and no library's at-fork hook runs in the child. Standard library only, no
+trimperor imports: it must start fast and stay small.
+
+Messages are JSON, one per datagram, with file descriptors alongside:
+``{"op": "spawn", "id": N, ...}`` is answered by ``{"op": "spawned", "id": N,
+"pid": P}`` or ``{"op": "failed", "id": N, "error": "..."}``; an exit is
+reported as ``{"op": "exit", "pid": P, "returncode": R}`` (minus the signal
+number if it was killed).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+TAG = "TRIMPEROR_VASSAL_ID"
+MAX_MESSAGE = 4 * 1024 * 1024
+MAX_FDS = 64
+#: How long orphans of an exited vassal are looked for (seconds).
+SWEEP_FOR = 1.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+# -- the child, between fork and exec ------------------------------------------------
+
+
+def _as_whom(req: dict[str, Any]) -> str:
+    return f" as uid {req['uid']}" if req.get("uid") is not None else ""
+
+
+def _child(req: dict[str, Any], fds: list[int], errw: int, launcher: int) -> None:
+    """Set the child up and exec; on failure write why to *errw* (never returns)."""
+    os.setsid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # the launcher died between fork and prctl
+        os._exit(1)
+    signal.set_wakeup_fd(-1)
+    for sig in (
+        signal.SIGCHLD,
+        signal.SIGPIPE,
+        signal.SIGXFSZ,
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+    ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # Everything received goes high first, out of the way of its final place.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    if req.get("uid") is not None:
+        if os.geteuid() == 0:
+            os.setgroups(req.get("groups") or [])
+        if req.get("gid") is not None:
+            os.setresgid(req["gid"], req["gid"], req["gid"])
+        os.setresuid(req["uid"], req["uid"], req["uid"])
+    elif req.get("gid") is not None:
+        os.setresgid(req["gid"], req["gid"], req["gid"])
+    cwd = req["cwd"]
+    try:
+        os.chdir(cwd)
+    except FileNotFoundError:
+        _fail(errw, f"working directory {cwd!r} does not exist")
+    except OSError:
+        _fail(errw, f"working directory {cwd!r} cannot be entered{_as_whom(req)}")
+    if req.get("logto") is not None:
+        # O_NONBLOCK: a FIFO without a reader must not hang the launcher.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            out = os.open(req["logto"], flags, 0o640)
+        except OSError as exc:
+            _fail(errw, f"cannot open logto {req['logto']!r}{_as_whom(req)}: {exc.strerror}")
+        os.set_blocking(out, True)
+    else:
+        out = high[req["stdout"]]
+    stdin = high[req["stdin"]] if req.get("stdin") is not None else os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    keep = {0, 1, 2, errw}
+    for index, target in req.get("pass", []):
+        os.dup2(high[index], target)
+        keep.add(target)
+    env = dict(req["env"])
+    listen = req.get("listen", [])
+    for position, index in enumerate(listen):
+        os.dup2(high[index], 3 + position)
+        keep.add(3 + position)
+    if listen:
+        env["LISTEN_PID"] = str(os.getpid())
+    if req.get("nofile") is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, tuple(req["nofile"]))
+    for fd in _open_fds():
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    argv = req["argv"]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        _fail(errw, f"program {argv[0]!r} not found")
+    except OSError as exc:
+        _fail(errw, f"cannot run {argv[0]!r}: {exc.strerror}")
+
+
+def _open_fds() -> list[int]:
+    return [int(name) for name in os.listdir("/proc/self/fd")]
+
+
+def _fail(errw: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(errw, message.encode(errors="replace")[:4000])
+    os._exit(127)
+
+
+# -- the launcher ----------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, process group) of *pid*, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[1]), int(fields[2])
+
+
+def _tag_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:
+        return None
+    prefix = TAG.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def _children() -> list[int]:
+    """Every process whose parent is this one (orphans it adopted included)."""
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None and st[0] == me:
+                found.append(int(name))
+    return found
+
+
+def _kill(pid: int, pgid: bool = True) -> None:
+    with contextlib.suppress(OSError):
+        if pgid:
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+
+
+class Launcher:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.me = os.getpid()
+        self.leaders: dict[int, str] = {}  # pid -> tag
+        self.sweeps: dict[str, float] = {}  # tag -> until (monotonic)
+
+    def send(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendmsg([json.dumps(message).encode()])
+
+    def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
+        errr, errw = os.pipe()  # both close on exec
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (*fds, errr, errw):
+                os.close(fd)
+            self.send({"op": "failed", "id": req["id"], "error": f"cannot fork: {exc.strerror}"})
+            return
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.close(errr)
+                _child(req, fds, errw, self.me)
+            except BaseException as exc:
+                _fail(errw, f"cannot start {req['argv'][0]!r}: {exc}")
+            os._exit(127)
+        os.close(errw)
+        for fd in fds:
+            os.close(fd)
+        error = b""
+        while chunk := os.read(errr, 4096):
+            error += chunk
+        os.close(errr)
+        if error:
+            os.waitpid(pid, 0)
+            self.send({"op": "failed", "id": req["id"], "error": error.decode(errors="replace")})
+            return
+        self.leaders[pid] = req["env"].get(TAG, "")
+        self.send({"op": "spawned", "id": req["id"], "pid": pid})
+
+    def reap(self) -> None:
+        """Every exited child: a vassal's rest is killed before its exit is told."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            pid = info.si_pid
+            tag = self.leaders.pop(pid, None)
+            if tag is not None:
+                # Still a zombie: its group id cannot be reused yet.
+                _kill(pid)
+                if tag:
+                    self.sweeps[tag] = time.monotonic() + SWEEP_FOR
+                    self.sweep()
+            _, status = os.waitpid(pid, 0)
+            if tag is not None:
+                self.send(
+                    {"op": "exit", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)}
+                )
+
+    def sweep(self) -> None:
+        """Kill the orphans of exited vassals (adopted by us, tagged with their id)."""
+        now = time.monotonic()
+        for tag, until in list(self.sweeps.items()):
+            if now > until:
+                del self.sweeps[tag]
+        if not self.sweeps:
+            return
+        for pid in _children():
+            if pid not in self.leaders and _tag_of(pid) in self.sweeps:
+                _kill(pid)
+
+    def handle(self, data: bytes, fds: list[int]) -> None:
+        try:
+            req = json.loads(data)
+            op = req["op"]
+        except (ValueError, KeyError, TypeError):
+            for fd in fds:
+                os.close(fd)
+            return
+        if op == "spawn":
+            self.spawn(req, fds)
+        elif op == "kill_all":
+            for pid in list(self.leaders):
+                _kill(pid)
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.send({"op": "hello", "pid": self.me})
+        while True:
+            timeout = 0.02 if self.sweeps else None
+            ready, _, _ = select.select([self.sock.fileno(), wake_r], [], [], timeout)
+            if wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+            self.reap()
+            self.sweep()
+            if self.sock.fileno() in ready:
+                fds = array.array("i")
+                try:
+                    data, ancdata, _, _ = self.sock.recvmsg(
+                        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+                    )
+                except OSError:
+                    data = b""
+                else:
+                    for level, kind, payload in ancdata:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            usable = len(payload) - len(payload) % fds.itemsize
+                            fds.frombytes(payload[:usable])
+                if not data:
+                    self.shutdown()
+                    return
+                self.handle(data, list(fds))
+
+    def shutdown(self) -> None:
+        """The emperor is gone: kill every descendant, reap them all, exit."""
+        deadline = time.monotonic() + 5.0
+        for pid in list(self.leaders):
+            _kill(pid)
+        while time.monotonic() < deadline:
+            children = _children()
+            for pid in children:
+                st = _stat(pid)
+                _kill(pid, pgid=st is not None and st[1] == pid)
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                return
+            if not children:
+                time.sleep(0.005)
+
+
+def main() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    sys.stdin.close()
+    Launcher(sock).run()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise

@@ -1,0 +1,114 @@
+"""No process outlives its vassal or the emperor: the launcher, with real processes.
+
+Each vassal leaves three kinds of descendants behind its main process: a
+plain background child, a ``setsid`` daemon (another session, so another
+process group) and a double-forked one (its parent exits at once, so it is
+adopted by the subreaper). None may survive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+
+pytestmark = pytest.mark.integration
+
+
+def family(marker: str) -> str:
+    """A vassal whose descendants all carry *marker* in their environment."""
+    return (
+        "[vassal]\n"
+        f"env = MARK={marker}\n"
+        "command = /bin/sh -c '"
+        "sleep 601 & "
+        "setsid sleep 602 & "
+        '(sh -c "sleep 603 &") ; '
+        "exec sleep 600'\n"
+    )
+
+
+def pids_of(marker: str) -> list[int]:
+    """The ``sleep`` processes carrying *marker*."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if f"MARK={marker}".encode() in environ and command.endswith(b"sleep"):
+            found.append(int(name))
+    return found
+
+
+def all_four(marker: str) -> bool:
+    return len(pids_of(marker)) == 4
+
+
+async def test_emperor_sigkill_leaves_no_descendant(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    write_atomic(vassals / "family.ini", family(marker))
+    e = EmperorProcess([str(vassals)], tmp_path / "e.log")
+    try:
+        await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
+        e.signal(signal.SIGKILL)
+        await e.wait()
+        await wait_for(lambda: not pids_of(marker), what="every descendant gone")
+    finally:
+        e.close()
+
+
+async def test_stopping_a_vassal_removes_its_whole_tree(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    write_atomic(vassals / "family.ini", family(marker))
+    e = EmperorProcess([str(vassals)], tmp_path / "e.log")
+    try:
+        await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
+        (vassals / "family.ini").unlink()
+        await wait_for(lambda: "vassal.exited name=family.ini" in e.text())
+        await wait_for(lambda: not pids_of(marker), what="every descendant gone")
+        assert e.proc.poll() is None
+    finally:
+        e.close()
+
+
+async def test_a_dead_launcher_takes_its_vassals_and_a_new_one_respawns_them(
+    tmp_path: Path,
+) -> None:
+    marker = uuid.uuid4().hex
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    write_atomic(vassals / "family.ini", family(marker))
+    e = EmperorProcess([str(vassals), "--throttle", "50"], tmp_path / "e.log")
+    try:
+        await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
+        first = set(pids_of(marker))
+        found = re.search(r"launcher.started pid=(\d+)", e.text())
+        assert found is not None
+        launcher = int(found.group(1))
+        os.kill(launcher, signal.SIGKILL)
+        await wait_for(lambda: "launcher.died" in e.text())
+        # Every process of the first generation is gone, the emperor is not...
+        await wait_for(lambda: not first & set(pids_of(marker)), what="the first generation gone")
+        assert e.proc.poll() is None
+        # ...and a new launcher started the vassal again.
+        await wait_for(lambda: len(re.findall(r"launcher.started pid=", e.text())) == 2)
+        await wait_for(lambda: all_four(marker), what="the respawned family")
+        assert not pid_alive(launcher)
+    finally:
+        e.close()
