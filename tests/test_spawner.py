@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.helpers import PYTHON, pid_alive, read_pid, wait_for
-from trimperor.abc import LaunchPlan, Spawner
+from trimperor.abc import LaunchPlan
 from trimperor.errors import SpawnError
 from trimperor.launcher import LauncherSpawner
 from trimperor.spawner import PosixSpawner, resolve_ids
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(params=["posix", "launcher"])
-def spawner(request: pytest.FixtureRequest) -> Spawner:
+def spawner(request: pytest.FixtureRequest) -> PosixSpawner | LauncherSpawner:
     """Both spawners keep the same contract: forked here, or by the launcher."""
     return PosixSpawner() if request.param == "posix" else LauncherSpawner()
 
@@ -29,7 +29,9 @@ def plan(*argv: str, cwd: str = "/", logto: str | None = None) -> LaunchPlan:
     return LaunchPlan(name="t", argv=argv, cwd=cwd, env=tuple(os.environ.items()), logto=logto)
 
 
-async def test_output_is_captured_and_exit_code_reported(spawner: Spawner) -> None:
+async def test_output_is_captured_and_exit_code_reported(
+    spawner: PosixSpawner | LauncherSpawner,
+) -> None:
     proc = await spawner.spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
     assert proc.output is not None
     data = b""
@@ -41,7 +43,7 @@ async def test_output_is_captured_and_exit_code_reported(spawner: Spawner) -> No
     await proc.aclose()
 
 
-async def test_logto_file(tmp_path: Path, spawner: Spawner) -> None:
+async def test_logto_file(tmp_path: Path, spawner: PosixSpawner | LauncherSpawner) -> None:
     log = tmp_path / "out.log"
     proc = await spawner.spawn(
         plan(
@@ -53,7 +55,9 @@ async def test_logto_file(tmp_path: Path, spawner: Spawner) -> None:
     assert log.read_text().splitlines() == ["out", "err"]
 
 
-async def test_missing_program_and_cwd_are_spawn_errors(tmp_path: Path, spawner: Spawner) -> None:
+async def test_missing_program_and_cwd_are_spawn_errors(
+    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+) -> None:
     with pytest.raises(SpawnError, match="not found"):
         await spawner.spawn(plan("/nonexistent/program"))
     with pytest.raises(SpawnError, match="working directory"):
@@ -61,7 +65,7 @@ async def test_missing_program_and_cwd_are_spawn_errors(tmp_path: Path, spawner:
 
 
 async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
-    tmp_path: Path, spawner: Spawner
+    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
 ) -> None:
     pidfile = tmp_path / "grandchild.pid"
     code = (
@@ -83,7 +87,7 @@ async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
 
 
 async def test_leftover_group_members_are_killed_when_the_leader_exits(
-    tmp_path: Path, spawner: Spawner
+    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
 ) -> None:
     pidfile = tmp_path / "orphan.pid"
     code = (
@@ -139,7 +143,9 @@ def test_resolve_ids() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-async def test_runs_as_another_user(tmp_path: Path, spawner: Spawner) -> None:
+async def test_runs_as_another_user(
+    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+) -> None:
     out = tmp_path / "id.log"
     os.chmod(tmp_path, 0o777)
     proc = await spawner.spawn(
@@ -150,7 +156,7 @@ async def test_runs_as_another_user(tmp_path: Path, spawner: Spawner) -> None:
 
 
 async def test_vassals_keep_the_open_file_limit_the_emperor_was_started_with(
-    tmp_path: Path, spawner: Spawner
+    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
 ) -> None:
     from trimperor import spawner as spawner_module
 
