@@ -19,8 +19,11 @@ from trimperor.spawner import PosixSpawner, resolve_ids
 pytestmark = pytest.mark.integration
 
 
+AnySpawner = PosixSpawner | LauncherSpawner
+
+
 @pytest.fixture(params=["posix", "launcher"])
-def spawner(request: pytest.FixtureRequest) -> PosixSpawner | LauncherSpawner:
+def spawner(request: pytest.FixtureRequest) -> AnySpawner:
     """Both spawners keep the same contract: forked here, or by the launcher."""
     return PosixSpawner() if request.param == "posix" else LauncherSpawner()
 
@@ -30,7 +33,7 @@ def plan(*argv: str, cwd: str = "/", logto: str | None = None) -> LaunchPlan:
 
 
 async def test_output_is_captured_and_exit_code_reported(
-    spawner: PosixSpawner | LauncherSpawner,
+    spawner: AnySpawner,
 ) -> None:
     proc = await spawner.spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
     assert proc.output is not None
@@ -43,7 +46,7 @@ async def test_output_is_captured_and_exit_code_reported(
     await proc.aclose()
 
 
-async def test_logto_file(tmp_path: Path, spawner: PosixSpawner | LauncherSpawner) -> None:
+async def test_logto_file(tmp_path: Path, spawner: AnySpawner) -> None:
     log = tmp_path / "out.log"
     proc = await spawner.spawn(
         plan(
@@ -56,7 +59,7 @@ async def test_logto_file(tmp_path: Path, spawner: PosixSpawner | LauncherSpawne
 
 
 async def test_missing_program_and_cwd_are_spawn_errors(
-    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+    tmp_path: Path, spawner: AnySpawner
 ) -> None:
     with pytest.raises(SpawnError, match="not found"):
         await spawner.spawn(plan("/nonexistent/program"))
@@ -65,7 +68,7 @@ async def test_missing_program_and_cwd_are_spawn_errors(
 
 
 async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
-    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+    tmp_path: Path, spawner: AnySpawner
 ) -> None:
     pidfile = tmp_path / "grandchild.pid"
     code = (
@@ -87,7 +90,7 @@ async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(
 
 
 async def test_leftover_group_members_are_killed_when_the_leader_exits(
-    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+    tmp_path: Path, spawner: AnySpawner
 ) -> None:
     pidfile = tmp_path / "orphan.pid"
     code = (
@@ -143,9 +146,7 @@ def test_resolve_ids() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-async def test_runs_as_another_user(
-    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
-) -> None:
+async def test_runs_as_another_user(tmp_path: Path, spawner: AnySpawner) -> None:
     out = tmp_path / "id.log"
     os.chmod(tmp_path, 0o777)
     proc = await spawner.spawn(
@@ -156,7 +157,7 @@ async def test_runs_as_another_user(
 
 
 async def test_vassals_keep_the_open_file_limit_the_emperor_was_started_with(
-    tmp_path: Path, spawner: PosixSpawner | LauncherSpawner
+    tmp_path: Path, spawner: AnySpawner
 ) -> None:
     from trimperor import spawner as spawner_module
 
