@@ -194,18 +194,12 @@ async def test_exit_0_rearms_and_fds_stay_flat_over_100_cycles(world: World) -> 
     pids = {await fetch(address)}
     await wait_for(lambda: state(sup) == "armed")
     fds = len(os.listdir("/proc/self/fd"))
-    resets = 0
+    # Every wake is served: a late READY=1 (after the exit was seen) used to
+    # crash the supervisor and reset the connection in flight.
     for _ in range(100):
-        try:
-            pids.add(await fetch(address))
-        except trio.BrokenResourceError:
-            # Seen once in a CI run under load (ECONNRESET on one of 100 wakes);
-            # not understood yet, so it is counted and bounded, not hidden.
-            resets += 1
-            pids.add(await fetch(address))
+        pids.add(await fetch(address))
         await wait_for(lambda: state(sup) == "armed")
-    assert resets <= 1
-    assert len(pids) >= 101
+    assert len(pids) == 101
     assert len(os.listdir("/proc/self/fd")) == fds
     snap = sup.snapshot()
     assert snap.backoff_attempt == 0  # a clean exit on demand is not a crash

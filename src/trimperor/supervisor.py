@@ -219,6 +219,12 @@ class Supervisor:
         ev = post.event
         if ev is Ev.EXITED and post.payload is not self._proc:
             return  # a process we already forgot
+        if (
+            ev in (Ev.READY, Ev.IDLE)
+            and post.payload is not None
+            and post.payload is not self._proc
+        ):
+            return  # about a process that has exited since (its exit was queued first)
         if ev in (Ev.TIMER, Ev.REARM) and post.payload != self._timer_gen:
             return  # a timer that was cancelled by a reset
         if ev is Ev.WAKE and (post.payload != self._arm_gen or self.state is not State.ARMED):
@@ -598,7 +604,7 @@ class Supervisor:
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= idle:
-                self._post(Ev.IDLE)
+                self._post(Ev.IDLE, proc)
                 return
             await trio.sleep(step)
 
@@ -611,7 +617,7 @@ class Supervisor:
         if fields.get("READY") == "1" and not self.notify_ready:
             self.notify_ready = True
             log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
-            self._post(Ev.READY)
+            self._post(Ev.READY, proc)
         if "STATUS" in fields:
             self.notify_status = fields["STATUS"]
         if fields.get("STOPPING") == "1":
