@@ -175,7 +175,8 @@ class Supervisor:
         self._post(Ev.KILL)
 
     def _post(self, event: Ev, payload: Any = None) -> None:
-        with contextlib.suppress(trio.ClosedResourceError):  # already finished
+        # Already finished: its loop closed the receiving end, or run() its own.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(_Post(event, payload))
 
     # -- the loop -----------------------------------------------------------
