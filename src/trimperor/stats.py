@@ -32,6 +32,8 @@ class VassalStats:
     last_error: str | None = None
     ready: bool = False
     """uWSGI vassals: the vassal said it is ready (byte 1)."""
+    no_app: bool = False
+    """uWSGI vassals: the vassal printed "no app loaded": it runs but serves no application."""
     accepting: bool = False
     loyal: bool = False
     last_heartbeat: float | None = None

@@ -29,7 +29,7 @@ from trimperor.notify import NotifyHub
 from trimperor.policy import Backoff, BackoffPolicy
 from trimperor.sockets import ConnectionTable, HeldSocket, bind
 from trimperor.stats import VassalStats
-from trimperor.uwsgi import UwsgiChannel, UwsgiOptions
+from trimperor.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
 from trimperor.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
 from trimperor.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
 
@@ -41,6 +41,8 @@ vassal_log = logging.getLogger("trimperor.vassal")
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 _MAX_LINE = 64 * 1024
+#: What uWSGI prints when its configuration loaded no application.
+_NO_APP = b"no app loaded"
 #: States in which the vassal's process is up and wanted.
 _UP = (State.RUNNING, State.STARTING)
 _STAMPED: dict[int, str] = {
@@ -104,6 +106,9 @@ class Supervisor:
         self.retired = False
         """True when the vassal itself asked not to be respawned."""
         self.ready = self.accepting = self.loyal = False
+        self.no_app = False
+        """uWSGI vassals: the vassal said "no app loaded" (it serves nothing)."""
+        self._announced = False
         self.last_heartbeat: float | None = None
         self._times: dict[str, float] = {}
         """trio-clock times of events shown in stats: born, last_run, last_mod, ..."""
@@ -293,7 +298,7 @@ class Supervisor:
         elif act is Act.SEND_RELOAD:
             if self._channel is not None and isinstance(self.spec, UwsgiSpec):
                 self._channel.spec = self.spec
-                self.ready = self.accepting = False
+                self.ready = self.accepting = self.no_app = False
                 log.info(
                     "vassal.reload_in_place name=%s pid=%s",
                     self.name,
@@ -362,7 +367,7 @@ class Supervisor:
             await self._dispatch(_Post(Ev.SPAWN_FAILED))
             return
         self._proc = proc
-        self.ready = self.accepting = self.loyal = False
+        self.ready = self.accepting = self.loyal = self.no_app = self._announced = False
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
         for held in self._held.values():
@@ -667,6 +672,16 @@ class Supervisor:
 
     def _log_line(self, line: bytes) -> None:
         vassal_log.info("%s| %s", self.name, line.decode(errors="replace").rstrip())
+        if self._channel is not None and not self._announced:
+            self._announced = announce_binary(self._channel.program, line)
+        if isinstance(self.spec, UwsgiSpec) and not self.no_app and _NO_APP in line:
+            self.no_app = True
+            log.warning(
+                "vassal.no_app name=%s pid=%s binary=%s",
+                self.name,
+                self._proc.pid if self._proc is not None else None,
+                self._channel.program if self._channel is not None else None,
+            )
 
     # -- observation ---------------------------------------------------------
 
@@ -695,6 +710,7 @@ class Supervisor:
             reloads=self.reloads,
             last_error=self.last_error,
             ready=self.ready,
+            no_app=self.no_app,
             accepting=self.accepting,
             loyal=self.loyal,
             last_heartbeat=(
