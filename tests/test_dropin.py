@@ -546,3 +546,108 @@ async def test_no_app_loaded_shows_in_stats_and_log(
     assert vassal["id"] == "broken.xml" and vassal["no_app"] is True
     assert pid_alive(vassal["pid"])
     await stop(emperor)
+
+
+# -- the seed's four files from one emperor ---------------------------------------------
+
+DEBIAN_UWSGI = Path("/usr/bin/uwsgi-core")
+RACK_APP = 'run lambda { |env| [200, {"content-type" => "text/plain"}, ["ok from rack"]] }\n'
+
+
+def debian_uwsgi_installed() -> bool:
+    return os.path.exists(DEBIAN_UWSGI) and os.path.exists("/usr/lib/uwsgi/plugins/rack_plugin.so")
+
+
+def seed_werkzeug_xml(port: int) -> str:
+    return (
+        "<uwsgi>\n"
+        "    <module>werkzeug.testapp:test_app</module>\n"
+        "    <master/>\n"
+        "    <processes>4</processes>\n"
+        f"    <http-socket>127.0.0.1:{port}</http-socket>\n"
+        "</uwsgi>\n"
+    )
+
+
+def seed_trac_ini(port: int, env: Path) -> str:
+    return (
+        "[uwsgi]\n"
+        "master = true\n"
+        "processes = 2\n"
+        "module = trac.web.main:dispatch_request\n"
+        f"env = TRAC_ENV={env}\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+    )
+
+
+def seed_rails_yml(port: int, app: Path) -> str:
+    """The seed's rails.yml on Debian's uWSGI (PyPI's has no rack plugin)."""
+    return (
+        "uwsgi:\n"
+        f"    binary-path: {DEBIAN_UWSGI}\n"
+        "    plugins: rack\n"
+        "    rack: config.ru\n"
+        "    master: 1\n"
+        "    processes: 2\n"
+        f"    http-socket: 127.0.0.1:{port}\n"
+        "    post-buffering: 4096\n"
+        f"    chdir: {app}\n"
+    )
+
+
+def seed_django_ini(port: int, project_dir: Path) -> str:
+    """The seed's django.ini with Django's modern module (``myapp.wsgi:application``)."""
+    return (
+        "[uwsgi]\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+        "threads = 4\n"
+        "master = 1\n"
+        "env = DJANGO_SETTINGS_MODULE=myapp.settings\n"
+        "module = myapp.wsgi:application\n"
+        f"chdir = {project_dir}\n"
+    )
+
+
+@pytest.mark.integration
+async def test_the_seeds_four_files_from_one_emperor(
+    tmp_path: Path, emperors: list[EmperorProcess]
+) -> None:
+    """werkzeug.xml, trac.ini and django.ini on the venv's uWSGI, rails.yml on
+    Debian's uwsgi-core with the rack plugin, all in one directory (the seed's
+    files with test ports and paths, and ``http-socket`` so that HTTP can ask)."""
+    from tests.test_uwsgi_apps import make_django_project, make_trac_env
+
+    assert debian_uwsgi_installed(), (
+        "Debian's uwsgi-core and uwsgi-plugin-rack-ruby3.1 are missing: run scripts/services start"
+    )
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    rails = tmp_path / "railsapp001"
+    rails.mkdir()
+    (rails / "config.ru").write_text(RACK_APP)
+    django = await make_django_project(tmp_path / "djangoapp001", "myapp")
+    trac = await make_trac_env(tmp_path / "project001")
+    ports = {name: free_port() for name in ("werkzeug", "trac", "rails", "django")}
+    write_atomic(vassals / "werkzeug.xml", seed_werkzeug_xml(ports["werkzeug"]))
+    write_atomic(vassals / "trac.ini", seed_trac_ini(ports["trac"], trac))
+    write_atomic(vassals / "rails.yml", seed_rails_yml(ports["rails"], rails))
+    write_atomic(vassals / "django.ini", seed_django_ini(ports["django"], django))
+
+    emperor = EmperorProcess([str(vassals)], tmp_path / "emperor.log")
+    emperors.append(emperor)
+    try:
+        assert b"Werkzeug" in await wait_http(ports["werkzeug"], 120)
+        assert b"ok from rack" in await wait_http(ports["rails"], 120)
+        assert b"ok from django" in await wait_http(ports["django"], 120)
+        assert b"Trac" in await wait_http(ports["trac"], 120)
+        names = ("werkzeug.xml", "trac.ini", "rails.yml", "django.ini")
+        await wait_for(lambda: all(f"vassal.ready name={n}" in emperor.text() for n in names), 60)
+        text = emperor.text()
+        assert f"uwsgi.binary path={DEBIAN_UWSGI} version=2." in text, text
+        assert f"uwsgi.binary path={UWSGI} version=2." in text, text
+        assert "vassal.no_app" not in text, text
+        await stop(emperor)
+    finally:
+        # uWSGI masters lead their own sessions; the emperor stops them, and
+        # nothing may outlive a failed test either.
+        emperor.close()
