@@ -56,7 +56,7 @@ def readme_ports() -> list[int]:
 
 def example_ports() -> list[int]:
     """The ports the example vassals announce in their comments."""
-    ports = set()
+    ports: set[int] = set()
     for path in (ROOT / "examples" / "vassals").iterdir():
         ports.update(int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/", path.read_text()))
     return sorted(ports)
