@@ -651,3 +651,107 @@ async def test_the_seeds_four_files_from_one_emperor(
         # uWSGI masters lead their own sessions; the emperor stops them, and
         # nothing may outlive a failed test either.
         emperor.close()
+
+
+# -- first-run messages -------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_no_argument_prints_the_usage() -> None:
+    result = await trio.run_process(
+        [PYTHON, "-m", "trimperor"], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.startswith("usage: trimperor "), err
+    assert "cli.usage_error error=no source given" in err
+
+
+def test_errors_say_why_even_when_str_is_empty() -> None:
+    from pika.adapters.utils.connection_workflow import AMQPConnectorSocketConnectError
+
+    from trimperor.monitors.remote import error_text
+
+    # What pika raises when the broker refuses the connection.
+    cause = AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "Connection refused"))
+    exc = pika.exceptions.AMQPConnectionError(cause)
+    assert str(exc) == ""  # why this is needed
+    assert error_text(exc) == (
+        "AMQPConnectionError: AMQPConnectorSocketConnectError: "
+        "ConnectionRefusedError(111, 'Connection refused')"
+    )
+    assert error_text(pika.exceptions.AMQPConnectionError()) == "AMQPConnectionError: no detail"
+    assert error_text(OSError("two\nlines")) == "OSError: two"
+
+
+@pytest.mark.integration
+async def test_an_unreachable_broker_says_why(tmp_path: Path) -> None:
+    from tests.helpers import monitor_running
+    from trimperor.abc import MonitorOptions
+    from trimperor.monitors.amqp import AmqpMonitor
+
+    monitor = AmqpMonitor(f"amqp://127.0.0.1:{free_port()}", MonitorOptions())
+    async with monitor_running(monitor):
+        await wait_for(lambda: monitor.status.last_error is not None, 20)
+    error = monitor.status.last_error
+    assert error is not None and error.startswith("AMQPConnectionError: ")
+    assert "refused" in error.lower(), error
+
+
+@pytest.mark.integration
+async def test_the_pg_retry_line_names_the_query_once(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.helpers import monitor_running
+    from trimperor.abc import MonitorOptions
+    from trimperor.monitors.postgres import PostgresMonitor
+
+    uri = f"pg://host=127.0.0.1 port={free_port()} dbname=emperor;SELECT name,config,ts FROM v"
+    monitor = PostgresMonitor(uri, MonitorOptions())
+    with caplog.at_level(logging.WARNING, logger="trimperor"):
+        async with monitor_running(monitor):
+            await wait_for(lambda: monitor.status.attempt >= 3, 30)
+    lines = [r.getMessage() for r in caplog.records if "source.retrying" in r.getMessage()]
+    assert len(lines) >= 3
+    assert "SELECT" in lines[0] and "attempt=1" in lines[0]
+    for line in lines[1:]:
+        assert "SELECT" not in line and line.startswith("source.retrying uri=pg://127.0.0.1:")
+
+
+def test_versions_read_as_mtime_and_size() -> None:
+    from trimperor.model import describe_version
+
+    assert (
+        describe_version("1796150843592047357:4245729:354:0:0")
+        == "mtime=2026-12-01T18:47:23.592Z size=354"
+    )
+    assert describe_version("1796150843592047357:4245729:354:0:0:unreadable").endswith(
+        "size=354 unreadable"
+    )
+    assert describe_version("1796150843592047357:1:2:3:4:127.0.0.1:9000").endswith(
+        "size=2 socket=127.0.0.1:9000"
+    )
+    assert describe_version("7@1700000000.5") == "7@1700000000.5"  # other sources: as they are
+
+
+async def test_throttle_level_is_milliseconds(autojump_clock: trio.testing.MockClock) -> None:
+    """A vassal that never ran (its program is missing) has no last run: its
+    blacklist entry still says how long the backoff waits, never a timestamp."""
+    from trimperor.policy import BackoffPolicy
+    from trimperor.stats import EmperorStats, to_json
+    from trimperor.supervisor import Supervisor
+    from trimperor.testing import FakeSpawner
+    from trimperor.vassalspec import NativeSpec
+
+    spawner = FakeSpawner()
+    spawner.fail_with = "program 'app' not found"
+    policy = BackoffPolicy(throttle=1.0, max_throttle=8.0)
+    spec = NativeSpec(name="app.ini", command=("app",))
+    sup = Supervisor("app.ini", "fake://", "v1", spec, spawner, policy, {}, jitter=lambda: 0.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(3.5)  # attempts at 0, 1 and 3: the next waits 4 s
+        snap = sup.snapshot()
+        sup.stop()
+    doc = json.loads(to_json(EmperorStats(1, "x", (), 0.0, (snap,))))
+    (entry,) = doc["blacklist"]
+    assert entry["throttle_level"] == 4000
+    assert doc["vassals"][0]["backoff_delay"] == 4.0

@@ -288,7 +288,7 @@ def ini_arguments(path: str) -> list[str]:
             # An emperor.ini written for uWSGI holds options of uWSGI's own
             # (master, uid, logto, ...): say so, and go on with the rest.
             log.warning(
-                "cli.ini_option_ignored file=%s section=%s key=%s: not a trimperor option",
+                "cli.ini_option_ignored file=%s section=%s key=%s reason=not_a_trimperor_option",
                 path,
                 section.name,
                 key,
@@ -416,7 +416,7 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
             async def mercy() -> None:
                 assert reload_mercy is not None
                 await trio.sleep(reload_mercy)
-                log.warning("emperor.reload_mercy: %ss passed, killing what is left", reload_mercy)
+                log.warning("emperor.reload_mercy seconds=%s action=kill_all", reload_mercy)
                 emperor.kill_all()
 
             async def signals() -> None:
@@ -429,12 +429,10 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
                     elif signum == signal.SIGURG:
                         emperor.clear_throttles()
                     elif signum == signal.SIGWINCH:
-                        log.info(
-                            "emperor.rescan: sources are event-driven and rescan every "
-                            "--freq seconds; nothing to do"
-                        )
+                        # Sources are event-driven and rescan every --freq seconds.
+                        log.info("emperor.rescan action=none reason=sources_are_event_driven")
                     elif stopping and signum == signal.SIGINT:
-                        log.warning("emperor.kill_all: second SIGINT")
+                        log.warning("emperor.kill_all signal=SIGINT reason=second_signal")
                         emperor.kill_all()
                     else:
                         name = signal.Signals(signum).name
@@ -479,15 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.broodlord:
             log.warning(
-                "cli.broodlord_unsupported: --emperor-broodlord %d is accepted but zergs are "
-                "not spawned; a vassal's SOS (byte 30) is logged",
+                "cli.broodlord_unsupported broodlord=%d zergs=not_spawned sos=logged",
                 args.broodlord,
             )
         if expanded_by_shell(sources):
             log.warning(
-                "cli.unquoted_pattern: %d plain files were given; the shell probably expanded "
-                "an unquoted pattern, so files added later will not be seen. Quote the "
-                'pattern: trimperor "/path/*.ini"',
+                "cli.unquoted_pattern files=%d reason=shell_expanded_the_pattern "
+                "hint='Quote the pattern, as in trimperor \"/path/*.ini\"'",
                 len(args.sources),
             )
         monitors = resolve_sources(sources, options)
@@ -526,13 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_pidfile(args.pidfile)
         trio.run(_serve, emperor, args.reload_mercy)
     except* UsageError as group:
-        log.error("%s", _first(group))
+        log.error("cli.usage_error error=%s", _first(group))
         code = 2
     except* SourceError as group:
-        log.error("%s", _first(group))
+        log.error("cli.source_error error=%s", _first(group))
         code = code or 1
     except* TrimperorError as group:
-        log.error("%s", _first(group))
+        log.error("cli.error error=%s", _first(group))
         code = code or 1
     return code
 

@@ -41,6 +41,8 @@ vassal_log = logging.getLogger("trimperor.vassal")
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 _MAX_LINE = 64 * 1024
+#: The event logged when a vassal misses its heartbeat or watchdog deadline.
+_MISSED = {"heartbeat": "vassal.heartbeat_missed", "watchdog": "vassal.watchdog_missed"}
 #: What uWSGI prints when its configuration loaded no application.
 _NO_APP = b"no app loaded"
 #: States in which the vassal's process is up and wanted.
@@ -115,6 +117,8 @@ class Supervisor:
         self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
         self.state = State.WAITING
         self.backoff = Backoff()
+        self.backoff_delay = 0.0
+        """Seconds of the last respawn delay the backoff chose."""
         self._timer_gen = 0
         self._proc: Process | None = None
         self._nursery: trio.Nursery | None = None
@@ -235,14 +239,14 @@ class Supervisor:
                 and self.last_returncode == EXILE_CODE
             ):
                 log.warning(
-                    "vassal.exiled name=%s: exit status 26, not respawned until its "
-                    "configuration changes",
+                    "vassal.exiled name=%s code=%d respawn=on_configuration_change",
                     self.name,
+                    EXILE_CODE,
                 )
                 self.retired = True
                 ev = Ev.EXILED
             elif self.state in _UP and self.spec.on_demand and self.last_returncode == 0:
-                log.info("vassal.asleep name=%s: exited by itself, sockets armed", self.name)
+                log.info("vassal.asleep name=%s reason=exited sockets=armed", self.name)
                 ev = Ev.SLEPT
         if ev is Ev.RETIRE:
             self.retired = True
@@ -269,6 +273,7 @@ class Supervisor:
                 self._policy, started if started is not None else now, now, self._jitter()
             )
             delay = (self.backoff.next_start or now) - now
+            self.backoff_delay = delay if self.backoff.attempt else 0.0
             if self.backoff.attempt:
                 log.warning(
                     "vassal.backoff name=%s attempt=%d delay=%.3fs",
@@ -287,7 +292,7 @@ class Supervisor:
             self.reloads += 1
         elif act is Act.TERMINATE:
             if self.state is State.SLEEPING:
-                log.info("vassal.idle name=%s: putting it to sleep", self.name)
+                log.info("vassal.idle name=%s action=sleep", self.name)
                 for held in self._held.values():
                     held.state = "sleeping"
             self._terminate()
@@ -455,7 +460,7 @@ class Supervisor:
             await trio.sleep(timeout)
             if proc.returncode is None:
                 log.warning(
-                    "vassal.stop_timeout name=%s pid=%s: sending SIGKILL to the group",
+                    "vassal.stop_timeout name=%s pid=%s action=sigkill_group",
                     self.name,
                     proc.pid,
                 )
@@ -500,13 +505,13 @@ class Supervisor:
                     )
             elif byte == ToEmperor.IDLE:
                 if self.spec.on_demand:
-                    log.info("vassal.idle name=%s: back to on-demand", self.name)
+                    log.info("vassal.idle name=%s action=back_to_on_demand", self.name)
                     self._post(Ev.IDLE)
                 else:
-                    log.info("vassal.idle name=%s: the vassal asked to stop", self.name)
+                    log.info("vassal.idle name=%s action=stop reason=vassal_asked", self.name)
                     self._post(Ev.RETIRE)
             elif byte == ToEmperor.SOS:
-                log.info("vassal.sos name=%s: broodlord mode is not supported", self.name)
+                log.info("vassal.sos name=%s broodlord=unsupported", self.name)
             else:
                 log.debug("vassal.message name=%s byte=%s", self.name, describe(byte))
 
@@ -643,8 +648,7 @@ class Supervisor:
             deadline = seen + limit
             if trio.current_time() >= deadline:
                 log.warning(
-                    "vassal.%s_missed name=%s pid=%s: none for %ss, killing it",
-                    what,
+                    _MISSED[what] + " name=%s pid=%s limit=%ss action=sigkill_group",
                     self.name,
                     proc.pid,
                     limit,
@@ -703,6 +707,7 @@ class Supervisor:
             ),
             restarts=max(self.restarts, 0),
             backoff_attempt=self.backoff.attempt,
+            backoff_delay=self.backoff_delay if self.backoff.attempt else 0.0,
             next_start=next_start,
             last_exit_code=rc if rc is not None and rc >= 0 else None,
             last_exit_signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
