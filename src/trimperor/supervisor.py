@@ -482,7 +482,10 @@ class Supervisor:
                 self._times[_STAMPED[byte]] = trio.current_time()
             if byte == ToEmperor.READY:
                 self.ready = True
-                log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+                if self.no_app:
+                    log.warning("vassal.ready name=%s pid=%s no_app=true", self.name, proc.pid)
+                else:
+                    log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
             elif byte == ToEmperor.ACCEPTING:
                 self.accepting = True
             elif byte == ToEmperor.LOYAL:
