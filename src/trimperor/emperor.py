@@ -249,7 +249,7 @@ class Emperor:
             where = f" name={action.name}" if action.name else ""
             log.log(
                 _LEVELS.get(action.level, logging.WARNING),
-                "%s%s source=%s: %s",
+                "%s%s source=%s reason=%s",
                 action.event,
                 where,
                 action.source,
