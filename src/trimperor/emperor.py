@@ -267,11 +267,10 @@ class Emperor:
             elif action.name not in self._sups:
                 self._start(start)
             else:
-                log.info(
-                    "vassal.reload name=%s version=%s",
-                    action.name,
-                    describe_version(action.version),
-                )
+                shown = describe_version(action.version)  # mtime=... size=... for a file
+                if shown == action.version:
+                    shown = f"version={shown}"
+                log.info("vassal.reload name=%s %s", action.name, shown)
                 self._sups[action.name].update(action.version, action.spec)
         elif isinstance(action, Stop):
             self._pending.pop(action.name, None)
