@@ -312,7 +312,10 @@ async def test_seed_mongodb_command_line(
         emperors.append(emperor)
         await new_pid(tmp_path / "a.pid")
         await stop(emperor)
-        assert read_pid(tmp_path / "b.pid") is None  # the filter is applied
+        # The filter is applied: b.ini, read in the same query as a.ini, never started.
+        assert "vassal.spawned name=a.ini" in emperor.text()
+        assert "name=b.ini" not in emperor.text()
+        assert read_pid(tmp_path / "b.pid") is None
     finally:
         coll.drop()
         client.close()
