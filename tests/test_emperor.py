@@ -17,6 +17,7 @@ import trio.testing
 from trimperor.emperor import Emperor
 from trimperor.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
 from trimperor.testing import FakeMonitor, FakeSpawner
+from trimperor.uwsgi import default_binary
 
 NATIVE = "[vassal]\ncommand = app {arg}\n"
 
@@ -94,13 +95,13 @@ async def test_uwsgi_vassal_gets_the_emperor_protocol(world: World) -> None:
     text = "[uwsgi]\nsocket = :3031\n"
     await world.a.send(Upsert(VassalDocument("u.ini", "fake://a", "1", text, path="/srv/u.ini")))
     proc = await world.spawner.wait_spawned(1)
-    assert proc.plan.argv == ("uwsgi", "--ini", "/srv/u.ini")
+    assert proc.plan.argv == (default_binary(), "--ini", "/srv/u.ini")
     env = dict(proc.plan.env)
     assert env["UWSGI_EMPEROR_FD"] == str(proc.plan.pass_fds[0])
     assert "UWSGI_EMPEROR_FD_CONFIG" not in env
     await world.a.send(Upsert(VassalDocument("m.ini", "fake://a", "1", text)))
     proc = await world.spawner.wait_spawned(2)
-    assert proc.plan.argv == ("uwsgi", "--ini", "emperor://m.ini")
+    assert proc.plan.argv == (default_binary(), "--ini", "emperor://m.ini")
     assert "UWSGI_EMPEROR_FD_CONFIG" in dict(proc.plan.env)
     assert len(proc.plan.pass_fds) == 2
 

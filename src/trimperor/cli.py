@@ -24,7 +24,7 @@ from trimperor.errors import MissingExtraError, SourceError, TrimperorError, Usa
 from trimperor.launcher import LauncherSpawner
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import become_subreaper, raise_fd_limit
-from trimperor.uwsgi import UwsgiOptions
+from trimperor.uwsgi import UwsgiOptions, default_binary
 
 __all__ = ["build_parser", "main", "resolve_sources"]
 
@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--ini",
         metavar="FILE",
         help="read emperor options from the [trimperor] or [uwsgi] section of FILE",
+    )
+    add(
+        "--plugin",
+        "--plugins",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME...]",
+        dest="plugins",
+        help="accepted for uWSGI command lines: the emperor monitors are built in",
     )
 
     g = p.add_argument_group("lifecycle")
@@ -163,9 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("uWSGI vassals")
     g.add_argument(
         "--binary-path",
-        default="uwsgi",
+        default=None,
         metavar="PATH",
-        help="the uwsgi binary (default: uwsgi on PATH)",
+        help="the uwsgi binary (default: the uwsgi installed beside trimperor's Python, "
+        "else uwsgi on PATH); a vassal's own binary-path wins",
+    )
+    g.add_argument(
+        "--emperor-wrapper",
+        metavar="PATH",
+        help="run uWSGI vassals with this program instead of --binary-path",
+    )
+    g.add_argument(
+        "--emperor-wrapper-override",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="try this program first, before the vassal's binary; repeatable",
+    )
+    g.add_argument(
+        "--emperor-wrapper-fallback",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="try this program when the vassal's binary cannot be run; repeatable",
+    )
+    g.add_argument(
+        "--emperor-wrapper-attr",
+        metavar="KEY",
+        help="a vassal whose emperor section sets KEY runs with that program",
     )
     g.add_argument(
         "--vassal-set",
@@ -255,7 +289,7 @@ def ini_arguments(path: str) -> list[str]:
             # An emperor.ini written for uWSGI holds options of uWSGI's own
             # (master, uid, logto, ...): say so, and go on with the rest.
             log.warning(
-                "cli.ini_option_ignored file=%s section=%s key=%s: not a trimperor option",
+                "cli.ini_option_ignored file=%s section=%s key=%s reason=not_a_trimperor_option",
                 path,
                 section.name,
                 key,
@@ -267,6 +301,41 @@ def ini_arguments(path: str) -> list[str]:
         else:
             argv += [option, value]
     return argv
+
+
+#: uWSGI's emperor plugins, built into trimperor as these source schemes.
+PLUGIN_SCHEMES = {
+    "emperor_pg": "pg",
+    "emperor_mongodb": "mongodb",
+    "emperor_amqp": "amqp",
+    "emperor_zeromq": "zmq",
+}
+
+
+def plugin_name(value: str) -> str:
+    """``./emperor_pg_plugin.so`` -> ``emperor_pg``: the name uWSGI would load."""
+    name = os.path.basename(value.strip())
+    name = name.removesuffix(".so")
+    return name.removesuffix("_plugin")
+
+
+def check_plugins(values: Sequence[str]) -> None:
+    """``--plugin`` values: the emperor plugins are built in (debug), anything
+    else means nothing to the emperor (a warning: vassals load their own)."""
+    for value in values:
+        for raw in value.split(","):
+            if not raw.strip():
+                continue
+            name = plugin_name(raw)
+            scheme = PLUGIN_SCHEMES.get(name)
+            if scheme is not None:
+                log.debug("cli.plugin_builtin plugin=%s scheme=%s", name, scheme)
+            else:
+                log.warning(
+                    "cli.plugin_ignored plugin=%s reason=not_an_emperor_plugin "
+                    "hint=vassals_load_their_own_plugins",
+                    name,
+                )
 
 
 def _factories() -> dict[str, str]:
@@ -348,7 +417,7 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
             async def mercy() -> None:
                 assert reload_mercy is not None
                 await trio.sleep(reload_mercy)
-                log.warning("emperor.reload_mercy: %ss passed, killing what is left", reload_mercy)
+                log.warning("emperor.reload_mercy seconds=%s action=kill_all", reload_mercy)
                 emperor.kill_all()
 
             async def signals() -> None:
@@ -361,12 +430,10 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
                     elif signum == signal.SIGURG:
                         emperor.clear_throttles()
                     elif signum == signal.SIGWINCH:
-                        log.info(
-                            "emperor.rescan: sources are event-driven and rescan every "
-                            "--freq seconds; nothing to do"
-                        )
+                        # Sources are event-driven and rescan every --freq seconds.
+                        log.info("emperor.rescan action=none reason=sources_are_event_driven")
                     elif stopping and signum == signal.SIGINT:
-                        log.warning("emperor.kill_all: second SIGINT")
+                        log.warning("emperor.kill_all signal=SIGINT reason=second_signal")
                         emperor.kill_all()
                     else:
                         name = signal.Signals(signum).name
@@ -396,8 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ini:
             # The file's options first, so that the command line wins.
             args = parser.parse_args(ini_arguments(args.ini) + argv)
+        check_plugins(args.plugins)
         sources = [*args.sources, *args.emperor]
         if not sources:
+            parser.print_usage(sys.stderr)
             raise UsageError("no source given (a directory, a glob or a URI)")
         if args.throttle < 0 or args.max_throttle < 0 or args.loyal_after < 0 or args.freq <= 0:
             raise UsageError("--throttle, --max-throttle, --loyal-after must be >= 0, --freq > 0")
@@ -415,15 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.broodlord:
             log.warning(
-                "cli.broodlord_unsupported: --emperor-broodlord %d is accepted but zergs are "
-                "not spawned; a vassal's SOS (byte 30) is logged",
+                "cli.broodlord_unsupported broodlord=%d zergs=not_spawned sos=logged",
                 args.broodlord,
             )
         if expanded_by_shell(sources):
             log.warning(
-                "cli.unquoted_pattern: %d plain files were given; the shell probably expanded "
-                "an unquoted pattern, so files added later will not be seen. Quote the "
-                'pattern: trimperor "/path/*.ini"',
+                "cli.unquoted_pattern files=%d reason=shell_expanded_the_pattern "
+                "hint='Quote the pattern, as in trimperor \"/path/*.ini\"'",
                 len(args.sources),
             )
         monitors = resolve_sources(sources, options)
@@ -441,7 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tyrant=args.tyrant,
             tyrant_initgroups=args.tyrant_initgroups,
             uwsgi=UwsgiOptions(
-                binary=args.binary_path,
+                binary=args.binary_path or default_binary(),
+                wrapper=args.emperor_wrapper,
+                wrapper_override=tuple(args.emperor_wrapper_override),
+                wrapper_fallback=tuple(args.emperor_wrapper_fallback),
+                wrapper_attr=args.emperor_wrapper_attr,
                 vassal_set=tuple(args.vassal_set),
                 include=tuple(args.vassals_include),
                 include_before=tuple(args.vassals_include_before),
@@ -458,13 +529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_pidfile(args.pidfile)
         trio.run(_serve, emperor, args.reload_mercy)
     except* UsageError as group:
-        log.error("%s", _first(group))
+        log.error("cli.usage_error error=%s", _first(group))
         code = 2
     except* SourceError as group:
-        log.error("%s", _first(group))
+        log.error("cli.source_error error=%s", _first(group))
         code = code or 1
     except* TrimperorError as group:
-        log.error("%s", _first(group))
+        log.error("cli.error error=%s", _first(group))
         code = code or 1
     return code
 

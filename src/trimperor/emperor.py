@@ -24,7 +24,7 @@ from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
 from trimperor.errors import ConfigError, SpawnError
-from trimperor.model import SourceEvent, VassalDocument
+from trimperor.model import SourceEvent, VassalDocument, describe_version
 from trimperor.notify import Notifier, NotifyHub
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
@@ -215,12 +215,12 @@ class Emperor:
         while True:
             try:
                 await monitor.run(self._send.clone(), task_status=status)
-                log.warning("source.ended uri=%s; restarting in %ss", monitor.uri, self._retry)
+                log.warning("source.ended uri=%s restart_in=%ss", monitor.uri, self._retry)
             except Exception as exc:
                 if not status.started_called:
                     raise
                 log.error(
-                    "source.crashed uri=%s error=%r; restarting in %ss",
+                    "source.crashed uri=%s error=%r restart_in=%ss",
                     monitor.uri,
                     exc,
                     self._retry,
@@ -281,7 +281,7 @@ class Emperor:
             where = f" name={action.name}" if action.name else ""
             log.log(
                 _LEVELS.get(action.level, logging.WARNING),
-                "%s%s source=%s: %s",
+                "%s%s source=%s reason=%s",
                 action.event,
                 where,
                 action.source,
@@ -299,7 +299,10 @@ class Emperor:
             elif action.name not in self._sups:
                 self._start(start)
             else:
-                log.info("vassal.reload name=%s version=%s", action.name, action.version)
+                shown = describe_version(action.version)  # mtime=... size=... for a file
+                if shown == action.version:
+                    shown = f"version={shown}"
+                log.info("vassal.reload name=%s %s", action.name, shown)
                 self._sups[action.name].update(action.version, action.spec)
         elif isinstance(action, Stop):
             self._pending.pop(action.name, None)
@@ -337,9 +340,7 @@ class Emperor:
         except Exception:
             # A bug in a supervisor must not take the emperor (and every other
             # vassal) down: its process was killed on the way out; start afresh.
-            log.exception(
-                "vassal.supervisor_crashed name=%s; starting it again in %ss", sup.name, self._retry
-            )
+            log.exception("vassal.supervisor_crashed name=%s restart_in=%ss", sup.name, self._retry)
             crashed = True
         finally:
             if self._sups.get(sup.name) is sup:

@@ -10,7 +10,9 @@ heals at the next snapshot, and a source that cannot be reached sends nothing
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ __all__ = [
     "SourceProblem",
     "Upsert",
     "VassalDocument",
+    "describe_version",
     "is_valid_name",
     "remote_name_problem",
 ]
@@ -67,6 +70,30 @@ def remote_name_problem(name: str, extra_extensions: Iterable[str] = ()) -> str 
     if not is_valid_name(name, extra_extensions):
         return f"name {name!r} does not end in a configuration extension"
     return None
+
+
+#: A file source's version: ``mtime_ns:inode:size:uid:gid``, then what follows.
+_FILE_VERSION = re.compile(r"(\d+):(\d+):(\d+):(\d+):(\d+)(?::(.*))?", re.DOTALL)
+
+
+def describe_version(version: str) -> str:
+    """A version as a person reads it: a file's is ``mtime=... size=...``
+    (UTC, to the millisecond) instead of its raw stat fields; any other
+    source's version is shown as it is."""
+    m = _FILE_VERSION.fullmatch(version)
+    if m is None:
+        return version
+    mtime_ns, _, size, _, _, rest = m.groups()
+    try:
+        when = datetime.datetime.fromtimestamp(int(mtime_ns) / 1e9, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return version
+    text = f"mtime={when.isoformat(timespec='milliseconds').replace('+00:00', 'Z')} size={size}"
+    if rest == "unreadable":
+        text += " unreadable"
+    elif rest:
+        text += f" socket={rest}"
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from trimperor.model import describe_version
+
 __all__ = ["EmperorStats", "SourceStats", "VassalStats", "to_json"]
 
 
@@ -29,9 +31,13 @@ class VassalStats:
     last_exit_signal: str | None
     config_version: str
     reloads: int = 0
+    backoff_delay: float = 0.0
+    """Seconds: the respawn delay the backoff chose after the last early death."""
     last_error: str | None = None
     ready: bool = False
     """uWSGI vassals: the vassal said it is ready (byte 1)."""
+    no_app: bool = False
+    """uWSGI vassals: the vassal printed "no app loaded": it runs but serves no application."""
     accepting: bool = False
     loyal: bool = False
     last_heartbeat: float | None = None
@@ -119,6 +125,7 @@ def vassal_doc(v: VassalStats) -> dict[str, object]:
     }
     for key, value in asdict(v).items():
         doc.setdefault(key, value)
+    doc["config_version_text"] = describe_version(v.config_version)
     doc["sockets"] = [{"address": a, "state": st} for a, st in v.sockets]
     return doc
 
@@ -144,7 +151,7 @@ def to_json(stats: EmperorStats) -> str:
         "blacklist": [
             {
                 "id": v.name,
-                "throttle_level": int(max(0.0, (v.next_start or 0) - (v.last_run or 0)) * 1000),
+                "throttle_level": round(max(0.0, v.backoff_delay) * 1000),
                 "attempt": v.backoff_attempt,
                 "first_attempt": _secs(v.born),
                 "last_attempt": _secs(v.last_run),

@@ -29,7 +29,7 @@ from trimperor.notify import NotifyHub
 from trimperor.policy import Backoff, BackoffPolicy
 from trimperor.sockets import ConnectionTable, HeldSocket, bind
 from trimperor.stats import VassalStats
-from trimperor.uwsgi import UwsgiChannel, UwsgiOptions
+from trimperor.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
 from trimperor.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
 from trimperor.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
 
@@ -41,6 +41,10 @@ vassal_log = logging.getLogger("trimperor.vassal")
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 _MAX_LINE = 64 * 1024
+#: The event logged when a vassal misses its heartbeat or watchdog deadline.
+_MISSED = {"heartbeat": "vassal.heartbeat_missed", "watchdog": "vassal.watchdog_missed"}
+#: What uWSGI prints when its configuration loaded no application.
+_NO_APP = b"no app loaded"
 #: States in which the vassal's process is up and wanted.
 _UP = (State.RUNNING, State.STARTING)
 _STAMPED: dict[int, str] = {
@@ -105,12 +109,17 @@ class Supervisor:
         self.retired = False
         """True when the vassal itself asked not to be respawned."""
         self.ready = self.accepting = self.loyal = False
+        self.no_app = False
+        """uWSGI vassals: the vassal said "no app loaded" (it serves nothing)."""
+        self._announced = False
         self.last_heartbeat: float | None = None
         self._times: dict[str, float] = {}
         """trio-clock times of events shown in stats: born, last_run, last_mod, ..."""
         self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
         self.state = State.WAITING
         self.backoff = Backoff()
+        self.backoff_delay = 0.0
+        """Seconds of the last respawn delay the backoff chose."""
         self._timer_gen = 0
         self._proc: Process | None = None
         self._nursery: trio.Nursery | None = None
@@ -238,14 +247,14 @@ class Supervisor:
                 and self.last_returncode == EXILE_CODE
             ):
                 log.warning(
-                    "vassal.exiled name=%s: exit status 26, not respawned until its "
-                    "configuration changes",
+                    "vassal.exiled name=%s code=%d respawn=on_configuration_change",
                     self.name,
+                    EXILE_CODE,
                 )
                 self.retired = True
                 ev = Ev.EXILED
             elif self.state in _UP and self.spec.on_demand and self.last_returncode == 0:
-                log.info("vassal.asleep name=%s: exited by itself, sockets armed", self.name)
+                log.info("vassal.asleep name=%s reason=exited sockets=armed", self.name)
                 ev = Ev.SLEPT
         if ev is Ev.RETIRE:
             self.retired = True
@@ -272,6 +281,7 @@ class Supervisor:
                 self._policy, started if started is not None else now, now, self._jitter()
             )
             delay = (self.backoff.next_start or now) - now
+            self.backoff_delay = delay if self.backoff.attempt else 0.0
             if self.backoff.attempt:
                 log.warning(
                     "vassal.backoff name=%s attempt=%d delay=%.3fs",
@@ -290,7 +300,7 @@ class Supervisor:
             self.reloads += 1
         elif act is Act.TERMINATE:
             if self.state is State.SLEEPING:
-                log.info("vassal.idle name=%s: putting it to sleep", self.name)
+                log.info("vassal.idle name=%s action=sleep", self.name)
                 for held in self._held.values():
                     held.state = "sleeping"
             self._terminate()
@@ -301,7 +311,7 @@ class Supervisor:
         elif act is Act.SEND_RELOAD:
             if self._channel is not None and isinstance(self.spec, UwsgiSpec):
                 self._channel.spec = self.spec
-                self.ready = self.accepting = False
+                self.ready = self.accepting = self.no_app = False
                 log.info(
                     "vassal.reload_in_place name=%s pid=%s",
                     self.name,
@@ -370,7 +380,7 @@ class Supervisor:
             await self._dispatch(_Post(Ev.SPAWN_FAILED))
             return
         self._proc = proc
-        self.ready = self.accepting = self.loyal = False
+        self.ready = self.accepting = self.loyal = self.no_app = self._announced = False
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
         for held in self._held.values():
@@ -458,7 +468,7 @@ class Supervisor:
             await trio.sleep(timeout)
             if proc.returncode is None:
                 log.warning(
-                    "vassal.stop_timeout name=%s pid=%s: sending SIGKILL to the group",
+                    "vassal.stop_timeout name=%s pid=%s action=sigkill_group",
                     self.name,
                     proc.pid,
                 )
@@ -480,7 +490,10 @@ class Supervisor:
                 self._times[_STAMPED[byte]] = trio.current_time()
             if byte == ToEmperor.READY:
                 self.ready = True
-                log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
+                if self.no_app:
+                    log.warning("vassal.ready name=%s pid=%s no_app=true", self.name, proc.pid)
+                else:
+                    log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
             elif byte == ToEmperor.ACCEPTING:
                 self.accepting = True
             elif byte == ToEmperor.LOYAL:
@@ -503,13 +516,13 @@ class Supervisor:
                     )
             elif byte == ToEmperor.IDLE:
                 if self.spec.on_demand:
-                    log.info("vassal.idle name=%s: back to on-demand", self.name)
+                    log.info("vassal.idle name=%s action=back_to_on_demand", self.name)
                     self._post(Ev.IDLE)
                 else:
-                    log.info("vassal.idle name=%s: the vassal asked to stop", self.name)
+                    log.info("vassal.idle name=%s action=stop reason=vassal_asked", self.name)
                     self._post(Ev.RETIRE)
             elif byte == ToEmperor.SOS:
-                log.info("vassal.sos name=%s: broodlord mode is not supported", self.name)
+                log.info("vassal.sos name=%s broodlord=unsupported", self.name)
             else:
                 log.debug("vassal.message name=%s byte=%s", self.name, describe(byte))
 
@@ -648,8 +661,7 @@ class Supervisor:
             deadline = seen + limit
             if trio.current_time() >= deadline:
                 log.warning(
-                    "vassal.%s_missed name=%s pid=%s: none for %ss, killing it",
-                    what,
+                    _MISSED[what] + " name=%s pid=%s limit=%ss action=sigkill_group",
                     self.name,
                     proc.pid,
                     limit,
@@ -677,6 +689,16 @@ class Supervisor:
 
     def _log_line(self, line: bytes) -> None:
         vassal_log.info("%s| %s", self.name, line.decode(errors="replace").rstrip())
+        if self._channel is not None and not self._announced:
+            self._announced = announce_binary(self._channel.program, line)
+        if isinstance(self.spec, UwsgiSpec) and not self.no_app and _NO_APP in line:
+            self.no_app = True
+            log.warning(
+                "vassal.no_app name=%s pid=%s binary=%s",
+                self.name,
+                self._proc.pid if self._proc is not None else None,
+                self._channel.program if self._channel is not None else None,
+            )
 
     # -- observation ---------------------------------------------------------
 
@@ -698,6 +720,7 @@ class Supervisor:
             ),
             restarts=max(self.restarts, 0),
             backoff_attempt=self.backoff.attempt,
+            backoff_delay=self.backoff_delay if self.backoff.attempt else 0.0,
             next_start=next_start,
             last_exit_code=rc if rc is not None and rc >= 0 else None,
             last_exit_signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
@@ -705,6 +728,7 @@ class Supervisor:
             reloads=self.reloads,
             last_error=self.last_error,
             ready=self.ready,
+            no_app=self.no_app,
             accepting=self.accepting,
             loyal=self.loyal,
             last_heartbeat=(

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -23,16 +26,38 @@ from trimperor.errors import SpawnError
 from trimperor.uwsgi_protocol import ToVassal, config_flag, encode_config
 from trimperor.vassalspec import UwsgiSpec
 
-__all__ = ["UwsgiChannel", "UwsgiOptions", "uwsgi_argv", "uwsgi_env"]
+__all__ = [
+    "UwsgiChannel",
+    "UwsgiOptions",
+    "announce_binary",
+    "binary_candidates",
+    "default_binary",
+    "resolve_binary",
+    "uwsgi_argv",
+    "uwsgi_env",
+]
 
 log = logging.getLogger(__name__)
+
+
+def default_binary() -> str:
+    """The ``uwsgi`` installed beside this Python (a venv's ``bin/``), else the
+    one on ``PATH``, else the bare name (the spawn error then says it is missing).
+
+    The directory of :data:`sys.executable` is taken as it is, without
+    resolving symlinks: a venv's ``python`` links to the base interpreter.
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "uwsgi")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("uwsgi") or "uwsgi"
 
 
 @dataclass(frozen=True, slots=True)
 class UwsgiOptions:
     """The emperor-wide settings for uWSGI vassals (uWSGI's option names in comments)."""
 
-    binary: str = "uwsgi"  # --binary-path
+    binary: str = field(default_factory=default_binary)  # --binary-path
     vassal_set: tuple[str, ...] = ()  # --vassal-set / --vassals-set
     include: tuple[str, ...] = ()  # --vassals-include
     include_before: tuple[str, ...] = ()  # --vassals-include-before
@@ -42,11 +67,64 @@ class UwsgiOptions:
     curse_tolerance: float = 30.0  # --emperor-curse-tolerance
     required_heartbeat: float = 30.0  # --emperor-required-heartbeat
     extra_extensions: tuple[str, ...] = ()  # --emperor-extra-extension
+    wrapper: str | None = None  # --emperor-wrapper
+    wrapper_override: tuple[str, ...] = ()  # --emperor-wrapper-override
+    wrapper_fallback: tuple[str, ...] = ()  # --emperor-wrapper-fallback
+    wrapper_attr: str | None = None  # --emperor-wrapper-attr
 
 
-def uwsgi_argv(spec: UwsgiSpec, options: UwsgiOptions) -> tuple[str, ...]:
-    """uWSGI's argv order: binary, inherit/include (before), --set, FLAG NAME, inherit/include."""
-    argv = [options.binary]
+def binary_candidates(spec: UwsgiSpec, options: UwsgiOptions) -> tuple[str, ...]:
+    """The programs to try for *spec*, in order.
+
+    The overrides come first and the fallbacks last, as uWSGI tries them. The
+    one in between is, from the most specific: the vassal's attribute named by
+    ``--emperor-wrapper-attr``, its own ``binary-path``, ``--emperor-wrapper``,
+    then ``--binary-path`` (or the default binary).
+    """
+    attr = spec.attr(options.wrapper_attr) if options.wrapper_attr else None
+    main = attr or spec.binary or options.wrapper or options.binary
+    return tuple(dict.fromkeys((*options.wrapper_override, main, *options.wrapper_fallback)))
+
+
+def resolve_binary(candidates: tuple[str, ...], path: str | None) -> str | None:
+    """The first candidate that can be executed (a path, or a name looked up in
+    *path*, the vassal's ``PATH``), or None."""
+    for program in candidates:
+        if "/" in program:
+            if os.path.isfile(program) and os.access(program, os.X_OK):
+                return program
+        elif shutil.which(program, path=path if path is not None else os.defpath):
+            return program
+    return None
+
+
+#: Binaries whose version was logged already (once per binary, per emperor).
+_announced: set[str] = set()
+_STARTING = re.compile(rb"\*\*\* Starting uWSGI (\S+)")
+
+
+def announce_binary(program: str, line: bytes) -> bool:
+    """Log *program* and its version, read from uWSGI's first output line
+    (``*** Starting uWSGI 2.0.28 (64bit) on ...``), the first time a vassal
+    run by it prints that line. True once the program is announced."""
+    if program in _announced:
+        return True
+    m = _STARTING.search(line)
+    if m is None:
+        return False
+    _announced.add(program)
+    log.info("uwsgi.binary path=%s version=%s", program, m.group(1).decode(errors="replace"))
+    return True
+
+
+def uwsgi_argv(
+    spec: UwsgiSpec, options: UwsgiOptions, binary: str | None = None
+) -> tuple[str, ...]:
+    """uWSGI's argv order: binary, inherit/include (before), --set, FLAG NAME, inherit/include.
+
+    *binary* is the program chosen among :func:`binary_candidates` (by default the first).
+    """
+    argv = [binary or binary_candidates(spec, options)[0]]
     for t in options.inherit_before:
         argv += ["--inherit", t]
     for i in options.include_before:
@@ -96,11 +174,24 @@ class UwsgiChannel:
     ) -> None:
         self.spec = spec
         self.options = options
+        env = uwsgi_env(environ)
+        candidates = binary_candidates(spec, options)
+        binary = resolve_binary(candidates, env.get("PATH"))
+        if binary is None:
+            raise SpawnError(
+                f"no uWSGI binary found (tried {', '.join(candidates)}); "
+                "install uwsgi (pip install uwsgi) or give --binary-path"
+            )
+        self.binary = binary
+        """The program run: the first of :func:`binary_candidates` that exists."""
+        self.program = (
+            binary if "/" in binary else shutil.which(binary, path=env.get("PATH")) or binary
+        )
+        """The same, as a path."""
         control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._child_ends = [child_control]
         self._control = trio.socket.from_stdlib_socket(control)
         self._config: trio.socket.SocketType | None = None
-        env = uwsgi_env(environ)
         env["UWSGI_EMPEROR_FD"] = str(child_control.fileno())
         if spec.path is None:
             ours, child_config = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,7 +202,7 @@ class UwsgiChannel:
             end.set_inheritable(True)
         self.plan = LaunchPlan(
             name=spec.name,
-            argv=uwsgi_argv(spec, options),
+            argv=uwsgi_argv(spec, options, binary),
             cwd=spec.cwd,
             env=tuple(env.items()),
             user=spec.uid,

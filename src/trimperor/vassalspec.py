@@ -176,6 +176,10 @@ class UwsgiSpec:
     init_groups: bool = True
     sockets: tuple[SocketSpec, ...] = ()
     """At most one: the on-demand socket, handed over as fd 0."""
+    binary: str | None = None
+    """The configuration's own ``binary-path``: the uwsgi binary for this vassal."""
+    attrs: tuple[tuple[str, str], ...] = ()
+    """The vassal's attributes: the entries of its ``emperor`` section."""
 
     kind = "uwsgi"
 
@@ -189,7 +193,20 @@ class UwsgiSpec:
 
     def launch_key(self) -> tuple[object, ...]:
         """What a reload in place cannot change."""
-        return (self.path is None, self.path, self.cwd, self.uid, self.gid, self.sockets)
+        return (
+            self.path is None,
+            self.path,
+            self.cwd,
+            self.uid,
+            self.gid,
+            self.sockets,
+            self.binary,
+            self.attrs,
+        )
+
+    def attr(self, key: str) -> str | None:
+        """The last value of attribute *key*, or None."""
+        return next((v for k, v in reversed(self.attrs) if k == key), None)
 
 
 VassalSpec = NativeSpec | UwsgiSpec
@@ -479,10 +496,21 @@ def build_spec(
     sockets: tuple[SocketSpec, ...] = ()
     if doc.socket:  # an empty value means "not on demand" (uWSGI would bind "")
         sockets = (replace(parse_socket(doc.socket, f"{doc.name}: socket"), mode=0o666),)
+    uwsgi_section = options.section("uwsgi")
+    binary = uwsgi_section.get("binary-path") if uwsgi_section is not None else None
+    if binary is not None:
+        binary = binary.strip()
+        if not binary or "\0" in binary:
+            raise ConfigError(f"{doc.name}: binary-path {binary!r} is not a program")
+        if "/" in binary and not os.path.isabs(binary):
+            binary = os.path.join(cwd, binary)
+    attrs_section = options.section("emperor")
     return UwsgiSpec(
         name=doc.name,
         path=os.path.abspath(doc.path) if doc.path is not None else None,
         text=doc.text,
         cwd=cwd,
         sockets=sockets,
+        binary=binary,
+        attrs=attrs_section.entries if attrs_section is not None else (),
     )

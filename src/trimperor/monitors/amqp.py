@@ -64,6 +64,7 @@ from trimperor.monitors.remote import (
     TooLarge,
     check_document,
     check_freq,
+    error_text,
     read_file,
     redact,
     short,
@@ -339,7 +340,7 @@ class AmqpMonitor:
             try:
                 await trio.to_thread.run_sync(consumer.run, limiter=self._thread_limiter)
             except _BROKER_ERRORS as exc:
-                error = short(f"{type(exc).__name__}: {exc}")
+                error = short(error_text(exc))
             nursery.cancel_scope.cancel()
         return error
 
@@ -495,7 +496,7 @@ class _Handler:
                     self._bad(f"{shown} is over --max-config-size ({limit} bytes)")
                     return
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            error = short(f"{type(exc).__name__}: {exc}")
+            error = short(error_text(exc))
             log.warning("source.http_failed uri=%s url=%s error=%s", self._uri, shown, error)
             return
         try:

@@ -517,7 +517,7 @@ class MongoMonitor:
                 )
             except OperationFailure as exc:
                 log.info(
-                    "source.change_stream_unavailable uri=%s error=%s; polling every %ss",
+                    "source.change_stream_unavailable uri=%s error=%s poll_every=%ss",
                     self.uri,
                     _describe(exc),
                     self._options.freq,

@@ -121,6 +121,18 @@ def parse_uri(uri: str) -> tuple[str, str, str | None]:
     return dsn, query, channel
 
 
+def _short_label(dsn: str) -> str:
+    """``pg://HOST:PORT/DBNAME``: the source without its query, for repeated lines."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "pg://"
+    host = str(params.get("host") or params.get("hostaddr") or "local")
+    port = params.get("port")
+    where = f"{host}:{port}" if port else host
+    return f"pg://{where}/{params.get('dbname') or ''}"
+
+
 def _label(uri: str, dsn: str) -> str:
     """*uri* with the password in *dsn* hidden."""
     shown = re.sub(r"([?&]password=)[^&;]*", r"\1***", redact(dsn))
@@ -307,7 +319,7 @@ class PostgresMonitor:
         self._dsn, self.query, self.channel = parse_uri(uri)
         self.uri = _label(uri, self._dsn)
         self._options = options
-        self.status = SourceStatus(self.uri)
+        self.status = SourceStatus(self.uri, _short_label(self._dsn))
         self._guarded: str | None = None
 
     def _conninfo(self) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "TooLarge",
     "check_document",
     "check_freq",
+    "error_text",
     "read_file",
     "redact",
     "short",
@@ -62,8 +63,11 @@ def redact(uri: str) -> str:
 class SourceStatus:
     """Health of one source, updated by its monitor, read by the stats server."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, label: str | None = None) -> None:
         self.uri = uri
+        self.label = label or uri
+        """A short name for the source, used by repeated lines (a long URI is
+        logged once per outage, with its first failure)."""
         self.state = "starting"
         self.vassals = 0
         self.last_ok: float | None = None
@@ -74,7 +78,7 @@ class SourceStatus:
     def ok(self, vassals: int | None = None) -> None:
         """A successful read (connect, query, message)."""
         if self.state == "retrying":
-            log.info("source.recovered uri=%s after=%d attempts", self.uri, self.attempt)
+            log.info("source.recovered uri=%s attempts=%d", self.label, self.attempt)
         self.state = "connected"
         self.last_ok = time.time()
         self.attempt = 0
@@ -91,7 +95,7 @@ class SourceStatus:
         self.next_retry = time.time() + delay
         log.warning(
             "source.retrying uri=%s attempt=%d delay=%.1fs error=%s",
-            self.uri,
+            self.uri if self.attempt == 1 else self.label,
             self.attempt,
             delay,
             error,
@@ -246,6 +250,16 @@ def read_file(path: str, limit: int) -> bytes | None:
     if len(data) > limit:
         raise TooLarge
     return data
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: detail`` for a log line, with a detail even when ``str(exc)`` is
+    empty (pika's ``AMQPConnectionError`` keeps the cause in its args)."""
+    detail = str(exc).strip()
+    if not detail and exc.args:
+        detail = ", ".join(str(a).strip() or repr(a) for a in exc.args)
+    lines = detail.splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def short(text: str) -> str:
