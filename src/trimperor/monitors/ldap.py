@@ -522,6 +522,9 @@ class LdapMonitor:
             finally:
                 stop.set()
 
+        # The thread's error is raised outside the nursery, so that the caller
+        # sees the LDAPError itself rather than a group around it.
+        error: Exception | None = None
         async with received, trio.open_nursery() as nursery:
             nursery.start_soon(stopper)
             nursery.start_soon(self._apply, received, send, resumed)
@@ -529,8 +532,12 @@ class LdapMonitor:
                 await trio.to_thread.run_sync(
                     lambda: self._sync_thread(conn, self.cookie, deliver, stop)
                 )
+            except (ldap.LDAPError, _NoSync) as exc:
+                error = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     def _sync_thread(
         self,
@@ -630,13 +637,13 @@ class LdapMonitor:
     async def _send_changes(self, send: trio.MemorySendChannel[SourceEvent]) -> None:
         docs = self._mirror.view()
         before = self._sent or {}
+        self._sent = docs
+        self.status.ok(len(docs))
         for name in sorted(before.keys() - docs.keys()):
             await send.send(Remove(self.uri, name))
         for name in sorted(docs):
             if before.get(name) != docs[name]:
                 await send.send(Upsert(docs[name]))
-        self._sent = docs
-        self.status.ok(len(docs))
 
     # -- polling -----------------------------------------------------------------------
 
