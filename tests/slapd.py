@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import ldap
@@ -259,14 +259,14 @@ class Slapd:
         finally:
             c.unbind_s()
 
-    def add(self, dn: str, attrs: dict[str, Iterable[str]]) -> None:
+    def add(self, dn: str, attrs: Mapping[str, Iterable[str]]) -> None:
         c = self.conn()
         try:
             c.add_s(dn, _mods(attrs))
         finally:
             c.unbind_s()
 
-    def replace(self, dn: str, attrs: dict[str, Iterable[str]]) -> None:
+    def replace(self, dn: str, attrs: Mapping[str, Iterable[str]]) -> None:
         c = self.conn()
         try:
             c.modify_s(
@@ -290,7 +290,7 @@ class Slapd:
             c.unbind_s()
 
 
-def _mods(attrs: dict[str, Iterable[str]]) -> list[tuple[str, list[bytes]]]:
+def _mods(attrs: Mapping[str, Iterable[str]]) -> list[tuple[str, list[bytes]]]:
     return [(k, [v.encode() for v in vs]) for k, vs in attrs.items()]
 
 

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,7 @@ def test_option_names_follow_uwsgis_rule() -> None:
     assert sl.uwsgi_attribute("http-socket-modifier1") == "uWSGIhttpSocketModifier1"
 
 
-def _doc(dn: str, attrs: dict[str, list[bytes]], size: int = 64 * 1024) -> VassalDocument:
+def _doc(dn: str, attrs: Mapping[str, list[bytes]], size: int = 64 * 1024) -> VassalDocument:
     return entry_document(
         dn,
         attrs,
@@ -429,9 +429,15 @@ async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
     await wait_for(lambda: not pid_alive(b))
     assert "vassal.spawned name=b2.ini" in emperor.text()
 
+    # an unknown key: one line from the emperor, nothing else touched
+    tree.add_plain("bad.ini", pidfile_vassal(tmp_path, "bad", "no-such-key = 1\n"))
+    await wait_for(lambda: "config.invalid" in emperor.text())
+    assert emperor.text().count("no-such-key") == 1
+    assert read_pid(tmp_path / "bad.pid") is None
+
     tree.server.delete(tree.dn("b2.ini"))
     await wait_for(lambda: not pid_alive(b2))
-    assert pid_alive(a2)
+    assert pid_alive(a2) and pid_alive(b2) is False
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0
     assert not pid_alive(a2)
