@@ -92,12 +92,29 @@ def free_port() -> int:
 class Slapd:
     """One private slapd; :meth:`start`, :meth:`stop`, and helpers to edit entries."""
 
-    def __init__(self, uwsgi: str, *, syncprov: bool = True, port: int | None = None) -> None:
+    def __init__(
+        self, uwsgi: str, *, syncprov: bool = True, port: int | None = None, tls: bool = False
+    ) -> None:
         # A short path: the ldapi socket's must fit in sun_path.
         self.dir = Path(tempfile.mkdtemp(prefix="slapd-"))
         self.syncprov = syncprov
         self.port = port or free_port()
         self.sock = self.dir / "ldapi"
+        self.tls_port = free_port() if tls else None
+        self.cert = self.dir / "cert.pem"
+        if tls:
+            # A self-signed certificate for 127.0.0.1; clients trust it by
+            # LDAPTLS_CACERT (or OPT_X_TLS_CACERTFILE).
+            subprocess.run(
+                [
+                    _tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(self.dir / "key.pem"), "-out", str(self.cert),
+                ],
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = open(self.dir / "slapd.log", "wb")  # noqa: SIM115
         (self.dir / "data").mkdir()
@@ -158,7 +175,13 @@ class Slapd:
         )
         return (
             f"dn: cn=config\nobjectClass: olcGlobal\ncn: config\n"
-            f"olcPidFile: {d}/slapd.pid\nolcArgsFile: {d}/slapd.args\n\n"
+            f"olcPidFile: {d}/slapd.pid\nolcArgsFile: {d}/slapd.args\n"
+            + (
+                f"olcTLSCertificateFile: {self.cert}\nolcTLSCertificateKeyFile: {d}/key.pem\n"
+                if self.tls_port
+                else ""
+            )
+            + "\n"
             f"dn: cn=module{{0}},cn=config\nobjectClass: olcModuleList\ncn: module{{0}}\n"
             f"olcModulePath: {MODULE_DIR}\n{modules}\n"
             f"dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n"
@@ -186,7 +209,8 @@ class Slapd:
                 "-d",
                 "0",
                 "-h",
-                f"{self.url}/ {self.ldapi_url}",
+                f"{self.url}/ {self.ldapi_url}"
+                + (f" ldaps://127.0.0.1:{self.tls_port}/" if self.tls_port else ""),
                 "-F",
                 str(self.dir / "slapd.d"),
             ],

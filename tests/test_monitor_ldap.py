@@ -620,3 +620,35 @@ async def test_unreachable_at_start_then_up(tmp_path: Path) -> None:
             assert list(versions(snap)) == ["a.ini"]
     finally:
         server.close()
+
+
+@pytest.mark.integration
+async def test_ldaps_with_the_servers_certificate(
+    tmp_path: Path, emperors: list[EmperorProcess]
+) -> None:
+    server = sl.Slapd(UWSGI, tls=True)
+    try:
+        server.start()
+        server.populate()
+        server.add(f"cn=a.ini,{sl.VASSALS}", sl.plain_entry(pidfile_vassal(tmp_path, "a")))
+        url = f"ldaps://127.0.0.1:{server.tls_port}/{sl.VASSALS}"
+        # the system's CAs do not vouch for it: TLS fails, retried, nothing runs
+        assert "LDAPTLS_CACERT" not in os.environ
+        untrusted = EmperorProcess([url], tmp_path / "untrusted.log")
+        emperors.append(untrusted)
+        await wait_for(lambda: "source.retrying" in untrusted.text(), timeout=20)
+        assert read_pid(tmp_path / "a.pid") is None
+        untrusted.signal(signal.SIGTERM)
+        assert await untrusted.wait() == 0
+
+        emperor = EmperorProcess(
+            [url], tmp_path / "e.log", env={"LDAPTLS_CACERT": str(server.cert)}
+        )
+        emperors.append(emperor)
+        a = await new_pid(tmp_path / "a.pid")
+        server.delete(f"cn=a.ini,{sl.VASSALS}")
+        await wait_for(lambda: not pid_alive(a))
+        emperor.signal(signal.SIGTERM)
+        assert await emperor.wait() == 0
+    finally:
+        server.close()

@@ -36,13 +36,15 @@ searches again only if it moved (every time where the server keeps none).
 The blocking libldap calls run in a worker thread; the syncrepl session stays
 in one until it fails or the monitor is cancelled, handing its messages to the
 trio side in batches. While the directory is unreachable nothing is sent that
-could stop a vassal; the monitor retries every second at most. A bad entry
+could stop a vassal; the monitor tries an unreachable server again every
+second, and backs off (up to 30 s) on errors the server answers with. A bad entry
 (bad name, no configuration, a value with a newline, oversized) is logged once
 and left out, and an entry that was good keeps its last good configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -58,6 +60,7 @@ from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors.remote import (
+    RETRY_MAX,
     BadVassal,
     SourceStatus,
     check_document,
@@ -85,6 +88,7 @@ DEFAULT_ATTRIBUTE = "trimperorConfig"
 UWSGI_CLASS = "uwsgiconfig"
 UWSGI_PREFIX = "uwsgi"
 SOCKET_ATTRIBUTE = "trimperorsocket"
+_PLUGIN_OPTIONS = frozenset({"plugin", "plugins", "plugin-dir", "plugins-dir"})
 SYNC_OID = "1.3.6.1.4.1.4203.1.9.1.1"
 #: e-syncRefreshRequired (RFC 4533): the cookie is too old; start again without it.
 SYNC_REFRESH_REQUIRED = 4096
@@ -98,8 +102,10 @@ THREAD_POLL = 0.2
 DRAIN_WAIT = 1e-4
 #: Messages handed to the trio side at once, at most.
 BATCH = 500
-#: Reconnect attempts are at most this far apart (seconds).
-RETRY_MAX = 1.0
+#: Reconnect attempts to a server that cannot be reached are at most this far
+#: apart (seconds); errors the server answers with (a bad password, a bad base
+#: or filter) back off up to remote's maximum instead.
+RETRY_UNREACHABLE = 1.0
 MAX_PASSWORD_BYTES = 4096
 
 T = TypeVar("T")
@@ -286,7 +292,13 @@ def attrs_values(by_key: Mapping[str, tuple[str, list[bytes]]], key: str) -> lis
 def _uwsgi_ini(attributes: Iterable[tuple[str, list[bytes]]]) -> str:
     """``[uwsgi]`` with one option per ``uWSGI*`` attribute; raises ValueError."""
     lines = ["[uwsgi]"]
-    for attr, values in sorted(attributes, key=lambda kv: option_name(kv[0])):
+
+    # Plugins first (uWSGI learns a plugin's options by loading it), then by name.
+    def order(kv: tuple[str, list[bytes]]) -> tuple[bool, str]:
+        name = option_name(kv[0])
+        return (name not in _PLUGIN_OPTIONS, name)
+
+    for attr, values in sorted(attributes, key=order):
         if not attr.lower().startswith(UWSGI_PREFIX) or len(attr) == len(UWSGI_PREFIX):
             continue
         value = _text(values, attr)
@@ -427,7 +439,6 @@ class LdapMonitor:
                     f"{uri}: cannot read the password file {self._url.password_file}: {exc}"
                 ) from None
         self.status = SourceStatus(self.uri)
-        self.status.retry_max = RETRY_MAX
         self.mode = "starting"
         """``syncrepl`` or ``polling`` once connected."""
         self.cookie: str | None = None
@@ -457,6 +468,10 @@ class LdapMonitor:
                         log.info("source.sync_refresh_required uri=%s", self.uri)
                         self.cookie = None
                         continue
+                    unreachable = isinstance(
+                        exc, ldap.SERVER_DOWN | ldap.CONNECT_ERROR | ldap.TIMEOUT | OSError
+                    )
+                    self.status.retry_max = RETRY_UNREACHABLE if unreachable else RETRY_MAX
                     await self.status.backoff(_describe(exc), report=send)
 
     async def _session(self, send: trio.MemorySendChannel[SourceEvent]) -> None:
@@ -475,7 +490,7 @@ class LdapMonitor:
             else:
                 await self._poll(conn, send)
         finally:
-            conn.unbind_ext()
+            _close(conn)
 
     def _connect(self) -> _Consumer:
         """Open and bind a connection; blocking."""
@@ -501,7 +516,7 @@ class LdapMonitor:
             else:
                 conn.simple_bind_s("", "")
         except BaseException:
-            conn.unbind_ext()
+            _close(conn)
             raise
         return conn
 
@@ -513,8 +528,12 @@ class LdapMonitor:
         token = trio.lowlevel.current_trio_token()
         resumed = self.cookie is not None
 
+        def hand_over(batch: list[tuple[Any, ...]]) -> None:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                batches.send_nowait(batch)
+
         def deliver(batch: list[tuple[Any, ...]]) -> None:
-            token.run_sync_soon(batches.send_nowait, batch)
+            token.run_sync_soon(hand_over, batch)
 
         async def stopper() -> None:
             try:
@@ -727,6 +746,11 @@ class LdapMonitor:
             uuid = lowered.get("entryuuid", [dn.encode()])[0].decode(errors="replace")
             out.append((uuid, dn, attrs))
         return out
+
+
+def _close(conn: _Consumer) -> None:
+    with contextlib.suppress(ldap.LDAPError):
+        conn.unbind_ext()
 
 
 def _supports_sync(conn: _Consumer) -> bool:
