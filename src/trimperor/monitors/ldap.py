@@ -481,14 +481,11 @@ class LdapMonitor:
             if not self._no_sync and await trio.to_thread.run_sync(lambda: _supports_sync(conn)):
                 try:
                     await self._syncrepl(conn, send)
+                    return
                 except _NoSync:
-                    # Advertised, but not offered for this base: poll from now on.
+                    # Advertised, but not for this base's database: poll from now on.
                     self._no_sync = True
-                    raise ldap.UNAVAILABLE_CRITICAL_EXTENSION(
-                        {"desc": "no content synchronization for this base"}
-                    ) from None
-            else:
-                await self._poll(conn, send)
+            await self._poll(conn, send)
         finally:
             _close(conn)
 
@@ -535,11 +532,14 @@ class LdapMonitor:
         def deliver(batch: list[tuple[Any, ...]]) -> None:
             token.run_sync_soon(hand_over, batch)
 
+        stopper_scope = trio.CancelScope()
+
         async def stopper() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                stop.set()
+            with stopper_scope:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    stop.set()
 
         # The thread's error is raised outside the nursery, so that the caller
         # sees the LDAPError itself rather than a group around it.
@@ -554,7 +554,11 @@ class LdapMonitor:
             except (ldap.LDAPError, _NoSync) as exc:
                 error = exc
             finally:
-                nursery.cancel_scope.cancel()
+                stopper_scope.cancel()
+                # Everything the thread handed over is in the channel by now
+                # (its hand-overs ran before its return was reported): _apply
+                # takes it all, cookie included, and ends.
+                batches.close()
         if error is not None:
             raise error
 
