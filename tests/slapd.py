@@ -93,11 +93,19 @@ class Slapd:
     """One private slapd; :meth:`start`, :meth:`stop`, and helpers to edit entries."""
 
     def __init__(
-        self, uwsgi: str, *, syncprov: bool = True, port: int | None = None, tls: bool = False
+        self,
+        uwsgi: str,
+        *,
+        syncprov: bool = True,
+        port: int | None = None,
+        tls: bool = False,
+        plain_suffix: str | None = None,
     ) -> None:
+        """*plain_suffix*: also serve this suffix, from a database without syncprov."""
         # A short path: the ldapi socket's must fit in sun_path.
         self.dir = Path(tempfile.mkdtemp(prefix="slapd-"))
         self.syncprov = syncprov
+        self.plain_suffix = plain_suffix
         self.port = port or free_port()
         self.sock = self.dir / "ldapi"
         self.tls_port = free_port() if tls else None
@@ -118,6 +126,7 @@ class Slapd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = open(self.dir / "slapd.log", "wb")  # noqa: SIM115
         (self.dir / "data").mkdir()
+        (self.dir / "plain").mkdir()
         (self.dir / "slapd.d").mkdir()
         (self.dir / "uwsgi.ldif").write_text(uwsgi_schema_ldif(uwsgi))
         (self.dir / "config.ldif").write_text(self._config())
@@ -173,6 +182,13 @@ class Slapd:
             if self.syncprov
             else ""
         )
+        if self.plain_suffix:
+            overlay += (
+                "\ndn: olcDatabase={2}mdb,cn=config\nobjectClass: olcDatabaseConfig\n"
+                f"objectClass: olcMdbConfig\nolcDatabase: {{2}}mdb\nolcDbDirectory: {d}/plain\n"
+                f"olcSuffix: {self.plain_suffix}\nolcRootDN: cn=admin,{self.plain_suffix}\n"
+                f"olcRootPW: {ROOT_PW}\nolcAccess: to * by * read\n"
+            )
         return (
             f"dn: cn=config\nobjectClass: olcGlobal\ncn: config\n"
             f"olcPidFile: {d}/slapd.pid\nolcArgsFile: {d}/slapd.args\n"

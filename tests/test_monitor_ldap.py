@@ -391,7 +391,10 @@ async def test_polling_fallback_without_syncprov(caplog: pytest.LogCaptureFixtur
                 await next_snapshot(recv, lambda s: sorted(versions(s)) == ["a.ini", "c.ini"])
                 tree.server.delete(tree.dn("a.ini"))
                 await next_snapshot(recv, lambda s: list(versions(s)) == ["c.ini"])
-        assert any("source.polling" in r.message for r in caplog.records)
+        assert any(
+            "source.polling" in r.message and "offers no content synchronization" in r.message
+            for r in caplog.records
+        )
     finally:
         server.close()
 
@@ -650,5 +653,37 @@ async def test_ldaps_with_the_servers_certificate(
         await wait_for(lambda: not pid_alive(a))
         emperor.signal(signal.SIGTERM)
         assert await emperor.wait() == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.integration
+async def test_a_base_whose_database_has_no_syncprov_is_polled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plain = "dc=plain,dc=org"
+    server = sl.Slapd(UWSGI, plain_suffix=plain)
+    try:
+        server.start()
+        server.populate()
+        c = server.conn()
+        try:
+            c.simple_bind_s(f"cn=admin,{plain}", sl.ROOT_PW)
+            c.add_s(plain, [("objectClass", [b"dcObject", b"organization"]),
+                            ("dc", [b"plain"]), ("o", [b"Plain"])])  # fmt: skip
+            c.add_s(f"cn=a.ini,{plain}", sl._mods(sl.plain_entry("[uwsgi]\n")))
+        finally:
+            c.unbind_s()
+        with caplog.at_level(logging.INFO, logger="trimperor.monitors.ldap"):
+            async with running(f"{server.url}/{plain}", freq=0.2) as (monitor, recv):
+                assert list(versions(await next_snapshot(recv))) == ["a.ini"]
+                assert monitor.mode == "polling"
+        # the root DSE lists the control (another database has syncprov), so
+        # the search was tried first and refused
+        assert any(
+            "source.polling" in r.message and "refused for this base" in r.message
+            for r in caplog.records
+        )
+        assert not any("source.retrying" in r.message for r in caplog.records)
     finally:
         server.close()

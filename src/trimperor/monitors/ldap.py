@@ -478,14 +478,18 @@ class LdapMonitor:
         """Connect, then follow (syncrepl) or poll until something fails."""
         conn = await trio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
         try:
-            if not self._no_sync and await trio.to_thread.run_sync(lambda: _supports_sync(conn)):
+            reason = "the server offers no content synchronization (RFC 4533 syncrepl)"
+            if self._no_sync:
+                reason = "content synchronization was refused for this base"
+            elif await trio.to_thread.run_sync(lambda: _supports_sync(conn)):
                 try:
                     await self._syncrepl(conn, send)
                     return
                 except _NoSync:
                     # Advertised, but not for this base's database: poll from now on.
                     self._no_sync = True
-            await self._poll(conn, send)
+                    reason = "content synchronization was refused for this base"
+            await self._poll(conn, send, reason)
         finally:
             _close(conn)
 
@@ -670,14 +674,17 @@ class LdapMonitor:
 
     # -- polling -----------------------------------------------------------------------
 
-    async def _poll(self, conn: _Consumer, send: trio.MemorySendChannel[SourceEvent]) -> None:
+    async def _poll(
+        self, conn: _Consumer, send: trio.MemorySendChannel[SourceEvent], reason: str
+    ) -> None:
         """Search every ``freq`` seconds, unless the base's contextCSN stayed the same."""
         if self.mode != "polling":
             log.warning(
-                "source.polling uri=%s every=%.1fs reason=the server offers no content "
-                "synchronization (RFC 4533 syncrepl, OpenLDAP's syncprov overlay) for %s",
+                "source.polling uri=%s every=%.1fs reason=%s (OpenLDAP: the syncprov "
+                "overlay on the database of %s)",
                 self.uri,
                 self._options.freq,
+                reason,
                 self._url.base or "the root",
             )
             self.mode = "polling"
