@@ -687,3 +687,25 @@ async def test_a_base_whose_database_has_no_syncprov_is_polled(
         assert not any("source.retrying" in r.message for r in caplog.records)
     finally:
         server.close()
+
+
+@pytest.mark.integration
+async def test_over_the_size_limit_is_reported_with_a_hint(tree: Tree, tmp_path: Path) -> None:
+    c = tree.server.conn()
+    try:
+        for n in range(510):  # slapd's default size limit is 500
+            c.add_s(tree.dn(f"v{n}.ini"), sl._mods(sl.plain_entry("[uwsgi]\n")))
+    finally:
+        c.unbind_s()
+    async with running(tree.url()) as (monitor, recv):
+        problem = await next_problem(recv)
+        assert "SIZELIMIT_EXCEEDED" in problem.message and "olcLimits" in problem.message
+        assert monitor.status.state == "retrying"
+    pw = tmp_path / "pw"
+    pw.write_text(sl.ROOT_PW)
+    root = "bindname=" + sl.ROOT_DN.replace("=", "%3D").replace(",", "%2C")
+    async with running(tree.url(rest=f"????{root},x-bindpw-file={pw}")) as (_, recv):
+        snap = await next_snapshot(recv)
+        assert len(snap.docs) == 510
+        tree.server.delete(tree.dn("v7.ini"))
+        assert await next_change(recv) == Remove(snap.source, "v7.ini")

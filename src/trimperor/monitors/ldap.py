@@ -315,7 +315,9 @@ class Mirror:
 
     Keyed by entryUUID (a rename keeps it). A bad entry is logged once per
     reason; if its name had a good document before, that one stays. Of two
-    entries with one name, the one whose DN sorts first wins.
+    entries with one name, the one whose DN sorts first wins. The names whose
+    vassal may have changed since the last :meth:`take_changed` are tracked,
+    so that a change costs work for its own name only.
     """
 
     def __init__(
@@ -325,8 +327,23 @@ class Mirror:
         self._uri = uri
         self.dns: dict[str, str] = {}
         self._docs: dict[str, VassalDocument] = {}
+        self._by_name: dict[str, set[str]] = {}
+        self._changed: set[str] = set()
         self._reported: dict[str, str] = {}
         self._duplicates: set[tuple[str, str]] = set()
+
+    def _set(self, uuid: str, doc: VassalDocument | None) -> None:
+        old = self._docs.pop(uuid, None)
+        if old is not None:
+            self._changed.add(old.name)
+            owners = self._by_name[old.name]
+            owners.discard(uuid)
+            if not owners:
+                del self._by_name[old.name]
+        if doc is not None:
+            self._docs[uuid] = doc
+            self._by_name.setdefault(doc.name, set()).add(uuid)
+            self._changed.add(doc.name)
 
     def put(self, uuid: str, dn: str, attrs: Mapping[str, list[bytes]]) -> None:
         self.dns[uuid] = dn
@@ -336,7 +353,7 @@ class Mirror:
             old = self._docs.get(uuid)
             kept = old is not None and old.name == bad.name
             if not kept:
-                self._docs.pop(uuid, None)
+                self._set(uuid, None)
             if self._reported.get(uuid) != bad.reason:
                 log.warning(
                     "source.bad_entry uri=%s dn=%s name=%s reason=%s%s",
@@ -349,11 +366,11 @@ class Mirror:
             self._reported[uuid] = bad.reason
             return
         self._reported.pop(uuid, None)
-        self._docs[uuid] = doc
+        self._set(uuid, doc)
 
     def drop(self, uuid: str) -> None:
         self.dns.pop(uuid, None)
-        self._docs.pop(uuid, None)
+        self._set(uuid, None)
         self._reported.pop(uuid, None)
 
     def replace_all(self, entries: Iterable[tuple[str, str, Mapping[str, list[bytes]]]]) -> None:
@@ -364,26 +381,41 @@ class Mirror:
         for uuid in set(self.dns) - seen:
             self.drop(uuid)
 
+    def winner(self, name: str) -> VassalDocument | None:
+        """The document that runs as *name*, if any."""
+        owners = self._by_name.get(name)
+        if not owners:
+            return None
+        if len(owners) == 1:
+            return self._docs[next(iter(owners))]
+        first, *others = sorted(owners, key=lambda u: self.dns.get(u, ""))
+        for uuid in others:
+            key = (name, self.dns.get(uuid, ""))
+            if key not in self._duplicates:
+                self._duplicates.add(key)
+                log.warning(
+                    "source.bad_entry uri=%s dn=%s name=%s reason=duplicate name; "
+                    "the entry %s wins",
+                    self._uri,
+                    short(key[1]),
+                    name,
+                    short(self.dns.get(first, "")),
+                )
+        return self._docs[first]
+
+    def take_changed(self) -> set[str]:
+        """The names touched since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
     def view(self) -> dict[str, VassalDocument]:
-        docs: dict[str, VassalDocument] = {}
-        owner: dict[str, str] = {}
-        for uuid in sorted(self._docs, key=lambda u: self.dns.get(u, "")):
-            doc = self._docs[uuid]
-            if doc.name in docs:
-                key = (doc.name, self.dns.get(uuid, ""))
-                if key not in self._duplicates:
-                    self._duplicates.add(key)
-                    log.warning(
-                        "source.bad_entry uri=%s dn=%s name=%s reason=duplicate name; "
-                        "the entry %s wins",
-                        self._uri,
-                        short(key[1]),
-                        doc.name,
-                        short(owner[doc.name]),
-                    )
-                continue
-            docs[doc.name] = doc
-            owner[doc.name] = self.dns.get(uuid, "")
+        """Every name and the document that runs as it."""
+        self._changed = set()
+        docs = {}
+        for name in self._by_name:
+            doc = self.winner(name)
+            if doc is not None:
+                docs[name] = doc
         return docs
 
 
@@ -662,15 +694,22 @@ class LdapMonitor:
                 await self._send_changes(send)
 
     async def _send_changes(self, send: trio.MemorySendChannel[SourceEvent]) -> None:
-        docs = self._mirror.view()
-        before = self._sent or {}
-        self._sent = docs
-        self.status.ok(len(docs))
-        for name in sorted(before.keys() - docs.keys()):
-            await send.send(Remove(self.uri, name))
-        for name in sorted(docs):
-            if before.get(name) != docs[name]:
-                await send.send(Upsert(docs[name]))
+        """Tell the emperor about the names the last batch touched."""
+        sent = self._sent if self._sent is not None else {}
+        self._sent = sent
+        events: list[SourceEvent] = []
+        for name in sorted(self._mirror.take_changed()):
+            doc = self._mirror.winner(name)
+            if doc is None:
+                if sent.pop(name, None) is not None:
+                    events.append(Remove(self.uri, name))
+            elif sent.get(name) != doc:
+                sent[name] = doc
+                events.append(Upsert(doc))
+        self.status.ok(len(sent))
+        # Removals first: a rename frees the old name before the new one starts.
+        for event in sorted(events, key=lambda e: not isinstance(e, Remove)):
+            await send.send(event)
 
     # -- polling -----------------------------------------------------------------------
 
@@ -785,6 +824,12 @@ def _result_code(exc: BaseException) -> int | None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "the server took too long"
+    if isinstance(exc, ldap.SIZELIMIT_EXCEEDED):
+        return (
+            "SIZELIMIT_EXCEEDED: the search finds more entries than the server's size limit "
+            "for this bind allows; raise it for the emperor's bind DN (OpenLDAP: olcLimits "
+            "... size=unlimited; slapd's default is 500)"
+        )
     info = exc.args[0] if exc.args else None
     if isinstance(info, dict):
         desc = str(info.get("desc", "")).strip()
