@@ -498,7 +498,14 @@ async def test_uwsgi_vassal_from_schema_attributes_serves_http(
     tree.server.replace(tree.dn("web"), {sl.uwsgi_attribute("http-socket"): [f"127.0.0.1:{port2}"]})
     await wait_http(port2)
 
-    tree.server.delete(tree.dn("web"))
+    # a rename: the vassal under the old name stops, the new one serves
+    tree.server.rename(tree.dn("web"), "cn=web2")
+    await wait_for(lambda: "vassal.spawned name=web2.ini" in emperor.text(), timeout=30)
+    old = re.findall(r"vassal.spawned name=web.ini pid=(\d+)", emperor.text())
+    await wait_for(lambda: not pid_alive(int(old[-1])), timeout=30)
+    await wait_http(port2)
+
+    tree.server.delete(tree.dn("web2"))
     with trio.fail_after(30):
         while await http_status(port2) is not None:
             await trio.sleep(0.1)
