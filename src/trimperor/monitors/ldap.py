@@ -52,7 +52,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -107,8 +107,6 @@ BATCH = 500
 #: or filter) back off up to remote's maximum instead.
 RETRY_UNREACHABLE = 1.0
 MAX_PASSWORD_BYTES = 4096
-
-T = TypeVar("T")
 
 
 # -- the URL -----------------------------------------------------------------------------
@@ -223,7 +221,7 @@ def _number(attrs: Mapping[str, list[bytes]], key: str) -> int | None:
     if not values:
         return None
     text = values[0].decode(errors="replace").strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{key} is not a non-negative integer: {short(text)!r}")
     return int(text)
 
