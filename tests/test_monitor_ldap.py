@@ -537,6 +537,29 @@ async def test_on_demand_socket_from_the_entry(
     assert "vassal.spawned name=lazy.ini" in emperor.text()
 
 
+@pytest.mark.integration
+async def test_on_demand_uwsgi_vassal_from_schema_attributes(
+    tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
+) -> None:
+    emperor = EmperorProcess([tree.url(), "--binary-path", UWSGI], tmp_path / "e.log")
+    emperors.append(emperor)
+    port = free_port()
+    options = {
+        "module": "werkzeug.testapp:test_app",
+        "protocol": "http",
+        "master": "true",
+        "processes": "1",
+    }
+    tree.add_uwsgi("lazyweb", options, trimperorSocket=f"127.0.0.1:{port}")
+    await wait_for(lambda: "vassal.armed name=lazyweb.ini" in emperor.text(), timeout=20)
+    assert "vassal.spawned name=lazyweb.ini" not in emperor.text()
+    with trio.fail_after(60):
+        assert await http_status(port) == 200  # uWSGI, woken, on the socket held as fd 0
+    assert "vassal.wake name=lazyweb.ini" in emperor.text()
+    emperor.signal(signal.SIGTERM)
+    assert await emperor.wait() == 0
+
+
 @pytest.fixture
 def unprivileged_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
