@@ -74,6 +74,8 @@ class SourceStatus:
         self.last_error: str | None = None
         self.attempt = 0
         self.next_retry: float | None = None
+        self.retry_max = RETRY_MAX
+        """The longest wait between two attempts (seconds)."""
 
     def ok(self, vassals: int | None = None) -> None:
         """A successful read (connect, query, message)."""
@@ -89,7 +91,7 @@ class SourceStatus:
     def failed(self, error: str) -> float:
         """Record a failure; returns how long to wait before the next attempt."""
         self.attempt += 1
-        delay: float = min(RETRY_FIRST * 2.0 ** (self.attempt - 1), RETRY_MAX)
+        delay: float = min(RETRY_FIRST * 2.0 ** (self.attempt - 1), self.retry_max)
         self.state = "retrying"
         self.last_error = error
         self.next_retry = time.time() + delay
