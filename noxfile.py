@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s unit``, ``tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``fuzz``."""
+"""Developer sessions: ``nox -s unit``, ``tests``, ``lint``, ``typecheck``, ``docs``, ``bench``,
+``fuzz``."""
 
 from __future__ import annotations
 
