@@ -61,7 +61,7 @@ class ZkServer:
             f"clientPort={self.port}\n"
             "clientPortAddress=127.0.0.1\n"
             "admin.enableServer=false\n"
-            "4lw.commands.whitelist=srvr\n"
+            "4lw.commands.whitelist=srvr,dump\n"
         )
 
     @property
@@ -99,15 +99,26 @@ class ZkServer:
                 raise RuntimeError(f"ZooKeeper did not answer on port {self.port} in time")
             time.sleep(0.1)
 
+    def four(self, word: str) -> str:
+        """The server's answer to a four-letter word (``srvr``, ``dump``); raises OSError."""
+        chunks = []
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(word.encode())
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
     def answers(self) -> bool:
-        """Whether the server serves clients (the ``srvr`` four-letter word)."""
+        """Whether the server serves clients."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                s.sendall(b"srvr")
-                reply = s.recv(4096)
+            reply = self.four("srvr")
         except OSError:
             return False
-        return reply.startswith(b"Zookeeper version") and b"Mode: standalone" in reply
+        return reply.startswith("Zookeeper version") and "Mode: standalone" in reply
+
+    def sessions(self) -> str:
+        """The ids of the sessions the server keeps (from ``dump``), as text."""
+        return self.four("dump").partition("ephemeral nodes dump")[0]
 
     def stop(self) -> None:
         """Kill the server (an outage: no goodbye to the clients); idempotent."""

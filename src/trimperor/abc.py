@@ -28,6 +28,8 @@ class MonitorOptions:
     max_config_size: int = 64 * 1024
     """Remote sources ignore (and log) configurations larger than this, in bytes."""
     amqp_exchange: str = "uwsgi.emperor"
+    zoo_auth_file: str | None = None
+    """zoo:// sources without credentials in the URI: ``user:password`` from this file."""
     on_demand_extension: str | None = None
     """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
     on_demand_directory: str | None = None
