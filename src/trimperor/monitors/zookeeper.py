@@ -496,6 +496,8 @@ class ZooMonitor:
                     wake_at = trio.current_time() + tree.retry_delay
                     tree.retry_delay = min(tree.retry_delay * 2, RETRY_MAX)
                 else:
+                    if tree.pending():  # a read found more to read
+                        wake_at = trio.current_time()
                     tree.retry_delay = RETRY_FIRST
                     self._last_failure = None
                     if self._in_outage:
@@ -540,10 +542,12 @@ class ZooMonitor:
             )
             await self._outage(send, "connection to ZooKeeper lost (suspended)")
             return False
-        # LOST: the session expired (kazoo then starts a new one) or authentication failed.
+        # LOST: the session expired (kazoo then starts a new one), or the client
+        # stopped: authentication failed (SASL; digest credentials never fail
+        # here, the ACLs do), after which kazoo does not reconnect.
         self.status.state = "lost"
-        if client.client_state == KeeperState.AUTH_FAILED:
-            raise _Failed(f"authentication to {self.address.hosts} failed")
+        if client.client_state in {KeeperState.AUTH_FAILED, KeeperState.CLOSED}:
+            raise _Failed(f"the ZooKeeper client stopped ({client.client_state})")
         log.warning(
             "source.session_lost uri=%s session=%s: a new session follows; vassals keep running",
             self.uri,
@@ -681,13 +685,19 @@ class _Tree:
 
     async def _read_children(self) -> None:
         self.children_dirty = False
-        children = await trio.to_thread.run_sync(self._list, abandon_on_cancel=True)
-        new = set(children) - self.children
-        gone = self.children - set(children)
+        known = frozenset(self.children)
+
+        def list_and_read_new() -> tuple[list[str], dict[str, Node]]:
+            children = self._list()
+            return children, self._read(set(children) - known)
+
+        # One thread for both: a new znode is listed and read in one go.
+        children, fresh = await trio.to_thread.run_sync(list_and_read_new, abandon_on_cancel=True)
+        new = set(children) - known
+        gone = known - set(children)
         self.children = set(children)
         for name in gone:
             self.nodes.pop(name, None)
-        fresh = await trio.to_thread.run_sync(self._read, new, abandon_on_cancel=True)
         self.nodes.update(fresh)
         await self._changed({vassal_of(n) for n in new | gone})
 
