@@ -43,6 +43,7 @@ from tests.helpers import (
 from tests.proxy import TcpProxy
 from tests.zk_server import ZkServer, zookeeper_missing
 from trimperor.abc import MonitorOptions
+from trimperor.cli import build_parser, resolve_sources
 from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert
 from trimperor.monitors.remote import BadVassal
@@ -114,6 +115,15 @@ def test_the_password_never_shows(tmp_path: Path) -> None:
         ZooMonitor("zoo://h/v", MonitorOptions(zoo_auth_file=str(auth)))
     with pytest.raises(UsageError, match="cannot read --zoo-auth-file"):
         ZooMonitor("zoo://h/v", MonitorOptions(zoo_auth_file=str(tmp_path / "missing")))
+
+
+def test_the_auth_file_option_reaches_the_monitor(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text("emperor:pw\n")
+    args = build_parser().parse_args(["--zoo-auth-file", str(auth), "zoo://h/v"])
+    (monitor,) = resolve_sources(args.sources, MonitorOptions(zoo_auth_file=args.zoo_auth_file))
+    assert isinstance(monitor, ZooMonitor)
+    assert monitor._auth == ("emperor", "pw")
 
 
 def test_znodes_to_documents() -> None:
@@ -428,7 +438,8 @@ async def test_a_partition_stops_nothing_and_heals_after(tree: Tree) -> None:
     proxy = TcpProxy("127.0.0.1", int(tree.hosts.rpartition(":")[2]))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(proxy.run)
-        async with running(tree.uri(f"127.0.0.1:{port}", "?timeout=4")) as (monitor, recv):
+        # The longest session the server allows (20 ticks): the cut stays within it.
+        async with running(tree.uri(f"127.0.0.1:{port}", "?timeout=10")) as (monitor, recv):
             await next_snapshot(recv, lambda s: len(s.docs) == 2)
             session = monitor.status.session
             proxy.cut()
