@@ -8,6 +8,7 @@ partitions and session expiry go through :class:`tests.proxy.TcpProxy`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -460,13 +461,40 @@ async def test_a_partition_stops_nothing_and_heals_after(tree: Tree) -> None:
         nursery.cancel_scope.cancel()
 
 
+class StallingProxy(TcpProxy):
+    """A :class:`TcpProxy` that can also ``stall()``: connections stay open and
+    new ones are accepted, but no byte goes through until ``resume()`` (a
+    silent partition: only timeouts can tell)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self._flowing = trio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def _copy(  # type: ignore[override]
+        self, src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await src.receive_some(65536):
+                await self._flowing.wait()
+                await dst.send_all(data)
+        done.cancel()
+
+
 @integration
+@pytest.mark.parametrize("how", ["cut", "stall"])
 async def test_an_expired_session_is_followed_by_a_new_one_and_a_snapshot(
-    zk_server: ZkServer, tree: Tree, caplog: pytest.LogCaptureFixture
+    zk_server: ZkServer, tree: Tree, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     tree.put("a.ini", GOOD)
     tree.put("b.ini", GOOD)
-    proxy = TcpProxy("127.0.0.1", zk_server.port)
+    proxy = StallingProxy("127.0.0.1", zk_server.port)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(proxy.run)
         async with running(tree.uri(f"127.0.0.1:{port}", "?timeout=2")) as (monitor, recv):
@@ -474,8 +502,12 @@ async def test_an_expired_session_is_followed_by_a_new_one_and_a_snapshot(
             session = monitor.status.session
             assert session is not None
             assert session in zk_server.sessions()
-            proxy.cut()
+            if how == "cut":  # connections dropped, new ones refused
+                proxy.cut()
+            else:  # nothing goes through: kazoo's read timeout must notice
+                proxy.stall()
             await next_problem(recv)
+            assert monitor.status.state == "suspended"
             tree.delete("b.ini")
             tree.put("c.ini", GOOD)
             # The server ends the session after 2 s of silence.
@@ -483,6 +515,7 @@ async def test_an_expired_session_is_followed_by_a_new_one_and_a_snapshot(
             async for event in _until(recv, 0.3):
                 assert not isinstance(event, Snapshot | Remove | Upsert), event
             proxy.restore()
+            proxy.resume()
             snap = await next_snapshot(recv, timeout=30)
             assert sorted(versions(snap)) == ["a.ini", "c.ini"]
             assert monitor.status.state == "connected"
