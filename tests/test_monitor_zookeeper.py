@@ -321,6 +321,15 @@ async def test_siblings_carry_socket_uid_and_gid(tree: Tree) -> None:
 
 
 @integration
+async def test_extra_extensions_and_their_siblings(tree: Tree) -> None:
+    tree.put("site.conf", GOOD)
+    tree.put("site.conf.uid", "1000")
+    async with running(tree.uri(), extra_extensions=("conf",)) as (_, recv):
+        snap = await next_snapshot(recv)
+        assert [(d.name, d.uid) for d in snap.docs] == [("site.conf", 1000)]
+
+
+@integration
 async def test_bad_input_is_logged_once_and_affects_nothing_else(
     tree: Tree, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -204,18 +204,18 @@ def _label(uri: str) -> str:
 # -- znodes to documents ------------------------------------------------------------------
 
 
-def sibling_of(name: str) -> tuple[str, str] | None:
+def sibling_of(name: str, extra_extensions: Iterable[str] = ()) -> tuple[str, str] | None:
     """``(vassal, field)`` if *name* is a sibling znode (``app.ini.socket``), else None."""
     for suffix in SIBLINGS:
         stem = name.removesuffix(suffix)
-        if stem != name and remote_name_problem(stem) is None:
+        if stem != name and remote_name_problem(stem, extra_extensions) is None:
             return stem, suffix[1:]
     return None
 
 
-def vassal_of(name: str) -> str:
+def vassal_of(name: str, extra_extensions: Iterable[str] = ()) -> str:
     """The vassal a change of the znode *name* concerns."""
-    sibling = sibling_of(name)
+    sibling = sibling_of(name, extra_extensions)
     return sibling[0] if sibling is not None else name
 
 
@@ -621,6 +621,7 @@ class _Tree:
         self._watch = watch
         self._offer = offer
         self._send = send
+        self._extra = monitor._options.extra_extensions
         self.children: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self.full = True
@@ -630,6 +631,9 @@ class _Tree:
 
     def _znode(self, name: str) -> str:
         return self._path.rstrip("/") + "/" + name
+
+    def _vassal_of(self, name: str) -> str:
+        return vassal_of(name, self._extra)
 
     def resync(self) -> None:
         """After a (re)connection: everything is read again (the watches are gone)."""
@@ -667,11 +671,11 @@ class _Tree:
         options = self._monitor._options
         results: dict[str, VassalDocument | BadVassal] = {}
         for name in self.children:
-            if vassal_of(name) == name:
+            if self._vassal_of(name) == name:
                 result = self._build(name, options)
                 if result is not None:
                     results[name] = result
-            elif vassal_of(name) not in self.children:
+            elif self._vassal_of(name) not in self.children:
                 log.debug("source.lone_sibling uri=%s name=%s", self._monitor.uri, short(name))
         snapshot = self._offer.snapshot(results)
         self._monitor.status.ok(len(snapshot.docs))
@@ -699,7 +703,7 @@ class _Tree:
         for name in gone:
             self.nodes.pop(name, None)
         self.nodes.update(fresh)
-        await self._changed({vassal_of(n) for n in new | gone})
+        await self._changed({self._vassal_of(n) for n in new | gone})
 
     async def _read_nodes(self, names: set[str]) -> None:
         fresh = await trio.to_thread.run_sync(self._read, names, abandon_on_cancel=True)
@@ -707,7 +711,7 @@ class _Tree:
             self.nodes.pop(name, None)
             self.children_dirty = True
         self.nodes.update(fresh)
-        await self._changed({vassal_of(n) for n in names})
+        await self._changed({self._vassal_of(n) for n in names})
 
     async def _changed(self, vassals: Iterable[str]) -> None:
         options = self._monitor._options
@@ -755,7 +759,7 @@ class _Tree:
         """
         pending: list[tuple[str, Any]] = []
         for name in names:
-            if vassal_of(name) == name and remote_name_problem(name) is not None:
+            if self._vassal_of(name) == name and remote_name_problem(name, self._extra):
                 continue  # not a vassal: its name says all
             pending.append((name, self._client.get_async(self._znode(name), watch=self._watch)))
         nodes: dict[str, Node] = {}
