@@ -9,6 +9,7 @@ partitions and session expiry go through :class:`tests.proxy.TcpProxy`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -46,11 +47,12 @@ from tests.zk_server import ZkServer, zookeeper_missing
 from trimperor.abc import MonitorOptions
 from trimperor.cli import build_parser, resolve_sources
 from trimperor.errors import UsageError
-from trimperor.model import Remove, Snapshot, SourceEvent, Upsert
+from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors.remote import BadVassal
 from trimperor.monitors.zookeeper import (
     ZooAddress,
     ZooMonitor,
+    _Offer,
     build_document,
     parse_uri,
     sibling_of,
@@ -162,6 +164,24 @@ def test_znodes_to_documents() -> None:
     assert sibling_of("a.ini.socket") == ("a.ini", "socket")
     assert sibling_of("a.ini.gid") == ("a.ini", "gid")
     assert sibling_of("a.socket") is None  # not the sibling of a vassal name
+
+
+def test_last_good_documents_and_what_is_sent(caplog: pytest.LogCaptureFixture) -> None:
+    offer = _Offer("zoo://h/v")
+    good = VassalDocument("a.ini", "zoo://h/v", "1", "x")
+    assert offer.update("a.ini", good) == Upsert(good)
+    assert offer.update("a.ini", good) is None  # the same document again
+    with caplog.at_level(logging.WARNING):
+        assert offer.update("a.ini", BadVassal("a.ini", "broken")) is None
+        assert offer.update("a.ini", BadVassal("a.ini", "broken")) is None
+    assert caplog.text.count("reason=broken; keeping its last good configuration") == 1
+    # A snapshot keeps the last good document of a bad vassal, drops what is gone.
+    b = VassalDocument("b.ini", "zoo://h/v", "1", "y")
+    snap = offer.snapshot({"a.ini": BadVassal("a.ini", "broken"), "b.ini": b})
+    assert [d.name for d in snap.docs] == ["a.ini", "b.ini"]
+    assert offer.update("a.ini", None) == Remove("zoo://h/v", "a.ini")
+    assert offer.update("a.ini", None) is None
+    assert offer.snapshot({}).docs == ()
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -569,9 +589,23 @@ async def test_an_unreachable_server_at_start_is_reported_and_awaited(tree: Tree
 # -- the emperor, end to end ---------------------------------------------------------------
 
 
+def _stats(path: Path) -> dict[str, Any]:
+    """The emperor's stats document, from its unix socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
 @integration
 async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: Path) -> None:
-    emperor = EmperorProcess([tree.uri(), "--throttle", "50"], tmp_path / "emperor.log")
+    stats = tmp_path / "stats.sock"
+    emperor = EmperorProcess(
+        [tree.uri(), "--throttle", "50", "--stats", str(stats)], tmp_path / "emperor.log"
+    )
     try:
         a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
         tree.put("a.ini", pidfile_vassal(tmp_path, "a"))
@@ -579,6 +613,10 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
         tree.put("broken.ini", b"\xff")  # logged; nothing else is affected
         first_a, b = await new_pid(a_pid), await new_pid(b_pid)
         assert "source.bad_znode" in emperor.text()
+        await wait_for(lambda: "stats.listening" in emperor.text())
+        (source,) = (await trio.to_thread.run_sync(_stats, stats))["sources"]
+        assert (source["uri"], source["state"], source["vassals"]) == (tree.uri(), "connected", 2)
+        assert source["session"].startswith("0x") and source["last_event"] > 0
 
         tree.put("a.ini", pidfile_vassal(tmp_path, "a", extra="# edited\n"))
         a = await new_pid(a_pid, first_a)
