@@ -22,8 +22,9 @@ kazoo runs the session in its own threads. Its state changes and watch
 notifications enter Trio with :meth:`trio.lowlevel.TrioToken.run_sync_soon`
 into an unbounded channel; that is bounded in practice because ZooKeeper
 fires each watch at most once until it is set again, and only a read sets it
-again. Reads (kazoo's blocking calls, pipelined with ``get_async``) run in a
-worker thread, one at a time. After every (re)connection (kazoo forgets its
+again. Reads are kazoo's asynchronous requests (``get_async``, pipelined),
+sent by its connection thread; their completions wake the task the same way.
+The task reads one change at a time. After every (re)connection (kazoo forgets its
 watches on every disconnection, and a new session has none) the monitor lists
 and reads everything again, setting every watch again, and sends a full
 :class:`~trimperor.model.Snapshot`; between, each change is read alone and
@@ -664,7 +665,8 @@ class _Tree:
     async def _read_all(self) -> None:
         self.children_dirty = False
         self.dirty.clear()
-        children, nodes = await trio.to_thread.run_sync(self._list_and_read, abandon_on_cancel=True)
+        children = await self._list()
+        nodes = await self._read(children)
         self.full = False
         self.children = set(children)
         self.nodes = nodes
@@ -690,13 +692,8 @@ class _Tree:
     async def _read_children(self) -> None:
         self.children_dirty = False
         known = frozenset(self.children)
-
-        def list_and_read_new() -> tuple[list[str], dict[str, Node]]:
-            children = self._list()
-            return children, self._read(set(children) - known)
-
-        # One thread for both: a new znode is listed and read in one go.
-        children, fresh = await trio.to_thread.run_sync(list_and_read_new, abandon_on_cancel=True)
+        children = await self._list()
+        fresh = await self._read(set(children) - known)
         new = set(children) - known
         gone = known - set(children)
         self.children = set(children)
@@ -706,7 +703,7 @@ class _Tree:
         await self._changed({self._vassal_of(n) for n in new | gone})
 
     async def _read_nodes(self, names: set[str]) -> None:
-        fresh = await trio.to_thread.run_sync(self._read, names, abandon_on_cancel=True)
+        fresh = await self._read(names)
         for name in names - set(fresh):  # gone meanwhile: the children watch tells
             self.nodes.pop(name, None)
             self.children_dirty = True
@@ -739,23 +736,25 @@ class _Tree:
         except BadVassal as bad:
             return bad
 
-    # blocking, in a worker thread
+    # kazoo's requests: sent by its connection thread, awaited here
 
-    def _list(self) -> list[str]:
+    async def _list(self) -> list[str]:
         try:
-            children: list[str] = self._client.get_children(self._path, watch=self._watch)
+            children: list[str] = await _result(
+                self._client.get_children_async(self._path, watch=self._watch)
+            )
         except NoNodeError:
             # Told when it is created; until then nothing changes for the emperor.
-            self._client.exists(self._path, watch=self._watch)
+            await _result(self._client.exists_async(self._path, watch=self._watch))
             raise NoNodeError(f"{self._path} does not exist") from None
         except NoAuthError:
             raise NoAuthError(f"not allowed to list {self._path} (check the credentials)") from None
         return children
 
-    def _read(self, names: Iterable[str]) -> dict[str, Node]:
+    async def _read(self, names: Iterable[str]) -> dict[str, Node]:
         """The data of the vassal and sibling znodes among *names*, with data watches set.
 
-        Znodes that do not exist (any more) are left out.
+        The requests are pipelined. Znodes that do not exist (any more) are left out.
         """
         pending: list[tuple[str, Any]] = []
         for name in names:
@@ -763,9 +762,9 @@ class _Tree:
                 continue  # not a vassal: its name says all
             pending.append((name, self._client.get_async(self._znode(name), watch=self._watch)))
         nodes: dict[str, Node] = {}
-        for name, result in pending:
+        for name, request in pending:
             try:
-                data, stat = result.get(timeout=READ_TIMEOUT)
+                data, stat = await _result(request)
             except NoNodeError:
                 continue
             except NoAuthError:
@@ -774,9 +773,23 @@ class _Tree:
             nodes[name] = (data or b"", stat.mzxid)
         return nodes
 
-    def _list_and_read(self) -> tuple[list[str], dict[str, Node]]:
-        children = self._list()
-        return children, self._read(children)
+
+async def _result(request: Any) -> Any:
+    """The value of a kazoo request (an ``IAsyncResult``), or its exception.
+
+    kazoo calls back in its completion thread; the callback wakes this task
+    with ``run_sync_soon``. A cancelled wait leaves the request to finish alone.
+    """
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def completed(_: object) -> None:
+        with suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    request.rawlink(completed)
+    await done.wait()
+    return request.get_nowait()
 
 
 if TYPE_CHECKING:
