@@ -193,7 +193,7 @@ def read_auth_file(path: str) -> tuple[str, str]:
 
 
 def _label(uri: str) -> str:
-    """*uri* with the password hidden (also when it holds a '/' or '@')."""
+    """*uri* with the password hidden (an '@' in the password too)."""
     rest = uri.removeprefix("zoo://")
     netloc = rest.partition("/")[0].partition("?")[0]
     if "@" not in netloc:
