@@ -31,6 +31,8 @@ class MonitorOptions:
     """Tyrant mode: sources refuse what could make one user run as another
     (a symlink whose owner is not its target's)."""
     amqp_exchange: str = "uwsgi.emperor"
+    zoo_auth_file: str | None = None
+    """zoo:// sources without credentials in the URI: ``user:password`` from this file."""
     on_demand_extension: str | None = None
     """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
     on_demand_directory: str | None = None

@@ -31,7 +31,7 @@ __all__ = ["build_parser", "main", "resolve_sources"]
 log = logging.getLogger("trimperor")
 
 #: Which extra provides each optional source (for the one-line error).
-EXTRAS = {"pg": "pg", "mongodb": "mongodb", "amqp": "amqp", "zmq": "zmq"}
+EXTRAS = {"pg": "pg", "mongodb": "mongodb", "amqp": "amqp", "zmq": "zmq", "zoo": "zoo"}
 
 #: Built-in monitors, used when the package metadata is not installed.
 _BUILTIN = {
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="uwsgi.emperor",
         metavar="NAME",
         help="fanout exchange amqp:// sources consume (default uwsgi.emperor)",
+    )
+    g.add_argument(
+        "--zoo-auth-file",
+        metavar="FILE",
+        help="zoo:// sources: digest credentials user:password from the first line of FILE",
     )
 
     g.add_argument(
@@ -481,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.path.abspath(args.on_demand_directory) if args.on_demand_directory else None
             ),
             amqp_exchange=args.amqp_exchange,
+            zoo_auth_file=args.zoo_auth_file,
         )
         if args.broodlord:
             log.warning(

@@ -76,6 +76,10 @@ class SourceStats:
     last_error: str | None = None
     retry_attempt: int = 0
     next_retry: float | None = None
+    session: str | None = None
+    """zoo://: the ZooKeeper session id."""
+    last_event: float | None = None
+    """zoo://: Unix time of the last state change or watch notification."""
 
 
 @dataclass(frozen=True, slots=True)
