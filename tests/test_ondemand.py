@@ -204,6 +204,7 @@ async def test_exit_0_rearms_and_fds_stay_flat_over_100_cycles(world: World) -> 
     snap = sup.snapshot()
     assert snap.backoff_attempt == 0  # a clean exit on demand is not a crash
     assert snap.wakes >= 101
+    assert snap.restarts == 0  # a wake is not a restart
 
 
 async def test_restart_under_load_refuses_no_connection(world: World) -> None:

@@ -224,3 +224,23 @@ async def test_cancellation_kills_the_process(autojump_clock: trio.testing.MockC
         proc = await spawner.wait_spawned(1)
         nursery.cancel_scope.cancel()
     assert proc.returncode == -signal.SIGKILL
+
+
+async def test_the_old_process_is_stopped_with_the_settings_it_was_started_with(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spawner = FakeSpawner()
+    sup = Supervisor(
+        "app.ini", "fake://", "v1", spec(stop_signal=signal.SIGQUIT), spawner, POLICY, {}
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        old = await spawner.wait_spawned(1)
+        # The new configuration changes the command and the stop signal: the
+        # old process still gets its own stop signal, the new one the new.
+        sup.update("v2", spec(command=("app", "v2"), stop_signal=signal.SIGINT))
+        new = await spawner.wait_spawned(2)
+        assert old.signals == [signal.SIGQUIT]
+        sup.stop()
+        await sup.finished.wait()
+        assert new.signals == [signal.SIGINT]

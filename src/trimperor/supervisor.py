@@ -125,7 +125,13 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._started_at: float | None = None
         self._wall_offset = 0.0
-        self.restarts = -1
+        self.restarts = 0
+        """Spawns after the first one, not counting on-demand wakes (``wakes``)."""
+        self._spawned_once = False
+        self._woken = False
+        self._running_spec: VassalSpec | None = None
+        """The spec the live process was started with: it is stopped with its
+        settings, even after the desired spec changed (see update())."""
         self.reloads = 0
         self.last_returncode: int | None = None
         self.last_error: str | None = None
@@ -309,6 +315,8 @@ class Supervisor:
                 log.warning("vassal.kill name=%s pid=%s", self.name, self._proc.pid)
                 self._proc.signal_group(signal.SIGKILL)
         elif act is Act.SEND_RELOAD:
+            # Reloaded in place, the process runs the new spec from now on.
+            self._running_spec = self.spec
             if self._channel is not None and isinstance(self.spec, UwsgiSpec):
                 self._channel.spec = self.spec
                 self.ready = self.accepting = self.no_app = False
@@ -395,7 +403,10 @@ class Supervisor:
             self._nursery.start_soon(self._converse, channel, proc)
         self._started_at = self._times["last_run"] = trio.current_time()
         self._times.pop("cursed", None)
-        self.restarts += 1
+        if self._spawned_once and not self._woken:
+            self.restarts += 1
+        self._spawned_once, self._woken = True, False
+        self._running_spec = self.spec
         self.last_error = None
         log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, self.spec.kind)
         self._nursery.start_soon(self._wait, proc)
@@ -452,9 +463,10 @@ class Supervisor:
             self._channel.send(message)
         else:
             stop_signal, timeout = signal.SIGTERM, 10.0
-            if isinstance(self.spec, NativeSpec):
-                stop_signal = signal.Signals(self.spec.stop_signal)
-                timeout = self.spec.stop_timeout
+            running = self._running_spec or self.spec
+            if isinstance(running, NativeSpec):
+                stop_signal = signal.Signals(running.stop_signal)
+                timeout = running.stop_timeout
             log.info(
                 "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
                 self.name,
@@ -588,6 +600,7 @@ class Supervisor:
     def _wake(self, held: HeldSocket) -> None:
         assert self._nursery is not None
         self.wakes += 1
+        self._woken = True
         self._times["last_wake"] = woke = trio.current_time()
         log.info("vassal.wake name=%s address=%s", self.name, held.spec.address)
         self._post(Ev.WAKE, self._arm_gen)
@@ -718,7 +731,7 @@ class Supervisor:
                 if self._proc is not None and self._started_at is not None
                 else None
             ),
-            restarts=max(self.restarts, 0),
+            restarts=self.restarts,
             backoff_attempt=self.backoff.attempt,
             backoff_delay=self.backoff_delay if self.backoff.attempt else 0.0,
             next_start=next_start,
