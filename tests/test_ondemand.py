@@ -11,6 +11,7 @@ import socket
 import stat
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,39 @@ async def test_socket_nonblocking_hands_over_non_blocking(world: World) -> None:
     await wait_for(lambda: state(sup) == "armed")
     # The first accept may find the connection that woke it; the answer says the mode.
     assert await fetch(address) < 0
+
+
+async def test_idle_means_no_connection_accepted_short_requests_included(
+    world: World, tmp_path: Path
+) -> None:
+    # One short request per second for 60 s never leaves the vassal idle for
+    # 20 s; a look at the connections open at one instant per second would
+    # (almost) never see one, and put a busy site to sleep every ~21 s.
+    idle = 20
+    tcp = f"127.0.0.1:{free_port()}"
+    unix = str(tmp_path / "site.sock")
+    sups = {}
+    for name, address in (("tcp.ini", tcp), ("unix.ini", unix)):
+        text = (
+            f"[vassal]\ncommand = {sys.executable} {NAIVE}\nsocket = {address}\n"
+            f"on-demand = true\nidle = {idle}\n"
+        )
+        sup = sups[address] = await world.put(name, text)
+        await wait_for(partial(lambda s: state(s) == "armed", sup))
+
+    async def traffic(address: str) -> None:
+        sup = sups[address]
+        first = await fetch(address)
+        for _ in range(60):
+            await trio.sleep(1)
+            assert await fetch(address) == first
+            assert state(sup) == "running", "put to sleep while busy"
+        assert sup.snapshot().wakes == 1
+        quiet_from = trio.current_time()
+        await wait_for(lambda: state(sup) == "armed", timeout=idle + 30)
+        assert trio.current_time() - quiet_from >= idle  # not a moment early
+
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            for address in sups:
+                nursery.start_soon(traffic, address)

@@ -181,6 +181,8 @@ class Emperor:
         async with trio.open_nursery() as services:
             # One NOTIFY_SOCKET for every native vassal; it outlives them all.
             await services.start(self._notify_hub.run)
+            # Connections arriving at held sockets, for idle (one task for all).
+            services.start_soon(self._connections.arrivals.run)
             async with trio.open_nursery() as vassals:
                 self._vassals = vassals
                 try:

@@ -14,13 +14,18 @@ report anything (gunicorn, uvicorn), and nothing is proxied.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import pwd
+import signal
 import socket
 import stat
 import struct
+import threading
 
 import trio
 
@@ -29,7 +34,7 @@ from trimperor.errors import SpawnError
 from trimperor.spawner import resolve_ids
 from trimperor.vassalspec import SocketSpec
 
-__all__ = ["ConnectionTable", "HeldSocket", "bind"]
+__all__ = ["ARRIVAL_SIGNAL", "Arrivals", "ConnectionTable", "HeldSocket", "bind"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,9 @@ class HeldSocket:
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
+            # A vassal may still hold the socket: no more signals for it.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.sock.fileno(), fcntl.F_SETOWN, 0)
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         if self.spec.family == "unix":
@@ -123,6 +131,9 @@ def bind(
     try:
         # The emperor never accepts, so the mode is the vassal's: see SocketSpec.
         sock.setblocking(not spec.nonblocking)
+        # Before any vassal shares the open file: see Arrivals.
+        flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags | os.O_ASYNC)
         if spec.family == "unix":
             call_as(creds, _bind_unix, sock, spec, user, group, creds)
         else:
@@ -182,6 +193,108 @@ def _bind_unix(
             ) from None
 
 
+#: The real-time signal the kernel sends for each connection arriving at a
+#: watched socket (SIGIO itself means the signal queue overflowed).
+ARRIVAL_SIGNAL = signal.SIGRTMIN + 7
+_F_SETSIG = 10
+_F_SETOWN_EX = 15
+_F_OWNER_TID = 0
+_SIGNALFD_INFO = 128  # sizeof(struct signalfd_siginfo)
+_libc: ctypes.CDLL | None = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class Arrivals:
+    """Counts the connections that arrive at held sockets, whoever accepts them.
+
+    Idle must mean "no connection accepted for N seconds", and a request that
+    comes and goes between two looks at the kernel's connection tables would
+    never be seen there. Without proxying anything: every held socket is
+    ``O_ASYNC`` from its bind (a flag of the open file the vassal shares, so
+    it is set before any vassal has the socket and never changed under one),
+    and watching it makes the emperor's thread its owner with a real-time
+    signal. The kernel then queues one signal naming the socket for each
+    connection that arrives; the signal is blocked in that thread and read in
+    batches from a signalfd by one task (:meth:`run`).
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self._watched: dict[int, HeldSocket] = {}
+        self._sfd: int | None = None
+        self._tid = 0
+
+    @property
+    def active(self) -> bool:
+        return self._sfd is not None
+
+    def _open(self) -> bool:
+        if _libc is None:
+            return False
+        mask = ctypes.create_string_buffer(128)  # sigset_t
+        _libc.sigemptyset(mask)
+        for sig in (ARRIVAL_SIGNAL, signal.SIGIO):
+            _libc.sigaddset(mask, int(sig))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {ARRIVAL_SIGNAL, signal.SIGIO})
+        sfd = _libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
+        if sfd < 0:
+            log.warning("socket.arrivals_unavailable error=%s", os.strerror(ctypes.get_errno()))
+            return False
+        self._sfd = sfd
+        self._tid = threading.get_native_id()
+        return True
+
+    def watch(self, held: HeldSocket) -> None:
+        """Count the connections arriving at *held* from now on."""
+        if self._sfd is None or self._watched.get(held.fd) is held:
+            return
+        try:
+            fcntl.fcntl(held.fd, _F_SETSIG, ARRIVAL_SIGNAL)
+            fcntl.fcntl(held.fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, self._tid))
+        except OSError as exc:
+            log.warning("socket.arrivals_unwatched address=%s error=%s", held.spec.address, exc)
+            return
+        self._watched[held.fd] = held
+        self._counts[held.fd] = 0
+
+    def count(self, held: HeldSocket) -> int | None:
+        """Connections that arrived at *held* since it was watched; None if not watched."""
+        if self._watched.get(held.fd) is not held:
+            return None
+        return self._counts[held.fd]
+
+    async def run(self) -> None:
+        """Read the signals, forever. Call from the emperor's (trio's) thread."""
+        if not self._open():
+            return
+        assert self._sfd is not None
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._sfd)
+                try:
+                    data = os.read(self._sfd, _SIGNALFD_INFO * 256)
+                except BlockingIOError:
+                    continue
+                for offset in range(0, len(data) - _SIGNALFD_INFO + 1, _SIGNALFD_INFO):
+                    signo, fd = _SIGNALFD_FIELDS.unpack_from(data, offset)
+                    if signo == signal.SIGIO:  # the queue overflowed: all of them
+                        for key in self._counts:
+                            self._counts[key] += 1
+                    elif fd in self._counts:
+                        self._counts[fd] += 1
+        finally:
+            trio.lowlevel.notify_closing(self._sfd)
+            os.close(self._sfd)
+            self._sfd = None
+            self._watched.clear()
+            self._counts.clear()
+
+
+# ssi_signo (u32, offset 0) and ssi_fd (s32, offset 20) of struct signalfd_siginfo.
+_SIGNALFD_FIELDS = struct.Struct("I16xi")
+
+
 class ConnectionTable:
     """Open client connections per listening socket, read from ``/proc/net``.
 
@@ -191,6 +304,8 @@ class ConnectionTable:
     """
 
     def __init__(self, max_age: float = 0.5, proc: str = "/proc/net") -> None:
+        self.arrivals = Arrivals()
+        """Connections arrived, accepted or not (run by the emperor)."""
         self._max_age = max_age
         self._proc = proc
         self._read_at = -1e9

@@ -59,8 +59,10 @@ def _child_setup(emperor_pid: int, cwd: str) -> None:  # pragma: no cover - runs
     # The emperor may have died between fork and prctl: then we were re-parented.
     if os.getppid() != emperor_pid:
         os._exit(1)
-    # Python ignores SIGPIPE; a vassal expects the default.
+    # Python ignores SIGPIPE; a vassal expects the default. And no signal the
+    # emperor's thread blocks (see sockets.Arrivals) stays blocked.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # The emperor raised its own open-file limit (it holds several fds per
     # vassal); vassals get the limit it was started with, as systemd does for
     # programs that still use select().

@@ -622,11 +622,20 @@ class Supervisor:
         """Put the vassal to sleep after *idle* seconds without a client connection."""
         step = min(1.0, idle / 4)
         quiet_since: float | None = None
+        arrivals = self._connections.arrivals
+        for held in self._held.values():
+            arrivals.watch(held)
+        arrived: int | None = None
         while proc is self._proc and self.state in _UP:
             open_now = sum(self._connections.connections(h) for h in self._held.values())
             open_now += sum(h.pending() or 0 for h in self._held.values())
+            # Connections that came and went since the last look count too.
+            counts = [arrivals.count(h) for h in self._held.values()]
+            seen = None if None in counts else sum(c or 0 for c in counts)
+            fresh = seen is not None and seen != arrived
+            arrived = seen
             now = trio.current_time()
-            if open_now:
+            if open_now or fresh:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = now
