@@ -48,6 +48,7 @@ __all__ = [
     "status_field_kib",
     "trimperor_command",
     "uwsgi_binary",
+    "vassals_of",
 ]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -175,6 +176,21 @@ def read_pid_file(path: Path) -> int | None:
     if not text.endswith("\n"):
         return None
     return int(text)
+
+
+def vassals_of(pid: int) -> list[int]:
+    """The vassal processes an emperor runs: its children, or its launcher's.
+
+    trimperor spawns through a launcher process (a child of the emperor), uWSGI's
+    emperor forks its vassals itself.
+    """
+    found: list[int] = []
+    for child in children(pid):
+        if "_launcher.py" in _cmdline(child):
+            found += children(child)
+        else:
+            found.append(child)
+    return found
 
 
 def children(pid: int) -> list[int]:

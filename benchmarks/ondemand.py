@@ -81,7 +81,6 @@ from benchlib import (
     CLK_TCK,
     Emperor,
     Janitor,
-    children,
     cpu_ticks,
     epoll_fds,
     epoll_watches,
@@ -98,6 +97,7 @@ from benchlib import (
     status_field_kib,
     trimperor_command,
     uwsgi_binary,
+    vassals_of,
     wait_until,
 )
 
@@ -309,7 +309,7 @@ def _wait_armed(emperor: Emperor, stats_path: Path, name: str) -> None:
 
 
 def _wait_childless(emperor: Emperor, settle: float) -> None:
-    if not wait_until(lambda: not children(emperor.pid), ASLEEP_TIMEOUT, 0.005):
+    if not wait_until(lambda: not vassals_of(emperor.pid), ASLEEP_TIMEOUT, 0.005):
         emperor.check_alive()
         raise RuntimeError(f"{emperor.label}: a vassal still runs after {ASLEEP_TIMEOUT:.0f} s")
     time.sleep(settle)
@@ -620,11 +620,11 @@ def _armed_run(
         result.rss_armed_mib = status_field_kib(emperor.pid, "VmRSS") / 1024
         c0, w0 = cpu_ticks(emperor.pid), time.monotonic()
         progress(f"  idle for {idle:.0f} s")
-        seen: set[int] = set(children(emperor.pid))
+        seen: set[int] = set(vassals_of(emperor.pid))
         end = w0 + idle
         while time.monotonic() < end:
             time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-            seen.update(children(emperor.pid))
+            seen.update(vassals_of(emperor.pid))
         c1, w1 = cpu_ticks(emperor.pid), time.monotonic()
         result.idle_window_s = w1 - w0
         result.idle_cpu_percent = 100 * (c1 - c0) / CLK_TCK / (w1 - w0)
@@ -657,7 +657,7 @@ def _armed_run(
             else:
                 result.sample_failures.append(f"{name}: unexpected answer {data[:60]!r}")
         t_sample = time.monotonic()
-        if wait_until(lambda: not children(emperor.pid), 60.0, 0.01):
+        if wait_until(lambda: not vassals_of(emperor.pid), 60.0, 0.01):
             result.asleep_after_sample_s = time.monotonic() - t_sample
         time.sleep(0.5)
         if use_stats:

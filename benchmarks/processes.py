@@ -127,9 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(", ".join(f"{k}: {v}" for k, v in info.items()), "\n")
 
     print("## Spawn time against the emperor's size (ms, from spawn() to a pid)\n")
-    print(
-        "| spawner | small emperor p50 / p90 | +%d MB p50 / p90 | growth of p50 |" % args.ballast_mb
-    )
+    grown = f"+{args.ballast_mb} MB"
+    print(f"| spawner | small emperor p50 / p90 | {grown} p50 / p90 | growth of p50 |")
     print("|---|---|---|---|")
     small = trio.run(spawn_times, args.rounds)
     ballast = bytearray(args.ballast_mb * 1024 * 1024)
