@@ -74,7 +74,7 @@ def test_list_command_in_yaml_and_json() -> None:
         ("[vassal]\nenv = A=1\n", "needs a command"),
         ("[vassal]\ncommand = 'unclosed\n", "command: No closing quotation"),
         ("[vassal]\ncommand = x\nenv = NOEQUALS\n", "not KEY=VALUE"),
-        ("[vassal]\ncommand = x\nstop-signal = BOGUS\n", "unknown signal 'BOGUS'"),
+        ("[vassal]\ncommand = x\nstop-signal = BOGUS\n", "stop-signal: unknown signal"),
         ("[vassal]\ncommand = x\nstop-timeout = soon\n", "not a number of seconds"),
         ("[vassal]\ncommand = x\nstop-timeout = -1\n", "not a number of seconds"),
         ("[vassal]\ncommand = $(MISSING)\n", "'MISSING' is not set"),

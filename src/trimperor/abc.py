@@ -32,6 +32,14 @@ class MonitorOptions:
     """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
     on_demand_directory: str | None = None
     """File vassals: the on-demand socket is ``DIR/<name without extension>.socket``."""
+    tyrant: bool = False
+    """Tyrant mode: sources that read files named by a message check their owner first."""
+    allow_remote_zmq: bool = False
+    """zmq:// sources may bind a non-loopback address without CURVE."""
+    zmq_curve_secret: str | None = None
+    """zmq:// sources: the server's CURVE secret key file (``zmq.auth`` format)."""
+    zmq_curve_clients: str | None = None
+    """zmq:// sources: the directory of the public key files of allowed clients."""
 
 
 class Monitor(Protocol):

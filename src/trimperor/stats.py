@@ -70,6 +70,8 @@ class SourceStats:
     last_error: str | None = None
     retry_attempt: int = 0
     next_retry: float | None = None
+    pending: tuple[tuple[str, float], ...] = ()
+    """(what, since): operations in progress (``fetch URL``) and the Unix time each began."""
 
 
 @dataclass(frozen=True, slots=True)

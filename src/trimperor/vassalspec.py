@@ -88,18 +88,18 @@ def parse_socket(address: str, where: str = "socket") -> SocketSpec:
         raise ConfigError(f"{where}: empty socket address")
     if text.startswith("/") or text.startswith("./") or ":" not in text:
         if "\0" in text or len(os.fsencode(text)) > 107:
-            raise ConfigError(f"{where}: unix socket path {text!r} is too long or invalid")
+            raise ConfigError(f"{where}: the unix socket path is too long or invalid")
         return SocketSpec(address=text, family="unix", path=text)
     host, _, port_text = text.rpartition(":")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{where}: {address!r} needs a port number (host:port)")
+        raise ConfigError(f"{where}: the address needs a port number (host:port)")
     port = int(port_text)
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ConfigError(f"{where}: {address!r}: unbalanced [ ] around the IPv6 address")
+            raise ConfigError(f"{where}: unbalanced [ ] around the IPv6 address")
         return SocketSpec(address=text, family="inet6", host=host[1:-1], port=port)
     if ":" in host:
-        raise ConfigError(f"{where}: write IPv6 addresses in brackets: [{host}]:{port}")
+        raise ConfigError(f"{where}: write IPv6 addresses in brackets: [ADDRESS]:PORT")
     return SocketSpec(address=text, family="inet", host=host or "0.0.0.0", port=port)
 
 
@@ -109,7 +109,7 @@ def _bool(value: str, where: str) -> bool:
         return True
     if lowered in {"false", "no", "off", "0", ""}:
         return False
-    raise ConfigError(f"{where}: {value!r} is not true or false")
+    raise ConfigError(f"{where}: the value is not true or false")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,16 +247,16 @@ def parse_signal(value: str, where: str) -> int:
         member = signal.Signals.__members__.get(candidate)
         if member is not None:
             return member.value
-    raise ConfigError(f"{where}: unknown signal {value!r}")
+    raise ConfigError(f"{where}: unknown signal")
 
 
 def _seconds(value: str, where: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise ConfigError(f"{where}: {value!r} is not a number of seconds") from None
+        raise ConfigError(f"{where}: the value is not a number of seconds") from None
     if not seconds >= 0 or seconds == float("inf"):
-        raise ConfigError(f"{where}: {value!r} is not a number of seconds")
+        raise ConfigError(f"{where}: the value is not a number of seconds")
     return seconds
 
 
@@ -288,7 +288,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         item = expand(raw, ctx, environ, f"{name}: env")
         key, sep, value = item.partition("=")
         if not sep or not key or "\0" in item:
-            raise ConfigError(f"{name}: env {raw!r} is not KEY=VALUE")
+            raise ConfigError(f"{name}: env: an entry is not KEY=VALUE")
         env.append((key, value))
 
     default_dir = os.path.dirname(os.path.abspath(doc.path)) if doc.path else os.getcwd()
@@ -314,7 +314,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     watchdog = _seconds(watchdog_raw, f"{name}: watchdog") if watchdog_raw else None
     kind = (one("type") or "simple").strip().lower()
     if kind not in {"simple", "notify"}:
-        raise ConfigError(f"{name}: type {kind!r} is not simple or notify")
+        raise ConfigError(f"{name}: type: the value is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
     return NativeSpec(
@@ -347,9 +347,9 @@ def _sockets(
     try:
         mode = int(mode_raw, 8) if mode_raw else 0o660
     except ValueError:
-        raise ConfigError(f"{name}: socket-mode {mode_raw!r} is not an octal mode") from None
+        raise ConfigError(f"{name}: socket-mode: the value is not an octal mode") from None
     if not 0 <= mode <= 0o777:
-        raise ConfigError(f"{name}: socket-mode {mode_raw!r} is not a file mode")
+        raise ConfigError(f"{name}: socket-mode: the value is not a file mode")
     owner_raw = one("socket-owner")
     owner = group = None
     if owner_raw:
@@ -357,7 +357,7 @@ def _sockets(
         group = group_part or None
     backlog_raw = one("listen-backlog")
     if backlog_raw is not None and (not backlog_raw.isdigit() or int(backlog_raw) < 1):
-        raise ConfigError(f"{name}: listen-backlog {backlog_raw!r} is not a positive number")
+        raise ConfigError(f"{name}: listen-backlog: the value is not a positive number")
     backlog = int(backlog_raw) if backlog_raw else DEFAULT_BACKLOG
     specs = []
     seen: set[str] = set()
@@ -365,7 +365,7 @@ def _sockets(
         address = expand(raw, ctx, environ, f"{name}: socket")
         spec = parse_socket(address, f"{name}: socket")
         if spec.address in seen:
-            raise ConfigError(f"{name}: socket {spec.address!r} is listed twice")
+            raise ConfigError(f"{name}: socket: an address is listed twice")
         seen.add(spec.address)
         specs.append(replace(spec, mode=mode, owner=owner or None, group=group, backlog=backlog))
     return tuple(specs)
