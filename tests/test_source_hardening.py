@@ -734,6 +734,40 @@ def test_an_unwritable_pidfile_is_a_clear_error_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.fixture
+def locked(tmp_path: Path) -> Iterator[Path]:
+    """A directory holding an empty ``emperor.pid``, where not even root may create a file."""
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "emperor.pid").write_text("")
+    subprocess.run(["chattr", "+i", str(path)], check=True)  # EPERM on create, for root too
+    yield path
+    subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.integration
+async def test_a_pidfile_made_for_the_emperor_in_a_locked_directory_is_written_in_place(
+    tmp_path: Path, locked: Path
+) -> None:
+    pidfile = locked / "emperor.pid"
+    missing = EmperorProcess(
+        [str(tmp_path), "--pidfile", str(locked / "other.pid")], tmp_path / "m.log"
+    )
+    try:
+        assert await missing.wait() == 1
+    finally:
+        missing.close()
+    assert "cannot write pidfile" in missing.text()
+    emperor = EmperorProcess([str(tmp_path), "--pidfile", str(pidfile)], tmp_path / "e.log")
+    try:
+        await wait_for(lambda: pidfile.read_text() == f"{emperor.proc.pid}\n", timeout=30)
+        emperor.signal(2)
+        assert await emperor.wait() == 0
+    finally:
+        emperor.close()
+    assert sorted(os.listdir(locked)) == ["emperor.pid"]
+
+
 # -- pg: ts --------------------------------------------------------------------------------------
 
 

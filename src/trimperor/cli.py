@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -394,6 +395,10 @@ def write_pidfile(path: str) -> None:
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        # A directory we may not write to, and a pidfile made for us in it: write it in place.
+        _rewrite_pidfile(path)
+        return
     except OSError as exc:
         raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
     try:
@@ -407,6 +412,23 @@ def write_pidfile(path: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+
+
+def _rewrite_pidfile(path: str) -> None:
+    """Write the pid into the existing regular file *path* (never creating one)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PidfileError(f"cannot write pidfile {path}: not a regular file")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 class PidfileError(TrimperorError):
