@@ -286,6 +286,13 @@ def _http_client() -> httpx.AsyncClient:
     )
 
 
+class _Removed:
+    """What a fetch answered with a status other than 200: the name goes away."""
+
+
+_REMOVE = _Removed()
+
+
 class _NotAllowed(Exception):
     """Tyrant mode: a path message names a file the monitor must not read."""
 
@@ -417,8 +424,9 @@ class _Handler:
     Messages are handled one at a time, in order: the consumer thread waits
     for each to finish before it acknowledges it and delivers the next. An
     HTTP fetch is the exception: it runs in *nursery*, and the message is
-    done once the fetch has a slot. Every message that touches a name bumps
-    the name's generation; a fetch only acts if none did meanwhile.
+    done once the fetch has a slot. While a name is being fetched, every
+    message that touches it bumps its generation; a fetch only acts if none
+    did meanwhile. Names with no fetch in flight are not tracked.
     """
 
     def __init__(
@@ -438,6 +446,7 @@ class _Handler:
         self._nursery = nursery
         self._fetch_slots = trio.Semaphore(MAX_FETCHES)
         self._generations: dict[str, int] = {}
+        self._fetching: dict[str, int] = {}  # fetches in flight (or waiting) per name
         self._counter = itertools.count(1)
 
     async def message(self, routing_key: str, body: bytes) -> None:
@@ -447,11 +456,10 @@ class _Handler:
             await self._locator(body)
         self._status.ok(len(self._owned))
 
-    def _touch(self, name: str) -> int:
-        """A message touched *name*: its new generation."""
-        generation = next(self._counter)
-        self._generations[name] = generation
-        return generation
+    def _touch(self, name: str) -> None:
+        """A message touched *name*: a fetch of it in flight must not act any more."""
+        if name in self._fetching:
+            self._generations[name] = next(self._counter)
 
     async def watch_files(self) -> None:
         """Every ``freq`` seconds, remove the vassals whose file was deleted."""
@@ -557,16 +565,29 @@ class _Handler:
         name = unquote(urlsplit(url).path.rpartition("/")[2])
         if not self._name_ok(name):
             return
-        generation = self._touch(name)
-        await self._fetch_slots.acquire()
+        generation = next(self._counter)
+        self._generations[name] = generation
+        self._fetching[name] = self._fetching.get(name, 0) + 1
+        try:
+            await self._fetch_slots.acquire()
+        except BaseException:
+            self._fetched(name)
+            raise
         self._nursery.start_soon(self._fetch_in_slot, url, name, generation)
+
+    def _fetched(self, name: str) -> None:
+        """A fetch of *name* ended; forget the name once none is left."""
+        self._fetching[name] -= 1
+        if not self._fetching[name]:
+            del self._fetching[name]
+            del self._generations[name]
 
     async def _fetch_in_slot(self, url: str, name: str, generation: int) -> None:
         shown = redact(url)
         token = self._status.begin(f"fetch {shown}")
         try:
             with trio.move_on_after(HTTP_TIMEOUT) as deadline:
-                await self._fetch_one(url, shown, name, generation)
+                result = await self._fetch_one(url, shown)
             if deadline.cancelled_caught:
                 log.warning(
                     "source.http_failed uri=%s url=%s error=no answer within %ss",
@@ -574,9 +595,21 @@ class _Handler:
                     shown,
                     HTTP_TIMEOUT,
                 )
+                return
         finally:
             self._status.end(token)
             self._fetch_slots.release()
+        try:
+            # Acting (handing the event to the emperor) is outside the deadline.
+            if result is not None and self._current(name, generation, shown):
+                if isinstance(result, _Removed):
+                    await self._remove(name)
+                else:
+                    await self._upsert(
+                        VassalDocument(name, self._uri, self._next_version(), result)
+                    )
+        finally:
+            self._fetched(name)
 
     def _current(self, name: str, generation: int, shown: str) -> bool:
         """Whether no message touched *name* since the fetch of *shown* began."""
@@ -585,7 +618,9 @@ class _Handler:
         log.info("source.http_superseded uri=%s url=%s name=%s", self._uri, shown, name)
         return False
 
-    async def _fetch_one(self, url: str, shown: str, name: str, generation: int) -> None:
+    async def _fetch_one(self, url: str, shown: str) -> str | _Removed | None:
+        """The configuration at *url*, :data:`_REMOVE` for a status other than 200,
+        or None if the fetch failed (logged)."""
         limit = self._options.max_config_size
         chunks: list[bytes] = []
         try:
@@ -597,9 +632,7 @@ class _Handler:
                         shown,
                         response.status_code,
                     )
-                    if self._current(name, generation, shown):
-                        await self._remove(name)
-                    return
+                    return _REMOVE
                 size = 0
                 # Stop reading past the limit by cancelling the read: returning
                 # from the loop would leave httpx's nested generators unfinished.
@@ -612,18 +645,16 @@ class _Handler:
                             chunks.append(chunk)
                 if size > limit:
                     self._bad(f"{shown} is over --max-config-size ({limit} bytes)")
-                    return
+                    return None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             error = short(f"{type(exc).__name__}: {exc}")
             log.warning("source.http_failed uri=%s url=%s error=%s", self._uri, shown, error)
-            return
+            return None
         try:
-            text = b"".join(chunks).decode()
+            return b"".join(chunks).decode()
         except UnicodeDecodeError:
             self._bad(f"{shown} is not UTF-8")
-            return
-        if self._current(name, generation, shown):
-            await self._upsert(VassalDocument(name, self._uri, self._next_version(), text))
+            return None
 
     # -- helpers --------------------------------------------------------------------------
 
