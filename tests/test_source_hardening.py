@@ -31,6 +31,7 @@ import trio
 import zmq
 import zmq.auth
 from psycopg import sql
+from zmq.utils.monitor import recv_monitor_message
 
 from tests.helpers import (
     PYTHON,
@@ -427,10 +428,42 @@ def _push(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[byte
     return sock
 
 
+_monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
+
+
+def watch(sock: zmq.Socket[bytes]) -> None:
+    """Follow *sock*'s connection events (a ZeroMQ socket monitor); before connect()."""
+    _monitors[sock] = sock.get_monitor_socket()
+
+
+async def handshake_failed(sock: zmq.Socket[bytes], event: int) -> None:
+    monitor = _monitors.pop(sock)
+    seen: list[int] = []
+
+    def failed() -> bool:
+        with suppress(zmq.Again):
+            while True:
+                seen.append(recv_monitor_message(monitor, zmq.NOBLOCK)["event"])
+        return event in seen
+
+    try:
+        await wait_for(failed)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
 def _curve_push(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, secret: Path, server: Path
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    secret: Path,
+    server: Path,
+    *,
+    watched: bool = False,
 ) -> zmq.Socket[bytes]:
     sock = _push(ctx, endpoint)
+    if watched:
+        watch(sock)
     public, secret_key = zmq.auth.load_certificate(secret)
     server_public, _ = zmq.auth.load_certificate(server)
     sock.curve_publickey = public
@@ -454,17 +487,18 @@ async def test_curve_admits_only_the_allowed_clients(curve: dict[str, Path]) -> 
         async with monitor_running(monitor) as events:
             assert monitor.bound is not None
             plain = _push(ctx, monitor.bound)
+            watch(plain)
             plain.connect(monitor.bound)
             stranger = _curve_push(
-                ctx, monitor.bound, curve["stranger_secret"], curve["server_public"]
+                ctx, monitor.bound, curve["stranger_secret"], curve["server_public"], watched=True
             )
             client = _curve_push(ctx, monitor.bound, curve["client_secret"], curve["server_public"])
-            for sock, name in ((plain, b"plain.ini"), (stranger, b"stranger.ini")):
-                with pytest.raises(zmq.Again):  # never connected: nothing to send to
-                    sock.send_multipart([b"touch", name, CONFIG], zmq.NOBLOCK)
             client.send_multipart([b"touch", b"client.ini", CONFIG])
             assert (await next_upsert(events)).doc.name == "client.ini"
-            # still nothing from the others, however long they try
+            # The others' handshakes fail (seen by their own socket monitors) ...
+            await handshake_failed(plain, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            await handshake_failed(stranger, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            # ... so they have no peer to send to, and nothing of theirs arrives.
             for sock, name in ((plain, b"plain.ini"), (stranger, b"stranger.ini")):
                 with pytest.raises(zmq.Again):
                     sock.send_multipart([b"touch", name, CONFIG], zmq.NOBLOCK)
@@ -473,7 +507,8 @@ async def test_curve_admits_only_the_allowed_clients(curve: dict[str, Path]) -> 
             for sock in (plain, stranger, client):
                 sock.close(linger=0)
     finally:
-        ctx.term()
+        _monitors.clear()
+        ctx.destroy(linger=0)  # closes every socket left (on failure), then terminates
     assert monitor.owned == {"client.ini", "again.ini"}
 
 
@@ -521,7 +556,7 @@ async def test_a_flood_of_bad_messages_is_summed_up(caplog: pytest.LogCaptureFix
             assert (await next_upsert(events)).doc.name == "done.ini"
             push.close(linger=0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
     lines = [r.getMessage() for r in caplog.records if r.name == zeromq.log.name]
     for event in ("source.bad_message", "source.remove_unknown"):
         assert sum(m.startswith(event + " ") for m in lines) == zeromq.WARN_BURST
