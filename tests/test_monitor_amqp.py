@@ -293,6 +293,10 @@ async def test_url_bodies(
             del http.pages["/confs/web.ini"]
             await publish(exchange, f"{base}/confs/web.ini")
             assert await next_event(events) == Remove(monitor.uri, "web.ini")
+            # Fetches run concurrently: the hanging one ends at its deadline.
+            await wait_for(
+                lambda: any("source.http_failed" in m and "slow.ini" in m for m in messages(caplog))
+            )
             http.hang.set()
         nursery.cancel_scope.cancel()
     log = messages(caplog)

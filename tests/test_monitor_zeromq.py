@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import random
+import re
 import signal
 import socket
 import sys
@@ -28,6 +29,7 @@ from tests.helpers import (
 from trimperor.abc import MonitorOptions
 from trimperor.errors import MissingExtraError, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert
+from trimperor.monitors import zeromq
 from trimperor.monitors.zeromq import BadMessage, Destroy, Touch, ZmqMonitor, parse_command
 
 pytestmark = pytest.mark.integration
@@ -216,7 +218,12 @@ async def test_malformed_messages_are_logged_and_ignored(
         # Random junk is never a valid command (no valid name), so nothing in between.
         assert (await next_upsert(events)).doc.name == "after-junk.ini"
     messages = [r.getMessage() for r in caplog.records if r.name == "trimperor.monitors.zeromq"]
-    assert sum("source.bad_message" in m for m in messages) == len(bad) - 1 + len(junk)
+    # The first WARN_BURST are logged one by one, the rest summed up when the monitor stops.
+    one_by_one = sum("source.bad_message uri" in m for m in messages)
+    summed = [re.search(r"bad_message_suppressed .* count=(\d+)", m) for m in messages]
+    suppressed = sum(int(m.group(1)) for m in summed if m is not None)
+    assert one_by_one == zeromq.WARN_BURST
+    assert one_by_one + suppressed == len(bad) - 1 + len(junk)
     assert sum("source.remove_unknown" in m for m in messages) == 1
     assert any("over --max-config-size" in m for m in messages)
     assert any("7 parts" in m for m in messages)

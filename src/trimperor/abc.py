@@ -28,8 +28,9 @@ class MonitorOptions:
     max_config_size: int = 64 * 1024
     """Every source ignores (and logs) configurations larger than this, in bytes."""
     tyrant: bool = False
-    """Tyrant mode: sources refuse what could make one user run as another
-    (a symlink whose owner is not its target's)."""
+    """Tyrant mode: sources refuse what could make one user run as another (a
+    symlink whose owner is not its target's), and those that read files named by
+    a message check their owner first."""
     amqp_exchange: str = "uwsgi.emperor"
     zoo_auth_file: str | None = None
     """zoo:// sources without credentials in the URI: ``user:password`` from this file."""
@@ -37,6 +38,12 @@ class MonitorOptions:
     """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
     on_demand_directory: str | None = None
     """File vassals: the on-demand socket is ``DIR/<name without extension>.socket``."""
+    allow_remote_zmq: bool = False
+    """zmq:// sources may bind a non-loopback address without CURVE."""
+    zmq_curve_secret: str | None = None
+    """zmq:// sources: the server's CURVE secret key file (``zmq.auth`` format)."""
+    zmq_curve_clients: str | None = None
+    """zmq:// sources: the directory of the public key files of allowed clients."""
 
 
 class Monitor(Protocol):

@@ -1,15 +1,27 @@
 """The stats server: one JSON document per connection, then close.
 
 ``ADDR`` is ``host:port`` (TCP; port 0 picks a free port) or a unix socket path.
+A TCP address other than loopback (``:port`` means every interface) is refused
+unless ``--allow-remote-stats`` is given (:func:`check_stats_address`).
+
+At most :data:`MAX_CLIENTS` connections are served at a time: a new one
+beyond that closes the oldest. A client has :data:`SEND_TIMEOUT` seconds in
+total to take the document, or it is dropped. Idle or slow clients therefore
+cost a bounded amount of memory and never delay the others by more than that.
+While more than :data:`FRESH_CLIENTS` clients are being served, a document
+made less than :data:`MAX_AGE` seconds ago is handed out again rather than
+made anew, so a crowd of clients costs one document per ``MAX_AGE``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -17,9 +29,18 @@ import trio
 from trimperor.errors import UsageError
 from trimperor.stats import EmperorStats, to_json
 
-__all__ = ["parse_address", "serve_stats"]
+__all__ = ["check_stats_address", "is_loopback", "parse_address", "serve_stats"]
 
 log = logging.getLogger(__name__)
+
+#: Connections served at the same time; one more closes the oldest.
+MAX_CLIENTS = 64
+#: Seconds a client has to read the whole document.
+SEND_TIMEOUT = 5.0
+#: With up to this many clients, each one gets a document made for it.
+FRESH_CLIENTS = 4
+#: Seconds a document may be handed out again while more clients are served.
+MAX_AGE = 1.0
 
 
 def parse_address(addr: str) -> tuple[str, int] | str:
@@ -31,6 +52,41 @@ def parse_address(addr: str) -> tuple[str, int] | str:
     if not port.isdigit() or int(port) > 65535:
         raise UsageError(f"bad address {addr!r}: port must be a number")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether *host* (an address or a name; resolved, blocking) is only reachable locally.
+
+    A name counts as loopback when every address it resolves to is one; a
+    name that does not resolve is not.
+    """
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).split("%", 1)[0]).is_loopback for a in addresses
+    )
+
+
+def check_stats_address(addr: str, *, allow_remote: bool) -> None:
+    """Raise UsageError for a TCP address other than loopback, unless *allow_remote*."""
+    where = parse_address(addr)
+    if not isinstance(where, tuple) or allow_remote:
+        return
+    host, _ = where
+    if not is_loopback(host):
+        raise UsageError(
+            f"--stats {addr}: {host} is not a loopback address, and anyone who can reach it "
+            "could read the status document; use 127.0.0.1:PORT or a unix socket path, "
+            "or pass --allow-remote-stats"
+        )
 
 
 async def _listen(addr: str) -> tuple[trio.SocketListener, str]:
@@ -69,10 +125,45 @@ async def serve_stats(
     except OSError as exc:
         raise UsageError(f"cannot serve stats on {addr!r}: {exc.strerror}") from None
 
+    # The connections being served, oldest first, each with its cancel scope.
+    clients: OrderedDict[int, trio.CancelScope] = OrderedDict()
+    counter = iter(range(1, 1 << 62))
+    dropped = 0
+    made: tuple[float, bytes] | None = None
+
+    def document() -> bytes:
+        nonlocal made
+        now = trio.current_time()
+        if made is not None and len(clients) > FRESH_CLIENTS and now - made[0] < MAX_AGE:
+            return made[1]
+        made = (now, to_json(snapshot()).encode())
+        return made[1]
+
     async def handle(stream: trio.abc.Stream) -> None:
-        async with stream:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(to_json(snapshot()).encode())
+        nonlocal dropped
+        key = next(counter)
+        if len(clients) >= MAX_CLIENTS:
+            _, oldest = clients.popitem(last=False)
+            oldest.cancel()
+            dropped += 1
+            if dropped in {1, 10, 100} or dropped % 1000 == 0:
+                log.warning(
+                    "stats.client_dropped addr=%s dropped=%d: more than %d clients at once; "
+                    "the oldest is closed",
+                    shown,
+                    dropped,
+                    MAX_CLIENTS,
+                )
+        with trio.move_on_after(SEND_TIMEOUT) as scope:
+            clients[key] = scope
+            try:
+                async with stream:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send_all(document())
+            finally:
+                clients.pop(key, None)
+        if scope.cancelled_caught:
+            log.debug("stats.client_slow addr=%s: dropped", shown)
 
     log.info("stats.listening addr=%s", shown)
     try:

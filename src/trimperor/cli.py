@@ -7,9 +7,12 @@ shutdown, 1 when a source cannot be used at start, 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -18,6 +21,7 @@ import trio
 
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
+from trimperor.api import check_stats_address
 from trimperor.configfile import parse
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
@@ -267,8 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default info",
     )
+    _add_network_arguments(p)
     add("--version", action="version", version=f"trimperor {__version__}")
     return p
+
+
+def _add_network_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network surfaces")
+    g.add_argument(
+        "--allow-remote-stats",
+        action="store_true",
+        help="let --stats listen on an address other than loopback (anyone who can connect "
+        "reads the status document)",
+    )
+    g.add_argument(
+        "--allow-remote-zmq",
+        action="store_true",
+        help="let zmq:// sources bind an address other than loopback without CURVE "
+        "(anyone who can connect runs vassals)",
+    )
+    g.add_argument(
+        "--zmq-curve-secret",
+        metavar="FILE",
+        help="zmq:// sources: CURVE server certificate with its secret key (zmq.auth format); "
+        "with --zmq-curve-clients, only those clients are heard",
+    )
+    g.add_argument(
+        "--zmq-curve-clients",
+        metavar="DIR",
+        help="zmq:// sources: directory of the public certificates of allowed CURVE clients",
+    )
 
 
 def ini_arguments(path: str) -> list[str]:
@@ -383,12 +415,44 @@ def expanded_by_shell(args: Sequence[str]) -> bool:
     return len(args) > 1 and all("://" not in a and os.path.isfile(a) for a in args)
 
 
+#: What :class:`EscapingFilter` escapes: C0 and C1 controls but tab, DEL, the
+#: Unicode line separators, and lone surrogates (undecodable file name bytes).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class EscapingFilter(logging.Filter):
+    """Escapes control characters in every log message, so one record is one line.
+
+    Names and errors come from files, rows and messages anyone may write; a
+    ``\\n`` in a file name must not forge a log line. Tracebacks are left as
+    they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg = _CONTROL.sub(_escape, message)
+            record.args = None
+        return True
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapingFilter())
     # watchfiles logs every change it sees at INFO; our monitors log what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # pymongo logs its topology at DEBUG, and its fork hook repeats that in
@@ -397,11 +461,53 @@ def _configure_logging(level: str) -> None:
 
 
 def write_pidfile(path: str) -> None:
+    """Write the pid to a new file next to *path*, then rename it into place.
+
+    A failure (a missing or read-only directory, a full disk) leaves nothing
+    behind, not even an empty file, and is a :class:`PidfileError` (exit 1).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with open(path, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        # A directory we may not write to, and a pidfile made for us in it: write it in place.
+        _rewrite_pidfile(path)
+        return
     except OSError as exc:
-        raise UsageError(f"cannot write pidfile {path}: {exc.strerror}") from None
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+
+
+def _rewrite_pidfile(path: str) -> None:
+    """Write the pid into the existing regular file *path* (never creating one)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PidfileError(f"cannot write pidfile {path}: not a regular file")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+class PidfileError(TrimperorError):
+    """The pidfile cannot be written: the environment's fault, not the command line's."""
 
 
 _SIGNALS = (
@@ -487,7 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             amqp_exchange=args.amqp_exchange,
             zoo_auth_file=args.zoo_auth_file,
+            allow_remote_zmq=args.allow_remote_zmq,
+            zmq_curve_secret=args.zmq_curve_secret,
+            zmq_curve_clients=args.zmq_curve_clients,
         )
+        if args.stats is not None:
+            check_stats_address(args.stats, allow_remote=args.allow_remote_stats)
         if args.broodlord:
             log.warning(
                 "cli.broodlord_unsupported broodlord=%d zergs=not_spawned sos=logged",

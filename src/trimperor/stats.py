@@ -80,6 +80,8 @@ class SourceStats:
     """zoo://: the ZooKeeper session id."""
     last_event: float | None = None
     """zoo://: Unix time of the last state change or watch notification."""
+    pending: tuple[tuple[str, float], ...] = ()
+    """(what, since): operations in progress (``fetch URL``) and the Unix time each began."""
 
 
 @dataclass(frozen=True, slots=True)

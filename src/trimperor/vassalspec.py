@@ -274,7 +274,7 @@ def parse_signal(value: str, where: str) -> int:
         member = signal.Signals.__members__.get(candidate)
         if member is not None:
             return member.value
-    raise ConfigError(f"{where}: unknown signal (use a name like TERM or a number)")
+    raise ConfigError(f"{where}: unknown signal")
 
 
 def _seconds(value: str, where: str) -> float:
@@ -315,7 +315,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         item = expand(raw, ctx, environ, f"{name}: env")
         key, sep, value = item.partition("=")
         if not sep or not key or "\0" in item:
-            raise ConfigError(f"{name}: an env value is not KEY=VALUE")
+            raise ConfigError(f"{name}: env: an entry is not KEY=VALUE")
         env.append((key, value))
 
     default_dir = os.path.dirname(os.path.abspath(doc.path)) if doc.path else os.getcwd()
@@ -341,7 +341,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     watchdog = _seconds(watchdog_raw, f"{name}: watchdog") if watchdog_raw else None
     kind = (one("type") or "simple").strip().lower()
     if kind not in {"simple", "notify"}:
-        raise ConfigError(f"{name}: type is not simple or notify")
+        raise ConfigError(f"{name}: type: the value is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
     return NativeSpec(
@@ -374,9 +374,9 @@ def _sockets(
     try:
         mode = int(mode_raw, 8) if mode_raw else 0o660
     except ValueError:
-        raise ConfigError(f"{name}: socket-mode is not an octal mode") from None
+        raise ConfigError(f"{name}: socket-mode: the value is not an octal mode") from None
     if not 0 <= mode <= 0o777:
-        raise ConfigError(f"{name}: socket-mode is not a file mode")
+        raise ConfigError(f"{name}: socket-mode: the value is not a file mode")
     owner_raw = one("socket-owner")
     owner = group = None
     if owner_raw:
@@ -384,7 +384,7 @@ def _sockets(
         group = group_part or None
     backlog_raw = one("listen-backlog")
     if backlog_raw is not None and (not backlog_raw.isdigit() or int(backlog_raw) < 1):
-        raise ConfigError(f"{name}: listen-backlog is not a positive number")
+        raise ConfigError(f"{name}: listen-backlog: the value is not a positive number")
     backlog = int(backlog_raw) if backlog_raw else DEFAULT_BACKLOG
     nonblocking_raw = one("socket-nonblocking")
     nonblocking = (
@@ -396,7 +396,7 @@ def _sockets(
         address = expand(raw, ctx, environ, f"{name}: socket")
         spec = parse_socket(address, f"{name}: socket")
         if spec.address in seen:
-            raise ConfigError(f"{name}: socket {spec.address!r} is listed twice")
+            raise ConfigError(f"{name}: socket: an address is listed twice")
         seen.add(spec.address)
         specs.append(
             replace(

@@ -17,6 +17,17 @@ What a message means:
   ``http://``/``https://`` URL whose last path segment is the vassal name (any
   answer but 200 removes it; a timeout or connection error changes nothing).
 
+URLs are fetched concurrently (at most :data:`MAX_FETCHES` at a time; a
+message past that waits for a slot), each within a total deadline of
+:data:`HTTP_TIMEOUT` seconds, so a slow server delays only its own vassal.
+A fetch that finishes after a later message touched the same name is
+dropped. Fetches in progress are listed in the source's stats (``pending``).
+
+In tyrant mode (``--tyrant``) a path is opened without following a symbolic
+link, and a file that belongs to root (uid or gid 0) is refused before a byte
+of it is read; the vassal runs as the file's owner. Errors about a file or a
+configuration never quote its content.
+
 Every message that touches a name gets a new document version, so a
 re-published message reloads the vassal. Files named by a message are also
 checked every ``--freq`` seconds: a deleted file removes its vassal. Invalid
@@ -42,6 +53,7 @@ already, and logs one ``source.retrying`` line per attempt instead.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -65,7 +77,6 @@ from trimperor.monitors.remote import (
     check_document,
     check_freq,
     error_text,
-    read_file,
     redact,
     short,
 )
@@ -90,8 +101,10 @@ if _pika_log.level == logging.NOTSET:
 
 #: Seconds a connection attempt may take (TCP connect, then the AMQP handshake).
 CONNECT_TIMEOUT = 10.0
-#: Seconds an HTTP fetch may take, per network operation.
+#: Seconds an HTTP fetch may take in total (connect, headers, body).
 HTTP_TIMEOUT = 10.0
+#: HTTP fetches in progress at the same time; later URL messages wait for a slot.
+MAX_FETCHES = 8
 #: Deliveries the broker may send ahead of the acknowledgements.
 PREFETCH = 32
 #: The longest path or URL a body without routing key may hold.
@@ -267,7 +280,60 @@ def _gone(paths: dict[str, str]) -> list[str]:
 
 
 def _http_client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=True)
+    return httpx.AsyncClient(
+        timeout=HTTP_TIMEOUT,
+        follow_redirects=True,
+        limits=httpx.Limits(max_connections=MAX_FETCHES),
+    )
+
+
+class _Removed:
+    """What a fetch answered with a status other than 200: the name goes away."""
+
+
+_REMOVE = _Removed()
+
+
+class _NotAllowed(Exception):
+    """Tyrant mode: a path message names a file the monitor must not read."""
+
+
+def _read_locator(path: str, limit: int, tyrant: bool) -> tuple[os.stat_result, bytes] | None:
+    """The status and content of the regular file at *path*, None if there is none; blocking.
+
+    In tyrant mode the last component must not be a symbolic link, and the
+    owner is checked on the open descriptor before anything is read: a file
+    of root's raises :class:`_NotAllowed`. Raises :class:`TooLarge` past
+    *limit* bytes, OSError if the file cannot be read.
+    """
+    # O_NONBLOCK: a FIFO must not block the open; fstat() rejects it.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if tyrant else 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        if tyrant and exc.errno == errno.ELOOP:
+            raise _NotAllowed(
+                f"{path} is a symbolic link; tyrant mode reads only the file itself"
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if tyrant and (st.st_uid == 0 or st.st_gid == 0):
+            raise _NotAllowed(
+                f"{path} belongs to uid {st.st_uid}, gid {st.st_gid}; tyrant mode reads no "
+                "file of root's for a message"
+            )
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise TooLarge
+    return st, data
 
 
 # -- the monitor -------------------------------------------------------------------------
@@ -325,7 +391,7 @@ class AmqpMonitor:
             # Building a client loads the CA certificates: not in Trio's thread.
             http = await trio.to_thread.run_sync(_http_client)
             async with http, trio.open_nursery() as nursery:
-                handler = _Handler(self, send, http)
+                handler = _Handler(self, send, http, nursery)
                 nursery.start_soon(handler.watch_files)
                 while True:
                     error = await self._consume(handler.message)
@@ -357,7 +423,11 @@ class _Handler:
     """What one run does with messages and watched files; everything here runs in Trio.
 
     Messages are handled one at a time, in order: the consumer thread waits
-    for each to finish before it acknowledges it and delivers the next.
+    for each to finish before it acknowledges it and delivers the next. An
+    HTTP fetch is the exception: it runs in *nursery*, and the message is
+    done once the fetch has a slot. While a name is being fetched, every
+    message that touches it bumps its generation; a fetch only acts if none
+    did meanwhile. Names with no fetch in flight are not tracked.
     """
 
     def __init__(
@@ -365,6 +435,7 @@ class _Handler:
         monitor: AmqpMonitor,
         send: trio.MemorySendChannel[SourceEvent],
         http: httpx.AsyncClient,
+        nursery: trio.Nursery,
     ) -> None:
         self._uri = monitor.uri
         self._options = monitor.options
@@ -373,6 +444,11 @@ class _Handler:
         self._next_version = monitor.next_version
         self._send = send
         self._http = http
+        self._nursery = nursery
+        self._fetch_slots = trio.Semaphore(MAX_FETCHES)
+        self._generations: dict[str, int] = {}
+        self._fetching: dict[str, int] = {}  # fetches in flight (or waiting) per name
+        self._counter = itertools.count(1)
 
     async def message(self, routing_key: str, body: bytes) -> None:
         if routing_key:
@@ -380,6 +456,11 @@ class _Handler:
         else:
             await self._locator(body)
         self._status.ok(len(self._owned))
+
+    def _touch(self, name: str) -> None:
+        """A message touched *name*: a fetch of it in flight must not act any more."""
+        if name in self._fetching:
+            self._generations[name] = next(self._counter)
 
     async def watch_files(self) -> None:
         """Every ``freq`` seconds, remove the vassals whose file was deleted."""
@@ -395,6 +476,7 @@ class _Handler:
                     log.info(
                         "source.file_gone uri=%s name=%s path=%s", self._uri, name, paths[name]
                     )
+                    self._touch(name)
                     await self._remove(name)
 
     # -- the three kinds of message ----------------------------------------------------
@@ -403,6 +485,7 @@ class _Handler:
         """Routing key = name, body = configuration; an empty body removes."""
         if not self._name_ok(name):
             return
+        self._touch(name)
         if not body:
             await self._remove(name)
             return
@@ -434,18 +517,28 @@ class _Handler:
         elif os.path.isabs(where) and "\0" not in where:
             await self._read(where)
         else:
-            self._bad(f"body {where!r} without routing key is neither an absolute path nor a URL")
+            # Not quoted: it may be a configuration published without its key.
+            self._bad(
+                f"body of {len(body)} bytes without routing key is neither an absolute path "
+                "nor a URL"
+            )
 
     async def _read(self, path: str) -> None:
         name = os.path.basename(path)
         if not self._name_ok(name):
             return
+        self._touch(name)
         limit = self._options.max_config_size
         version = self._next_version()
         try:
-            data = await trio.to_thread.run_sync(read_file, path, limit)
+            read = await trio.to_thread.run_sync(_read_locator, path, limit, self._options.tyrant)
         except TooLarge:
             self._bad(f"{path} is over --max-config-size ({limit} bytes)")
+            return
+        except _NotAllowed as exc:
+            log.warning("source.refused uri=%s name=%s reason=%s", self._uri, name, exc)
+            if name in self._owned:
+                await self._remove(name)
             return
         except OSError as exc:
             error = f"cannot read {path}: {exc.strerror or exc}"
@@ -453,22 +546,82 @@ class _Handler:
                 VassalDocument(name, self._uri, version, None, path=path, error=error)
             )
             return
-        if data is None:
+        if read is None:
             log.info("source.file_missing uri=%s path=%s", self._uri, path)
             await self._remove(name)
             return
+        st, data = read
         try:
             text = data.decode()
         except UnicodeDecodeError:
             self._bad(f"{path} is not UTF-8")
             return
-        await self._upsert(VassalDocument(name, self._uri, version, text, path=path))
+        doc = VassalDocument(
+            name, self._uri, version, text, path=path, uid=st.st_uid, gid=st.st_gid
+        )
+        await self._upsert(doc)
 
     async def _fetch(self, url: str) -> None:
-        shown = redact(url)
+        """Start fetching *url* once a slot is free; the fetch runs on its own."""
         name = unquote(urlsplit(url).path.rpartition("/")[2])
         if not self._name_ok(name):
             return
+        generation = next(self._counter)
+        self._generations[name] = generation
+        self._fetching[name] = self._fetching.get(name, 0) + 1
+        try:
+            await self._fetch_slots.acquire()
+        except BaseException:
+            self._fetched(name)
+            raise
+        self._nursery.start_soon(self._fetch_in_slot, url, name, generation)
+
+    def _fetched(self, name: str) -> None:
+        """A fetch of *name* ended; forget the name once none is left."""
+        self._fetching[name] -= 1
+        if not self._fetching[name]:
+            del self._fetching[name]
+            del self._generations[name]
+
+    async def _fetch_in_slot(self, url: str, name: str, generation: int) -> None:
+        shown = redact(url)
+        token = self._status.begin(f"fetch {shown}")
+        try:
+            with trio.move_on_after(HTTP_TIMEOUT) as deadline:
+                result = await self._fetch_one(url, shown)
+            if deadline.cancelled_caught:
+                log.warning(
+                    "source.http_failed uri=%s url=%s error=no answer within %ss",
+                    self._uri,
+                    shown,
+                    HTTP_TIMEOUT,
+                )
+                return
+        finally:
+            self._status.end(token)
+            self._fetch_slots.release()
+        try:
+            # Acting (handing the event to the emperor) is outside the deadline.
+            if result is not None and self._current(name, generation, shown):
+                if isinstance(result, _Removed):
+                    await self._remove(name)
+                else:
+                    await self._upsert(
+                        VassalDocument(name, self._uri, self._next_version(), result)
+                    )
+        finally:
+            self._fetched(name)
+
+    def _current(self, name: str, generation: int, shown: str) -> bool:
+        """Whether no message touched *name* since the fetch of *shown* began."""
+        if self._generations.get(name) == generation:
+            return True
+        log.info("source.http_superseded uri=%s url=%s name=%s", self._uri, shown, name)
+        return False
+
+    async def _fetch_one(self, url: str, shown: str) -> str | _Removed | None:
+        """The configuration at *url*, :data:`_REMOVE` for a status other than 200,
+        or None if the fetch failed (logged)."""
         limit = self._options.max_config_size
         chunks: list[bytes] = []
         try:
@@ -480,8 +633,7 @@ class _Handler:
                         shown,
                         response.status_code,
                     )
-                    await self._remove(name)
-                    return
+                    return _REMOVE
                 size = 0
                 # Stop reading past the limit by cancelling the read: returning
                 # from the loop would leave httpx's nested generators unfinished.
@@ -494,17 +646,16 @@ class _Handler:
                             chunks.append(chunk)
                 if size > limit:
                     self._bad(f"{shown} is over --max-config-size ({limit} bytes)")
-                    return
+                    return None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             error = short(error_text(exc))
             log.warning("source.http_failed uri=%s url=%s error=%s", self._uri, shown, error)
-            return
+            return None
         try:
-            text = b"".join(chunks).decode()
+            return b"".join(chunks).decode()
         except UnicodeDecodeError:
             self._bad(f"{shown} is not UTF-8")
-            return
-        await self._upsert(VassalDocument(name, self._uri, self._next_version(), text))
+            return None
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -28,6 +28,13 @@ second and an atomic rename both change it. A file that cannot be read is sent
 with ``text=None`` and ``error`` set (its version gets an ``:unreadable``
 suffix, so that it changes again once the file becomes readable).
 
+A candidate that is not a regular file (a FIFO, a directory named ``x.ini``, a
+symbolic link loop or a dangling link) is skipped with one ``source.skipped``
+line, repeated only if it goes away and comes back. A file name that is not
+UTF-8 ends watchfiles' watch (it cannot report such a name); the watcher says
+so once (``source.watch_restarted``, with the cause) and watches again at
+once, and the new watch's rescan catches what the old one missed.
+
 Limitations: a change to the *target* of a symlink is not watched (only the
 periodic rescan sees it), and a glob whose wildcards span directories watches
 the fixed part of the pattern recursively, which costs one inotify watch per
@@ -72,6 +79,8 @@ _DEBOUNCE_MS = 200
 #: How often a file that is open for writing is looked at again (seconds).
 _WRITTEN_RECHECK = 0.05
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+#: Seconds between a watch ended by an undecodable file name and the next one.
+_REWATCH_DELAY = 0.05
 
 #: stat() errors that mean "this candidate is not a file": skip it.
 _NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
@@ -169,6 +178,47 @@ def _load(
         uid=st.st_uid,
         gid=st.st_gid,
     )
+
+
+def _skip_reason(path: str, follow_symlinks: bool) -> str | None:
+    """Why the candidate at *path* was skipped, if it exists at all; blocking."""
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        return None  # vanished meanwhile: nothing to say
+    if stat.S_ISLNK(lst.st_mode) and follow_symlinks:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "a symbolic link loop"
+            if exc.errno == errno.ENOENT:
+                return "a dangling symbolic link"
+            return f"a symbolic link that cannot be followed ({exc.strerror or exc})"
+    else:
+        st = lst
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(st.st_mode):
+            return f"{what}, not a regular file"
+    return None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: the actual cause."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _undecodable_name(exc: BaseException) -> bool:
+    """watchfiles gave up on a file name that is not UTF-8."""
+    return type(exc).__name__ == "WatchfilesRustInternalError" and "decode" in str(exc)
 
 
 def _with_socket(doc: VassalDocument, options: MonitorOptions) -> VassalDocument:
@@ -395,6 +445,8 @@ class _FileMonitor:
         self._limiter = trio.CapacityLimiter(1)
         self._written: set[str] = set()
         """Files that were open for writing at the last scan (not read yet)."""
+        #: Candidates skipped at the last scan, and why (each is logged once).
+        self._skipped: dict[str, str] = {}
 
     def _candidates(self) -> list[tuple[str, str]]:
         """(vassal name, absolute path) of every configuration name; blocking.
@@ -413,6 +465,7 @@ class _FileMonitor:
         """Everything the source offers now, and the new cache; blocking."""
         docs: dict[str, VassalDocument] = {}
         busy: set[str] = set()
+        skipped: dict[str, str] = {}
         for name, path in self._candidates():
             doc = _load(
                 name,
@@ -426,6 +479,15 @@ class _FileMonitor:
             )
             if doc is not None:
                 docs[name] = doc if name in busy else _with_socket(doc, self._options)
+                continue
+            if name in busy:
+                continue  # open for writing, and new: not there yet
+            reason = _skip_reason(path, self._options.follow_symlinks)
+            if reason is not None:
+                skipped[path] = reason
+                if self._skipped.get(path) != reason:
+                    log.warning("source.skipped uri=%s path=%s reason=%s", self.uri, path, reason)
+        self._skipped = skipped
         for name in sorted(busy - self._written):
             log.info(
                 "source.incomplete uri=%s name=%s reason=open for writing; read once closed",
@@ -474,8 +536,20 @@ class _FileMonitor:
             try:
                 await self._watch(pattern, target, pokes)
             except Exception as exc:
+                cause = _leaf(exc)  # watchfiles wraps it in its task groups
+                message = f"{type(cause).__name__}: {cause}"
+                if _undecodable_name(cause):
+                    if message != failure:
+                        log.warning(
+                            "source.watch_restarted uri=%s path=%s error=%s; watching again",
+                            self.uri,
+                            target.path,
+                            message,
+                        )
+                        failure = message
+                    await trio.sleep(_REWATCH_DELAY)
+                    continue
                 # The periodic rescan still works; try again later.
-                message = f"{type(exc).__name__}: {exc}"
                 if message != failure:
                     log.warning(
                         "source.watch_failed uri=%s path=%s error=%s; polling every %ss",

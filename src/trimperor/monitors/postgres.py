@@ -161,10 +161,14 @@ def _version(ts: object) -> str:
     if isinstance(ts, int):
         return str(ts)
     if isinstance(ts, float | decimal.Decimal):
-        if not math.isfinite(ts):
-            raise ValueError(f"ts is not a finite number: {ts!r}")
+        # A numeric such as 1e400 is finite, but not as a Unix time.
+        if not math.isfinite(ts) or not math.isfinite(float(ts)):
+            shown = repr(ts) if len(repr(ts)) <= 40 else f"{float(ts)!r} as a float"
+            raise ValueError(f"ts is not a finite number: {shown}")
         return str(ts)
     if isinstance(ts, str) and _NUMBER.fullmatch(ts.strip()):
+        if not math.isfinite(float(ts)):
+            raise ValueError("ts is not a finite number: inf as a float")
         return ts.strip()
     if isinstance(ts, datetime.datetime):
         return ts.isoformat()

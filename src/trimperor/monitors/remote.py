@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
@@ -28,6 +29,7 @@ from trimperor.stats import SourceStats
 __all__ = [
     "BadVassal",
     "LastGood",
+    "RateLimitedWarnings",
     "SourceStatus",
     "TooLarge",
     "check_document",
@@ -76,6 +78,17 @@ class SourceStatus:
         self.next_retry: float | None = None
         self.retry_max = RETRY_MAX
         """The longest wait between two attempts (seconds)."""
+        self._pending: dict[int, tuple[str, float]] = {}
+        self._tokens = itertools.count(1)
+
+    def begin(self, what: str) -> int:
+        """An operation (an HTTP fetch, ...) began: it is listed in stats until :meth:`end`."""
+        token = next(self._tokens)
+        self._pending[token] = (what, time.time())
+        return token
+
+    def end(self, token: int) -> None:
+        self._pending.pop(token, None)
 
     def ok(self, vassals: int | None = None) -> None:
         """A successful read (connect, query, message)."""
@@ -127,6 +140,7 @@ class SourceStatus:
             last_error=self.last_error,
             retry_attempt=self.attempt,
             next_retry=self.next_retry,
+            pending=tuple(self._pending.values()),
         )
 
 
@@ -226,6 +240,58 @@ class LastGood(Generic[T]):
 
 
 # -- push sources: files and log lines -----------------------------------------------------
+
+
+class RateLimitedWarnings:
+    """At most *burst* WARNING lines per *window* seconds for one kind of bad input.
+
+    The first *burst* reasons in a window are logged as they come; the rest
+    are counted, and :meth:`flush` (called every *window* seconds by
+    :meth:`summaries`) logs one ``EVENT_suppressed`` line with their number
+    and the last reason. A flood of bad messages therefore costs a few lines.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, event: str, uri: str, burst: int = 5, window: float = 10.0
+    ) -> None:
+        self._log = logger
+        self._event = event
+        self._uri = uri
+        self._burst = burst
+        self.window = window
+        self._logged = 0
+        self._suppressed = 0
+        self._last = ""
+
+    def warn(self, reason: str) -> None:
+        if self._logged < self._burst:
+            self._logged += 1
+            self._log.warning("%s uri=%s reason=%s", self._event, self._uri, short(reason))
+        else:
+            self._suppressed += 1
+            self._last = reason
+
+    def flush(self) -> None:
+        """Log the summary of the window that ends, and begin a new one."""
+        if self._suppressed:
+            self._log.warning(
+                "%s_suppressed uri=%s count=%d window=%gs last_reason=%s",
+                self._event,
+                self._uri,
+                self._suppressed,
+                self.window,
+                short(self._last),
+            )
+        self._logged = self._suppressed = 0
+
+    async def summaries(self) -> None:
+        """Flush every window, until cancelled (and once more then)."""
+        try:
+            while True:
+                await trio.sleep(self.window)
+                self.flush()
+        finally:
+            self.flush()
 
 
 class TooLarge(Exception):

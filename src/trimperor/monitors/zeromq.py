@@ -13,13 +13,26 @@ config part the configuration is the file *name* in the emperor's working
 directory. ``uid`` and ``gid`` are non-negative decimal integers. ``destroy``
 removes a vassal this source added. Anything else is logged
 (``source.bad_message``) and ignored: input from the socket never stops the
-monitor.
+monitor. At most :data:`WARN_BURST` such lines are logged per
+:data:`WARN_WINDOW` seconds; the rest are counted into one
+``source.bad_message_suppressed`` line per window (the same goes for
+``source.remove_unknown``), so a flood of bad messages costs a few lines.
 
 The socket is waited on natively in Trio. ``ZMQ_FD`` is edge-triggered: it
 only says "look at ``ZMQ_EVENTS`` again", so the monitor drains every message
 ``ZMQ_EVENTS`` announces before it waits on the fd, and looks again after
 each wake-up. Each run has its own :class:`zmq.Context`, terminated on exit;
 the socket is closed with ``linger=0``.
+
+Only loopback is bound unless asked: an endpoint other than ``ipc://``,
+``inproc://`` or ``tcp://`` on a loopback address (``tcp://*:P``,
+``tcp://eth0:P``, ``tcp://192.0.2.1:P``, any other transport) is refused unless
+CURVE is configured or ``--allow-remote-zmq`` is given (then a WARNING says
+that anyone who can connect runs vassals). With ``--zmq-curve-secret FILE``
+(a ``zmq.auth`` certificate holding the server's secret key) and
+``--zmq-curve-clients DIR`` (the public certificates of the clients allowed),
+the socket is a CURVE server and a ZAP handler (:mod:`zmq.auth`) admits only
+those clients; every other connection fails its handshake and sends nothing.
 
 Frames larger than ``max(4 * --max-config-size, 1 MiB)`` make libzmq drop the
 sender's connection (``ZMQ_MAXMSGSIZE``) without a log line; a configuration
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -38,9 +52,11 @@ from typing import TYPE_CHECKING, cast
 import trio
 
 from trimperor.abc import MonitorOptions
+from trimperor.api import is_loopback
 from trimperor.errors import MissingExtraError, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
 from trimperor.monitors.remote import (
+    RateLimitedWarnings,
     SourceStatus,
     TooLarge,
     check_document,
@@ -52,6 +68,8 @@ from trimperor.monitors.remote import (
 
 try:
     import zmq
+    import zmq.auth
+    import zmq.auth.thread
 except ImportError as exc:
     raise MissingExtraError("zmq", "zmq", exc.name or "zmq") from exc
 
@@ -61,9 +79,15 @@ if TYPE_CHECKING:
 __all__ = ["Destroy", "Touch", "ZmqMonitor", "parse_command"]
 
 log = logging.getLogger(__name__)
+#: zmq.auth's own log (one line per refused client at DEBUG); quiet unless configured.
+_auth_log = logging.getLogger(__name__ + ".auth")
 
 #: The smallest frame size limit (ZMQ_MAXMSGSIZE) a socket gets.
 MIN_FRAME_LIMIT = 1 << 20
+#: Bad messages logged one by one per window; the rest are summed up.
+WARN_BURST = 20
+#: Seconds of one such window.
+WARN_WINDOW = 10.0
 
 _ENDPOINT = re.compile(r"[a-z][a-z0-9+.-]*://.+")
 _NUMBER = re.compile(r"[0-9]{1,10}")
@@ -121,6 +145,40 @@ def parse_command(frames: list[bytes]) -> Touch | Destroy:
     raise BadMessage(f"unknown command {short(command)!r} (touch or destroy)")
 
 
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether a bind at *endpoint* is reachable from this host only (blocking: resolves names)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in {"ipc", "inproc"}:
+        return True
+    if transport != "tcp":
+        return False
+    host = address.rpartition(":")[0]
+    return bool(host) and host != "*" and is_loopback(host)
+
+
+def _curve_keys(options: MonitorOptions, uri: str) -> tuple[bytes, bytes] | None:
+    """The server's (public, secret) CURVE keys, or None without CURVE; raises UsageError."""
+    secret_file, clients = options.zmq_curve_secret, options.zmq_curve_clients
+    if secret_file is None and clients is None:
+        return None
+    if secret_file is None or clients is None:
+        raise UsageError(f"{uri}: CURVE needs both --zmq-curve-secret and --zmq-curve-clients")
+    if not zmq.has("curve"):
+        raise UsageError(f"{uri}: this libzmq was built without CURVE")
+    if not os.path.isdir(clients):
+        raise UsageError(f"{uri}: --zmq-curve-clients {clients}: not a directory")
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{uri}: --zmq-curve-secret {secret_file}: cannot load a certificate: "
+            f"{type(exc).__name__}"
+        ) from None
+    if not secret:
+        raise UsageError(f"{uri}: --zmq-curve-secret {secret_file} holds no secret key")
+    return public, secret
+
+
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     """Whether a message is waiting (``ZMQ_EVENTS``); also re-arms ``ZMQ_FD``."""
     events = cast("int", sock.getsockopt(zmq.EVENTS))
@@ -138,6 +196,15 @@ class ZmqMonitor:
             )
         self.uri = redact(uri)
         self.endpoint = endpoint
+        self._curve = _curve_keys(options, self.uri)
+        self._local = is_local_endpoint(endpoint)
+        if not self._local and self._curve is None and not options.allow_remote_zmq:
+            raise UsageError(
+                f"{self.uri}: {endpoint} is reachable from other hosts, and anyone who can "
+                "connect would run vassals as the emperor's user; bind tcp://127.0.0.1:PORT "
+                "or ipc://PATH, configure CURVE (--zmq-curve-secret, --zmq-curve-clients), "
+                "or pass --allow-remote-zmq"
+            )
         #: Where the socket is bound (``tcp://127.0.0.1:*`` resolved), once it is.
         self.bound: str | None = None
         self.status = SourceStatus(self.uri)
@@ -145,6 +212,12 @@ class ZmqMonitor:
         #: The names this monitor offered; outlives a run.
         self.owned: set[str] = set()
         self._versions = itertools.count(1)
+        self._bad = RateLimitedWarnings(
+            log, "source.bad_message", self.uri, WARN_BURST, WARN_WINDOW
+        )
+        self._unknown = RateLimitedWarnings(
+            log, "source.remove_unknown", self.uri, WARN_BURST, WARN_WINDOW
+        )
 
     async def run(
         self,
@@ -159,7 +232,13 @@ class ZmqMonitor:
         """
         async with send:
             context = zmq.Context()
+            auth: zmq.auth.thread.ThreadAuthenticator | None = None
             try:
+                if self._curve is not None:
+                    auth = zmq.auth.thread.ThreadAuthenticator(context, log=_auth_log)
+                    auth.start()
+                    assert self.options.zmq_curve_clients is not None  # see _curve_keys
+                    auth.configure_curve(domain="*", location=self.options.zmq_curve_clients)
                 try:
                     sock = context.socket(zmq.PULL)
                 except zmq.ZMQError as exc:
@@ -169,6 +248,8 @@ class ZmqMonitor:
                 finally:
                     sock.close(linger=0)
             finally:
+                if auth is not None:
+                    auth.stop()
                 context.term()
 
     async def _bind_and_serve(
@@ -181,16 +262,37 @@ class ZmqMonitor:
             sock.setsockopt(zmq.LINGER, 0)
             limit = max(4 * self.options.max_config_size, MIN_FRAME_LIMIT)
             sock.setsockopt(zmq.MAXMSGSIZE, limit)
+            if self._curve is not None:
+                public, secret = self._curve
+                sock.curve_server = True
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             raise SourceError(f"{self.uri}: cannot bind: {exc}") from exc
         self.bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("source.listening uri=%s endpoint=%s", self.uri, self.bound)
+        log.info(
+            "source.listening uri=%s endpoint=%s curve=%s",
+            self.uri,
+            self.bound,
+            "on" if self._curve is not None else "off",
+        )
+        if not self._local and self._curve is None:
+            log.warning(
+                "source.unauthenticated uri=%s endpoint=%s: --allow-remote-zmq without CURVE; "
+                "anyone who can connect runs vassals as uid %d",
+                self.uri,
+                self.bound,
+                os.getuid(),
+            )
         self.status.ok(len(self.owned))
         task_status.started()
         fd = sock.fileno()  # ZMQ_FD
         try:
-            await self._serve(sock, fd, send)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._bad.summaries)
+                nursery.start_soon(self._unknown.summaries)
+                await self._serve(sock, fd, send)
         finally:
             trio.lowlevel.notify_closing(fd)
 
@@ -219,12 +321,12 @@ class ZmqMonitor:
             else:
                 await self._touch(command, send)
         except BadMessage as exc:
-            log.warning("source.bad_message uri=%s reason=%s", self.uri, short(str(exc)))
+            self._bad.warn(str(exc))
         self.status.ok(len(self.owned))
 
     async def _destroy(self, name: str, send: trio.MemorySendChannel[SourceEvent]) -> None:
         if name not in self.owned:
-            log.warning("source.remove_unknown uri=%s name=%s", self.uri, name)
+            self._unknown.warn(f"destroy of {name}, which this source did not add")
             return
         log.info("source.remove uri=%s name=%s", self.uri, name)
         self.owned.discard(name)
