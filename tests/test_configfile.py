@@ -609,3 +609,18 @@ def test_yaml_aliases_are_refused() -> None:
         parse("x.yaml", bomb)
     # An anchor alone is harmless.
     assert parse("x.yaml", "vassal:\n  a: &l [1, 2]\n").section("vassal") is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "vassal:\n  command: !!bool hunter2\n",
+        "vassal:\n  command: !hunter2 x\n",
+        "vassal:\n  command: *hunter2\n",
+        "vassal: !hunter2\n  command: x\n",
+    ],
+)
+def test_yaml_errors_never_quote_the_document(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("a.yaml", text)
+    assert "hunter2" not in str(info.value)

@@ -337,7 +337,7 @@ def _from_nodes(name: str, root: Node | None) -> Options:
             items = [value]
             if isinstance(value, SequenceNode):
                 if value.tag != _SEQ:
-                    raise _node_error(name, value, f"{where}: unsupported tag {value.tag!r}")
+                    raise _node_error(name, value, f"{where}: unsupported tag")
                 items = value.value
             for item in items:
                 if not isinstance(item, ScalarNode):
@@ -350,7 +350,7 @@ def _mapping(name: str, node: Node, message: str) -> list[tuple[Node, Node]]:
     if not isinstance(node, MappingNode):
         raise _node_error(name, node, message)
     if node.tag != _MAP:
-        raise _node_error(name, node, f"unsupported tag {node.tag!r}")
+        raise _node_error(name, node, "unsupported tag")
     pairs: list[tuple[Node, Node]] = node.value
     return pairs
 
@@ -368,7 +368,7 @@ def _text(name: str, node: Node, what: str) -> str:
             raise _node_error(name, node, "the value is not a boolean") from None
     if node.tag in _TEXT_TAGS:
         return str(node.value)
-    raise _node_error(name, node, f"{what}: unsupported tag {node.tag!r}")
+    raise _node_error(name, node, f"{what}: unsupported tag")
 
 
 def _node_error(name: str, node: Node, message: str) -> ConfigError:
