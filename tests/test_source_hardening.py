@@ -707,9 +707,9 @@ async def test_odd_candidates_are_skipped_with_one_line_each(
             await next_snapshot(events)
     skipped = [r.getMessage() for r in caplog.records if "source.skipped" in r.getMessage()]
     assert len(skipped) == 3, skipped
-    assert any("fifo.ini: a FIFO" in m for m in skipped)
-    assert any("dir.ini: a directory" in m for m in skipped)
-    assert any("loop.ini: a symbolic link loop" in m for m in skipped)
+    assert any("fifo.ini reason=a FIFO" in m for m in skipped)
+    assert any("dir.ini reason=a directory" in m for m in skipped)
+    assert any("loop.ini reason=a symbolic link loop" in m for m in skipped)
 
 
 @pytest.mark.integration
