@@ -30,7 +30,7 @@ __all__ = ["build_parser", "main", "resolve_sources"]
 log = logging.getLogger("trimperor")
 
 #: Which extra provides each optional source (for the one-line error).
-EXTRAS = {"pg": "pg", "mongodb": "mongodb", "amqp": "amqp", "zmq": "zmq"}
+EXTRAS = {"pg": "pg", "mongodb": "mongodb", "amqp": "amqp", "zmq": "zmq", "etcd": "etcd"}
 
 #: Built-in monitors, used when the package metadata is not installed.
 _BUILTIN = {
