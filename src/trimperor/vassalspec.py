@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from trimperor.configfile import Options, Section, parse
 from trimperor.errors import ConfigError, Refused
 from trimperor.model import VassalDocument
+from trimperor.placement import FLEET_KEYS, Placement, parse_placement
 from trimperor.uwsgi_protocol import MAX_CONFIG_BYTES
 
 __all__ = [
@@ -53,7 +54,14 @@ NATIVE_KEYS = frozenset(
         "watchdog",
         "type",
     }
+    | FLEET_KEYS
 )
+
+#: One copy, on any node (frozen, so shared).
+DEFAULT_PLACEMENT = Placement()
+
+#: The section of a uWSGI configuration that holds its fleet keys (uWSGI ignores it).
+FLEET_SECTION = "fleet"
 
 #: The default listen backlog (the kernel caps it at net.core.somaxconn).
 DEFAULT_BACKLOG = 1024
@@ -134,6 +142,8 @@ class NativeSpec:
     watchdog: float | None = None
     type: str = "simple"
     """``simple``: running once started; ``notify``: starting until sd_notify READY=1."""
+    placement: Placement = DEFAULT_PLACEMENT
+    """Where it runs in a fleet (``--cluster``); ignored without one."""
 
     kind = "native"
 
@@ -176,6 +186,8 @@ class UwsgiSpec:
 
     idle: float | None = None
     watchdog: float | None = None
+    placement: Placement = DEFAULT_PLACEMENT
+    """From the ``[fleet]`` section; ignored without ``--cluster``."""
 
     def launch_key(self) -> tuple[object, ...]:
         """What a reload in place cannot change."""
@@ -333,6 +345,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         idle=idle,
         watchdog=watchdog,
         type=kind,
+        placement=parse_placement(section.get_all, name),
     )
 
 
@@ -416,7 +429,13 @@ def build_spec(
         raise ConfigError(f"{doc.name}: cannot read: {doc.error or 'no content'}")
     options: Options = parse(doc.name, doc.text, extra_extensions)
     section = options.section("vassal")
+    fleet = options.section(FLEET_SECTION)
     if section is not None:
+        if fleet is not None:
+            raise ConfigError(
+                f"{doc.name}: a native vassal takes its fleet keys in the vassal section, "
+                f"not in [{FLEET_SECTION}]"
+            )
         spec = native_spec(doc, section, environ)
         if doc.socket:
             # A socket from the source (pg's 6th column, ...) makes the vassal
@@ -440,10 +459,17 @@ def build_spec(
     sockets: tuple[SocketSpec, ...] = ()
     if doc.socket:  # an empty value means "not on demand" (uWSGI would bind "")
         sockets = (replace(parse_socket(doc.socket, f"{doc.name}: socket"), mode=0o666),)
+    placement = DEFAULT_PLACEMENT
+    if fleet is not None:
+        unknown = [key for key in fleet.keys() if key not in FLEET_KEYS]  # noqa: SIM118
+        if unknown:
+            raise ConfigError(f"{doc.name}: unknown key {unknown[0]!r} in the fleet section")
+        placement = parse_placement(fleet.get_all, doc.name)
     return UwsgiSpec(
         name=doc.name,
         path=os.path.abspath(doc.path) if doc.path is not None else None,
         text=doc.text,
         cwd=cwd,
         sockets=sockets,
+        placement=placement,
     )
