@@ -10,9 +10,11 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,6 +26,9 @@ from trimperor.errors import MissingExtraError, SourceError, TrimperorError, Usa
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import PosixSpawner, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions
+
+if TYPE_CHECKING:
+    from trimperor.fleet import Fleet
 
 __all__ = ["build_parser", "main", "resolve_sources"]
 
@@ -208,6 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after its first heartbeat, a uWSGI vassal silent this long is "
         "killed and respawned (default 30)",
+    )
+
+    g = p.add_argument_group("fleet")
+    g.add_argument(
+        "--cluster",
+        metavar="etcd://HOST:PORT[,...]/PREFIX",
+        help="join the fleet at this etcd prefix: run only the vassals placed on this node",
+    )
+    g.add_argument(
+        "--node", metavar="NAME", help="this node's name in the fleet (default: hostname)"
+    )
+    g.add_argument(
+        "--node-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label vassals can ask for (node-label = KEY=VALUE); repeatable",
+    )
+    g.add_argument(
+        "--node-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="lease TTL: a dead node's vassals move after this long (default 5)",
     )
 
     g = p.add_argument_group("operation")
@@ -420,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 len(args.sources),
             )
         monitors = resolve_sources(sources, options)
+        fleet = _fleet(args)
         emperor = Emperor(
             monitors,
             spawner=PosixSpawner(),
@@ -433,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_interval=args.freq,
             tyrant=args.tyrant,
             tyrant_initgroups=args.tyrant_initgroups,
+            fleet=fleet,
             uwsgi=UwsgiOptions(
                 binary=args.binary_path,
                 vassal_set=tuple(args.vassal_set),
@@ -460,6 +491,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", _first(group))
         code = code or 1
     return code
+
+
+def _fleet(args: argparse.Namespace) -> Fleet | None:
+    """The fleet membership of --cluster, or None."""
+    if not args.cluster:
+        if args.node or args.node_label:
+            raise UsageError("--node and --node-label need --cluster")
+        return None
+    try:
+        from trimperor.fleet import Fleet, parse_label
+    except ImportError as exc:
+        raise MissingExtraError("etcd", "etcd", exc.name or "h11") from None
+    labels = dict(parse_label(text) for text in args.node_label)
+    node = args.node or socket.gethostname().split(".")[0]
+    return Fleet(args.cluster, node, labels, ttl=args.node_ttl)
 
 
 def _first(group: BaseExceptionGroup[TrimperorError]) -> TrimperorError:
