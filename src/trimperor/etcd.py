@@ -230,7 +230,7 @@ class EtcdClient:
         return answer
 
     def _release(self, conn: _Connection) -> None:
-        if self._open and conn.reusable() and len(self._idle) < 4:
+        if self._open and conn.reusable() and len(self._idle) < 16:
             self._idle.append(conn)
         else:
             conn.close()

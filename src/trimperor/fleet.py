@@ -53,6 +53,8 @@ FENCE_AFTER = 0.5
 KILL_AFTER = 0.8
 #: Renewals per TTL.
 RENEWALS = 4
+#: Claim requests in flight at once.
+CLAIMS_IN_FLIGHT = 16
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,126}")
 
@@ -105,6 +107,8 @@ class Fleet:
         self._renewal = trio.Event()
         self._view: tuple[Node, ...] = (self._me,)
         self._bad_nodes: set[str] = set()
+        # owners() of the current view, by (name, placement); cleared when it changes.
+        self._owners: dict[tuple[str, Placement], tuple[str, ...]] = {}
 
     # -- what the emperor uses --------------------------------------------------------
 
@@ -137,7 +141,13 @@ class Fleet:
         return self._view
 
     def owners(self, name: str, placement: Placement) -> tuple[str, ...]:
-        return owners(name, placement, self._view)
+        key = (name, placement)
+        found = self._owners.get(key)
+        if found is None:
+            if len(self._owners) > 4 * len(self._catalogue) + 1000:
+                self._owners.clear()
+            found = self._owners[key] = owners(name, placement, self._view)
+        return found
 
     def holds(self, name: str) -> bool:
         return self.lease != 0 and self.claims.get(name) == (self.node, self.lease)
@@ -150,7 +160,7 @@ class Fleet:
         """Why *name* must not run here now (None: it may)."""
         if placement.fenced and self.fenced:
             return "fenced (no lease renewal)" if self.renewed_at is not None else "not joined"
-        where = owners(name, placement, self._view)
+        where = self.owners(name, placement)
         if self.node not in where:
             return f"placed on {','.join(where) or 'no matching node'}"
         if placement.copies == 1 and not self.holds(name):
@@ -348,7 +358,10 @@ class Fleet:
     def _updated(self) -> None:
         view = dict(self.nodes)
         view[self.node] = self._me
-        self._view = tuple(view[n] for n in sorted(view))
+        members = tuple(view[n] for n in sorted(view))
+        if members != self._view:
+            self._view = members
+            self._owners.clear()
         self._changed()
         self.wake()
 
@@ -433,38 +446,62 @@ class Fleet:
         if not self.lease:
             return
         lease = self.lease
-        changed = False
-        for name, placement in list(self._catalogue.items()):
-            if self._leaving or self.fenced or self.lease != lease:
-                break
-            if placement.copies != 1 or name in self.claims:
-                continue
-            if self.node not in owners(name, placement, self._view):
-                continue
-            key = self._claims_prefix + name.encode()
-            if await client.create(key, self.node.encode(), lease):
-                log.info("fleet.claimed name=%s node=%s", name, self.node)
-                self.claims[name] = (self.node, lease)
-                changed = True
-            else:
-                kvs, _ = await client.range(key)
-                if kvs:
-                    self.claims[name] = (kvs[0].value.decode(errors="replace"), kvs[0].lease)
-                    changed = True
-        for name, holder in list(self.claims.items()):
+        wanted = [
+            name
+            for name, placement in self._catalogue.items()
+            if placement.copies == 1
+            and name not in self.claims
+            and self.node in self.owners(name, placement)
+        ]
+        releases = []
+        for name, holder in self.claims.items():
             if holder != (self.node, lease) or self._running(name):
                 continue
-            wanted = self._catalogue.get(name)
+            placement = self._catalogue.get(name)
             if (
-                wanted is not None
-                and wanted.copies == 1
-                and self.node in owners(name, wanted, self._view)
+                placement is None
+                or placement.copies != 1
+                or self.node not in self.owners(name, placement)
             ):
-                continue
-            key = self._claims_prefix + name.encode()
-            if await client.delete_if_lease(key, lease):
-                log.info("fleet.released name=%s node=%s", name, self.node)
-            self.claims.pop(name, None)
-            changed = True
-        if changed:
-            self._changed()
+                releases.append(name)
+        if not wanted and not releases:
+            return
+        failed: list[BaseException] = []
+        limiter = trio.CapacityLimiter(CLAIMS_IN_FLIGHT)
+
+        async def claim(name: str) -> None:
+            async with limiter:
+                if self._leaving or self.fenced or self.lease != lease:
+                    return
+                key = self._claims_prefix + name.encode()
+                try:
+                    if await client.create(key, self.node.encode(), lease):
+                        log.info("fleet.claimed name=%s node=%s", name, self.node)
+                        self.claims[name] = (self.node, lease)
+                        return
+                    kvs, _ = await client.range(key)
+                except (EtcdError, trio.TooSlowError) as exc:
+                    failed.append(exc)
+                    return
+                if kvs:
+                    self.claims[name] = (kvs[0].value.decode(errors="replace"), kvs[0].lease)
+
+        async def release(name: str) -> None:
+            async with limiter:
+                key = self._claims_prefix + name.encode()
+                try:
+                    if await client.delete_if_lease(key, lease):
+                        log.info("fleet.released name=%s node=%s", name, self.node)
+                except (EtcdError, trio.TooSlowError) as exc:
+                    failed.append(exc)
+                    return
+                self.claims.pop(name, None)
+
+        async with trio.open_nursery() as nursery:
+            for name in releases:
+                nursery.start_soon(release, name)
+            for name in wanted:
+                nursery.start_soon(claim, name)
+        self._changed()
+        if failed:
+            raise EtcdError(str(failed[0]) or "timeout")
