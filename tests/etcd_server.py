@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["EtcdServer", "free_port"]
+__all__ = ["EtcdCluster", "EtcdServer", "free_port"]
 
 
 def free_port() -> int:
@@ -47,6 +47,12 @@ class EtcdServer:
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "etcd.log"
+        #: ``name=peer-url,...`` of every member (a cluster sets it); itself alone by default.
+        self.initial_cluster = ""
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def address(self) -> str:
@@ -56,11 +62,11 @@ class EtcdServer:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, wait: bool = True) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             pytest.fail("etcd is not installed: run scripts/services start (Debian etcd-server)")
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -78,7 +84,7 @@ class EtcdServer:
                     "--initial-advertise-peer-urls",
                     peer,
                     "--initial-cluster",
-                    f"{self.name}={peer}",
+                    self.initial_cluster or f"{self.name}={peer}",
                     "--log-level",
                     "warn",
                 ],
@@ -86,6 +92,11 @@ class EtcdServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        if wait:
+            self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -112,10 +123,20 @@ class EtcdServer:
     # -- a few calls for test set-up (blocking, plain HTTP) ------------------------------
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            result: dict[str, Any] = json.load(resp)
-            return result
+        """POST to the JSON gateway; retried while the cluster elects a leader (503)."""
+        deadline = time.monotonic() + 20
+        data = json.dumps(body).encode()
+        while True:
+            req = urllib.request.Request(self.url + path, data=data, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    result: dict[str, Any] = json.load(resp)
+                    return result
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code != 503 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def put(self, key: str, value: str | bytes) -> int:
         answer = self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
@@ -144,3 +165,36 @@ class EtcdServer:
     def revision(self) -> int:
         answer = self.call("/v3/kv/range", {"key": b64("\0")})
         return int(answer["header"]["revision"])
+
+
+class EtcdCluster:
+    """Three (or *size*) etcd members on loopback ports, one data directory each."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.members = []
+        for i in range(size):
+            member_dir = directory / f"m{i}"
+            member_dir.mkdir()
+            self.members.append(EtcdServer(member_dir, f"m{i}"))
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+
+    def start(self) -> None:
+        # Members wait for each other (a quorum) before they are healthy.
+        for m in self.members:
+            m.start(wait=False)
+        for m in self.members:
+            m.wait_healthy(60)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def endpoints(self, first: int = 0) -> str:
+        """Every client address, starting with member *first*."""
+        order = self.members[first:] + self.members[:first]
+        return ",".join(m.address for m in order)
+
+    def live(self) -> EtcdServer:
+        return next(m for m in self.members if m.proc is not None)

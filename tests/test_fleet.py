@@ -9,13 +9,13 @@ vassal never runs twice.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdCluster, EtcdServer
 from tests.fleet_helpers import Fleet
 from tests.helpers import wait_for
 from tests.proxy import TcpProxy
@@ -182,3 +182,41 @@ async def test_labels_and_bad_node_keys(etcd: EtcdServer, tmp_path: Path) -> Non
         await wait_for(lambda: "fleet.bad_node" in a.text())
         assert a.text().count("fleet.bad_node") == 1
         assert "nowhere.ini" not in fleet.where()
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A three-member etcd cluster on loopback ports, for one test."""
+    (tmp_path / "etcd3").mkdir()
+    cluster = EtcdCluster(tmp_path / "etcd3")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_three_member_etcd_loses_a_member(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    # Every node talks to m0 first; m1 stays up and serves the test's own requests.
+    fleet = Fleet(etcd3.members[1], tmp_path, ttl=10.0)
+    with fleet.running():
+        for name in SINGLE:
+            fleet.put(name)
+        for name in "abc":
+            fleet.add(name, etcd3.endpoints(0))
+        want = expected(SINGLE, "abc")
+        await wait_for(lambda: fleet.where() == want, 30)
+        before = fleet.pids()
+        etcd3.members[0].stop()
+        # The sources and the memberships move on to m1 and m2.
+        fleet.put("after.ini", "placement = all\n")
+        await wait_for(lambda: fleet.where().get("after.ini") == {"a", "b", "c"}, 30)
+        fleet.delete(SINGLE[0])
+        await wait_for(lambda: SINGLE[0] not in fleet.where())
+        assert fleet.live_members() == {"a", "b", "c"}
+        now = fleet.pids()
+        for key, pid in before.items():
+            if key[0] != SINGLE[0]:
+                assert now.get(key) == pid, f"{key} restarted"
+        for node in fleet.nodes.values():
+            assert "fleet.fenced" not in node.text()

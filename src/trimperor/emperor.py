@@ -11,6 +11,7 @@ fails after it started is logged and restarted; it never takes the emperor down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -336,7 +337,8 @@ class Emperor:
         for name, sup in self._sups.items():
             if name in self._stopping and sup.spec.placement.fenced:
                 log.error("vassal.fence_kill name=%s: still running, killed", name)
-                sup.kill()
+                with contextlib.suppress(trio.BrokenResourceError):  # it has just ended
+                    sup.kill()
 
     def _start(self, action: Start[VassalSpec]) -> None:
         assert self._vassals is not None

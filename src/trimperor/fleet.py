@@ -30,11 +30,15 @@ running a vassal.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import trio
 
@@ -53,6 +57,8 @@ FENCE_AFTER = 0.5
 KILL_AFTER = 0.8
 #: Renewals per TTL.
 RENEWALS = 4
+#: How often the fencing deadlines are checked (seconds).
+FENCE_STEP = 0.05
 #: Claim requests in flight at once.
 CLAIMS_IN_FLIGHT = 16
 
@@ -104,11 +110,11 @@ class Fleet:
         self._changed: Callable[[], None] = lambda: None
         self._kill: Callable[[], None] = lambda: None
         self._wake = trio.Event()
-        self._renewal = trio.Event()
         self._view: tuple[Node, ...] = (self._me,)
         self._bad_nodes: set[str] = set()
         # owners() of the current view, by (name, placement); cleared when it changes.
         self._owners: dict[tuple[str, Placement], tuple[str, ...]] = {}
+        self._watch_scope = trio.CancelScope()
 
     # -- what the emperor uses --------------------------------------------------------
 
@@ -199,20 +205,7 @@ class Fleet:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._membership, client)
                     nursery.start_soon(self._fence)
-                    nursery.start_soon(
-                        self._follow,
-                        client,
-                        self._nodes_prefix,
-                        self._nodes_listed,
-                        self._nodes_changed,
-                    )
-                    nursery.start_soon(
-                        self._follow,
-                        client,
-                        self._claims_prefix,
-                        self._claims_listed,
-                        self._claims_changed,
-                    )
+                    nursery.start_soon(self._watches, client)
                     nursery.start_soon(self._claims_worker, client)
                     task_status.started()
             finally:
@@ -266,48 +259,64 @@ class Fleet:
             self.lease = 0
 
     async def _keep(self, client: EtcdClient, period: float) -> None:
-        """Renew the lease every *period*; return once etcd says it expired."""
+        """Renew the lease every *period* from a thread; return once it expired.
+
+        The renewals run in a worker thread with blocking HTTP, so that an
+        event loop busy for seconds (a thousand vassals starting at once) does
+        not let the lease lapse. This task only reads what the thread did.
+        """
+        renewer = _Renewer(self.endpoints, self.lease, period)
+        # trio's default clock is perf_counter plus an offset: the thread's
+        # stamps (perf_counter) become trio times with it.
+        offset = trio.current_time() - time.perf_counter()
         failing = False
-        while True:
-            await trio.sleep(period)
-            sent = trio.current_time()
-            try:
-                with trio.fail_after(period):
-                    ttl = await client.keepalive(self.lease)
-            except (EtcdError, trio.TooSlowError) as exc:
-                if not failing:
-                    log.warning("fleet.renew_failed node=%s error=%s", self.node, exc or "timeout")
-                failing = True
-                continue
-            if ttl <= 0:
-                log.error(
-                    "fleet.lease_expired node=%s lease=%x; joining again", self.node, self.lease
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, renewer.run, abandon_on_cancel=True)
                 )
-                return
-            if failing:
-                log.info("fleet.renewed node=%s", self.node)
-            failing = False
-            self._renewed(sent)
+                while not renewer.expired:
+                    await trio.sleep(period / 4)
+                    if renewer.last_ok is not None:
+                        self._renewed(renewer.last_ok + offset)
+                    if renewer.failing and not failing:
+                        log.warning("fleet.renew_failed node=%s error=%s", self.node, renewer.error)
+                        self._restart_watches()
+                    elif failing and not renewer.failing:
+                        log.info("fleet.renewed node=%s", self.node)
+                    failing = renewer.failing
+                nursery.cancel_scope.cancel()
+        finally:
+            renewer.stop.set()
+        log.error("fleet.lease_expired node=%s lease=%x; joining again", self.node, self.lease)
 
     def _renewed(self, sent: float) -> None:
+        if self.renewed_at is not None and sent <= self.renewed_at:
+            return
         self.renewed_at = sent
-        renewal, self._renewal = self._renewal, trio.Event()
-        renewal.set()
         if self.fenced:
             self.fenced = False
             log.info("fleet.member node=%s", self.node)
-            self._changed()
+            self._call(self._changed)
             self.wake()
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        """Call one of the emperor's callbacks; a bug there must not end the fleet."""
+        try:
+            callback()
+        except Exception:
+            log.exception("fleet.callback_failed node=%s", self.node)
 
     async def _fence(self) -> None:
         """Stop, then kill, the fenced vassals when renewals stop succeeding."""
+        killed = False
         while True:
-            renewal = self._renewal
+            await trio.sleep(FENCE_STEP)
             if self.renewed_at is None:
-                await renewal.wait()
                 continue
-            with trio.move_on_at(self.renewed_at + self.ttl * FENCE_AFTER):
-                await renewal.wait()
+            age = trio.current_time() - self.renewed_at
+            if age < self.ttl * FENCE_AFTER:
+                killed = False
                 continue
             if not self.fenced:
                 self.fenced = True
@@ -315,18 +324,44 @@ class Fleet:
                     "fleet.fenced node=%s: no lease renewal for %.1fs; stopping the vassals "
                     "placed with on-partition = stop",
                     self.node,
-                    trio.current_time() - self.renewed_at,
+                    age,
                 )
-                self._changed()
-            with trio.move_on_at(self.renewed_at + self.ttl * KILL_AFTER):
-                await renewal.wait()
-                continue
-            log.debug("fleet.fence_kill node=%s", self.node)
-            self._kill()
-            await renewal.wait()
+                self._call(self._changed)
+            if age >= self.ttl * KILL_AFTER and not killed:
+                killed = True
+                log.debug("fleet.fence_kill node=%s", self.node)
+                self._call(self._kill)
 
     def _node_key(self) -> bytes:
         return self._nodes_prefix + self.node.encode()
+
+    async def _watches(self, client: EtcdClient) -> None:
+        """Follow members and claims; start over (with a new list) when told to.
+
+        A stream over a network that went silent never ends by itself: once
+        renewals fail, :meth:`_restart_watches` makes both reconnect.
+        """
+        while True:
+            async with trio.open_nursery() as nursery:
+                self._watch_scope = nursery.cancel_scope
+                nursery.start_soon(
+                    self._follow,
+                    client,
+                    self._nodes_prefix,
+                    self._nodes_listed,
+                    self._nodes_changed,
+                )
+                nursery.start_soon(
+                    self._follow,
+                    client,
+                    self._claims_prefix,
+                    self._claims_listed,
+                    self._claims_changed,
+                )
+            log.debug("fleet.watches_restarted node=%s", self.node)
+
+    def _restart_watches(self) -> None:
+        self._watch_scope.cancel()
 
     async def _follow(
         self,
@@ -362,7 +397,7 @@ class Fleet:
         if members != self._view:
             self._view = members
             self._owners.clear()
-        self._changed()
+        self._call(self._changed)
         self.wake()
 
     # members
@@ -502,6 +537,63 @@ class Fleet:
                 nursery.start_soon(release, name)
             for name in wanted:
                 nursery.start_soon(claim, name)
-        self._changed()
+        self._call(self._changed)
         if failed:
             raise EtcdError(str(failed[0]) or "timeout")
+
+
+class _Renewer:
+    """Lease renewals in a worker thread: blocking HTTP, one request per period.
+
+    The trio side reads ``last_ok`` (``time.perf_counter()`` when the last
+    successful renewal was sent), ``failing``, ``error`` and ``expired``.
+    """
+
+    def __init__(self, endpoints: Sequence[str], lease: int, period: float) -> None:
+        self.endpoints = list(endpoints)
+        self.lease = lease
+        self.period = period
+        self.stop = threading.Event()
+        self.last_ok: float | None = None
+        self.failing = False
+        self.error = ""
+        self.expired = False
+        self._current = 0
+
+    def run(self) -> None:
+        wait = self.period
+        while not self.stop.wait(wait):
+            sent = time.perf_counter()
+            try:
+                ttl = self._keepalive()
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                # Soon again, on the next member (or the same one, electing a leader).
+                self.error = f"{self.endpoints[self._current]}: {type(exc).__name__}: {exc}"
+                self.failing = True
+                self._current = (self._current + 1) % len(self.endpoints)
+                wait = self.period / 5
+                continue
+            wait = self.period
+            if ttl <= 0:
+                self.expired = True
+                return
+            self.last_ok = sent
+            self.failing = False
+
+    def _keepalive(self) -> int:
+        host, _, port = self.endpoints[self._current].rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=self.period / 2)
+        try:
+            body = json.dumps({"ID": str(self.lease)})
+            conn.request("POST", "/v3/lease/keepalive", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read(64 * 1024)
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")
+        answer = json.loads(data)
+        result = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(result, dict):
+            raise ValueError("a malformed keep-alive answer")
+        return int(result.get("TTL") or 0)
