@@ -17,11 +17,12 @@ that runs it.
    die with it); the time until every one of its vassals runs on its new
    owner, polled every millisecond. The node is started again and the fleet
    settles before the next kill; victims rotate.
-3. **scale**: 1,000 keys; 3 emperors started at once; time until every vassal
-   runs where the hash says. Then a fourth node joins: time until the fleet
-   matches the 4-node answer, how many vassals moved, how many the hash says
-   should (ideal: those whose owner changed, about 1/4), and how many others
-   restarted (should be 0).
+3. **scale**: 1,000 keys; first, for reference, one emperor without
+   ``--cluster`` and the time until all run; then 3 emperors started at once,
+   and the time until every vassal runs where the hash says. Then a fourth
+   node joins: time until the fleet matches the 4-node answer, how many
+   vassals moved, how many the hash says should (ideal: those whose owner
+   changed, about 1/4), and how many others restarted (should be 0).
 
 Usage::
 
@@ -158,13 +159,14 @@ class Bench:
         self.etcd = Etcd(root)
         self.emperors: dict[str, Emperor] = {}
         self.starts = 0
+        self.log_level = "warning"
 
     def start(self, node: str, cluster: bool = True) -> None:
         home = self.root / node
         home.mkdir(exist_ok=True)
         self.starts += 1
         uri = f"etcd://{self.etcd.address}{PREFIX}"
-        argv = [sys.executable, "-m", "trimperor", uri, "--log-level", "warning"]
+        argv = [sys.executable, "-m", "trimperor", uri, "--log-level", self.log_level]
         if cluster:
             argv += ["--cluster", uri, "--node", node, "--node-ttl", str(self.ttl)]
         self.emperors[node] = self.janitor.start(
@@ -309,6 +311,10 @@ def bench_scale(b: Bench, count: int) -> dict[str, float]:
     names = [f"v{i:04d}" for i in range(count)]
     for name in names:
         b.etcd.put(f"{PREFIX}/vassals/{name}.ini", vassal(name))
+    # The reference: one emperor, no --cluster, the same vassals.
+    b.start("solo", cluster=False)
+    solo = b.wait(lambda: len(b.where()) == count, 300, 0.05)
+    b.stop_all()
     three = ["n1", "n2", "n3"]
     want = hrw(names, three)
     t0 = time.monotonic()
@@ -330,6 +336,7 @@ def bench_scale(b: Bench, count: int) -> dict[str, float]:
     del t0, t1
     return {
         "vassals": count,
+        "solo_s": solo,
         "converge_s": converge,
         "join_s": rejoin,
         "moved": moved,
@@ -399,6 +406,8 @@ def main() -> int:
                     f"| {r['vassals']:,}-vassal fleet | |",
                     "|---|---|",
                     f"| vassals | {r['vassals']} |",
+                    f"| reference: 1 emperor, no `--cluster`, started → all running "
+                    f"| {r['solo_s']:.2f} s |",
                     f"| 3 emperors started → every vassal on its owner | {r['converge_s']:.2f} s |",
                     f"| a 4th node joins → fleet matches the 4-node answer | {r['join_s']:.2f} s |",
                     f"| vassals moved / moves the hash asks for | {r['moved']} / {r['ideal']} "

@@ -367,19 +367,24 @@ class Fleet:
         self,
         client: EtcdClient,
         prefix: bytes,
-        listed: Callable[[list[KeyValue]], None],
-        changed: Callable[[list[WatchEvent]], None],
+        listed: Callable[[list[KeyValue]], bool],
+        changed: Callable[[list[WatchEvent]], bool],
     ) -> None:
+        """List and watch *prefix*; *listed* and *changed* say whether what
+        they applied can change what runs here (else only the claims are
+        looked at again)."""
         cursor = Cursor()
         delay = 0.25
 
         async def on_list(kvs: list[KeyValue], revision: int) -> None:
-            listed(kvs)
-            self._updated()
+            nonlocal delay
+            delay = 0.25
+            self._updated(listed(kvs))
 
         async def on_events(events: list[WatchEvent], revision: int) -> None:
-            changed(events)
-            self._updated()
+            nonlocal delay
+            delay = 0.25
+            self._updated(changed(events))
 
         while True:
             try:
@@ -390,14 +395,16 @@ class Fleet:
                 delay = min(delay * 2, self.ttl)
                 continue
 
-    def _updated(self) -> None:
+    def _updated(self, here: bool = True) -> None:
         view = dict(self.nodes)
         view[self.node] = self._me
         members = tuple(view[n] for n in sorted(view))
         if members != self._view:
             self._view = members
             self._owners.clear()
-        self._call(self._changed)
+            here = True
+        if here:
+            self._call(self._changed)
         self.wake()
 
     # members
@@ -418,7 +425,7 @@ class Fleet:
             return None
         return Node(name, pairs)
 
-    def _nodes_listed(self, kvs: list[KeyValue]) -> None:
+    def _nodes_listed(self, kvs: list[KeyValue]) -> bool:
         nodes = {}
         for kv in kvs:
             node = self._node(kv)
@@ -426,8 +433,9 @@ class Fleet:
                 nodes[node.name] = node
         self._log_members(nodes)
         self.nodes = nodes
+        return True
 
-    def _nodes_changed(self, events: list[WatchEvent]) -> None:
+    def _nodes_changed(self, events: list[WatchEvent]) -> bool:
         nodes = dict(self.nodes)
         for event in events:
             if event.type == "delete":
@@ -440,6 +448,7 @@ class Fleet:
                     nodes[node.name] = node
         self._log_members(nodes)
         self.nodes = nodes
+        return True
 
     def _log_members(self, nodes: Mapping[str, Node]) -> None:
         for name in sorted(set(nodes) - set(self.nodes)):
@@ -452,18 +461,25 @@ class Fleet:
     def _claim_name(self, kv: KeyValue) -> str:
         return kv.key.removeprefix(self._claims_prefix).decode(errors="replace")
 
-    def _claims_listed(self, kvs: list[KeyValue]) -> None:
+    def _claims_listed(self, kvs: list[KeyValue]) -> bool:
         self.claims = {
             self._claim_name(kv): (kv.value.decode(errors="replace"), kv.lease) for kv in kvs
         }
+        return True
 
-    def _claims_changed(self, events: list[WatchEvent]) -> None:
+    def _claims_changed(self, events: list[WatchEvent]) -> bool:
+        """Apply claim events; whether one of them is (or was) this node's."""
+        mine = False
         for event in events:
             name = self._claim_name(event.kv)
+            old = self.claims.get(name)
             if event.type == "delete":
                 self.claims.pop(name, None)
+                new = None
             else:
-                self.claims[name] = (event.kv.value.decode(errors="replace"), event.kv.lease)
+                new = self.claims[name] = (event.kv.value.decode(errors="replace"), event.kv.lease)
+            mine = mine or any(c is not None and c[0] == self.node for c in (old, new))
+        return mine
 
     async def _claims_worker(self, client: EtcdClient) -> None:
         """Claim what this node owns and nobody holds; release what it no longer runs."""
