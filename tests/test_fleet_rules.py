@@ -6,12 +6,15 @@ tests/test_fleet.py, which runs the same rules against real emperors).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from trimperor.cli import main
 from trimperor.errors import UsageError
 from trimperor.fleet import Fleet, parse_label
 from trimperor.placement import Node, Placement, owners
+from trimperor.stats import EmperorStats, to_json
 
 
 def fleet_of(node: str, others: list[str]) -> Fleet:
@@ -101,3 +104,21 @@ def test_cli_needs_cluster_for_node() -> None:
     assert main(["/nonexistent-dir", "--node", "a"]) == 2
     assert main(["/nonexistent-dir", "--cluster", "etcd://h:1/f", "--node-label", "x"]) == 2
     assert main(["/nonexistent-dir", "--cluster", "zk://h:1/f"]) == 2
+
+
+def test_the_stats_document_has_the_fleet() -> None:
+    fleet = fleet_of("a", ["b"])
+    member(fleet)
+    stats = EmperorStats(
+        pid=1,
+        version="0",
+        sources=(),
+        uptime=1.0,
+        vassals=(),
+        fleet=fleet.snapshot({"x.ini": Placement(None), "y.ini": Placement(node="b")}),
+    )
+    doc = json.loads(to_json(stats))["fleet"]
+    assert doc["node"] == "a" and doc["state"] == "member"
+    assert [n["name"] for n in doc["nodes"]] == ["a", "b"]
+    assert doc["placement"] == {"x.ini": ["a", "b"], "y.ini": ["b"]}
+    assert doc["here"] == ["x.ini"]
