@@ -273,3 +273,19 @@ async def test_emperor_runs_vassals_from_etcd(etcd: EtcdServer, tmp_path: Path) 
         assert await emperor.wait() == 0
     finally:
         emperor.close()
+
+
+@pytest.mark.integration
+async def test_a_large_prefix_is_listed_in_pages(etcd: EtcdServer) -> None:
+    prefix = fresh_prefix()
+    names = [f"v{i:04d}.ini" for i in range(600)]
+    for name in names:
+        etcd.put(f"{prefix}/vassals/{name}", "[uwsgi]\n")
+    etcd.put(f"{prefix}/vassalt", "after the range")
+    async with EtcdClient([etcd.address]) as client:
+        kvs, revision = await client.range_prefix(f"{prefix}/vassals/".encode())
+        assert [kv.key.decode().rpartition("/")[2] for kv in kvs] == names
+        assert revision == etcd.revision()
+    async with monitor_running(monitor(etcd, prefix)) as recv:
+        snap = await next_snapshot(recv)
+        assert sorted(versions(snap)) == names

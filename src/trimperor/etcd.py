@@ -52,8 +52,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Longest line of a watch stream (one message, possibly many events).
+#: Longest line of a watch stream (one message, possibly many events) or answer.
 MAX_MESSAGE = 64 * 1024 * 1024
+#: Keys per range request.
+PAGE = 256
 
 
 class EtcdError(Exception):
@@ -238,15 +240,29 @@ class EtcdClient:
     # -- kv ------------------------------------------------------------------------
 
     async def range(self, key: bytes, end: bytes | None = None) -> tuple[list[KeyValue], int]:
-        """The key-values from *key* up to *end* (just *key* without), and the revision."""
-        body: dict[str, Any] = {"key": _b64(key)}
-        if end is not None:
-            body["range_end"] = _b64(end)
-        answer = await self.call("/v3/kv/range", body)
-        kvs = answer.get("kvs") or []
-        if not isinstance(kvs, list):
-            raise EtcdError("etcd sent a malformed range answer")
-        return [_kv(kv) for kv in kvs], _revision(answer)
+        """The key-values from *key* up to *end* (just *key* without), and the revision.
+
+        Read in pages of :data:`PAGE` keys, all at the revision of the first
+        page: one consistent view, however large, in bounded answers.
+        """
+        kvs: list[KeyValue] = []
+        revision = 0
+        start = key
+        while True:
+            body: dict[str, Any] = {"key": _b64(start), "limit": str(PAGE)}
+            if end is not None:
+                body["range_end"] = _b64(end)
+            if revision:
+                body["revision"] = str(revision)
+            answer = await self.call("/v3/kv/range", body)
+            page = answer.get("kvs") or []
+            if not isinstance(page, list):
+                raise EtcdError("etcd sent a malformed range answer")
+            kvs += [_kv(kv) for kv in page]
+            revision = revision or _revision(answer)
+            if end is None or not answer.get("more") or not page:
+                return kvs, revision
+            start = kvs[-1].key + b"\0"
 
     async def range_prefix(self, prefix: bytes) -> tuple[list[KeyValue], int]:
         return await self.range(prefix, prefix_end(prefix))
