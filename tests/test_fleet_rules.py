@@ -66,6 +66,11 @@ def test_before_joining_only_unfenced_vassals_run() -> None:
     assert fleet.live_nodes() == (Node("a"),)
     assert fleet.here("x.ini", Placement(None))
     assert fleet.reason("x.ini", Placement(2)) == "not joined"
+    assert fleet.snapshot({}).state == "joining"
+    member(fleet)
+    assert fleet.snapshot({}).state == "member"
+    fleet.fenced = True
+    assert fleet.snapshot({}).state == "fenced"
 
 
 def test_the_view_always_holds_this_node_with_its_labels() -> None:

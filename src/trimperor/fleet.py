@@ -179,7 +179,7 @@ class Fleet:
             uri=self.uri,
             node=self.node,
             labels=tuple(sorted(self.labels.items())),
-            state="fenced" if self.fenced else ("member" if self.lease else "joining"),
+            state=("joining" if self.renewed_at is None else "fenced" if self.fenced else "member"),
             lease=f"{self.lease:x}" if self.lease else None,
             ttl=self.ttl,
             nodes=tuple((n.name, n.labels) for n in self._view),
