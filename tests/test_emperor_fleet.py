@@ -8,6 +8,7 @@ node and when the view changes. tests/test_fleet.py runs the real thing.
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -145,3 +146,26 @@ async def test_fencing_stops_placed_vassals_and_kills_the_stubborn(
     world.fleet.move(fenced=False)
     await world.spawner.wait_spawned(3)
     assert world.spawner.spawned[2].plan.name == "one.ini"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_an_on_demand_vassal_is_armed_only_where_it_is_placed(world: World) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    extra = f"socket = 127.0.0.1:{port}\non-demand = true\n"
+    await world.source.send(Upsert(doc("site.ini", extra=extra)))
+    await settle()
+    assert not _listening(port)  # placed elsewhere: no socket here
+    world.fleet.move(here={"site.ini"})
+    await settle()
+    assert _listening(port)  # armed; the first connection spawns it
+    await world.spawner.wait_spawned(1)
+    world.fleet.move(here=set())
+    await settle()
+    assert world.spawner.alive() == []
+    assert not _listening(port)
