@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trimperor",
         description="Keep one vassal process per configuration found in the given sources.",
         epilog="A source is scheme://... (dir, glob, and installed extras such as pg, "
-        "mongodb, amqp, zmq); an existing directory means dir://, anything else glob://. "
+        "mongodb, amqp, zmq, etcd); an existing directory means dir://, anything else glob://. "
         "Quote glob patterns. Options also answer to their uWSGI spelling "
         "(--emperor-freq, --emperor-stats, ...).",
     )
