@@ -57,7 +57,7 @@ def subset(where: dict[str, set[str]], names: Iterable[str]) -> dict[str, set[st
 
 
 async def test_placement_failover_rejoin_and_all(etcd: EtcdServer, tmp_path: Path) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=2.0)
+    fleet = Fleet(etcd, tmp_path, ttl=3.0)
     with fleet.running():
         for name in SINGLE:
             fleet.put(name)
@@ -127,7 +127,7 @@ async def test_placement_failover_rejoin_and_all(etcd: EtcdServer, tmp_path: Pat
 async def test_a_node_cut_from_etcd_stops_before_another_starts(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=2.0)
+    fleet = Fleet(etcd, tmp_path, ttl=3.0)
     proxy = TcpProxy("127.0.0.1", etcd.client_port)
     with fleet.running():
         async with trio.open_nursery() as nursery:
@@ -170,7 +170,7 @@ async def test_a_node_cut_from_etcd_stops_before_another_starts(
 
 
 async def test_labels_and_bad_node_keys(etcd: EtcdServer, tmp_path: Path) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=2.0)
+    fleet = Fleet(etcd, tmp_path, ttl=3.0)
     with fleet.running():
         etcd.put(f"{fleet.prefix}/nodes/broken", "not json")
         fleet.put("ssd.ini", "node-label = disk=ssd\nplacement = all\n")
