@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.etcd_server import EtcdServer
 from tests.helpers import PYTHON, EmperorProcess
 
-__all__ = ["Fleet", "FleetNode", "vassal_config"]
+__all__ = ["FleetNode", "LocalFleet", "vassal_config"]
 
 SLEEPER = "import sys, time\nwhile True:\n    time.sleep(60)\n"
 
@@ -115,7 +115,7 @@ class FleetNode:
         self.kill()
 
 
-class Fleet:
+class LocalFleet:
     """Several nodes on one etcd prefix."""
 
     def __init__(self, etcd: EtcdServer, tmp: Path, ttl: float = 2.0) -> None:
@@ -158,7 +158,7 @@ class Fleet:
         return {k.rpartition("/")[2] for k in self.etcd.keys(f"{self.prefix}/nodes/")}
 
     @contextmanager
-    def running(self) -> Iterator[Fleet]:
+    def running(self) -> Iterator[LocalFleet]:
         try:
             yield self
         finally:

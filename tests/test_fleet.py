@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.etcd_server import EtcdCluster, EtcdServer
-from tests.fleet_helpers import Fleet
+from tests.fleet_helpers import LocalFleet
 from tests.helpers import wait_for
 from tests.proxy import TcpProxy
 from trimperor.placement import Node, Placement, owners
@@ -35,7 +35,7 @@ def expected(names: Iterable[str], nodes: Iterable[str]) -> dict[str, set[str]]:
 class Sampler:
     """Counts the copies of each vassal every 10 ms; remembers the worst."""
 
-    def __init__(self, fleet: Fleet, single: Iterable[str]) -> None:
+    def __init__(self, fleet: LocalFleet, single: Iterable[str]) -> None:
         self.fleet = fleet
         self.single = set(single)
         self.worst: dict[str, int] = {}
@@ -57,7 +57,7 @@ def subset(where: dict[str, set[str]], names: Iterable[str]) -> dict[str, set[st
 
 
 async def test_placement_failover_rejoin_and_all(etcd: EtcdServer, tmp_path: Path) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=3.0)
+    fleet = LocalFleet(etcd, tmp_path, ttl=3.0)
     with fleet.running():
         for name in SINGLE:
             fleet.put(name)
@@ -127,7 +127,7 @@ async def test_placement_failover_rejoin_and_all(etcd: EtcdServer, tmp_path: Pat
 async def test_a_node_cut_from_etcd_stops_before_another_starts(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=3.0)
+    fleet = LocalFleet(etcd, tmp_path, ttl=3.0)
     proxy = TcpProxy("127.0.0.1", etcd.client_port)
     with fleet.running():
         async with trio.open_nursery() as nursery:
@@ -170,7 +170,7 @@ async def test_a_node_cut_from_etcd_stops_before_another_starts(
 
 
 async def test_labels_and_bad_node_keys(etcd: EtcdServer, tmp_path: Path) -> None:
-    fleet = Fleet(etcd, tmp_path, ttl=3.0)
+    fleet = LocalFleet(etcd, tmp_path, ttl=3.0)
     with fleet.running():
         etcd.put(f"{fleet.prefix}/nodes/broken", "not json")
         fleet.put("ssd.ini", "node-label = disk=ssd\nplacement = all\n")
@@ -198,7 +198,7 @@ def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 async def test_a_three_member_etcd_loses_a_member(etcd3: EtcdCluster, tmp_path: Path) -> None:
     # Every node talks to m0 first; m1 stays up and serves the test's own requests.
-    fleet = Fleet(etcd3.members[1], tmp_path, ttl=10.0)
+    fleet = LocalFleet(etcd3.members[1], tmp_path, ttl=10.0)
     with fleet.running():
         for name in SINGLE:
             fleet.put(name)
