@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
+import trio.testing
 
 from trimperor.cli import main
 from trimperor.errors import UsageError
@@ -127,3 +129,21 @@ def test_the_stats_document_has_the_fleet() -> None:
     assert [n["name"] for n in doc["nodes"]] == ["a", "b"]
     assert doc["placement"] == {"x.ini": ["a", "b"], "y.ini": ["b"]}
     assert doc["here"] == ["x.ini"]
+
+
+async def test_a_crashing_task_is_logged_and_restarted(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet("etcd://h:1/f", "a")
+    runs: list[int] = []
+
+    async def buggy() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("a bug")
+        await trio.sleep_forever()
+
+    with trio.move_on_after(10):
+        await fleet._guarded(buggy)
+    assert len(runs) == 3
+    assert caplog.text.count("fleet.task_crashed") == 2

@@ -37,7 +37,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 
 import trio
@@ -203,13 +203,23 @@ class Fleet:
         async with EtcdClient(self.endpoints, timeout=timeout) as client:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._membership, client)
-                    nursery.start_soon(self._fence)
-                    nursery.start_soon(self._watches, client)
-                    nursery.start_soon(self._claims_worker, client)
+                    nursery.start_soon(self._guarded, self._membership, client)
+                    nursery.start_soon(self._guarded, self._fence)
+                    nursery.start_soon(self._guarded, self._watches, client)
+                    nursery.start_soon(self._guarded, self._claims_worker, client)
                     task_status.started()
             finally:
                 await self._revoke(client)
+
+    async def _guarded(self, task: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run *task* forever: a bug in it is logged and it starts again, the
+        emperor and its vassals go on."""
+        while True:
+            try:
+                await task(*args)
+            except Exception:
+                log.exception("fleet.task_crashed node=%s task=%s", self.node, task.__name__)
+            await trio.sleep(1.0)
 
     async def _revoke(self, client: EtcdClient) -> None:
         if not self.lease:
