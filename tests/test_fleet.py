@@ -161,10 +161,13 @@ async def test_a_node_cut_from_etcd_stops_before_another_starts(
             fleet.delete("all.ini")
             await wait_for(lambda: fleet.where().get("all.ini") == {"c"})
 
+            kept = c.running()["kept.ini"]
             proxy.restore()
             await wait_for(lambda: subset(fleet.where(), SINGLE) == want, 30)
             await wait_for(lambda: "all.ini" not in fleet.where())
             assert "fleet.joined node=c" in c.text()
+            # The kept vassal ran through the partition and its end.
+            assert c.running()["kept.ini"] == kept
             nursery.cancel_scope.cancel()
         assert not sampler.doubles, sampler.doubles[:5]
 

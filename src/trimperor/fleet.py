@@ -104,6 +104,7 @@ class Fleet:
         self.renewed_at: float | None = None
         """trio time at which the last successful renewal (or grant) was sent."""
         self.fenced = True
+        self._expired = False
         self._leaving = False
         self._catalogue: dict[str, Placement] = {}
         self._running: Callable[[str], bool] = lambda name: False
@@ -222,7 +223,7 @@ class Fleet:
             await trio.sleep(1.0)
 
     async def _revoke(self, client: EtcdClient) -> None:
-        if not self.lease:
+        if not self.lease or self._expired:
             return
         lease, self.lease = self.lease, 0
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -261,12 +262,45 @@ class Fleet:
                 await trio.sleep(period)
                 continue
             failing = False
+            # Vassals kept through a partition (on-partition = keep) hold
+            # claims of the expired lease: take them again before they count.
+            kept = await self._reclaim(client, lease) if self._expired else {}
+            self.claims.update(kept)
             self.lease = lease
+            self._expired = False
             log.info("fleet.joined node=%s lease=%x", self.node, lease)
             self._renewed(sent)
             await self._keep(client, period)
-            # The lease expired: whatever it held (our claims) is gone.
-            self.lease = 0
+            # The lease expired: whatever it held (our claims) is gone. It
+            # stays in self.lease until the next one, so that kept vassals
+            # still count as held; nothing is claimed with it.
+            self._expired = True
+            if not self.fenced:  # revoked by hand while renewals worked
+                self.fenced = True
+                log.error("fleet.fenced node=%s: the lease is gone", self.node)
+                self._call(self._changed)
+                self._call(self._kill)
+
+    async def _reclaim(self, client: EtcdClient, lease: int) -> dict[str, tuple[str, int]]:
+        """Claim again, under *lease*, what this node held and still runs."""
+        found: dict[str, tuple[str, int]] = {}
+        for name, holder in list(self.claims.items()):
+            if holder != (self.node, self.lease) or not self._running(name):
+                continue
+            key = self._claims_prefix + name.encode()
+            try:
+                with trio.fail_after(self.ttl / RENEWALS):
+                    if await client.create(key, self.node.encode(), lease):
+                        found[name] = (self.node, lease)
+                        continue
+                    kvs, _ = await client.range(key)
+            except (EtcdError, trio.TooSlowError):
+                continue
+            if kvs:
+                found[name] = (kvs[0].value.decode(errors="replace"), kvs[0].lease)
+        if found:
+            log.info("fleet.reclaimed node=%s vassals=%d", self.node, len(found))
+        return found
 
     async def _keep(self, client: EtcdClient, period: float) -> None:
         """Renew the lease every *period* from a thread; return once it expired.
@@ -504,7 +538,7 @@ class Fleet:
                 self.wake()
 
     async def _settle_claims(self, client: EtcdClient) -> None:
-        if not self.lease:
+        if not self.lease or self._expired:
             return
         lease = self.lease
         wanted = [
