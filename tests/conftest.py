@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import pytest
 import trio.testing
 
+from tests.etcd_server import EtcdServer
+
 
 def _children() -> set[int]:
     pids: set[int] = set()
@@ -43,3 +45,17 @@ def autojump_clock() -> trio.testing.MockClock:
     (cushion 0) has had its turn: with a threshold of exactly 0 the two race, and
     which one wins differs between Python versions."""
     return trio.testing.MockClock(autojump_threshold=0.001)
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One real etcd member for the session (tests use their own key prefixes).
+
+    Session-scoped, so set up before the leak check above; killed at the end.
+    """
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -49,6 +49,9 @@ class TcpProxy:
             except OSError:
                 await client.aclose()
                 return
+            except BaseException:  # cut while connecting to the target
+                client.socket.close()
+                raise
             async with client, server, trio.open_nursery() as nursery:
                 nursery.start_soon(self._copy, client, server, nursery.cancel_scope)
                 nursery.start_soon(self._copy, server, client, nursery.cancel_scope)

@@ -44,7 +44,7 @@ def test_existing_directory_is_dir_and_anything_else_is_glob(tmp_path: Path) -> 
 
 
 def test_unknown_scheme_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match=r"unknown source scheme 'nope'.*known: .*dir, glob"):
+    with pytest.raises(UsageError, match=r"unknown source scheme 'nope'.*known: .*dir, .*glob"):
         cli.resolve_sources(["nope://x"], MonitorOptions())
 
 

@@ -12,10 +12,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,12 +32,22 @@ from trimperor.policy import BackoffPolicy
 from trimperor.spawner import become_subreaper, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions, default_binary
 
+if TYPE_CHECKING:
+    from trimperor.fleet import Fleet
+
 __all__ = ["build_parser", "main", "resolve_sources"]
 
 log = logging.getLogger("trimperor")
 
 #: Which extra provides each optional source (for the one-line error).
-EXTRAS = {"pg": "pg", "mongodb": "mongodb", "amqp": "amqp", "zmq": "zmq", "zoo": "zoo"}
+EXTRAS = {
+    "pg": "pg",
+    "mongodb": "mongodb",
+    "amqp": "amqp",
+    "zmq": "zmq",
+    "zoo": "zoo",
+    "etcd": "etcd",
+}
 
 #: Built-in monitors, used when the package metadata is not installed.
 _BUILTIN = {
@@ -49,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trimperor",
         description="Keep one vassal process per configuration found in the given sources.",
         epilog="A source is scheme://... (dir, glob, and installed extras such as pg, "
-        "mongodb, amqp, zmq); an existing directory means dir://, anything else glob://. "
+        "mongodb, amqp, zmq, etcd); an existing directory means dir://, anything else glob://. "
         "Quote glob patterns. Options also answer to their uWSGI spelling "
         "(--emperor-freq, --emperor-stats, ...).",
     )
@@ -252,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after its first heartbeat, a uWSGI vassal silent this long is "
         "killed and respawned (default 30)",
+    )
+
+    g = p.add_argument_group("fleet")
+    g.add_argument(
+        "--cluster",
+        metavar="etcd://HOST:PORT[,...]/PREFIX",
+        help="join the fleet at this etcd prefix: run only the vassals placed on this node",
+    )
+    g.add_argument(
+        "--node", metavar="NAME", help="this node's name in the fleet (default: hostname)"
+    )
+    g.add_argument(
+        "--node-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label vassals can ask for (node-label = KEY=VALUE); repeatable",
+    )
+    g.add_argument(
+        "--node-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="lease TTL: a dead node's vassals move after this long (default 5)",
     )
 
     g = p.add_argument_group("operation")
@@ -611,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 len(args.sources),
             )
         monitors = resolve_sources(sources, options)
+        fleet = _fleet(args)
         emperor = Emperor(
             monitors,
             spawner=LauncherSpawner(adopt_orphans=own_process and become_subreaper()),
@@ -624,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_interval=args.freq,
             tyrant=args.tyrant,
             tyrant_initgroups=args.tyrant_initgroups,
+            fleet=fleet,
             uwsgi=UwsgiOptions(
                 binary=args.binary_path or default_binary(),
                 wrapper=args.emperor_wrapper,
@@ -655,6 +693,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cli.error error=%s", _first(group))
         code = code or 1
     return code
+
+
+def _fleet(args: argparse.Namespace) -> Fleet | None:
+    """The fleet membership of --cluster, or None."""
+    if not args.cluster:
+        if args.node or args.node_label:
+            raise UsageError("--node and --node-label need --cluster")
+        return None
+    try:
+        from trimperor.fleet import Fleet, parse_label
+    except ImportError as exc:
+        raise MissingExtraError("etcd", "etcd", exc.name or "h11") from None
+    labels = dict(parse_label(text) for text in args.node_label)
+    node = args.node or socket.gethostname().split(".")[0]
+    return Fleet(args.cluster, node, labels, ttl=args.node_ttl)
 
 
 def _first(group: BaseExceptionGroup[TrimperorError]) -> TrimperorError:

@@ -11,12 +11,13 @@ fails after it started is logged and restarted; it never takes the emperor down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +35,9 @@ from trimperor.stats import EmperorStats, SourceStats
 from trimperor.supervisor import Supervisor
 from trimperor.uwsgi import UwsgiOptions
 from trimperor.vassalspec import VassalSpec, build_spec, tyrant
+
+if TYPE_CHECKING:
+    from trimperor.fleet import Fleet
 
 __all__ = ["Emperor"]
 
@@ -87,6 +91,7 @@ class Emperor:
         uwsgi: UwsgiOptions | None = None,
         tyrant: bool = False,
         tyrant_initgroups: bool = False,
+        fleet: Fleet | None = None,
     ) -> None:
         self.monitors = tuple(monitors)
         self._spawner = spawner
@@ -112,6 +117,9 @@ class Emperor:
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
+        # --cluster: starts of vassals placed on other nodes wait here.
+        self._fleet = fleet
+        self._parked: dict[str, Start[VassalSpec]] = {}
 
     # -- control (from the CLI's signal handler, or tests) -------------------
 
@@ -165,6 +173,11 @@ class Emperor:
             gid=os.getgid(),
             cwd=os.getcwd(),
             tyrant=self.tyrant,
+            fleet=(
+                self._fleet.snapshot({n: s.placement for n, s in self.registry.running().items()})
+                if self._fleet is not None
+                else None
+            ),
         )
 
     # -- the tree -------------------------------------------------------------
@@ -183,6 +196,13 @@ class Emperor:
             await services.start(self._notify_hub.run)
             # Connections arriving at held sockets, for idle (one task for all).
             services.start_soon(self._connections.arrivals.run)
+            if self._fleet is not None:
+                self._fleet.attach(
+                    running=self._sups.__contains__,
+                    changed=self._placement_changed,
+                    kill=self._fence_kill,
+                )
+                await services.start(self._fleet.run)
             async with trio.open_nursery() as vassals:
                 self._vassals = vassals
                 try:
@@ -204,6 +224,8 @@ class Emperor:
                     if self._sups:
                         log.info("emperor.stopping vassals=%d", len(self._sups))
                     self._pending.clear()
+                    if self._fleet is not None:
+                        self._fleet.leave()
                     for name, sup in self._sups.items():
                         self._stopping.add(name)
                         sup.stop()
@@ -251,6 +273,11 @@ class Emperor:
                 self._parsed = {}
             for action in actions:
                 self._apply(action)
+            if self._fleet is not None:
+                self._fleet.set_catalogue(
+                    {n: s.placement for n, s in self.registry.running().items()}
+                )
+                self._placement_changed()
 
     def _parse_all(self, docs: list[VassalDocument]) -> dict[int, VassalSpec | Exception]:
         """In a worker thread: each document's spec, or the error parsing raised."""
@@ -308,6 +335,7 @@ class Emperor:
                 self._sups[action.name].update(action.version, action.spec)
         elif isinstance(action, Stop):
             self._pending.pop(action.name, None)
+            self._parked.pop(action.name, None)
             sup = self._sups.get(action.name)
             if sup is not None and action.name not in self._stopping:
                 log.info("vassal.remove name=%s", action.name)
@@ -317,8 +345,43 @@ class Emperor:
     def _status_line(self) -> str:
         return f"The Emperor is governing {len(self._sups)} vassals"
 
+    # -- the fleet (--cluster): only the vassals placed on this node run ---------------
+
+    def _placement_changed(self) -> None:
+        """Start the parked vassals placed here now; stop those placed elsewhere."""
+        fleet = self._fleet
+        if fleet is None or self._shutdown.is_set():
+            return
+        for name, start in list(self._parked.items()):
+            if fleet.here(name, start.spec.placement):
+                del self._parked[name]
+                if name in self._sups:
+                    self._pending[name] = start
+                else:
+                    self._start(start)
+        desired = self.registry.running()
+        for name, sup in self._sups.items():
+            spec = desired.get(name)
+            if name in self._stopping or spec is None or fleet.here(name, spec.placement):
+                continue
+            log.info("vassal.not_here name=%s reason=%s", name, fleet.reason(name, spec.placement))
+            self._stopping.add(name)
+            self._pending.setdefault(name, Start(name, sup.source, sup.version, spec))
+            sup.stop()
+
+    def _fence_kill(self) -> None:
+        """This node lost its lease: SIGKILL the fenced vassals still stopping."""
+        for name, sup in self._sups.items():
+            if name in self._stopping and sup.spec.placement.fenced:
+                log.error("vassal.fence_kill name=%s: still running, killed", name)
+                with contextlib.suppress(trio.BrokenResourceError):  # it has just ended
+                    sup.kill()
+
     def _start(self, action: Start[VassalSpec]) -> None:
         assert self._vassals is not None
+        if self._fleet is not None and not self._fleet.here(action.name, action.spec.placement):
+            self._parked[action.name] = action
+            return
         sup = Supervisor(
             action.name,
             action.source,
@@ -353,6 +416,8 @@ class Emperor:
                 self.registry.retired(sup.name)
             was_stopping = sup.name in self._stopping
             self._stopping.discard(sup.name)
+            if self._fleet is not None:
+                self._fleet.wake()  # a claim this node held may go now
             pending = self._pending.pop(sup.name, None)
             if crashed and pending is None and not was_stopping and not self._shutdown.is_set():
                 # Reloads arriving meanwhile update the pending start.

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from trimperor.model import describe_version
 
-__all__ = ["EmperorStats", "SourceStats", "VassalStats", "to_json"]
+__all__ = ["EmperorStats", "FleetStats", "SourceStats", "VassalStats", "to_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,25 @@ class SourceStats:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetStats:
+    """This node's view of the fleet (``--cluster``)."""
+
+    uri: str
+    node: str
+    labels: tuple[tuple[str, str], ...]
+    state: str
+    """``joining`` (no lease yet), ``member`` or ``fenced`` (renewals failing)."""
+    lease: str | None
+    ttl: float
+    nodes: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    """The live nodes as this node sees them, with their labels."""
+    placement: tuple[tuple[str, tuple[str, ...]], ...]
+    """Each vassal and the nodes it is placed on."""
+    here: tuple[str, ...]
+    """The vassals placed on this node and allowed to run here now (its share)."""
+
+
+@dataclass(frozen=True, slots=True)
 class EmperorStats:
     pid: int
     version: str
@@ -95,6 +114,7 @@ class EmperorStats:
     gid: int = 0
     cwd: str = "/"
     tyrant: bool = False
+    fleet: FleetStats | None = None
 
 
 def _secs(t: float | None) -> int:
@@ -168,4 +188,17 @@ def to_json(stats: EmperorStats) -> str:
         "uptime": round(stats.uptime, 3),
         "sources": [asdict(s) for s in stats.sources],
     }
+    if stats.fleet is not None:
+        f = stats.fleet
+        doc["fleet"] = {
+            "uri": f.uri,
+            "node": f.node,
+            "labels": dict(f.labels),
+            "state": f.state,
+            "lease": f.lease,
+            "ttl": f.ttl,
+            "nodes": [{"name": n, "labels": dict(labels)} for n, labels in f.nodes],
+            "placement": {name: list(where) for name, where in f.placement},
+            "here": list(f.here),
+        }
     return json.dumps(doc, indent=2) + "\n"

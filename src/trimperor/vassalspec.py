@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from trimperor.configfile import Options, Section, parse
 from trimperor.errors import ConfigError, Refused
 from trimperor.model import VassalDocument
+from trimperor.placement import FLEET_KEYS, Placement, parse_placement
 from trimperor.uwsgi_protocol import MAX_CONFIG_BYTES
 
 __all__ = [
@@ -54,7 +55,14 @@ NATIVE_KEYS = frozenset(
         "watchdog",
         "type",
     }
+    | FLEET_KEYS
 )
+
+#: One copy, on any node (frozen, so shared).
+DEFAULT_PLACEMENT = Placement()
+
+#: The section of a uWSGI configuration that holds its fleet keys (uWSGI ignores it).
+FLEET_SECTION = "fleet"
 
 #: The default listen backlog (the kernel caps it at net.core.somaxconn).
 DEFAULT_BACKLOG = 1024
@@ -143,6 +151,8 @@ class NativeSpec:
     tyrant: bool = False
     """Set by :func:`tyrant`: every path the configuration names is opened, bound
     or entered with the user's rights, never root's."""
+    placement: Placement = DEFAULT_PLACEMENT
+    """Where it runs in a fleet (``--cluster``); ignored without one."""
 
     kind = "native"
 
@@ -190,6 +200,8 @@ class UwsgiSpec:
     idle: float | None = None
     watchdog: float | None = None
     tyrant: bool = False
+    placement: Placement = DEFAULT_PLACEMENT
+    """From the ``[fleet]`` section; ignored without ``--cluster``."""
 
     def launch_key(self) -> tuple[object, ...]:
         """What a reload in place cannot change."""
@@ -360,6 +372,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         idle=idle,
         watchdog=watchdog,
         type=kind,
+        placement=parse_placement(section.get_all, name),
     )
 
 
@@ -465,7 +478,13 @@ def build_spec(
         raise ConfigError(f"{doc.name}: cannot read: {doc.error or 'no content'}")
     options: Options = parse(doc.name, doc.text, extra_extensions)
     section = options.section("vassal")
+    fleet = options.section(FLEET_SECTION)
     if section is not None:
+        if fleet is not None:
+            raise ConfigError(
+                f"{doc.name}: a native vassal takes its fleet keys in the vassal section, "
+                f"not in [{FLEET_SECTION}]"
+            )
         spec = native_spec(doc, section, environ)
         if doc.socket:
             # A socket from the source (pg's 6th column, ...) makes the vassal
@@ -505,6 +524,12 @@ def build_spec(
         if "/" in binary and not os.path.isabs(binary):
             binary = os.path.join(cwd, binary)
     attrs_section = options.section("emperor")
+    placement = DEFAULT_PLACEMENT
+    if fleet is not None:
+        unknown = [key for key in fleet.keys() if key not in FLEET_KEYS]  # noqa: SIM118
+        if unknown:
+            raise ConfigError(f"{doc.name}: unknown key {unknown[0]!r} in the fleet section")
+        placement = parse_placement(fleet.get_all, doc.name)
     return UwsgiSpec(
         name=doc.name,
         path=os.path.abspath(doc.path) if doc.path is not None else None,
@@ -513,4 +538,5 @@ def build_spec(
         sockets=sockets,
         binary=binary,
         attrs=attrs_section.entries if attrs_section is not None else (),
+        placement=placement,
     )
