@@ -19,6 +19,7 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
 from trimperor.configfile import parse
+from trimperor.control import ControlOptions, default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.policy import BackoffPolicy
@@ -219,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a JSON status document on host:port or a unix socket path",
     )
     g.add_argument(
+        "--control",
+        metavar="ADDR",
+        help="control socket for trimperor ctl: a unix socket path (default "
+        "/run/trimperor/control.sock as root, else $XDG_RUNTIME_DIR/trimperor.sock), "
+        "host:port (needs --control-token-file), or none",
+    )
+    g.add_argument(
+        "--control-token-file",
+        metavar="FILE",
+        help="the token TCP control clients and the dashboard must present",
+    )
+    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on host:port")
+    g.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the web dashboard on host:port (needs --control-token-file)",
+    )
+    g.add_argument(
         "--pidfile", "--emperor-pidfile", metavar="FILE", help="write the emperor's pid to FILE"
     )
     g.add_argument(
@@ -314,11 +333,34 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(message)s",
         stream=sys.stderr,
     )
+    # Vassal output is what the operator asked to see, whatever the level.
+    logging.getLogger("trimperor.vassal").setLevel(logging.INFO)
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
     # watchfiles logs every change it sees at INFO; our monitors log what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # pymongo logs its topology at DEBUG, and its fork hook repeats that in
     # every vassal's child before exec; keep --log-level debug about trimperor.
     logging.getLogger("pymongo").setLevel(logging.WARNING)
+
+
+def not_a_source(arg: str) -> bool:
+    """A bare word such as ``status``: no scheme, no glob character, not a path that exists."""
+    return "://" not in arg and not any(c in arg for c in "*?[") and not os.path.exists(arg)
+
+
+def control_options(args: argparse.Namespace) -> ControlOptions:
+    token = read_token(args.control_token_file) if args.control_token_file else None
+    explicit = args.control is not None
+    control = args.control if explicit else default_control_path()
+    if control is not None and control.lower() in {"none", "off", ""}:
+        control = None
+    return ControlOptions(
+        control=control,
+        control_explicit=explicit,
+        token=token,
+        metrics=args.metrics,
+        dashboard=args.dashboard,
+    )
 
 
 def write_pidfile(path: str) -> None:
@@ -382,6 +424,10 @@ async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ctl":
+        from trimperor.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -419,6 +465,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'pattern: trimperor "/path/*.ini"',
                 len(args.sources),
             )
+        for arg in sources:
+            if not_a_source(arg):
+                log.warning(
+                    "cli.not_a_source arg=%s: no such file or directory, and no pattern; "
+                    "watching it anyway. A command for a running emperor? trimperor ctl %s",
+                    arg,
+                    arg,
+                )
         monitors = resolve_sources(sources, options)
         emperor = Emperor(
             monitors,
@@ -433,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_interval=args.freq,
             tyrant=args.tyrant,
             tyrant_initgroups=args.tyrant_initgroups,
+            control=control_options(args),
             uwsgi=UwsgiOptions(
                 binary=args.binary_path,
                 vassal_set=tuple(args.vassal_set),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -23,6 +24,13 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
+from trimperor.control import (
+    ControlHub,
+    ControlOptions,
+    ControlRequest,
+    held_stats,
+    serve_surfaces,
+)
 from trimperor.errors import ConfigError, SpawnError
 from trimperor.model import SourceEvent, VassalDocument
 from trimperor.notify import Notifier, NotifyHub
@@ -30,7 +38,7 @@ from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.sockets import ConnectionTable
 from trimperor.spawner import resolve_ids
-from trimperor.stats import EmperorStats, SourceStats
+from trimperor.stats import EmperorStats, SourceStats, VassalStats
 from trimperor.supervisor import Supervisor
 from trimperor.uwsgi import UwsgiOptions
 from trimperor.vassalspec import VassalSpec, build_spec, tyrant
@@ -84,6 +92,7 @@ class Emperor:
         uwsgi: UwsgiOptions | None = None,
         tyrant: bool = False,
         tyrant_initgroups: bool = False,
+        control: ControlOptions | None = None,
     ) -> None:
         self.monitors = tuple(monitors)
         self._spawner = spawner
@@ -96,7 +105,7 @@ class Emperor:
         self._tyrant_initgroups = tyrant_initgroups
         self._uwsgi = uwsgi or UwsgiOptions(extra_extensions=self._extra_extensions)
         self.registry: Registry[VassalSpec] = Registry(self._parse)
-        self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
+        self._send, self._recv = trio.open_memory_channel[SourceEvent | ControlRequest](1024)
         self._sups: dict[str, Supervisor] = {}
         self._stopping: set[str] = set()
         self._pending: dict[str, Start[VassalSpec]] = {}
@@ -108,6 +117,12 @@ class Emperor:
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
+        # control surfaces (trimperor ctl, dashboard, metrics)
+        self._control = control
+        self.hub = ControlHub()
+        self._held: dict[str, VassalStats] = {}
+        """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
+        self.control_bound: dict[str, str] = {}
 
     # -- control (from the CLI's signal handler, or tests) -------------------
 
@@ -149,6 +164,13 @@ class Emperor:
     def supervisor(self, name: str) -> Supervisor | None:
         return self._sups.get(name)
 
+    def control_snapshot(self) -> EmperorStats:
+        """The snapshot the control surfaces show: with the vassals ``ctl stop`` holds."""
+        stats = self.snapshot()
+        held = [s for n, s in self._held.items() if n not in self._sups]
+        vassals = [replace(v, held=True) if v.name in self._held else v for v in stats.vassals]
+        return replace(stats, vassals=tuple(sorted(vassals + held, key=lambda v: v.name)))
+
     def snapshot(self) -> EmperorStats:
         now = trio.current_time()
         return EmperorStats(
@@ -177,6 +199,14 @@ class Emperor:
         async with trio.open_nursery() as services:
             # One NOTIFY_SOCKET for every native vassal; it outlives them all.
             await services.start(self._notify_hub.run)
+            if self._control is not None:
+                self.control_bound = await services.start(
+                    serve_surfaces,
+                    self._control,
+                    self.hub,
+                    self.control_snapshot,
+                    self._send.send,
+                )
             async with trio.open_nursery() as vassals:
                 self._vassals = vassals
                 try:
@@ -228,6 +258,13 @@ class Emperor:
 
     async def _inbox_loop(self) -> None:
         async for event in self._recv:
+            if isinstance(event, ControlRequest):
+                try:
+                    self._handle_control(event)
+                except Exception:
+                    log.exception("emperor.bad_control_request command=%s", event.command)
+                    event.reply({}, {"": "internal error; see the emperor's log"})
+                continue
             try:
                 actions = self.registry.handle(event)
             except Exception:
@@ -256,11 +293,13 @@ class Emperor:
                 action.message,
             )
         elif isinstance(action, Start):
+            self._unhold(action.name, "its configuration changed")
             if action.name in self._sups:
                 self._pending[action.name] = action  # starts when the old one is gone
             else:
                 self._start(action)
         elif isinstance(action, Reload):
+            self._unhold(action.name, "its configuration changed")
             start = Start(action.name, action.source, action.version, action.spec)
             if action.name in self._stopping or action.name in self._pending:
                 self._pending[action.name] = start
@@ -270,6 +309,7 @@ class Emperor:
                 log.info("vassal.reload name=%s version=%s", action.name, action.version)
                 self._sups[action.name].update(action.version, action.spec)
         elif isinstance(action, Stop):
+            self._held.pop(action.name, None)
             self._pending.pop(action.name, None)
             sup = self._sups.get(action.name)
             if sup is not None and action.name not in self._stopping:
@@ -293,6 +333,7 @@ class Emperor:
             uwsgi=self._uwsgi,
             connections=self._connections,
             notify_hub=self._notify_hub,
+            observer=self.hub.emit,
         )
         self._sups[action.name] = sup
         self._notifier.status(self._status_line())
@@ -326,3 +367,87 @@ class Emperor:
                 pending = self._pending.pop(sup.name, None)
             if pending is not None and not self._shutdown.is_set() and sup.name not in self._sups:
                 self._start(pending)
+            if sup.name in self._held:
+                self._held[sup.name] = held_stats(sup.snapshot())
+            elif sup.name not in self._sups and self.registry.owner(sup.name) is None:
+                self.hub.forget(sup.name)
+
+    # -- control requests (trimperor ctl, the dashboard) ---------------------------
+
+    def _unhold(self, name: str, why: str) -> None:
+        if self._held.pop(name, None) is not None:
+            log.info("vassal.unheld name=%s: %s", name, why)
+
+    def _handle_control(self, req: ControlRequest) -> None:
+        """One control command, answered at once: the emperor decides, as for sources."""
+        known = set(self._sups) | set(self._held)
+        names = sorted(known) if req.all else list(dict.fromkeys(req.names))
+        done: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        stopping = self._shutdown.is_set()
+        for name in names:
+            if stopping:
+                errors[name] = "the emperor is shutting down"
+            elif name not in known:
+                errors[name] = "no such vassal"
+            else:
+                outcome = self._control_one(req, name)
+                if outcome.startswith("!"):
+                    errors[name] = outcome[1:]
+                else:
+                    done[name] = outcome
+        log.info(
+            "control.%s names=%s done=%d errors=%d",
+            req.command,
+            ",".join(names) or "-",
+            len(done),
+            len(errors),
+        )
+        self.hub.emit("control", command=req.command, names=names, errors=errors)
+        req.reply(done, errors)
+
+    def _control_one(self, req: ControlRequest, name: str) -> str:
+        """What happened to *name*; a leading ``!`` marks an error."""
+        sup = self._sups.get(name)
+        gone = sup is None or name in self._stopping
+        if req.command == "stop":
+            if name in self._held:
+                return "already stopped"
+            assert sup is not None
+            self._pending.pop(name, None)
+            self._held[name] = held_stats(sup.snapshot())
+            if name not in self._stopping:
+                self._stopping.add(name)
+                sup.stop()
+            log.info("vassal.held name=%s: stopped by control until started", name)
+            return "stopping"
+        if req.command in {"start", "restart"} and name in self._held:
+            start = self.registry.desired(name)
+            if start is None:
+                return "!its configuration cannot run"
+            del self._held[name]
+            if sup is not None:  # still stopping: start once it is gone
+                self._pending[name] = start
+            else:
+                self._start(start)
+            log.info("vassal.unheld name=%s: started by control", name)
+            return "starting"
+        if gone or sup is None:
+            return "!it is stopping"
+        if req.command == "start":
+            if sup.state.value == "waiting":
+                sup.clear_backoff()
+                return "starting now"
+            return "already running"
+        if req.command == "restart":
+            sup.restart()
+            return "restarting"
+        if req.command == "reload":
+            sup.reload()
+            return "reloading"
+        if req.command == "signal":
+            assert req.signal is not None
+            if not sup.send_signal(req.signal):
+                return "!it has no process"
+            return f"sent {signal.Signals(req.signal).name}"
+        return f"!unknown command {req.command}"

@@ -57,6 +57,8 @@ class VassalStats:
     """The vassal sent sd_notify's READY=1."""
     notify_status: str | None = None
     last_watchdog: float | None = None
+    held: bool = False
+    """Stopped by ``trimperor ctl stop``: stays stopped until started or its config changes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,364 @@
+"""``trimperor ctl``: talk to a running emperor over its control socket.
+
+Exit status: 0 when done, 1 when a command failed (an unknown vassal, ``wait``
+timed out), 2 for a usage error, 3 when no emperor answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TextIO
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+
+from trimperor.api import parse_address
+from trimperor.control import default_control_path, read_token
+from trimperor.errors import UsageError
+
+__all__ = ["CtlClient", "build_parser", "connect", "main"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+class Unreachable(Exception):
+    pass
+
+
+class CtlClient:
+    """One WebSocket connection to the emperor: requests and the event stream."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+        self._next = 0
+        self._events: deque[dict[str, Any]] = deque()
+
+    async def _receive(self) -> dict[str, Any]:
+        doc = json.loads(await self._ws.get_message())
+        assert isinstance(doc, dict)
+        return doc
+
+    async def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self._next += 1
+        rid = self._next
+        await self._ws.send_message(json.dumps({"id": rid, "cmd": cmd, **fields}))
+        while True:
+            doc = await self._receive()
+            if "event" in doc:
+                self._events.append(doc)
+            elif doc.get("id") == rid:
+                return doc
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            while self._events:
+                yield self._events.popleft()
+            doc = await self._receive()
+            if "event" in doc:
+                yield doc
+
+
+def resolve_address(given: str | None) -> str:
+    return given or os.environ.get("TRIMPEROR_CONTROL") or default_control_path()
+
+
+@asynccontextmanager
+async def connect(address: str, token: str | None = None) -> AsyncIterator[CtlClient]:
+    where = parse_address(address)
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+    try:
+        if isinstance(where, tuple):
+            stream = await trio.open_tcp_stream(*where)
+            host = f"{where[0]}:{where[1]}"
+        else:
+            stream = await trio.open_unix_socket(where)
+            host = "localhost"
+    except OSError as exc:
+        raise Unreachable(f"cannot reach the emperor at {address}: {exc.strerror or exc}") from None
+    async with stream, trio.open_nursery() as nursery:
+        try:
+            ws = await wrap_client_stream(nursery, stream, host, "/", extra_headers=headers)
+        except HandshakeError as exc:
+            raise Unreachable(f"the emperor at {address} refused: {exc}") from None
+        try:
+            yield CtlClient(ws)
+        finally:
+            with trio.move_on_after(2):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+# -- output --------------------------------------------------------------------
+
+
+_COLOURS = {
+    "running": "32",
+    "starting": "36",
+    "armed": "36",
+    "sleeping": "36",
+    "waiting": "33",
+    "reloading": "33",
+    "stopping": "33",
+    "stopped": "31",
+}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(n)
+
+
+def state_text(row: dict[str, Any]) -> str:
+    state = str(row["state"])
+    if row.get("held"):
+        return f"{state} (ctl)" if state == "stopped" else f"{state} (ctl stop)"
+    if state == "waiting" and row.get("backoff_attempt"):
+        return f"waiting (backoff {row['backoff_attempt']})"
+    return state
+
+
+def last_error(row: dict[str, Any]) -> str:
+    if row.get("held") and row["state"] == "stopped":
+        return "stopped by ctl: trimperor ctl start " + str(row["name"])
+    if row.get("last_error"):
+        return str(row["last_error"])
+    if row.get("last_exit_signal"):
+        return f"killed by {row['last_exit_signal']}"
+    if row.get("last_exit_code"):
+        return f"exit status {row['last_exit_code']}"
+    return ""
+
+
+def status_table(rows: Sequence[dict[str, Any]], colour: bool = False) -> str:
+    head = ["NAME", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "WAKES", "CPU%", "RSS", "ERROR"]
+    table = [head]
+    for r in rows:
+        table.append(
+            [
+                str(r["name"]),
+                str(r["kind"]),
+                state_text(r),
+                str(r["pid"]) if r["pid"] is not None else "-",
+                _duration(r["uptime"]),
+                str(r["restarts"]),
+                str(r["wakes"]),
+                f"{r['cpu']:.1f}" if r["cpu"] is not None else "-",
+                _bytes(r["rss"]),
+                last_error(r),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = []
+    for i, row in enumerate(table):
+        cells = [cell.ljust(widths[j]) for j, cell in enumerate(row)]
+        if colour and i:
+            code = _COLOURS.get(str(rows[i - 1]["state"]))
+            if code:
+                cells[2] = f"\033[{code}m{cells[2]}\033[0m"
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def log_line(doc: dict[str, Any]) -> str:
+    return f"{_clock(float(doc['time']))} {doc.get('name', '-')}| {doc.get('line', '')}"
+
+
+def event_line(doc: dict[str, Any]) -> str:
+    skip = {"event", "seq", "time", "name"}
+    details = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)
+    return f"{_clock(float(doc['time']))} {doc['event']} {doc.get('name', '-')} {details}".rstrip()
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trimperor ctl",
+        description="Watch and steer a running emperor through its control socket.",
+        epilog="The socket is --control, else $TRIMPEROR_CONTROL, else the default path "
+        "(/run/trimperor/control.sock as root, else $XDG_RUNTIME_DIR/trimperor.sock).",
+    )
+    p.add_argument("--control", metavar="ADDR", help="socket path or host:port")
+    p.add_argument(
+        "--token-file",
+        "--control-token-file",
+        dest="token_file",
+        metavar="FILE",
+        help="the token, for a TCP control socket ($TRIMPEROR_TOKEN_FILE)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="a table of the vassals")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("--json", action="store_true", help="the full status as JSON")
+    for cmd, what in (
+        ("start", "start vassals stopped by ctl stop (or waiting in backoff)"),
+        ("stop", "stop vassals; they stay stopped until started or their config changes"),
+        ("restart", "restart the vassals' processes"),
+        ("reload", "reload the vassals (their reload signal, else a restart)"),
+    ):
+        s = sub.add_parser(cmd, help=what)
+        s.add_argument("names", nargs="*", metavar="NAME")
+        s.add_argument("--all", action="store_true", help="every vassal")
+    s = sub.add_parser("signal", help="send a signal to the vassals' main processes")
+    s.add_argument("signal", metavar="SIGNAL", help="name (HUP, USR1, ...) or number")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("--all", action="store_true", help="every vassal")
+    s = sub.add_parser("logs", help="the merged, timestamped output of the vassals")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="default 50")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    s = sub.add_parser("events", help="what happened: state changes, spawns, exits, backoff")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="default 50")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s = sub.add_parser("wait", help="wait until a vassal reaches a state (exit 0) or time out (1)")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--state", default="running", help="default running")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default 30")
+    return p
+
+
+async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    token_file = args.token_file or os.environ.get("TRIMPEROR_TOKEN_FILE")
+    token = read_token(token_file) if token_file else None
+    address = resolve_address(args.control)
+    async with connect(address, token) as client:
+        cmd = args.command
+        if cmd == "status":
+            reply = await client.request("status", names=args.names)
+            rows = reply["vassals"]
+            missing = sorted(set(args.names) - {r["name"] for r in rows})
+            if args.json:
+                print(json.dumps(reply, indent=2), file=out)
+            else:
+                print(
+                    status_table(rows, colour=out.isatty() and "NO_COLOR" not in os.environ),
+                    file=out,
+                )
+            for name in missing:
+                print(f"trimperor ctl: no such vassal: {name}", file=err)
+            return EXIT_FAILED if missing else 0
+        if cmd in {"start", "stop", "restart", "reload", "signal"}:
+            if not args.names and not args.all:
+                raise UsageError(f"{cmd}: name at least one vassal, or --all")
+            fields: dict[str, Any] = {"names": args.names, "all": args.all}
+            if cmd == "signal":
+                fields["signal"] = args.signal
+            reply = await client.request(cmd, **fields)
+            if not reply.get("ok", False) and "error" in reply:
+                print(f"trimperor ctl: {reply['error']}", file=err)
+                return EXIT_FAILED
+            for name, what in reply.get("done", {}).items():
+                print(f"{name}: {what}", file=out)
+            for name, why in reply.get("errors", {}).items():
+                print(f"trimperor ctl: {name}: {why}", file=err)
+            return 0 if reply.get("ok") else EXIT_FAILED
+        if cmd == "logs":
+            if args.follow:
+                await client.request("subscribe", names=args.names, events=False, logs=True)
+            reply = await client.request("logs", names=args.names, n=max(args.lines, 0))
+            last = 0.0
+            for doc in reply["lines"]:
+                print(log_line(doc), file=out, flush=True)
+                last = max(last, float(doc["time"]))
+            if args.follow:
+                async for doc in client.events():
+                    if doc["event"] == "log" and float(doc["time"]) > last:
+                        print(log_line(doc), file=out, flush=True)
+            return 0
+        if cmd == "events":
+            show = json.dumps if args.json else event_line
+            if args.follow:
+                await client.request("subscribe", names=args.names)
+            reply = await client.request("events", n=max(args.lines, 0))
+            seen = 0
+            for doc in reply["events"]:
+                if not args.names or doc.get("name") in args.names:
+                    print(show(doc), file=out, flush=True)
+                seen = max(seen, int(doc["seq"]))
+            if args.follow:
+                async for doc in client.events():
+                    if int(doc["seq"]) > seen:
+                        print(show(doc), file=out, flush=True)
+            return 0
+        if cmd == "wait":
+            await client.request("subscribe", names=[args.name])
+            state = None
+            with trio.move_on_after(args.timeout):
+                reply = await client.request("status", names=[args.name])
+                if not reply["vassals"]:
+                    print(f"trimperor ctl: no such vassal: {args.name}", file=err)
+                    return EXIT_FAILED
+                state = reply["vassals"][0]["state"]
+                if state == args.state:
+                    return 0
+                async for doc in client.events():
+                    if doc["event"] == "state":
+                        state = doc["state"]
+                        if state == args.state:
+                            return 0
+            print(
+                f"trimperor ctl: {args.name} is {state or 'unknown'}, not {args.state}, "
+                f"after {args.timeout}s",
+                file=err,
+            )
+            return EXIT_FAILED
+    raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[2:] if argv is None else argv))
+    code = 0
+    try:
+        code = trio.run(_run, args, sys.stdout, sys.stderr)
+    except* Unreachable as group:
+        print(f"trimperor ctl: {_first(group)}", file=sys.stderr)
+        code = EXIT_UNREACHABLE
+    except* ConnectionClosed:
+        print("trimperor ctl: the emperor closed the connection", file=sys.stderr)
+        code = EXIT_UNREACHABLE
+    except* UsageError as group:
+        print(f"trimperor ctl: {_first(group)}", file=sys.stderr)
+        code = EXIT_USAGE
+    except* KeyboardInterrupt:
+        code = 130
+    return code
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
