@@ -17,7 +17,13 @@ from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from trimperor.api import parse_address
 from trimperor.control import default_control_path, read_token
@@ -56,13 +62,13 @@ class CtlClient:
             elif doc.get("id") == rid:
                 return doc
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            while self._events:
-                yield self._events.popleft()
+    async def next_event(self) -> dict[str, Any]:
+        """The next event (after ``subscribe``)."""
+        while not self._events:
             doc = await self._receive()
             if "event" in doc:
-                yield doc
+                return doc
+        return self._events.popleft()
 
 
 def resolve_address(given: str | None) -> str:
@@ -82,17 +88,26 @@ async def connect(address: str, token: str | None = None) -> AsyncIterator[CtlCl
             host = "localhost"
     except OSError as exc:
         raise Unreachable(f"cannot reach the emperor at {address}: {exc.strerror or exc}") from None
-    async with stream, trio.open_nursery() as nursery:
-        try:
+    refused: HandshakeError | None = None
+    try:
+        async with stream, trio.open_nursery() as nursery:
             ws = await wrap_client_stream(nursery, stream, host, "/", extra_headers=headers)
-        except HandshakeError as exc:
-            raise Unreachable(f"the emperor at {address} refused: {exc}") from None
-        try:
-            yield CtlClient(ws)
-        finally:
-            with trio.move_on_after(2):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+            try:
+                yield CtlClient(ws)
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except* HandshakeError as group:
+        first = group.exceptions[0]
+        assert isinstance(first, HandshakeError)
+        refused = first
+    if refused is not None:
+        why = str(refused)
+        if isinstance(refused, ConnectionRejected):
+            body = (refused.body or b"").decode(errors="replace").strip()
+            why = body or str(refused.status_code)
+        raise Unreachable(f"the emperor at {address} refused: {why}")
 
 
 # -- output --------------------------------------------------------------------
@@ -294,7 +309,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 print(log_line(doc), file=out, flush=True)
                 last = max(last, float(doc["time"]))
             if args.follow:
-                async for doc in client.events():
+                while True:
+                    doc = await client.next_event()
                     if doc["event"] == "log" and float(doc["time"]) > last:
                         print(log_line(doc), file=out, flush=True)
             return 0
@@ -309,7 +325,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     print(show(doc), file=out, flush=True)
                 seen = max(seen, int(doc["seq"]))
             if args.follow:
-                async for doc in client.events():
+                while True:
+                    doc = await client.next_event()
                     if int(doc["seq"]) > seen:
                         print(show(doc), file=out, flush=True)
             return 0
@@ -324,7 +341,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 state = reply["vassals"][0]["state"]
                 if state == args.state:
                     return 0
-                async for doc in client.events():
+                while True:
+                    doc = await client.next_event()
                     if doc["event"] == "state":
                         state = doc["state"]
                         if state == args.state:
