@@ -585,3 +585,61 @@ def test_status_table_marks_held_and_backoff() -> None:
     assert "stopped (ctl)" in table[2] and "trimperor ctl start b" in table[2]
     assert "1h02m" in table[3] and "1.2" in table[3] and "3.0M" in table[3]
     assert "\033[32m" in table[3]
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+async def http_get(addr: str, path: str, headers: str = "") -> tuple[str, str]:
+    host, port = addr.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.integration
+async def test_prometheus_metrics(short_dir: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    vassals = {"a.ini": pidfile_vassal(short_dir, "a"), "b.ini": pidfile_vassal(short_dir, "b")}
+    async with emperor_running(short_dir, vassals, ["--metrics", "127.0.0.1:0"]) as run:
+        a = await new_pid(short_dir / "a.pid")
+        await new_pid(short_dir / "b.pid")
+        await wait_state(run, "a.ini", "running")
+        await wait_state(run, "b.ini", "running")
+        await ctl(run, "restart", "a.ini")
+        await new_pid(short_dir / "a.pid", a)
+        await ctl(run, "stop", "b.ini")
+        await wait_state(run, "b.ini", "stopped")
+        await wait_state(run, "a.ini", "running")
+        text = run.emperor.text()
+        addr = text.split("metrics.listening addr=")[1].split()[0]
+        head, body = await http_get(addr, "/metrics")
+        assert head.startswith("HTTP/1.1 200") and "text/plain; version=0.0.4" in head
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+        assert samples["trimperor_vassals", (("state", "running"),)] == 1
+        assert samples["trimperor_vassals", (("state", "stopped"),)] == 1
+        assert samples["trimperor_vassals", (("state", "armed"),)] == 0
+        assert samples["trimperor_vassals_held", ()] == 1
+        assert samples["trimperor_vassal_restarts_total", (("vassal", "a.ini"),)] == 1
+        assert samples["trimperor_vassal_up", (("kind", "native"), ("vassal", "a.ini"))] == 1
+        assert samples["trimperor_vassal_up", (("kind", "native"), ("vassal", "b.ini"))] == 0
+        assert samples["trimperor_vassal_rss_bytes", (("vassal", "a.ini"),)] > 0
+        assert ("trimperor_vassal_cpu_percent", (("vassal", "a.ini"),)) in samples
+        (source,) = [k for k in samples if k[0] == "trimperor_source_up"]
+        assert samples[source] == 1
+        assert samples["trimperor_events_total", (("kind", "spawn"),)] >= 3
+        head, _ = await http_get(addr, "/nope")
+        assert head.startswith("HTTP/1.1 404")
