@@ -593,13 +593,15 @@ def test_status_table_marks_held_and_backoff() -> None:
 async def http_get(addr: str, path: str, headers: str = "") -> tuple[str, str]:
     host, port = addr.rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
+    extra = headers or "Connection: close"
     async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n".encode()
-        )
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n\r\n".encode())
         data = b""
         with trio.fail_after(10):
-            while chunk := await stream.receive_some():
+            while b"\r\n\r\n" not in data or not headers:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
                 data += chunk
     head, _, body = data.decode().partition("\r\n\r\n")
     return head, body

@@ -163,6 +163,8 @@ def last_error(row: dict[str, Any]) -> str:
         return "stopped by ctl: trimperor ctl start " + str(row["name"])
     if row.get("last_error"):
         return str(row["last_error"])
+    if row["state"] != "waiting":
+        return ""  # a deliberate stop or restart is no error
     if row.get("last_exit_signal"):
         return f"killed by {row['last_exit_signal']}"
     if row.get("last_exit_code"):
