@@ -31,7 +31,8 @@ from tests.helpers import (
     wait_for,
     write_atomic,
 )
-from trimperor.ctl import CtlClient, connect, status_table
+from trimperor.control import ControlClient, connect
+from trimperor.ctl import status_table
 
 
 @dataclass
@@ -436,7 +437,7 @@ async def test_fifty_subscribers_each_get_every_event(short_dir: Path) -> None:
     async with emperor_running(short_dir, {"a.ini": pidfile_vassal(short_dir, "a")}) as run:
         a = await new_pid(short_dir / "a.pid")
         await wait_state(run, "a.ini", "running")
-        clients: list[CtlClient] = []
+        clients: list[ControlClient] = []
         got: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
 

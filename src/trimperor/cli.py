@@ -19,7 +19,8 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
 from trimperor.configfile import parse
-from trimperor.control import ControlOptions, default_control_path, read_token
+from trimperor.control import ControlOptions
+from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.policy import BackoffPolicy

@@ -31,7 +31,8 @@ import socket
 import stat
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
@@ -39,8 +40,11 @@ from typing import Any
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
+    wrap_client_stream,
     wrap_server_stream,
 )
 
@@ -49,12 +53,13 @@ from trimperor.stats import EmperorStats, VassalStats
 
 __all__ = [
     "COMMANDS",
+    "ControlClient",
     "ControlHub",
     "ControlOptions",
+    "ControlRefused",
     "ControlRequest",
     "ProcSampler",
-    "default_control_path",
-    "read_token",
+    "connect",
     "serve_surfaces",
     "status_rows",
 ]
@@ -76,30 +81,6 @@ LOG_LINE_MAX = 4096
 EVENT_RING = 1000
 REQUEST_TIMEOUT = 10.0
 HEAD_TIMEOUT = 10.0
-
-
-def default_control_path(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """``/run/trimperor/control.sock`` as root, else ``$XDG_RUNTIME_DIR/trimperor.sock``
-    (``/tmp/trimperor-UID/control.sock`` without it)."""
-    uid = os.getuid() if uid is None else uid
-    env = os.environ if environ is None else environ
-    if uid == 0:
-        return "/run/trimperor/control.sock"
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "trimperor.sock")
-    return f"/tmp/trimperor-{uid}/control.sock"
-
-
-def read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(4096).strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise UsageError(f"token file {path}: the token must be at least 16 characters")
-    return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,3 +763,76 @@ def held_stats(stats: VassalStats) -> VassalStats:
     from dataclasses import replace
 
     return replace(stats, state="stopped", held=True, pid=None, started_at=None, cursed=None)
+
+
+# -- a client, for Python programs on trio (trimperor ctl has its own, blocking) ----
+
+
+class ControlClient:
+    """One WebSocket connection to an emperor's control socket."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+        self._next = 0
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+
+    async def _receive(self) -> dict[str, Any]:
+        doc = json.loads(await self._ws.get_message())
+        assert isinstance(doc, dict)
+        return doc
+
+    async def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """Send ``{"cmd": cmd, **fields}``; the reply (events meanwhile are kept)."""
+        self._next += 1
+        rid = self._next
+        await self._ws.send_message(json.dumps({"id": rid, "cmd": cmd, **fields}))
+        while True:
+            doc = await self._receive()
+            if "event" in doc:
+                self._events.append(doc)
+            elif doc.get("id") == rid:
+                return doc
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event (after ``subscribe``)."""
+        while not self._events:
+            doc = await self._receive()
+            if "event" in doc:
+                return doc
+        return self._events.popleft()
+
+
+class ControlRefused(Exception):
+    pass
+
+
+@asynccontextmanager
+async def connect(address: str, token: str | None = None) -> AsyncIterator[ControlClient]:
+    """``async with connect("/run/trimperor/control.sock") as client: ...``"""
+    where = _parse(address)
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+    if isinstance(where, tuple):
+        stream = await trio.open_tcp_stream(*where)
+        host = f"{where[0]}:{where[1]}"
+    else:
+        stream = await trio.open_unix_socket(where)
+        host = "localhost"
+    refused: HandshakeError | None = None
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, host, "/", extra_headers=headers)
+            try:
+                yield ControlClient(ws)
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except* HandshakeError as group:
+        first = group.exceptions[0]
+        assert isinstance(first, HandshakeError)
+        refused = first
+    if refused is not None:
+        why = str(refused)
+        if isinstance(refused, ConnectionRejected):
+            why = (refused.body or b"").decode(errors="replace").strip() or str(refused.status_code)
+        raise ControlRefused(f"the emperor at {address} refused: {why}")

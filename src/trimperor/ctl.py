@@ -7,29 +7,33 @@ timed out), 2 for a usage error, 3 when no emperor answers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TextIO
 
-import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
 )
+from wsproto.utilities import LocalProtocolError
 
-from trimperor.api import parse_address
-from trimperor.control import default_control_path, read_token
 from trimperor.errors import UsageError
 
-__all__ = ["CtlClient", "build_parser", "connect", "main"]
+__all__ = ["CtlClient", "build_parser", "connect", "default_control_path", "main", "read_token"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -39,75 +43,156 @@ class Unreachable(Exception):
 
 
 class CtlClient:
-    """One WebSocket connection to the emperor: requests and the event stream."""
+    """One blocking WebSocket connection to the emperor (wsproto over a socket).
 
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self._ws = ws
+    ``trimperor ctl`` runs once and exits, so it stays small and synchronous:
+    no event loop to import and start (see :func:`trimperor.control.connect`
+    for the trio client).
+    """
+
+    def __init__(self, sock: socket.socket, host: str, headers: list[tuple[bytes, bytes]]):
+        self._sock = sock
+        self._ws = WSConnection(ConnectionType.CLIENT)
         self._next = 0
         self._events: deque[dict[str, Any]] = deque()
+        self._messages: deque[str] = deque()
+        self._text: list[str] = []
+        self._sock.sendall(self._ws.send(Request(host=host, target="/", extra_headers=headers)))
+        body = b""
+        status: int | None = None
+        while True:
+            for event in self._pump():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, RejectConnection):
+                    status = event.status_code
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        why = body.decode(errors="replace").strip() or str(status)
+                        raise Unreachable(f"refused: {why}")
 
-    async def _receive(self) -> dict[str, Any]:
-        doc = json.loads(await self._ws.get_message())
+    def _pump(self) -> list[Any]:
+        data = self._sock.recv(65536)
+        if not data:
+            raise Unreachable("the emperor closed the connection")
+        self._ws.receive_data(data)
+        return list(self._ws.events())
+
+    def _receive(self) -> dict[str, Any]:
+        while not self._messages:
+            for event in self._pump():
+                if isinstance(event, TextMessage):
+                    self._text.append(event.data)
+                    if event.message_finished:
+                        self._messages.append("".join(self._text))
+                        self._text = []
+                elif isinstance(event, Ping):
+                    self._sock.sendall(self._ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    with contextlib.suppress(OSError, LocalProtocolError):
+                        self._sock.sendall(self._ws.send(event.response()))
+                    raise Unreachable("the emperor closed the connection")
+        doc = json.loads(self._messages.popleft())
         assert isinstance(doc, dict)
         return doc
 
-    async def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+    def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
         self._next += 1
         rid = self._next
-        await self._ws.send_message(json.dumps({"id": rid, "cmd": cmd, **fields}))
+        message = json.dumps({"id": rid, "cmd": cmd, **fields})
+        self._sock.sendall(self._ws.send(Message(data=message)))
         while True:
-            doc = await self._receive()
+            doc = self._receive()
             if "event" in doc:
                 self._events.append(doc)
             elif doc.get("id") == rid:
                 return doc
 
-    async def next_event(self) -> dict[str, Any]:
-        """The next event (after ``subscribe``)."""
-        while not self._events:
-            doc = await self._receive()
-            if "event" in doc:
-                return doc
-        return self._events.popleft()
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next event (after ``subscribe``); TimeoutError after *timeout* seconds."""
+        self._sock.settimeout(timeout)
+        try:
+            while not self._events:
+                doc = self._receive()
+                if "event" in doc:
+                    return doc
+            return self._events.popleft()
+        except TimeoutError:
+            raise
+        finally:
+            self._sock.settimeout(REQUEST_TIMEOUT)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, LocalProtocolError):
+            self._sock.sendall(self._ws.send(CloseConnection(code=1000)))
+        self._sock.close()
+
+
+REQUEST_TIMEOUT = 30.0
 
 
 def resolve_address(given: str | None) -> str:
     return given or os.environ.get("TRIMPEROR_CONTROL") or default_control_path()
 
 
-@asynccontextmanager
-async def connect(address: str, token: str | None = None) -> AsyncIterator[CtlClient]:
-    where = parse_address(address)
+@contextmanager
+def connect(address: str, token: str | None = None) -> Iterator[CtlClient]:
+    where = split_address(address)
     headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
     try:
         if isinstance(where, tuple):
-            stream = await trio.open_tcp_stream(*where)
+            sock = socket.create_connection(where, timeout=REQUEST_TIMEOUT)
             host = f"{where[0]}:{where[1]}"
         else:
-            stream = await trio.open_unix_socket(where)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(REQUEST_TIMEOUT)
+            sock.connect(where)
             host = "localhost"
     except OSError as exc:
         raise Unreachable(f"cannot reach the emperor at {address}: {exc.strerror or exc}") from None
-    refused: HandshakeError | None = None
     try:
-        async with stream, trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, host, "/", extra_headers=headers)
-            try:
-                yield CtlClient(ws)
-            finally:
-                with trio.move_on_after(2):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except* HandshakeError as group:
-        first = group.exceptions[0]
-        assert isinstance(first, HandshakeError)
-        refused = first
-    if refused is not None:
-        why = str(refused)
-        if isinstance(refused, ConnectionRejected):
-            body = (refused.body or b"").decode(errors="replace").strip()
-            why = body or str(refused.status_code)
-        raise Unreachable(f"the emperor at {address} refused: {why}")
+        try:
+            client = CtlClient(sock, host, headers)
+        except Unreachable as exc:
+            raise Unreachable(f"the emperor at {address} {exc}") from None
+        yield client
+        client.close()
+    finally:
+        sock.close()
+
+
+def split_address(addr: str) -> tuple[str, int] | str:
+    """``host:port`` or ``[v6]:port`` -> (host, port); anything else is a path."""
+    if "/" in addr or ":" not in addr:
+        return addr
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"bad address {addr!r}: port must be a number")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_control_path() -> str:
+    """``/run/trimperor/control.sock`` as root, else ``$XDG_RUNTIME_DIR/trimperor.sock``
+    (``/tmp/trimperor-UID/control.sock`` without it)."""
+    uid = os.getuid()
+    if uid == 0:
+        return "/run/trimperor/control.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "trimperor.sock")
+    return f"/tmp/trimperor-{uid}/control.sock"
+
+
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(4096).strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise UsageError(f"token file {path}: the token must be at least 16 characters")
+    return token
 
 
 # -- output --------------------------------------------------------------------
@@ -267,14 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     token_file = args.token_file or os.environ.get("TRIMPEROR_TOKEN_FILE")
     token = read_token(token_file) if token_file else None
     address = resolve_address(args.control)
-    async with connect(address, token) as client:
+    with connect(address, token) as client:
         cmd = args.command
         if cmd == "status":
-            reply = await client.request("status", names=args.names)
+            reply = client.request("status", names=args.names)
             rows = reply["vassals"]
             missing = sorted(set(args.names) - {r["name"] for r in rows})
             if args.json:
@@ -293,7 +378,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             fields: dict[str, Any] = {"names": args.names, "all": args.all}
             if cmd == "signal":
                 fields["signal"] = args.signal
-            reply = await client.request(cmd, **fields)
+            reply = client.request(cmd, **fields)
             if not reply.get("ok", False) and "error" in reply:
                 print(f"trimperor ctl: {reply['error']}", file=err)
                 return EXIT_FAILED
@@ -304,23 +389,23 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 0 if reply.get("ok") else EXIT_FAILED
         if cmd == "logs":
             if args.follow:
-                await client.request("subscribe", names=args.names, events=False, logs=True)
-            reply = await client.request("logs", names=args.names, n=max(args.lines, 0))
+                client.request("subscribe", names=args.names, events=False, logs=True)
+            reply = client.request("logs", names=args.names, n=max(args.lines, 0))
             last = 0.0
             for doc in reply["lines"]:
                 print(log_line(doc), file=out, flush=True)
                 last = max(last, float(doc["time"]))
             if args.follow:
                 while True:
-                    doc = await client.next_event()
+                    doc = client.next_event()
                     if doc["event"] == "log" and float(doc["time"]) > last:
                         print(log_line(doc), file=out, flush=True)
             return 0
         if cmd == "events":
             show = json.dumps if args.json else event_line
             if args.follow:
-                await client.request("subscribe", names=args.names)
-            reply = await client.request("events", n=max(args.lines, 0))
+                client.request("subscribe", names=args.names)
+            reply = client.request("events", n=max(args.lines, 0))
             seen = 0
             for doc in reply["events"]:
                 if not args.names or doc.get("name") in args.names:
@@ -328,15 +413,16 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 seen = max(seen, int(doc["seq"]))
             if args.follow:
                 while True:
-                    doc = await client.next_event()
+                    doc = client.next_event()
                     if int(doc["seq"]) > seen:
                         print(show(doc), file=out, flush=True)
             return 0
         if cmd == "wait":
-            await client.request("subscribe", names=[args.name])
+            client.request("subscribe", names=[args.name])
             state = None
-            with trio.move_on_after(args.timeout):
-                reply = await client.request("status", names=[args.name])
+            deadline = time.monotonic() + args.timeout
+            with contextlib.suppress(TimeoutError, ValueError):
+                reply = client.request("status", names=[args.name])
                 if not reply["vassals"]:
                     print(f"trimperor ctl: no such vassal: {args.name}", file=err)
                     return EXIT_FAILED
@@ -344,7 +430,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 if state == args.state:
                     return 0
                 while True:
-                    doc = await client.next_event()
+                    doc = client.next_event(deadline - time.monotonic())
                     if doc["event"] == "state":
                         state = doc["state"]
                         if state == args.state:
@@ -360,25 +446,18 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[2:] if argv is None else argv))
-    code = 0
     try:
-        code = trio.run(_run, args, sys.stdout, sys.stderr)
-    except* Unreachable as group:
-        print(f"trimperor ctl: {_first(group)}", file=sys.stderr)
-        code = EXIT_UNREACHABLE
-    except* ConnectionClosed:
-        print("trimperor ctl: the emperor closed the connection", file=sys.stderr)
-        code = EXIT_UNREACHABLE
-    except* UsageError as group:
-        print(f"trimperor ctl: {_first(group)}", file=sys.stderr)
-        code = EXIT_USAGE
-    except* KeyboardInterrupt:
-        code = 130
-    return code
-
-
-def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+        return _run(args, sys.stdout, sys.stderr)
+    except Unreachable as exc:
+        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokenPipeError:
+        return 0
+    except (TimeoutError, OSError) as exc:
+        print(f"trimperor ctl: the emperor did not answer: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except UsageError as exc:
+        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
