@@ -646,3 +646,48 @@ async def test_prometheus_metrics(short_dir: Path) -> None:
         assert samples["trimperor_events_total", (("kind", "spawn"),)] >= 3
         head, _ = await http_get(addr, "/nope")
         assert head.startswith("HTTP/1.1 404")
+
+
+# -- log files ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_logs_dir_files_are_timestamped_and_rotated_by_size(short_dir: Path) -> None:
+    logs = short_dir / "logs"
+    vassals = {"p.ini": printing_vassal(short_dir, "p", every=0.002)}
+    extra = ["--logs-dir", str(logs), "--log-max-bytes", "2048", "--log-backups", "2"]
+    async with emperor_running(short_dir, vassals, extra) as run:
+        log = logs / "p.ini.log"
+
+        def first_line(path: Path) -> str | None:
+            try:
+                return path.read_text().split("\n", 1)[0]
+            except FileNotFoundError:  # between two renames
+                return None
+
+        await wait_for(lambda: first_line(logs / "p.ini.log.2") is not None, 30)
+        # Once two backups exist, older ones are removed, not kept as .3.
+        first_of_2 = first_line(logs / "p.ini.log.2")
+        await wait_for(lambda: first_line(logs / "p.ini.log.2") not in {None, first_of_2}, 30)
+        await ctl(run, "stop", "p.ini")
+        await wait_state(run, "p.ini", "stopped")
+        assert not (logs / "p.ini.log.3").exists()
+        for path in (log, logs / "p.ini.log.1", logs / "p.ini.log.2"):
+            assert path.stat().st_size <= 2048
+        lines = (logs / "p.ini.log.1").read_text().splitlines()
+        assert lines and all(" p.ini| line " in ln and ln[:4].isdigit() for ln in lines)
+        numbers = [int(ln.rsplit(" ", 1)[1]) for ln in lines]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # nothing lost
+        assert "vassal.log_rotated name=p.ini" in run.emperor.text()
+
+
+@pytest.mark.integration
+async def test_an_unwritable_logs_dir_is_logged_once_and_the_vassal_runs(short_dir: Path) -> None:
+    logs = short_dir / "logs"
+    logs.mkdir()
+    (logs / "p.ini.log").mkdir()  # a directory where the file should be
+    vassals = {"p.ini": printing_vassal(short_dir, "p")}
+    async with emperor_running(short_dir, vassals, ["--logs-dir", str(logs)]) as run:
+        await wait_for(lambda: "p.ini| line 20" in run.emperor.text(), 30)
+        assert run.emperor.text().count("vassal.log_file_failed name=p.ini") == 1
+        assert (await status(run))["p.ini"]["state"] == "running"

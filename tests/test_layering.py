@@ -24,6 +24,7 @@ LAYERS = {
     "notify": 2,
     "api": 2,
     "control": 2,
+    "vassallogs": 2,
     "metrics": 2,
     "dashboard": 2,
     "monitors": 2,

@@ -239,6 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the web dashboard on host:port (needs --control-token-file)",
     )
     g.add_argument(
+        "--logs-dir",
+        metavar="DIR",
+        help="also write each vassal's output to DIR/NAME.log, timestamped",
+    )
+    g.add_argument(
+        "--log-max-bytes",
+        type=int,
+        default=10 * 1024 * 1024,
+        metavar="BYTES",
+        help="rotate a --logs-dir file at this size (default 10485760)",
+    )
+    g.add_argument(
+        "--log-backups",
+        type=int,
+        default=5,
+        metavar="N",
+        help="rotated files kept: NAME.log.1 ... NAME.log.N (default 5)",
+    )
+    g.add_argument(
         "--pidfile", "--emperor-pidfile", metavar="FILE", help="write the emperor's pid to FILE"
     )
     g.add_argument(
@@ -355,7 +374,19 @@ def control_options(args: argparse.Namespace) -> ControlOptions:
     control = args.control if explicit else default_control_path()
     if control is not None and control.lower() in {"none", "off", ""}:
         control = None
+    logs_dir = None
+    if args.logs_dir:
+        logs_dir = os.path.abspath(args.logs_dir)
+        try:
+            os.makedirs(logs_dir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--logs-dir {args.logs_dir}: {exc.strerror}") from None
+    if args.log_max_bytes < 1024 or args.log_backups < 0:
+        raise UsageError("--log-max-bytes must be >= 1024 and --log-backups >= 0")
     return ControlOptions(
+        logs_dir=logs_dir,
+        log_max_bytes=args.log_max_bytes,
+        log_backups=args.log_backups,
         control=control,
         control_explicit=explicit,
         token=token,

@@ -50,6 +50,7 @@ from trio_websocket import (
 
 from trimperor.errors import UsageError
 from trimperor.stats import EmperorStats, VassalStats
+from trimperor.vassallogs import LogFiles
 
 __all__ = [
     "COMMANDS",
@@ -94,6 +95,10 @@ class ControlOptions:
     token: str | None = None
     metrics: str | None = None
     dashboard: str | None = None
+    logs_dir: str | None = None
+    """Write each vassal's output to ``DIR/NAME.log`` too."""
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
 
 
 # -- requests that enter the emperor ------------------------------------------
@@ -137,10 +142,15 @@ class ProcSampler:
         seen: dict[int, tuple[float, float]] = {}
         for pid in pids:
             try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-                with open(f"/proc/{pid}/statm", "rb") as f:
-                    rss = int(f.read().split()[1]) * _PAGE
+                fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    data = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+                # stat(5), after the command: state (3), ... utime (14), stime (15),
+                # starttime (22), rss in pages (24).
+                fields = data.rpartition(b")")[2].split()
+                rss = int(fields[21]) * _PAGE
             except (OSError, ValueError, IndexError):
                 out[pid] = (None, None)
                 continue
@@ -233,8 +243,14 @@ class ControlHub:
     never blocks.
     """
 
-    def __init__(self, log_lines: int = LOG_LINES, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        log_lines: int = LOG_LINES,
+        queue_size: int = QUEUE_SIZE,
+        log_files: LogFiles | None = None,
+    ) -> None:
         self._log_lines = log_lines
+        self.log_files = log_files
         self.queue_size = queue_size
         self._logs: dict[str, collections.deque[tuple[float, str]]] = {}
         self._events: collections.deque[str] = collections.deque(maxlen=EVENT_RING)
@@ -264,6 +280,8 @@ class ControlHub:
             if ring is None:
                 ring = self._logs[name or ""] = collections.deque(maxlen=self._log_lines)
             ring.append((doc["time"], line))
+            if self.log_files is not None:
+                self.log_files.write(name or "-", doc["time"], line)
             if not any(c.logs for c in self._clients):
                 return
             message = json.dumps(doc)
@@ -278,6 +296,8 @@ class ControlHub:
     def forget(self, name: str) -> None:
         """The vassal is gone for good: drop its output."""
         self._logs.pop(name, None)
+        if self.log_files is not None:
+            self.log_files.close(name)
 
     def logs(self, names: Iterable[str], n: int) -> list[dict[str, Any]]:
         """The last *n* lines of the named vassals (all if none), merged by time."""

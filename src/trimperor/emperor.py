@@ -41,6 +41,7 @@ from trimperor.spawner import resolve_ids
 from trimperor.stats import EmperorStats, SourceStats, VassalStats
 from trimperor.supervisor import Supervisor
 from trimperor.uwsgi import UwsgiOptions
+from trimperor.vassallogs import LogFiles
 from trimperor.vassalspec import VassalSpec, build_spec, tyrant
 
 __all__ = ["Emperor"]
@@ -68,6 +69,12 @@ def _resolve(user: str | None, group: str | None) -> tuple[int | None, int | Non
     except SpawnError as exc:
         raise ConfigError(str(exc)) from None
     return uid, gid
+
+
+def _log_files(control: ControlOptions | None) -> LogFiles | None:
+    if control is None or control.logs_dir is None:
+        return None
+    return LogFiles(control.logs_dir, control.log_max_bytes, control.log_backups)
 
 
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
@@ -119,7 +126,7 @@ class Emperor:
         self.stats_bound: Any = None
         # control surfaces (trimperor ctl, dashboard, metrics)
         self._control = control
-        self.hub = ControlHub()
+        self.hub = ControlHub(log_files=_log_files(control))
         self._held: dict[str, VassalStats] = {}
         """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
         self.control_bound: dict[str, str] = {}
@@ -232,6 +239,8 @@ class Emperor:
                         self._stopping.add(name)
                         sup.stop()
             services.cancel_scope.cancel()
+        if self.hub.log_files is not None:
+            self.hub.log_files.close_all()
         log.info("emperor.stopped")
 
     async def _run_monitor(
