@@ -25,6 +25,7 @@ LAYERS = {
     "api": 2,
     "control": 2,
     "vassallogs": 2,
+    "health": 2,
     "metrics": 2,
     "dashboard": 2,
     "monitors": 2,

@@ -186,6 +186,7 @@ def status_rows(
                 "kind": v.kind,
                 "state": v.state,
                 "held": v.held,
+                "health": v.health,
                 "pid": v.pid,
                 "uptime": round(now - v.started_at, 3) if v.started_at is not None else None,
                 "restarts": v.restarts,

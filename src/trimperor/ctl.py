@@ -238,6 +238,8 @@ def state_text(row: dict[str, Any]) -> str:
     state = str(row["state"])
     if row.get("held"):
         return f"{state} (ctl)" if state == "stopped" else f"{state} (ctl stop)"
+    if row.get("health") in {"unhealthy", "failing"}:
+        return f"{state} ({row['health']})"
     if state == "waiting" and row.get("backoff_attempt"):
         return f"waiting (backoff {row['backoff_attempt']})"
     return state

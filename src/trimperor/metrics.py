@@ -83,6 +83,15 @@ class EmperorCollector(Collector):
             "Resident memory of the vassal's main process",
             labels=["vassal"],
         )
+        healthy = GaugeMetricFamily(
+            "trimperor_vassal_healthy",
+            "1 while its health checks pass, 0 while they fail (vassals with checks)",
+            labels=["vassal"],
+        )
+        for v in stats.vassals:
+            if v.health is not None:
+                healthy.add_metric([v.name], 1 if v.health == "healthy" else 0)
+        yield healthy
         pids = [v.pid for v in stats.vassals if v.pid is not None]
         sampler = self._hub.sampler if self._hub is not None else None
         usage = sampler.sample(pids) if sampler is not None else {}

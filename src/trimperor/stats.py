@@ -58,6 +58,8 @@ class VassalStats:
     notify_status: str | None = None
     last_watchdog: float | None = None
     held: bool = False
+    health: str | None = None
+    """With health checks: ``healthy``, ``failing`` or ``unhealthy`` (None before the first)."""
     """Stopped by ``trimperor ctl stop``: stays stopped until started or its config changes."""
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -52,6 +53,13 @@ NATIVE_KEYS = frozenset(
         "idle",
         "watchdog",
         "type",
+        "health",
+        "health-command",
+        "health-interval",
+        "health-timeout",
+        "health-retries",
+        "on-failure",
+        "on-failure-timeout",
     }
 )
 
@@ -134,6 +142,17 @@ class NativeSpec:
     watchdog: float | None = None
     type: str = "simple"
     """``simple``: running once started; ``notify``: starting until sd_notify READY=1."""
+    health: str | None = None
+    """``http://host:port/path``: healthy while a GET answers 2xx or 3xx."""
+    health_command: tuple[str, ...] | None = None
+    """Healthy while this command exits 0 (run as the vassal's user, in its chdir)."""
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    health_retries: int = 3
+    """Failed checks in a row that make the vassal unhealthy (it is restarted)."""
+    on_failure: tuple[str, ...] | None = None
+    """Run after the vassal died unexpectedly or turned unhealthy."""
+    on_failure_timeout: float = 30.0
 
     kind = "native"
 
@@ -317,7 +336,29 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         raise ConfigError(f"{name}: type {kind!r} is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
+    health = _health_url(one("health"), f"{name}: health")
+    health_command = _argv(one("health-command"), f"{name}: health-command")
+    on_failure = _argv(one("on-failure"), f"{name}: on-failure")
+    interval = _seconds(one("health-interval") or "10", f"{name}: health-interval")
+    timeout = _seconds(one("health-timeout") or "5", f"{name}: health-timeout")
+    retries_raw = one("health-retries") or "3"
+    if not retries_raw.isdigit() or int(retries_raw) < 1:
+        raise ConfigError(f"{name}: health-retries {retries_raw!r} is not a positive number")
+    if interval <= 0 or timeout <= 0:
+        raise ConfigError(f"{name}: health-interval and health-timeout must be more than 0")
+    hook_timeout = _seconds(one("on-failure-timeout") or "30", f"{name}: on-failure-timeout")
+    if hook_timeout <= 0:
+        raise ConfigError(f"{name}: on-failure-timeout must be more than 0")
+    if health and health_command:
+        raise ConfigError(f"{name}: health and health-command: choose one")
     return NativeSpec(
+        health=health,
+        health_command=health_command,
+        health_interval=interval,
+        health_timeout=timeout,
+        health_retries=int(retries_raw),
+        on_failure=on_failure,
+        on_failure_timeout=hook_timeout,
         name=name,
         command=argv,
         env=tuple(env),
@@ -334,6 +375,28 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         watchdog=watchdog,
         type=kind,
     )
+
+
+def _health_url(value: str | None, where: str) -> str | None:
+    if not value:
+        return None
+    url = urllib.parse.urlsplit(value.strip())
+    if url.scheme != "http" or not url.hostname:
+        raise ConfigError(f"{where}: {value!r} is not an http://host[:port]/path address")
+    try:
+        url.port  # noqa: B018 - validates it
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} has a bad port") from None
+    return value.strip()
+
+
+def _argv(value: str | None, where: str) -> tuple[str, ...] | None:
+    if not value or not value.strip():
+        return None
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _sockets(

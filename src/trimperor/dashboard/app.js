@@ -91,7 +91,8 @@ function render(status) {
     const name = cell(tr, v.name, "name");
     name.onclick = () => select(v.name);
     cell(tr, v.kind);
-    const state = v.held && v.state === "stopped" ? "stopped (ctl)" : v.state;
+    let state = v.held && v.state === "stopped" ? "stopped (ctl)" : v.state;
+    if (v.health === "unhealthy" || v.health === "failing") state += " (" + v.health + ")";
     cell(tr, state, "state state-" + v.state);
     cell(tr, v.pid === null ? "-" : String(v.pid), "num pid");
     cell(tr, duration(v.uptime), "num uptime");
