@@ -612,8 +612,17 @@ async def http_get(addr: str, path: str, headers: str = "") -> tuple[str, str]:
 async def test_prometheus_metrics(short_dir: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    vassals = {"a.ini": pidfile_vassal(short_dir, "a"), "b.ini": pidfile_vassal(short_dir, "b")}
+    sock = short_dir / "c.sock"
+    vassals = {
+        "a.ini": pidfile_vassal(short_dir, "a"),
+        "b.ini": pidfile_vassal(short_dir, "b"),
+        "c.ini": pidfile_vassal(short_dir, "c", f"socket = {sock}\non-demand = true\n"),
+    }
     async with emperor_running(short_dir, vassals, ["--metrics", "127.0.0.1:0"]) as run:
+        await wait_state(run, "c.ini", "armed")
+        client = await trio.open_unix_socket(str(sock))  # wakes c.ini
+        await new_pid(short_dir / "c.pid")
+        await client.aclose()
         a = await new_pid(short_dir / "a.pid")
         await new_pid(short_dir / "b.pid")
         await wait_state(run, "a.ini", "running")
@@ -632,7 +641,7 @@ async def test_prometheus_metrics(short_dir: Path) -> None:
             for family in text_string_to_metric_families(body)
             for s in family.samples
         }
-        assert samples["trimperor_vassals", (("state", "running"),)] == 1
+        assert samples["trimperor_vassals", (("state", "running"),)] == 2
         assert samples["trimperor_vassals", (("state", "stopped"),)] == 1
         assert samples["trimperor_vassals", (("state", "armed"),)] == 0
         assert samples["trimperor_vassals_held", ()] == 1
@@ -644,6 +653,10 @@ async def test_prometheus_metrics(short_dir: Path) -> None:
         (source,) = [k for k in samples if k[0] == "trimperor_source_up"]
         assert samples[source] == 1
         assert samples["trimperor_events_total", (("kind", "spawn"),)] >= 3
+        assert samples["trimperor_spawn_seconds_count", ()] >= 3
+        assert samples["trimperor_spawn_seconds_bucket", (("le", "+Inf"),)] >= 3
+        assert samples["trimperor_wake_seconds_count", ()] == 1
+        assert samples["trimperor_vassal_wakes_total", (("vassal", "c.ini"),)] == 1
         head, _ = await http_get(addr, "/nope")
         assert head.startswith("HTTP/1.1 404")
 

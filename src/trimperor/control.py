@@ -237,6 +237,32 @@ class _Client:
             pass
 
 
+class Histogram:
+    """Counts of observations by upper bound (seconds), as Prometheus buckets."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip((*map(str, self.BOUNDS), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
 class ControlHub:
     """Events and output lines from the emperor and its supervisors, to every client.
 
@@ -261,6 +287,11 @@ class ControlHub:
         """What each surface bound (``control``, ``metrics``, ``dashboard``) -> address."""
         self.sampler: ProcSampler | None = None
         self.counts: collections.Counter[str] = collections.Counter()
+        self.spawn_seconds = Histogram()
+        """From deciding to start a process to its spawn (any cause)."""
+        self.wake_seconds = Histogram()
+        """From an on-demand vassal's wake-up (first connection) to its spawn."""
+        self._starting: dict[str, tuple[float, bool]] = {}
 
     @property
     def clients(self) -> int:
@@ -288,6 +319,14 @@ class ControlHub:
             message = json.dumps(doc)
         else:
             self.counts[kind] += 1
+            if kind == "state" and fields.get("state") in {"running", "starting"} and name:
+                self._starting[name] = (time.perf_counter(), fields.get("on") == "wake")
+            elif kind == "spawn" and name in self._starting:
+                began, woke = self._starting.pop(name)
+                took = time.perf_counter() - began
+                self.spawn_seconds.observe(took)
+                if woke:
+                    self.wake_seconds.observe(took)
             message = json.dumps(doc)
             self._events.append(message)
         for client in list(self._clients):

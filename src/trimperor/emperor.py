@@ -222,6 +222,7 @@ class Emperor:
             # One NOTIFY_SOCKET for every native vassal; it outlives them all.
             await services.start(self._notify_hub.run)
             self._services = services
+            services.start_soon(self._watch_sources)
             if self._control is not None:
                 self.control_bound = await services.start(
                     serve_surfaces,
@@ -399,6 +400,20 @@ class Emperor:
             elif sup.name not in self._sups and self.registry.owner(sup.name) is None:
                 self.hub.forget(sup.name)
 
+    async def _watch_sources(self) -> None:
+        """Publish every change of a source's state (connected, retrying, ...)."""
+        seen: dict[str, str] = {}
+        while True:
+            for monitor in self.monitors:
+                snap = _source_stats(monitor, 0)
+                if seen.get(monitor.uri) != snap.state:
+                    if monitor.uri in seen:
+                        self.hub.emit(
+                            "source", None, uri=monitor.uri, state=snap.state, error=snap.last_error
+                        )
+                    seen[monitor.uri] = snap.state
+            await trio.sleep(1.0)
+
     # -- health checks and on-failure hooks ------------------------------------------
 
     def _observe(self, kind: str, name: str, **fields: Any) -> None:
@@ -426,7 +441,7 @@ class Emperor:
         if name in self._hooks:
             log.warning("hook.skipped name=%s: the previous on-failure hook still runs", name)
             return
-        rc = sup.last_returncode
+        rc = sup.last_returncode if reason == "exited" else None
         lines = [f"{d['name']}| {d['line']}" for d in self.hub.logs([name], 20)]
         env = {
             "TRIMPEROR_VASSAL": name,

@@ -19,7 +19,11 @@ from trimperor.stats import EmperorStats
 
 try:
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 except ImportError:  # pragma: no cover - depends on the install
@@ -127,6 +131,21 @@ class EmperorCollector(Collector):
             for kind, n in sorted(self._hub.counts.items()):
                 events.add_metric([kind], n)
             yield events
+            for metric, what, hist in (
+                (
+                    "trimperor_spawn_seconds",
+                    "From deciding to start a vassal's process to its spawn",
+                    self._hub.spawn_seconds,
+                ),
+                (
+                    "trimperor_wake_seconds",
+                    "From an on-demand vassal's first connection to its spawn",
+                    self._hub.wake_seconds,
+                ),
+            ):
+                h = HistogramMetricFamily(metric, what)
+                h.add_metric([], hist.cumulative(), sum_value=hist.total)
+                yield h
             g = GaugeMetricFamily("trimperor_control_clients", "Connected control clients")
             g.add_metric([], self._hub.clients)
             yield g
