@@ -13,6 +13,10 @@
   the emperor's emit to the subscriber (the ``time`` field of the ``exit``
   event vs. the wall clock when the subscriber has parsed it, same machine),
   and from the ``kill()`` call to the subscriber (includes noticing the death);
+* **stop events**: the same number of vassals are stopped with ``stop`` requests
+  on a second connection; the ``state`` event (``stopping``) is timed from its
+  emit and from the request, with no respawn in the way (a respawn right
+  after a death blocks the emperor's thread while the spawn runs);
 * **idle CPU, 50 subscribers**: the emperor's utime + stime over ``--idle``
   seconds (default 20) with no client, then with 50 subscribed clients that
   receive nothing (no vassal changes), as shares of one core.
@@ -106,6 +110,29 @@ async def event_latency(
     return emitted, killed
 
 
+async def stop_latency(
+    sock: str, rows: dict[str, dict[str, Any]], count: int
+) -> tuple[list[float], list[float]]:
+    """``stop`` requests on one connection, the ``stopping`` event on another."""
+    emitted, asked = [], []
+    async with connect(sock) as watcher, connect(sock) as steer:
+        await watcher.request("subscribe")
+        names = sorted(rows)[-count:]
+        for name in names:
+            t_ask = time.time()
+            await steer.request("stop", names=[name])
+            with trio.fail_after(30):
+                while True:
+                    ev = await watcher.next_event()
+                    if ev["event"] == "state" and ev.get("name") == name:
+                        now = time.time()
+                        emitted.append((now - ev["time"]) * 1000)
+                        asked.append((now - t_ask) * 1000)
+                        break
+        await steer.request("start", names=names)
+    return emitted, asked
+
+
 async def idle_cpu(pid: int, sock: str, seconds: float, subscribers: int) -> float:
     async with trio.open_nursery() as nursery:
         ready = 0
@@ -159,6 +186,10 @@ async def measure(args: argparse.Namespace, janitor: Janitor) -> dict[str, Any]:
     result["event_emit"] = Summary.of(emitted)
     result["event_kill"] = Summary.of(killed)
     await wait_running(sock, args.count, 300)
+    emitted, asked = await stop_latency(sock, rows, args.kills)
+    result["stop_emit"] = Summary.of(emitted)
+    result["stop_ask"] = Summary.of(asked)
+    await wait_running(sock, args.count, 300)
     result["idle_0"] = await idle_cpu(emperor.pid, sock, args.idle, 0)
     result["idle_50"] = await idle_cpu(emperor.pid, sock, args.idle, 50)
     emperor.check_alive()
@@ -177,6 +208,8 @@ def render(r: dict[str, Any]) -> str:
         ("status_cli", "`trimperor ctl status` (new process each)"),
         ("event_emit", "event: emit -> subscriber"),
         ("event_kill", "event: kill() -> subscriber"),
+        ("stop_emit", "event (ctl stop): emit -> subscriber"),
+        ("stop_ask", "event (ctl stop): request sent -> subscriber"),
     ):
         s: Summary = r[key]
         lines.append(f"| {label} | {s.n} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |")

@@ -24,6 +24,7 @@ LAYERS = {
     "notify": 2,
     "api": 2,
     "control": 2,
+    "surfaces": 2,
     "vassallogs": 2,
     "health": 2,
     "metrics": 2,

@@ -17,7 +17,6 @@ import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import trio
@@ -25,15 +24,9 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
-from trimperor.control import (
-    ControlHub,
-    ControlOptions,
-    ControlRequest,
-    held_stats,
-    serve_surfaces,
-)
+from trimperor.control import ControlHub, ControlOptions, ControlRequest, held_stats
 from trimperor.errors import ConfigError, SpawnError
-from trimperor.health import HealthWatch, run_command
+from trimperor.health import Oversight
 from trimperor.model import SourceEvent, VassalDocument
 from trimperor.notify import Notifier, NotifyHub
 from trimperor.policy import BackoffPolicy
@@ -42,9 +35,10 @@ from trimperor.sockets import ConnectionTable
 from trimperor.spawner import resolve_ids
 from trimperor.stats import EmperorStats, SourceStats, VassalStats
 from trimperor.supervisor import Supervisor
+from trimperor.surfaces import serve_surfaces
 from trimperor.uwsgi import UwsgiOptions
 from trimperor.vassallogs import LogFiles
-from trimperor.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
+from trimperor.vassalspec import VassalSpec, build_spec, tyrant
 
 __all__ = ["Emperor"]
 
@@ -133,9 +127,9 @@ class Emperor:
         """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
         self.control_bound: dict[str, str] = {}
         # health checks and on-failure hooks (they run in the services nursery)
-        self._services: trio.Nursery | None = None
-        self._watches: dict[str, HealthWatch] = {}
-        self._hooks: set[str] = set()
+        self._oversight = Oversight(
+            self._sups, self._stopping, spawner, self._environ, self.hub, self._shutdown
+        )
 
     # -- control (from the CLI's signal handler, or tests) -------------------
 
@@ -185,9 +179,9 @@ class Emperor:
             replace(
                 v,
                 held=v.name in self._held,
-                health=self._watches[v.name].state if v.name in self._watches else None,
+                health=self._oversight.health(v.name),
             )
-            if v.name in self._held or v.name in self._watches
+            if v.name in self._held or self._oversight.health(v.name) is not None
             else v
             for v in stats.vassals
         ]
@@ -221,7 +215,7 @@ class Emperor:
         async with trio.open_nursery() as services:
             # One NOTIFY_SOCKET for every native vassal; it outlives them all.
             await services.start(self._notify_hub.run)
-            self._services = services
+            self._oversight.nursery = services
             services.start_soon(self._watch_sources)
             if self._control is not None:
                 self.control_bound = await services.start(
@@ -334,7 +328,7 @@ class Emperor:
             else:
                 log.info("vassal.reload name=%s version=%s", action.name, action.version)
                 self._sups[action.name].update(action.version, action.spec)
-                self._ensure_watch(action.name)
+                self._oversight.ensure(action.name)
         elif isinstance(action, Stop):
             self._held.pop(action.name, None)
             self._pending.pop(action.name, None)
@@ -363,7 +357,7 @@ class Emperor:
             observer=self._observe,
         )
         self._sups[action.name] = sup
-        self._ensure_watch(action.name)
+        self._oversight.ensure(action.name)
         self._notifier.status(self._status_line())
         self._vassals.start_soon(self._run_supervisor, sup)
 
@@ -414,106 +408,10 @@ class Emperor:
                     seen[monitor.uri] = snap.state
             await trio.sleep(1.0)
 
-    # -- health checks and on-failure hooks ------------------------------------------
-
     def _observe(self, kind: str, name: str, **fields: Any) -> None:
-        """What supervisors report: published, and a death while running is a failure."""
+        """What supervisors report: published, and watched for failures (hooks)."""
         self.hub.emit(kind, name, **fields)
-        if (
-            kind == "state"
-            and fields.get("on") == "exited"
-            and fields.get("previous") in {"running", "starting"}
-            and fields.get("state") == "waiting"
-        ):
-            self._failed(name, "exited")
-
-    def _failed(self, name: str, reason: str, detail: str = "") -> None:
-        sup = self._sups.get(name)
-        spec = sup.spec if sup is not None else None
-        if (
-            sup is None
-            or not isinstance(spec, NativeSpec)
-            or spec.on_failure is None
-            or self._services is None
-            or self._shutdown.is_set()
-        ):
-            return
-        if name in self._hooks:
-            log.warning("hook.skipped name=%s: the previous on-failure hook still runs", name)
-            return
-        rc = sup.last_returncode if reason == "exited" else None
-        lines = [f"{d['name']}| {d['line']}" for d in self.hub.logs([name], 20)]
-        env = {
-            "TRIMPEROR_VASSAL": name,
-            "TRIMPEROR_REASON": reason,
-            "TRIMPEROR_DETAIL": detail,
-            "TRIMPEROR_EXIT_CODE": str(rc) if rc is not None and rc >= 0 else "",
-            "TRIMPEROR_EXIT_SIGNAL": signal.Signals(-rc).name if rc is not None and rc < 0 else "",
-            "TRIMPEROR_RESTARTS": str(max(sup.restarts, 0)),
-            "TRIMPEROR_LOG": "\n".join(lines)[-16384:],
-        }
-        self._hooks.add(name)
-        self._services.start_soon(self._run_hook, name, spec, spec.on_failure, env)
-
-    async def _run_hook(
-        self, name: str, spec: NativeSpec, argv: tuple[str, ...], env: dict[str, str]
-    ) -> None:
-        try:
-            log.info("hook.start name=%s reason=%s", name, env["TRIMPEROR_REASON"])
-            why = await run_command(
-                self._spawner, spec, "on-failure", argv, self._environ, spec.on_failure_timeout, env
-            )
-            if why is None:
-                log.info("hook.done name=%s", name)
-            else:
-                log.warning("hook.failed name=%s: %s", name, why)
-            self.hub.emit("hook", name, ok=why is None, error=why)
-        except Exception:
-            log.exception("hook.crashed name=%s", name)
-        finally:
-            self._hooks.discard(name)
-
-    def _ensure_watch(self, name: str) -> None:
-        sup = self._sups.get(name)
-        if (
-            sup is None
-            or self._services is None
-            or name in self._watches
-            or not HealthWatch.wanted(sup.spec)
-        ):
-            return
-        watch = HealthWatch(
-            name,
-            self._spawner,
-            self._environ,
-            partial(self._health_target, name),
-            partial(self._on_unhealthy, name),
-            self.hub.emit,
-        )
-        self._watches[name] = watch
-        self._services.start_soon(self._run_watch, watch)
-
-    def _health_target(self, name: str) -> tuple[NativeSpec | None, int | None]:
-        sup = self._sups.get(name)
-        if sup is None or name in self._stopping or not isinstance(sup.spec, NativeSpec):
-            return None, None
-        snap = sup.snapshot()
-        return sup.spec, snap.pid if snap.state == "running" else None
-
-    def _on_unhealthy(self, name: str, why: str) -> None:
-        sup = self._sups.get(name)
-        if sup is not None and name not in self._stopping:
-            sup.restart()
-            self._failed(name, "unhealthy", why)
-
-    async def _run_watch(self, watch: HealthWatch) -> None:
-        try:
-            await watch.run()
-        except Exception:
-            log.exception("health.crashed name=%s", watch.name)
-        finally:
-            if self._watches.get(watch.name) is watch:
-                del self._watches[watch.name]
+        self._oversight.observe(kind, name, fields)
 
     # -- control requests (trimperor ctl, the dashboard) ---------------------------
 

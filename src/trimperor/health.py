@@ -13,16 +13,18 @@ from __future__ import annotations
 import logging
 import signal
 import urllib.parse
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Container, Iterable, Mapping
+from functools import partial
+from typing import Any, Protocol
 
 import trio
 
 from trimperor.abc import LaunchPlan, Spawner
 from trimperor.errors import SpawnError
+from trimperor.stats import VassalStats
 from trimperor.vassalspec import NativeSpec
 
-__all__ = ["HealthWatch", "check_http", "run_command"]
+__all__ = ["HealthWatch", "Oversight", "check_http", "run_command"]
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +242,152 @@ class HealthWatch:
             )
             self._set("unhealthy", reason=why)
             self._unhealthy(why)
+
+
+class Supervised(Protocol):
+    """What :class:`Oversight` needs of a vassal supervisor."""
+
+    spec: Any
+    last_returncode: int | None
+    restarts: int
+
+    def restart(self) -> None: ...
+
+    def snapshot(self) -> VassalStats: ...
+
+
+class Oversight:
+    """Every vassal's :class:`HealthWatch` and ``on-failure`` hooks.
+
+    Reads the emperor's table of supervisors (*sups*, *stopping*) and asks a
+    supervisor to restart when its vassal turns unhealthy; it changes nothing
+    else. Watches and hooks run in :attr:`nursery` (set once the emperor runs).
+    """
+
+    def __init__(
+        self,
+        sups: Mapping[str, Supervised],
+        stopping: Container[str],
+        spawner: Spawner,
+        environ: Mapping[str, str],
+        hub: _Hub,
+        shutdown: trio.Event,
+    ) -> None:
+        self._sups = sups
+        self._stopping = stopping
+        self._spawner = spawner
+        self._environ = environ
+        self._hub = hub
+        self._shutdown = shutdown
+        self.nursery: trio.Nursery | None = None
+        self._watches: dict[str, HealthWatch] = {}
+        self._hooks: set[str] = set()
+
+    def health(self, name: str) -> str | None:
+        watch = self._watches.get(name)
+        return watch.state if watch is not None else None
+
+    def observe(self, kind: str, name: str, fields: Mapping[str, Any]) -> None:
+        """A supervisor's event: a death while running is a failure."""
+        if (
+            kind == "state"
+            and fields.get("on") == "exited"
+            and fields.get("previous") in {"running", "starting"}
+            and fields.get("state") == "waiting"
+        ):
+            self.failed(name, "exited")
+
+    def failed(self, name: str, reason: str, detail: str = "") -> None:
+        sup = self._sups.get(name)
+        spec = sup.spec if sup is not None else None
+        if (
+            sup is None
+            or not isinstance(spec, NativeSpec)
+            or spec.on_failure is None
+            or self.nursery is None
+            or self._shutdown.is_set()
+        ):
+            return
+        if name in self._hooks:
+            log.warning("hook.skipped name=%s: the previous on-failure hook still runs", name)
+            return
+        rc = sup.last_returncode if reason == "exited" else None
+        lines = [f"{d['name']}| {d['line']}" for d in self._hub.logs([name], 20)]
+        env = {
+            "TRIMPEROR_VASSAL": name,
+            "TRIMPEROR_REASON": reason,
+            "TRIMPEROR_DETAIL": detail,
+            "TRIMPEROR_EXIT_CODE": str(rc) if rc is not None and rc >= 0 else "",
+            "TRIMPEROR_EXIT_SIGNAL": signal.Signals(-rc).name if rc is not None and rc < 0 else "",
+            "TRIMPEROR_RESTARTS": str(max(sup.restarts, 0)),
+            "TRIMPEROR_LOG": "\n".join(lines)[-16384:],
+        }
+        self._hooks.add(name)
+        self.nursery.start_soon(self._run_hook, name, spec, spec.on_failure, env)
+
+    async def _run_hook(
+        self, name: str, spec: NativeSpec, argv: tuple[str, ...], env: dict[str, str]
+    ) -> None:
+        try:
+            log.info("hook.start name=%s reason=%s", name, env["TRIMPEROR_REASON"])
+            why = await run_command(
+                self._spawner, spec, "on-failure", argv, self._environ, spec.on_failure_timeout, env
+            )
+            if why is None:
+                log.info("hook.done name=%s", name)
+            else:
+                log.warning("hook.failed name=%s: %s", name, why)
+            self._hub.emit("hook", name, ok=why is None, error=why)
+        except Exception:
+            log.exception("hook.crashed name=%s", name)
+        finally:
+            self._hooks.discard(name)
+
+    def ensure(self, name: str) -> None:
+        """Start checking *name* if its configuration asks for it and nothing checks it yet."""
+        sup = self._sups.get(name)
+        if (
+            sup is None
+            or self.nursery is None
+            or name in self._watches
+            or not HealthWatch.wanted(sup.spec)
+        ):
+            return
+        watch = HealthWatch(
+            name,
+            self._spawner,
+            self._environ,
+            partial(self._target, name),
+            partial(self._unhealthy, name),
+            self._hub.emit,
+        )
+        self._watches[name] = watch
+        self.nursery.start_soon(self._run_watch, watch)
+
+    def _target(self, name: str) -> tuple[NativeSpec | None, int | None]:
+        sup = self._sups.get(name)
+        if sup is None or name in self._stopping or not isinstance(sup.spec, NativeSpec):
+            return None, None
+        snap = sup.snapshot()
+        return sup.spec, snap.pid if snap.state == "running" else None
+
+    def _unhealthy(self, name: str, why: str) -> None:
+        sup = self._sups.get(name)
+        if sup is not None and name not in self._stopping:
+            sup.restart()
+            self.failed(name, "unhealthy", why)
+
+    async def _run_watch(self, watch: HealthWatch) -> None:
+        try:
+            await watch.run()
+        except Exception:
+            log.exception("health.crashed name=%s", watch.name)
+        finally:
+            if self._watches.get(watch.name) is watch:
+                del self._watches[watch.name]
+
+
+class _Hub(Protocol):
+    def emit(self, kind: str, name: str | None = None, **fields: Any) -> None: ...
+
+    def logs(self, names: Iterable[str], n: int) -> list[dict[str, Any]]: ...

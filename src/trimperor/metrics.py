@@ -159,7 +159,7 @@ async def serve_metrics(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     from trimperor.api import parse_address
-    from trimperor.control import _read_head, _respond, _tcp_listener
+    from trimperor.surfaces import _read_head, _respond, _tcp_listener
 
     where = parse_address(addr)
     if not isinstance(where, tuple):

@@ -186,7 +186,10 @@ class Supervisor:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._observer is not None:
-            self._observer(kind, self.name, **fields)
+            try:
+                self._observer(kind, self.name, **fields)
+            except Exception:  # an observer's bug must not touch the vassal
+                log.exception("vassal.observer_failed name=%s event=%s", self.name, kind)
 
     def kill(self) -> None:
         self._post(Ev.KILL)
