@@ -1,7 +1,8 @@
 """Control socket: ``ctl status`` with many vassals, event latency, idle subscribers.
 
 ``--count`` native vassals (default 1,000, each ``sleep 3600``) run under
-``trimperor DIR --control SOCK --log-level warning``. Once all are running:
+``trimperor DIR --control SOCK --log-level warning``. Once all are running and
+``--settle`` seconds (default 10) have passed:
 
 * **status (API)**: ``--status-runs`` status requests (default 50) over one
   WebSocket connection to the control socket, request sent to full reply
@@ -177,6 +178,7 @@ async def measure(args: argparse.Namespace, janitor: Janitor) -> dict[str, Any]:
     )
     rows = await wait_running(sock, args.count, 300)
     janitor.track(r["pid"] for r in rows.values())
+    await trio.sleep(args.settle)  # the start of 1,000 vassals is still settling
     result: dict[str, Any] = {"count": args.count}
     result["status_api"] = Summary.of(await status_api(sock, args.status_runs))
     result["status_cli"] = Summary.of(
@@ -226,6 +228,7 @@ def main() -> int:
     p.add_argument("--status-runs", type=int, default=50)
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--idle", type=float, default=20.0)
+    p.add_argument("--settle", type=float, default=10.0, help="seconds to wait once all run")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args()
     sigterm_as_interrupt()
