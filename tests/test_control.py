@@ -704,3 +704,22 @@ async def test_an_unwritable_logs_dir_is_logged_once_and_the_vassal_runs(short_d
         await wait_for(lambda: "p.ini| line 20" in run.emperor.text(), 30)
         assert run.emperor.text().count("vassal.log_file_failed name=p.ini") == 1
         assert (await status(run))["p.ini"]["state"] == "running"
+
+
+@pytest.mark.integration
+async def test_ctl_reads_large_replies(short_dir: Path) -> None:
+    script = short_dir / "long.py"
+    script.write_text(
+        "import time\n"
+        "for i in range(200):\n"
+        "    print(str(i).rjust(4, '0') + 'x' * 3000, flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    vassals = {"long.ini": f"[vassal]\ncommand = {PYTHON} {script}\n"}
+    async with emperor_running(short_dir, vassals) as run:
+        await wait_for(lambda: "long.ini| 0199" in run.emperor.text(), 30)
+        rc, out, err = await ctl(run, "logs", "-n", "200")
+        assert rc == 0, err
+        lines = out.splitlines()
+        assert len(lines) == 200  # a reply of about 600 kB, in a 64-bit-length frame
+        assert lines[0].split("| ")[1].startswith("0000x") and lines[-1].endswith("x" * 3000)
