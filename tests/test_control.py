@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -723,3 +724,74 @@ async def test_ctl_reads_large_replies(short_dir: Path) -> None:
         lines = out.splitlines()
         assert len(lines) == 200  # a reply of about 600 kB, in a 64-bit-length frame
         assert lines[0].split("| ")[1].startswith("0000x") and lines[-1].endswith("x" * 3000)
+
+
+def test_log_file_is_refused_in_tyrant_mode() -> None:
+    from trimperor.emperor import Emperor
+    from trimperor.errors import Refused
+    from trimperor.model import VassalDocument
+    from trimperor.testing import FakeSpawner
+
+    emperor = Emperor([], spawner=FakeSpawner(), tyrant=True)
+    text = "[vassal]\ncommand = sleep 1\nlog-file = /etc/owned-by-root\n"
+    doc = VassalDocument("a.ini", "dir:///v", "1", text, path="/v/a.ini", uid=65534, gid=65534)
+    with pytest.raises(Refused, match="log-file is not allowed in tyrant mode"):
+        emperor._parse(doc)
+    ok = VassalDocument(
+        "a.ini",
+        "dir:///v",
+        "1",
+        text.replace("log-file", "logto"),
+        uid=65534,
+        gid=65534,
+        path="/v/a.ini",
+    )
+    emperor._parse(ok)
+
+
+@pytest.mark.integration
+async def test_a_vassals_own_log_file_is_rotated_by_its_own_limits(short_dir: Path) -> None:
+    script = short_dir / "p.py"
+    script.write_text(
+        "import itertools, time\n"
+        "for i in itertools.count():\n"
+        "    print('line', i, flush=True)\n"
+        "    time.sleep(0.002)\n"
+    )
+    own = short_dir / "own" / "p.log"
+    own.parent.mkdir()
+    vassal = (
+        f"[vassal]\ncommand = {PYTHON} {script}\nlog-file = {own}\n"
+        "log-max-bytes = 1024\nlog-backups = 1\n"
+    )
+    backup, older = own.with_name("p.log.1"), own.with_name("p.log.2")
+    async with emperor_running(short_dir, {"p.ini": vassal}) as run:
+        await wait_for(backup.exists, 30)
+        await ctl(run, "stop", "p.ini")
+        await wait_state(run, "p.ini", "stopped")
+        assert not older.exists()
+        assert own.stat().st_size <= 1024 and backup.stat().st_size <= 1024
+        lines = backup.read_text().splitlines()
+        assert lines and all(" p.ini| line " in ln for ln in lines)
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ("log-file = a.log\nlogto = b.log\n", "logto and log-file: choose one"),
+        ("log-file = a.log\nlog-max-bytes = 10\n", "log-max-bytes: '10' is not a whole number"),
+        ("health = https://x/\n", "is not an http://host"),
+        ("health = http://h/\nhealth-command = true\n", "choose one"),
+        ("health-retries = 0\n", "health-retries '0'"),
+        ("on-failure = 'unterminated\n", "on-failure"),
+    ],
+)
+def test_bad_log_health_and_hook_keys_are_config_errors(extra: str, error: str) -> None:
+    from trimperor.errors import ConfigError
+    from trimperor.model import VassalDocument
+    from trimperor.vassalspec import build_spec
+
+    text = f"[vassal]\ncommand = sleep 1\n{extra}"
+    doc = VassalDocument("a.ini", "dir:///v", "1", text, path="/v/a.ini")
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        build_spec(doc, {}, ())

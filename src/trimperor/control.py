@@ -265,7 +265,7 @@ class ControlHub:
         log_files: LogFiles | None = None,
     ) -> None:
         self._log_lines = log_lines
-        self.log_files = log_files
+        self.log_files = log_files or LogFiles(None)
         self.queue_size = queue_size
         self._logs: dict[str, collections.deque[tuple[float, str]]] = {}
         self._events: collections.deque[str] = collections.deque(maxlen=EVENT_RING)
@@ -300,8 +300,7 @@ class ControlHub:
             if ring is None:
                 ring = self._logs[name or ""] = collections.deque(maxlen=self._log_lines)
             ring.append((doc["time"], line))
-            if self.log_files is not None:
-                self.log_files.write(name or "-", doc["time"], line)
+            self.log_files.write(name or "-", doc["time"], line)
             if not any(c.logs for c in self._clients):
                 return
             message = json.dumps(doc)
@@ -324,8 +323,8 @@ class ControlHub:
     def forget(self, name: str) -> None:
         """The vassal is gone for good: drop its output."""
         self._logs.pop(name, None)
-        if self.log_files is not None:
-            self.log_files.close(name)
+        self.log_files.close(name)
+        self.log_files.configure(name, None, None, None)
 
     def logs(self, names: Iterable[str], n: int) -> list[dict[str, Any]]:
         """The last *n* lines of the named vassals (all if none), merged by time."""

@@ -25,7 +25,7 @@ from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
 from trimperor.control import ControlHub, ControlOptions, ControlRequest, held_stats
-from trimperor.errors import ConfigError, SpawnError
+from trimperor.errors import ConfigError, Refused, SpawnError
 from trimperor.health import Oversight
 from trimperor.model import SourceEvent, VassalDocument
 from trimperor.notify import Notifier, NotifyHub
@@ -38,7 +38,7 @@ from trimperor.supervisor import Supervisor
 from trimperor.surfaces import serve_surfaces
 from trimperor.uwsgi import UwsgiOptions
 from trimperor.vassallogs import LogFiles
-from trimperor.vassalspec import VassalSpec, build_spec, tyrant
+from trimperor.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
 
 __all__ = ["Emperor"]
 
@@ -67,9 +67,9 @@ def _resolve(user: str | None, group: str | None) -> tuple[int | None, int | Non
     return uid, gid
 
 
-def _log_files(control: ControlOptions | None) -> LogFiles | None:
-    if control is None or control.logs_dir is None:
-        return None
+def _log_files(control: ControlOptions | None) -> LogFiles:
+    if control is None:
+        return LogFiles(None)
     return LogFiles(control.logs_dir, control.log_max_bytes, control.log_backups)
 
 
@@ -250,8 +250,7 @@ class Emperor:
                         self._stopping.add(name)
                         sup.stop()
             services.cancel_scope.cancel()
-        if self.hub.log_files is not None:
-            self.hub.log_files.close_all()
+        self.hub.log_files.close_all()
         log.info("emperor.stopped")
 
     async def _run_monitor(
@@ -299,6 +298,12 @@ class Emperor:
         spec = build_spec(doc, self._environ, self._extra_extensions)
         if self.tyrant:
             spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)
+            if isinstance(spec, NativeSpec) and spec.log_file is not None:
+                # The emperor writes log files as itself: never at a vassal owner's choice.
+                raise Refused(
+                    f"{doc.name}: log-file is not allowed in tyrant mode (the emperor would "
+                    "write it with its own rights); use logto, or --logs-dir"
+                )
         return spec
 
     def _apply(self, action: Action[VassalSpec]) -> None:
@@ -329,6 +334,7 @@ class Emperor:
                 log.info("vassal.reload name=%s version=%s", action.name, action.version)
                 self._sups[action.name].update(action.version, action.spec)
                 self._oversight.ensure(action.name)
+                self._configure_log(action.name, action.spec)
         elif isinstance(action, Stop):
             self._held.pop(action.name, None)
             self._pending.pop(action.name, None)
@@ -358,6 +364,7 @@ class Emperor:
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
+        self._configure_log(action.name, action.spec)
         self._notifier.status(self._status_line())
         self._vassals.start_soon(self._run_supervisor, sup)
 
@@ -407,6 +414,12 @@ class Emperor:
                         )
                     seen[monitor.uri] = snap.state
             await trio.sleep(1.0)
+
+    def _configure_log(self, name: str, spec: VassalSpec) -> None:
+        if isinstance(spec, NativeSpec):
+            self.hub.log_files.configure(name, spec.log_file, spec.log_max_bytes, spec.log_backups)
+        else:
+            self.hub.log_files.configure(name, None, None, None)
 
     def _observe(self, kind: str, name: str, **fields: Any) -> None:
         """What supervisors report: published, and watched for failures (hooks)."""

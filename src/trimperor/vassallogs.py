@@ -33,21 +33,49 @@ def stamp(t: float) -> str:
 
 
 class LogFiles:
-    def __init__(self, directory: str, max_bytes: int = 10 * 1024 * 1024, backups: int = 5):
+    """*directory* (``--logs-dir``) for every vassal, or None; a vassal's own
+    ``log-file`` (:meth:`configure`) takes precedence."""
+
+    def __init__(
+        self, directory: str | None, max_bytes: int = 10 * 1024 * 1024, backups: int = 5
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.backups = backups
         self._open: dict[str, tuple[IO[bytes], int]] = {}
         self._failed: set[str] = set()
+        self._own: dict[str, tuple[str, int, int]] = {}
 
-    def path(self, vassal: str) -> str:
-        return os.path.join(self.directory, file_name(vassal))
+    def configure(
+        self, vassal: str, path: str | None, max_bytes: int | None, backups: int | None
+    ) -> None:
+        """The vassal's own ``log-file`` (None: the logs directory, if any)."""
+        if path is None:
+            if self._own.pop(vassal, None) is not None:
+                self.close(vassal)
+            return
+        own = (path, max_bytes or self.max_bytes, self.backups if backups is None else backups)
+        if self._own.get(vassal) != own:
+            self.close(vassal)
+            self._own[vassal] = own
+
+    def path(self, vassal: str) -> str | None:
+        own = self._own.get(vassal)
+        if own is not None:
+            return own[0]
+        return None if self.directory is None else os.path.join(self.directory, file_name(vassal))
+
+    def _limits(self, vassal: str) -> tuple[int, int]:
+        own = self._own.get(vassal)
+        return (own[1], own[2]) if own is not None else (self.max_bytes, self.backups)
 
     def write(self, vassal: str, t: float, line: str) -> None:
+        if self.path(vassal) is None:
+            return
         data = f"{stamp(t)} {vassal}| {line}\n".encode(errors="replace")
         try:
             f, size = self._file(vassal)
-            if size and size + len(data) > self.max_bytes:
+            if size and size + len(data) > self._limits(vassal)[0]:
                 self._rotate(vassal)
                 f, size = self._file(vassal)
             f.write(data)
@@ -69,6 +97,7 @@ class LogFiles:
         found = self._open.get(vassal)
         if found is None:
             path = self.path(vassal)
+            assert path is not None
             # Line-buffered in effect: each line is one write, visible to tail -f at once.
             f = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open between writes
             found = self._open[vassal] = (f, f.seek(0, os.SEEK_END))
@@ -77,12 +106,14 @@ class LogFiles:
     def _rotate(self, vassal: str) -> None:
         self.close(vassal)
         path = self.path(vassal)
-        if self.backups <= 0:
+        assert path is not None
+        backups = self._limits(vassal)[1]
+        if backups <= 0:
             os.unlink(path)
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}.{self.backups}")
-        for n in range(self.backups - 1, 0, -1):
+            os.unlink(f"{path}.{backups}")
+        for n in range(backups - 1, 0, -1):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{path}.{n}", f"{path}.{n + 1}")
         os.replace(path, f"{path}.1")

@@ -60,6 +60,9 @@ NATIVE_KEYS = frozenset(
         "health-retries",
         "on-failure",
         "on-failure-timeout",
+        "log-file",
+        "log-max-bytes",
+        "log-backups",
     }
 )
 
@@ -153,6 +156,10 @@ class NativeSpec:
     on_failure: tuple[str, ...] | None = None
     """Run after the vassal died unexpectedly or turned unhealthy."""
     on_failure_timeout: float = 30.0
+    log_file: str | None = None
+    """The vassal's output, timestamped, also to this file (rotated by size)."""
+    log_max_bytes: int | None = None
+    log_backups: int | None = None
 
     kind = "native"
 
@@ -349,6 +356,13 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
     hook_timeout = _seconds(one("on-failure-timeout") or "30", f"{name}: on-failure-timeout")
     if hook_timeout <= 0:
         raise ConfigError(f"{name}: on-failure-timeout must be more than 0")
+    log_file = one("log-file") or None
+    if log_file is not None and not os.path.isabs(log_file):
+        log_file = os.path.join(chdir, log_file)
+    if log_file is not None and logto is not None:
+        raise ConfigError(f"{name}: logto and log-file: choose one")
+    log_max = _count_key(one("log-max-bytes"), f"{name}: log-max-bytes", 1024)
+    log_backups = _count_key(one("log-backups"), f"{name}: log-backups", 0)
     if health and health_command:
         raise ConfigError(f"{name}: health and health-command: choose one")
     return NativeSpec(
@@ -359,6 +373,9 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         health_retries=int(retries_raw),
         on_failure=on_failure,
         on_failure_timeout=hook_timeout,
+        log_file=log_file,
+        log_max_bytes=log_max,
+        log_backups=log_backups,
         name=name,
         command=argv,
         env=tuple(env),
@@ -388,6 +405,14 @@ def _health_url(value: str | None, where: str) -> str | None:
     except ValueError:
         raise ConfigError(f"{where}: {value!r} has a bad port") from None
     return value.strip()
+
+
+def _count_key(value: str | None, where: str, least: int) -> int | None:
+    if value is None or not value.strip():
+        return None
+    if not value.strip().isdigit() or int(value) < least:
+        raise ConfigError(f"{where}: {value!r} is not a whole number >= {least}")
+    return int(value)
 
 
 def _argv(value: str | None, where: str) -> tuple[str, ...] | None:
