@@ -795,3 +795,37 @@ def test_bad_log_health_and_hook_keys_are_config_errors(extra: str, error: str) 
     doc = VassalDocument("a.ini", "dir:///v", "1", text, path="/v/a.ini")
     with pytest.raises(ConfigError, match=re.escape(error)):
         build_spec(doc, {}, ())
+
+
+@pytest.mark.integration
+async def test_source_state_changes_are_events(short_dir: Path) -> None:
+    """A pg:// source whose table does not exist yet retries, then connects."""
+    import uuid
+
+    import psycopg
+
+    from tests.test_monitor_postgres import DSN
+
+    name = f"ctl_{uuid.uuid4().hex[:10]}"
+    uri = f"pg://{DSN};SELECT name, config, ts FROM {name}"
+    extra = ["--emperor", uri, "--freq", "0.2"]
+    with psycopg.connect(DSN, autocommit=True, connect_timeout=5) as conn:
+        try:
+            async with emperor_running(short_dir, {}, extra) as run, connect(run.sock) as client:
+                await client.request("subscribe")
+                with trio.fail_after(20):
+                    while True:
+                        reply = await client.request("status")
+                        pg = [s for s in reply["sources"] if s["uri"].startswith("pg://")]
+                        if pg and pg[0]["state"] == "retrying":
+                            break
+                        await trio.sleep(0.05)
+                conn.execute(f"CREATE TABLE {name} (name text, config text, ts numeric)")
+                with trio.fail_after(20):
+                    while True:
+                        ev = await client.next_event()
+                        if ev["event"] == "source" and ev["state"] == "connected":
+                            break
+                assert ev["uri"].startswith("pg://")
+        finally:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -101,8 +104,50 @@ def browse(url: str, base: Path, screenshot: str | None) -> None:
             )
             if screenshot:
                 page.screenshot(path=screenshot, full_page=True)
+
+            # A page of another origin (another port on the same host), with the
+            # token, cannot open the socket.
+            other = browser.new_page()
+            with _other_site() as site:
+                other.goto(site)
+                outcome = other.evaluate(
+                    """(url) => new Promise((resolve) => {
+                        const ws = new WebSocket(url);
+                        ws.onopen = () => resolve("open");
+                        ws.onerror = () => resolve("refused");
+                    })""",
+                    url.replace("http://", "ws://") + f"/ws?token={TOKEN}",
+                )
+            assert outcome == "refused"
         finally:
             browser.close()
+
+
+@contextmanager
+def _other_site() -> Iterator[str]:
+    """Another web site: an empty page on another port of the same host."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>elsewhere</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def _chromium_present() -> bool:
@@ -152,13 +197,13 @@ async def test_dashboard_in_chromium(short_dir: Path) -> None:
         await wait_for(lambda: "surface=dashboard" in emperor.text(), 20)
         addr = emperor.text().split("surface=dashboard addr=")[1].split()[0]
         await new_pid(short_dir / "a.pid")
-        # Another site's page may not use the dashboard's socket.
         await trio.to_thread.run_sync(
             browse, f"http://{addr}", short_dir, os.environ.get("TRIMPEROR_DASHBOARD_SCREENSHOT")
         )
         text = emperor.text()
         assert "control.stop names=t.ini" in text and "control.restart names=a.ini" in text
         assert "control.refused surface=dashboard reason=wrong token" in text
+        assert "control.refused surface=dashboard reason=cross-origin" in text
         assert TOKEN not in text
         emperor.signal(signal.SIGTERM)
         assert await emperor.wait() == 0
