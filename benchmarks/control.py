@@ -22,7 +22,12 @@
   seconds (default 20) with no client, then with 50 subscribed clients that
   receive nothing (no vassal changes), as shares of one core.
 
-Run: ``python benchmarks/control.py [--count 1000] [--status-runs 50] [--kills 100] [--idle 20]``.
+With ``--no-respawn`` the emperor runs with ``--loyal-after 100000 --throttle
+600000``: killed vassals wait ten minutes instead of being respawned at once,
+so no spawn runs while the event travels (they are started again afterwards).
+
+Run: ``python benchmarks/control.py [--count 1000] [--status-runs 50] [--kills 100] [--idle 20]
+[--no-respawn]``.
 """
 
 from __future__ import annotations
@@ -172,7 +177,15 @@ async def measure(args: argparse.Namespace, janitor: Janitor) -> dict[str, Any]:
     sock = str(base / "ctl.sock")
     emperor = janitor.start(
         "trimperor",
-        trimperor_command(str(vassals), "--control", sock, "--log-level", "warning"),
+        trimperor_command(
+            str(vassals),
+            "--control",
+            sock,
+            "--log-level",
+            "warning",
+            # Every death is early and waits 10 minutes: nothing respawns meanwhile.
+            *(["--loyal-after", "100000", "--throttle", "600000"] if args.no_respawn else []),
+        ),
         base / "emperor.log",
         base,
     )
@@ -187,6 +200,9 @@ async def measure(args: argparse.Namespace, janitor: Janitor) -> dict[str, Any]:
     emitted, killed = await event_latency(sock, rows, args.kills)
     result["event_emit"] = Summary.of(emitted)
     result["event_kill"] = Summary.of(killed)
+    if args.no_respawn:
+        async with connect(sock) as client:
+            await client.request("start", all=True)  # those waiting start now
     await wait_running(sock, args.count, 300)
     emitted, asked = await stop_latency(sock, rows, args.kills)
     result["stop_emit"] = Summary.of(emitted)
@@ -229,6 +245,11 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--idle", type=float, default=20.0)
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait once all run")
+    p.add_argument(
+        "--no-respawn",
+        action="store_true",
+        help="killed vassals are not respawned during the kill phase (no spawn in the way)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args()
     sigterm_as_interrupt()
