@@ -402,6 +402,18 @@ async def test_api_bad_requests_get_error_replies(short_dir: Path) -> None:
             assert reply["ok"] is False
             reply = await ask(ws, json.dumps({"id": 10, "cmd": "status"}))
             assert reply["ok"] is True and reply["vassals"][0]["name"] == "a.ini"
+        # A broken handshake, and plain HTTP: refused, nothing else.
+        for head in (
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"\x16\x03\x01 not http at all\r\n\r\n",
+        ):
+            raw = await trio.open_unix_socket(run.sock)
+            async with raw:
+                await raw.send_all(head)
+                with trio.fail_after(15):
+                    answer = await raw.receive_some()
+            assert answer.startswith(b"HTTP/1.1 4"), answer
         # An oversized message closes that connection, nothing else.
         async with raw_ws(run.sock) as ws:
             await ws.send_message("x" * (200 * 1024))

@@ -223,7 +223,7 @@ class Emperor:
                     self._control,
                     self.hub,
                     self.control_snapshot,
-                    self._send.send,
+                    self._submit_control,
                 )
             async with trio.open_nursery() as vassals:
                 self._vassals = vassals
@@ -427,6 +427,13 @@ class Emperor:
         self._oversight.observe(kind, name, fields)
 
     # -- control requests (trimperor ctl, the dashboard) ---------------------------
+
+    async def _submit_control(self, req: ControlRequest) -> None:
+        """Into the inbox; answered at once while shutting down (nobody reads it then)."""
+        if self._shutdown.is_set():
+            req.reply({}, dict.fromkeys(req.names or ("*",), "the emperor is shutting down"))
+            return
+        await self._send.send(req)
 
     def _unhold(self, name: str, why: str) -> None:
         if self._held.pop(name, None) is not None:

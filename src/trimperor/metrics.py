@@ -172,6 +172,14 @@ async def serve_metrics(
         raise UsageError(f"cannot serve metrics on {addr!r}: {exc.strerror}") from None
 
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # a scrape must never take the emperor down
+            log.exception("metrics.scrape_failed")
+
+    async def answer(stream: trio.SocketStream) -> None:
         async with stream:
             head = await _read_head(stream)
             if head is None or head.method not in {"GET", "HEAD"}:

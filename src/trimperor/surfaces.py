@@ -196,10 +196,16 @@ class ControlServer:
             if not upgrade:
                 await _respond(stream, "426 Upgrade Required", b"a WebSocket endpoint\n")
                 return
+            request: WebSocketRequest | None = None
             async with trio.open_nursery() as nursery:
-                request = await wrap_server_stream(
-                    nursery, _Prefixed(stream, head.raw), max_message_size=MAX_MESSAGE
-                )
+                # A handshake wsproto rejects is answered 400 and never becomes a request.
+                with trio.move_on_after(HEAD_TIMEOUT):
+                    request = await wrap_server_stream(
+                        nursery, _Prefixed(stream, head.raw), max_message_size=MAX_MESSAGE
+                    )
+                if request is None:
+                    nursery.cancel_scope.cancel()
+                    return
                 reason = self._refusal(surface, request)
                 if reason is not None:
                     status, why = reason
