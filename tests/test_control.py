@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -841,3 +842,18 @@ async def test_source_state_changes_are_events(short_dir: Path) -> None:
                 assert ev["uri"].startswith("pg://")
         finally:
             conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_proc_sampler_reads_cpu_and_rss_of_a_process() -> None:
+    from trimperor.control import ProcSampler
+
+    sampler = ProcSampler()
+    me = os.getpid()
+    cpu, rss = sampler.sample([me])[me]
+    assert cpu is not None and rss is not None and rss > 1024 * 1024
+    spent = time.process_time() + 0.2
+    while time.process_time() < spent:  # busy: 0.2 s of CPU, however long that takes
+        pass
+    cpu, _ = sampler.sample([me])[me]
+    assert cpu is not None and cpu > 0.0
+    assert sampler.sample([2**22 + 12345]) == {2**22 + 12345: (None, None)}

@@ -141,6 +141,7 @@ class ProcSampler:
                 rss = int(fields[21]) * _PAGE
             except (OSError, ValueError, IndexError):
                 out[pid] = (None, None)
+                self._last.pop(pid, None)
                 continue
             cpu = (int(fields[11]) + int(fields[12])) / _TICKS
             prev = self._last.get(pid)
@@ -152,7 +153,9 @@ class ProcSampler:
                 pct = 100.0 * cpu / max(time.time() - started, 0.01)
                 seen[pid] = prev if prev is not None else (now, cpu)
             out[pid] = (round(max(pct, 0.0), 1), rss)
-        self._last = seen
+        self._last.update(seen)  # a status of some vassals keeps the others' samples
+        if len(self._last) > 2 * len(seen) + 10_000:  # pids of processes long gone
+            self._last = seen
         return out
 
 
