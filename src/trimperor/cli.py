@@ -232,11 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the token TCP control clients and the dashboard must present",
     )
-    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on host:port")
+    g.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on host:port (a bare PORT: 127.0.0.1)",
+    )
     g.add_argument(
         "--dashboard",
         metavar="HOST:PORT",
-        help="serve the web dashboard on host:port (needs --control-token-file)",
+        help="serve the web dashboard on host:port (a bare PORT: 127.0.0.1; "
+        "needs --control-token-file)",
     )
     g.add_argument(
         "--logs-dir",

@@ -161,7 +161,7 @@ async def serve_metrics(
     from trimperor.api import parse_address
     from trimperor.surfaces import _read_head, _respond, _tcp_listener
 
-    where = parse_address(addr)
+    where = parse_address(f"127.0.0.1:{addr}" if addr.isdigit() else addr)
     if not isinstance(where, tuple):
         raise UsageError("--metrics takes host:port")
     registry = CollectorRegistry(auto_describe=False)

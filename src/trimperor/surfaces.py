@@ -453,7 +453,9 @@ async def serve_surfaces(
                     unix_path = where
                     served.append((_Surface("unix", where, None, frozenset()), listener))
         if options.dashboard is not None:
-            where = _parse(options.dashboard)
+            # A bare port is on loopback: the dashboard is not for the network by default.
+            dash = options.dashboard
+            where = _parse(f"127.0.0.1:{dash}" if dash.isdigit() else dash)
             if not isinstance(where, tuple):
                 raise UsageError("--dashboard takes host:port")
             if options.token is None:
