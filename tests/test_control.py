@@ -323,8 +323,23 @@ async def test_ctl_events_and_wait(short_dir: Path) -> None:
 
         rc, _, err = await ctl(run, "wait", "a.ini", "--state", "armed", "--timeout", "0.5")
         assert rc == 1 and "not armed" in err
-        rc, _, err = await ctl(run, "wait", "nope.ini", "--timeout", "5")
-        assert rc == 1 and "no such vassal" in err
+        rc, _, err = await ctl(run, "wait", "nope.ini", "--timeout", "0.5")
+        assert rc == 1 and "nope.ini is no vassal (yet), not running" in err
+
+        # A vassal that appears while waiting (a deploy script's case).
+        async with trio.open_nursery() as nursery:
+            codes: list[int] = []
+
+            async def wait_new() -> None:
+                codes.append((await ctl(run, "wait", "new.ini", "--timeout", "30"))[0])
+
+            nursery.start_soon(wait_new)
+            async with connect(run.sock) as client:
+                with trio.fail_after(20):  # the waiter has subscribed
+                    while (await client.request("status"))["emperor"]["clients"] < 2:
+                        await trio.sleep(0.05)
+            (run.vassals / "new.ini").write_text(pidfile_vassal(short_dir, "new"))
+        assert codes == [0]
 
 
 @pytest.mark.integration

@@ -476,21 +476,20 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             deadline = time.monotonic() + args.timeout
             with contextlib.suppress(TimeoutError, ValueError):
                 reply = client.request("status", names=[args.name])
-                if not reply["vassals"]:
-                    print(f"trimperor ctl: no such vassal: {args.name}", file=err)
-                    return EXIT_FAILED
-                state = reply["vassals"][0]["state"]
-                if state == args.state:
-                    return 0
+                # A vassal not there yet (its file is being deployed) is waited for too.
+                if reply["vassals"]:
+                    state = reply["vassals"][0]["state"]
+                    if state == args.state:
+                        return 0
                 while True:
                     doc = client.next_event(deadline - time.monotonic())
                     if doc["event"] == "state":
                         state = doc["state"]
                         if state == args.state:
                             return 0
+            where = f"is {state}" if state else "is no vassal (yet)"
             print(
-                f"trimperor ctl: {args.name} is {state or 'unknown'}, not {args.state}, "
-                f"after {args.timeout}s",
+                f"trimperor ctl: {args.name} {where}, not {args.state}, after {args.timeout}s",
                 file=err,
             )
             return EXIT_FAILED
