@@ -194,6 +194,16 @@ async def test_ctl_stop_holds_a_vassal_until_started_or_its_config_changes(
         rc, _, err = await ctl(run, "stop")
         assert rc == 2 and "--all" in err
 
+        # Stopped, then its configuration removed: forgotten.
+        await ctl(run, "stop", "b.ini")
+        await wait_state(run, "b.ini", "stopped")
+        (run.vassals / "b.ini").unlink()
+        with trio.fail_after(20):
+            while "b.ini" in await status(run):
+                await trio.sleep(0.05)
+        async with connect(run.sock) as client:
+            assert (await client.request("logs", names=["b.ini"]))["lines"] == []
+
 
 @pytest.mark.integration
 async def test_ctl_restart_reload_and_signal(short_dir: Path) -> None:

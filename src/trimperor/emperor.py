@@ -336,7 +336,8 @@ class Emperor:
                 self._oversight.ensure(action.name)
                 self._configure_log(action.name, action.spec)
         elif isinstance(action, Stop):
-            self._held.pop(action.name, None)
+            if self._held.pop(action.name, None) is not None and action.name not in self._sups:
+                self.hub.forget(action.name)  # stopped by ctl, now removed: gone for good
             self._pending.pop(action.name, None)
             sup = self._sups.get(action.name)
             if sup is not None and action.name not in self._stopping:
