@@ -2,6 +2,7 @@
 
 - docs/design.md: the lifecycle state diagram, from trimperor.lifecycle.TABLE
 - docs/cli.md: the output of ``trimperor --help``
+- docs/control.md: the output of ``trimperor ctl --help`` and of each command
 """
 
 from __future__ import annotations
@@ -12,9 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trimperor.cli import build_parser
+from trimperor.ctl import build_parser as ctl_parser
 from trimperor.lifecycle import mermaid
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def ctl_help() -> str:
+    """``trimperor ctl --help``, then each command's own help."""
+    parser = ctl_parser()
+    parts = [parser.format_help()]
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        choices = getattr(action, "choices", None) or {}
+        parts += [sub.format_help() for sub in choices.values()]
+    return "\n".join(parts)
 
 
 def blocks() -> dict[tuple[str, str], str]:
@@ -24,6 +36,7 @@ def blocks() -> dict[tuple[str, str], str]:
     return {
         ("design.md", "lifecycle"): f"```mermaid\n{mermaid()}\n```",
         ("cli.md", "help"): f"```text\n{help_text.rstrip()}\n```",
+        ("control.md", "ctl-help"): f"```text\n{ctl_help().rstrip()}\n```",
     }
 
 

@@ -25,6 +25,8 @@ from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
 from trimperor.api import check_stats_address
 from trimperor.configfile import parse
+from trimperor.control import ControlOptions
+from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.launcher import LauncherSpawner
@@ -299,6 +301,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a JSON status document on host:port or a unix socket path",
     )
     g.add_argument(
+        "--control",
+        metavar="ADDR",
+        help="control socket for trimperor ctl: a unix socket path (default "
+        "/run/trimperor/control.sock as root, else $XDG_RUNTIME_DIR/trimperor.sock), "
+        "host:port (needs --control-token-file), or none",
+    )
+    g.add_argument(
+        "--control-token-file",
+        metavar="FILE",
+        help="the token TCP control clients and the dashboard must present",
+    )
+    g.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on host:port (a bare PORT: 127.0.0.1)",
+    )
+    g.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the web dashboard on host:port (a bare PORT: 127.0.0.1; "
+        "needs --control-token-file)",
+    )
+    g.add_argument(
+        "--logs-dir",
+        metavar="DIR",
+        help="also write each vassal's output to DIR/NAME.log, timestamped",
+    )
+    g.add_argument(
+        "--log-max-bytes",
+        type=int,
+        default=10 * 1024 * 1024,
+        metavar="BYTES",
+        help="rotate a --logs-dir file at this size (default 10485760)",
+    )
+    g.add_argument(
+        "--log-backups",
+        type=int,
+        default=5,
+        metavar="N",
+        help="rotated files kept: NAME.log.1 ... NAME.log.N (default 5)",
+    )
+    g.add_argument(
         "--pidfile", "--emperor-pidfile", metavar="FILE", help="write the emperor's pid to FILE"
     )
     g.add_argument(
@@ -489,11 +533,46 @@ def _configure_logging(level: str) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(EscapingFilter())
+    # Vassal output is what the operator asked to see, whatever the level.
+    logging.getLogger("trimperor.vassal").setLevel(logging.INFO)
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
     # watchfiles logs every change it sees at INFO; our monitors log what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # pymongo logs its topology at DEBUG, and its fork hook repeats that in
     # every vassal's child before exec; keep --log-level debug about trimperor.
     logging.getLogger("pymongo").setLevel(logging.WARNING)
+
+
+def not_a_source(arg: str) -> bool:
+    """A bare word such as ``status``: no scheme, no glob character, not a path that exists."""
+    return "://" not in arg and not any(c in arg for c in "*?[") and not os.path.exists(arg)
+
+
+def control_options(args: argparse.Namespace) -> ControlOptions:
+    token = read_token(args.control_token_file) if args.control_token_file else None
+    explicit = args.control is not None
+    control = args.control if explicit else default_control_path()
+    if control is not None and control.lower() in {"none", "off", ""}:
+        control = None
+    logs_dir = None
+    if args.logs_dir:
+        logs_dir = os.path.abspath(args.logs_dir)
+        try:
+            os.makedirs(logs_dir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--logs-dir {args.logs_dir}: {exc.strerror}") from None
+    if args.log_max_bytes < 1024 or args.log_backups < 0:
+        raise UsageError("--log-max-bytes must be >= 1024 and --log-backups >= 0")
+    return ControlOptions(
+        logs_dir=logs_dir,
+        log_max_bytes=args.log_max_bytes,
+        log_backups=args.log_backups,
+        control=control,
+        control_explicit=explicit,
+        token=token,
+        metrics=args.metrics,
+        dashboard=args.dashboard,
+    )
 
 
 def write_pidfile(path: str) -> None:
@@ -602,6 +681,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ctl":
+        from trimperor.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -646,6 +729,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "hint='Quote the pattern, as in trimperor \"/path/*.ini\"'",
                 len(args.sources),
             )
+        for arg in sources:
+            if not_a_source(arg):
+                log.warning(
+                    "cli.not_a_source arg=%s: no such file or directory, and no pattern; "
+                    "watching it anyway. A command for a running emperor? trimperor ctl %s",
+                    arg,
+                    arg,
+                )
         monitors = resolve_sources(sources, options)
         fleet = _fleet(args)
         emperor = Emperor(
@@ -662,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tyrant=args.tyrant,
             tyrant_initgroups=args.tyrant_initgroups,
             fleet=fleet,
+            control=control_options(args),
             uwsgi=UwsgiOptions(
                 binary=args.binary_path or default_binary(),
                 wrapper=args.emperor_wrapper,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -24,17 +25,21 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
-from trimperor.errors import ConfigError, SpawnError
+from trimperor.control import ControlHub, ControlOptions, ControlRequest, held_stats
+from trimperor.errors import ConfigError, Refused, SpawnError
+from trimperor.health import Oversight
 from trimperor.model import SourceEvent, VassalDocument, describe_version
 from trimperor.notify import Notifier, NotifyHub
 from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.sockets import ConnectionTable
 from trimperor.spawner import resolve_ids
-from trimperor.stats import EmperorStats, SourceStats
+from trimperor.stats import EmperorStats, SourceStats, VassalStats
 from trimperor.supervisor import Supervisor
+from trimperor.surfaces import serve_surfaces
 from trimperor.uwsgi import UwsgiOptions
-from trimperor.vassalspec import VassalSpec, build_spec, tyrant
+from trimperor.vassallogs import LogFiles
+from trimperor.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
 
 if TYPE_CHECKING:
     from trimperor.fleet import Fleet
@@ -69,6 +74,12 @@ def _resolve(user: str | None, group: str | None) -> tuple[int | None, int | Non
     return uid, gid
 
 
+def _log_files(control: ControlOptions | None) -> LogFiles:
+    if control is None:
+        return LogFiles(None)
+    return LogFiles(control.logs_dir, control.log_max_bytes, control.log_backups)
+
+
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
     status = getattr(monitor, "status", None)
     if status is not None and hasattr(status, "snapshot"):
@@ -92,6 +103,7 @@ class Emperor:
         tyrant: bool = False,
         tyrant_initgroups: bool = False,
         fleet: Fleet | None = None,
+        control: ControlOptions | None = None,
     ) -> None:
         self.monitors = tuple(monitors)
         self._spawner = spawner
@@ -105,7 +117,7 @@ class Emperor:
         self._uwsgi = uwsgi or UwsgiOptions(extra_extensions=self._extra_extensions)
         self.registry: Registry[VassalSpec] = Registry(self._parse)
         self._parsed: dict[int, VassalSpec | Exception] = {}
-        self._send, self._recv = trio.open_memory_channel[SourceEvent](1024)
+        self._send, self._recv = trio.open_memory_channel[SourceEvent | ControlRequest](1024)
         self._sups: dict[str, Supervisor] = {}
         self._stopping: set[str] = set()
         self._pending: dict[str, Start[VassalSpec]] = {}
@@ -120,6 +132,16 @@ class Emperor:
         # --cluster: starts of vassals placed on other nodes wait here.
         self._fleet = fleet
         self._parked: dict[str, Start[VassalSpec]] = {}
+        # control surfaces (trimperor ctl, dashboard, metrics)
+        self._control = control
+        self.hub = ControlHub(log_files=_log_files(control))
+        self._held: dict[str, VassalStats] = {}
+        """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
+        self.control_bound: dict[str, str] = {}
+        # health checks and on-failure hooks (they run in the services nursery)
+        self._oversight = Oversight(
+            self._sups, self._stopping, spawner, self._environ, self.hub, self._shutdown
+        )
 
     # -- control (from the CLI's signal handler, or tests) -------------------
 
@@ -160,6 +182,22 @@ class Emperor:
 
     def supervisor(self, name: str) -> Supervisor | None:
         return self._sups.get(name)
+
+    def control_snapshot(self) -> EmperorStats:
+        """The snapshot the control surfaces show: with the vassals ``ctl stop`` holds."""
+        stats = self.snapshot()
+        held = [s for n, s in self._held.items() if n not in self._sups]
+        vassals = [
+            replace(
+                v,
+                held=v.name in self._held,
+                health=self._oversight.health(v.name),
+            )
+            if v.name in self._held or self._oversight.health(v.name) is not None
+            else v
+            for v in stats.vassals
+        ]
+        return replace(stats, vassals=tuple(sorted(vassals + held, key=lambda v: v.name)))
 
     def snapshot(self) -> EmperorStats:
         now = trio.current_time()
@@ -203,6 +241,16 @@ class Emperor:
                     kill=self._fence_kill,
                 )
                 await services.start(self._fleet.run)
+            self._oversight.nursery = services
+            services.start_soon(self._watch_sources)
+            if self._control is not None:
+                self.control_bound = await services.start(
+                    serve_surfaces,
+                    self._control,
+                    self.hub,
+                    self.control_snapshot,
+                    self._submit_control,
+                )
             async with trio.open_nursery() as vassals:
                 self._vassals = vassals
                 try:
@@ -230,6 +278,7 @@ class Emperor:
                         self._stopping.add(name)
                         sup.stop()
             services.cancel_scope.cancel()
+        self.hub.log_files.close_all()
         log.info("emperor.stopped")
 
     async def _run_monitor(
@@ -256,6 +305,13 @@ class Emperor:
 
     async def _inbox_loop(self) -> None:
         async for event in self._recv:
+            if isinstance(event, ControlRequest):
+                try:
+                    self._handle_control(event)
+                except Exception:
+                    log.exception("emperor.bad_control_request command=%s", event.command)
+                    event.reply({}, {"": "internal error; see the emperor's log"})
+                continue
             # Parsing is bounded (sizes, no YAML aliases) but still CPU work
             # proportional to the input: do it off the event loop, so that no
             # document can delay a wake, a stop or a heartbeat.
@@ -303,6 +359,12 @@ class Emperor:
         spec = build_spec(doc, self._environ, self._extra_extensions)
         if self.tyrant:
             spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)
+            if isinstance(spec, NativeSpec) and spec.log_file is not None:
+                # The emperor writes log files as itself: never at a vassal owner's choice.
+                raise Refused(
+                    f"{doc.name}: log-file is not allowed in tyrant mode (the emperor would "
+                    "write it with its own rights); use logto, or --logs-dir"
+                )
         return spec
 
     def _apply(self, action: Action[VassalSpec]) -> None:
@@ -317,11 +379,13 @@ class Emperor:
                 action.message,
             )
         elif isinstance(action, Start):
+            self._unhold(action.name, "its configuration changed")
             if action.name in self._sups:
                 self._pending[action.name] = action  # starts when the old one is gone
             else:
                 self._start(action)
         elif isinstance(action, Reload):
+            self._unhold(action.name, "its configuration changed")
             start = Start(action.name, action.source, action.version, action.spec)
             if action.name in self._stopping or action.name in self._pending:
                 self._pending[action.name] = start
@@ -333,7 +397,11 @@ class Emperor:
                     shown = f"version={shown}"
                 log.info("vassal.reload name=%s %s", action.name, shown)
                 self._sups[action.name].update(action.version, action.spec)
+                self._oversight.ensure(action.name)
+                self._configure_log(action.name, action.spec)
         elif isinstance(action, Stop):
+            if self._held.pop(action.name, None) is not None and action.name not in self._sups:
+                self.hub.forget(action.name)  # stopped by ctl, now removed: gone for good
             self._pending.pop(action.name, None)
             self._parked.pop(action.name, None)
             sup = self._sups.get(action.name)
@@ -393,8 +461,11 @@ class Emperor:
             uwsgi=self._uwsgi,
             connections=self._connections,
             notify_hub=self._notify_hub,
+            observer=self._observe,
         )
         self._sups[action.name] = sup
+        self._oversight.ensure(action.name)
+        self._configure_log(action.name, action.spec)
         self._notifier.status(self._status_line())
         self._vassals.start_soon(self._run_supervisor, sup)
 
@@ -426,3 +497,119 @@ class Emperor:
                 pending = self._pending.pop(sup.name, None)
             if pending is not None and not self._shutdown.is_set() and sup.name not in self._sups:
                 self._start(pending)
+            if sup.name in self._held:
+                self._held[sup.name] = held_stats(sup.snapshot())
+            elif sup.name not in self._sups and self.registry.owner(sup.name) is None:
+                self.hub.forget(sup.name)
+
+    async def _watch_sources(self) -> None:
+        """Publish every change of a source's state (connected, retrying, ...)."""
+        seen: dict[str, str] = {}
+        while True:
+            for monitor in self.monitors:
+                snap = _source_stats(monitor, 0)
+                if seen.get(monitor.uri) != snap.state:
+                    if monitor.uri in seen:
+                        self.hub.emit(
+                            "source", None, uri=monitor.uri, state=snap.state, error=snap.last_error
+                        )
+                    seen[monitor.uri] = snap.state
+            await trio.sleep(1.0)
+
+    def _configure_log(self, name: str, spec: VassalSpec) -> None:
+        if isinstance(spec, NativeSpec):
+            self.hub.log_files.configure(name, spec.log_file, spec.log_max_bytes, spec.log_backups)
+        else:
+            self.hub.log_files.configure(name, None, None, None)
+
+    def _observe(self, kind: str, name: str, **fields: Any) -> None:
+        """What supervisors report: published, and watched for failures (hooks)."""
+        self.hub.emit(kind, name, **fields)
+        self._oversight.observe(kind, name, fields)
+
+    # -- control requests (trimperor ctl, the dashboard) ---------------------------
+
+    async def _submit_control(self, req: ControlRequest) -> None:
+        """Into the inbox; answered at once while shutting down (nobody reads it then)."""
+        if self._shutdown.is_set():
+            req.reply({}, dict.fromkeys(req.names or ("*",), "the emperor is shutting down"))
+            return
+        await self._send.send(req)
+
+    def _unhold(self, name: str, why: str) -> None:
+        if self._held.pop(name, None) is not None:
+            log.info("vassal.unheld name=%s: %s", name, why)
+
+    def _handle_control(self, req: ControlRequest) -> None:
+        """One control command, answered at once: the emperor decides, as for sources."""
+        known = set(self._sups) | set(self._held)
+        names = sorted(known) if req.all else list(dict.fromkeys(req.names))
+        done: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        stopping = self._shutdown.is_set()
+        for name in names:
+            if stopping:
+                errors[name] = "the emperor is shutting down"
+            elif name not in known:
+                errors[name] = "no such vassal"
+            else:
+                outcome = self._control_one(req, name)
+                if outcome.startswith("!"):
+                    errors[name] = outcome[1:]
+                else:
+                    done[name] = outcome
+        log.info(
+            "control.%s names=%s done=%d errors=%d",
+            req.command,
+            ",".join(names) or "-",
+            len(done),
+            len(errors),
+        )
+        self.hub.emit("control", command=req.command, names=names, errors=errors)
+        req.reply(done, errors)
+
+    def _control_one(self, req: ControlRequest, name: str) -> str:
+        """What happened to *name*; a leading ``!`` marks an error."""
+        sup = self._sups.get(name)
+        gone = sup is None or name in self._stopping
+        if req.command == "stop":
+            if name in self._held:
+                return "already stopped"
+            assert sup is not None
+            self._pending.pop(name, None)
+            self._held[name] = held_stats(sup.snapshot())
+            if name not in self._stopping:
+                self._stopping.add(name)
+                sup.stop()
+            log.info("vassal.held name=%s: stopped by control until started", name)
+            return "stopping"
+        if req.command in {"start", "restart"} and name in self._held:
+            start = self.registry.desired(name)
+            if start is None:
+                return "!its configuration cannot run"
+            del self._held[name]
+            if sup is not None:  # still stopping: start once it is gone
+                self._pending[name] = start
+            else:
+                self._start(start)
+            log.info("vassal.unheld name=%s: started by control", name)
+            return "starting"
+        if gone or sup is None:
+            return "!it is stopping"
+        if req.command == "start":
+            if sup.state.value == "waiting":
+                sup.clear_backoff()
+                return "starting now"
+            return "already running"
+        if req.command == "restart":
+            sup.restart()
+            return "restarting"
+        if req.command == "reload":
+            sup.reload()
+            return "reloading"
+        if req.command == "signal":
+            assert req.signal is not None
+            if not sup.send_signal(req.signal):
+                return "!it has no process"
+            return f"sent {signal.Signals(req.signal).name}"
+        return f"!unknown command {req.command}"

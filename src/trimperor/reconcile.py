@@ -96,6 +96,13 @@ class Registry(Generic[S]):
         """The specs of every vassal that should be running now."""
         return {name: o.spec for name, o in self._owned.items() if o.running and o.spec is not None}
 
+    def desired(self, name: str) -> Start[S] | None:
+        """How to start *name* again (after ``ctl stop``), if it should run."""
+        owned = self._owned.get(name)
+        if owned is None or not owned.running or owned.spec is None or owned.version is None:
+            return None
+        return Start(name, owned.source, owned.version, owned.spec)
+
     def names(self, source: str) -> frozenset[str]:
         return frozenset(self._offers.get(source, ()))
 

@@ -63,6 +63,10 @@ class VassalStats:
     """The vassal sent sd_notify's READY=1."""
     notify_status: str | None = None
     last_watchdog: float | None = None
+    held: bool = False
+    health: str | None = None
+    """With health checks: ``healthy``, ``failing`` or ``unhealthy`` (None before the first)."""
+    """Stopped by ``trimperor ctl stop``: stays stopped until started or its config changes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,8 +94,11 @@ class Supervisor:
         uwsgi: UwsgiOptions | None = None,
         connections: ConnectionTable | None = None,
         notify_hub: NotifyHub | None = None,
+        observer: Callable[..., None] | None = None,
     ) -> None:
         self.name = name
+        self._observer = observer
+        """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
         self.source = source
         self.version = version
         self.spec = spec
@@ -186,6 +189,24 @@ class Supervisor:
     def stop(self) -> None:
         self._post(Ev.STOP)
 
+    def restart(self) -> None:
+        """Restart the process now (``ctl restart``), whatever its reload signal."""
+        self._post(Ev.RESTART)
+
+    def send_signal(self, sig: int) -> bool:
+        """Send *sig* to the vassal's main process; False if it has none."""
+        if self._proc is None:
+            return False
+        self._proc.send(sig)
+        return True
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(kind, self.name, **fields)
+            except Exception:  # an observer's bug must not touch the vassal
+                log.exception("vassal.observer_failed name=%s event=%s", self.name, kind)
+
     def kill(self) -> None:
         self._post(Ev.KILL)
 
@@ -273,6 +294,8 @@ class Supervisor:
                 tr.next.value,
                 ev.value,
             )
+        if tr.next is not self.state:
+            self._emit("state", state=tr.next.value, previous=self.state.value, on=ev.value)
         self.state = tr.next
         for act in tr.actions:
             await self._act(act, post)
@@ -295,6 +318,7 @@ class Supervisor:
                     self.backoff.attempt,
                     delay,
                 )
+                self._emit("backoff", attempt=self.backoff.attempt, delay=round(delay, 3))
             else:
                 log.info("vassal.respawn name=%s", self.name)
             self._schedule(self.backoff.next_start or now)
@@ -409,6 +433,7 @@ class Supervisor:
         self._running_spec = self.spec
         self.last_error = None
         log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, self.spec.kind)
+        self._emit("spawn", pid=proc.pid)
         self._nursery.start_soon(self._wait, proc)
         if proc.output is not None:
             self._nursery.start_soon(self._pump, proc.output)
@@ -430,6 +455,12 @@ class Supervisor:
             self._notify_hub.unregister(proc.pid)
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
+        self._emit(
+            "exit",
+            pid=proc.pid,
+            code=rc if rc is not None and rc >= 0 else None,
+            signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
+        )
 
     def _schedule(self, when: float) -> None:
         assert self._nursery is not None
@@ -710,7 +741,9 @@ class Supervisor:
             self._log_line(buf)
 
     def _log_line(self, line: bytes) -> None:
-        vassal_log.info("%s| %s", self.name, line.decode(errors="replace").rstrip())
+        text = line.decode(errors="replace").rstrip()
+        vassal_log.info("%s| %s", self.name, text)
+        self._emit("log", line=text)
         if self._channel is not None and not self._announced:
             self._announced = announce_binary(self._channel.program, line)
         if isinstance(self.spec, UwsgiSpec) and not self.no_app and _NO_APP in line:

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,16 @@ NATIVE_KEYS = frozenset(
         "idle",
         "watchdog",
         "type",
+        "health",
+        "health-command",
+        "health-interval",
+        "health-timeout",
+        "health-retries",
+        "on-failure",
+        "on-failure-timeout",
+        "log-file",
+        "log-max-bytes",
+        "log-backups",
     }
     | FLEET_KEYS
 )
@@ -153,6 +164,21 @@ class NativeSpec:
     or entered with the user's rights, never root's."""
     placement: Placement = DEFAULT_PLACEMENT
     """Where it runs in a fleet (``--cluster``); ignored without one."""
+    health: str | None = None
+    """``http://host:port/path``: healthy while a GET answers 2xx or 3xx."""
+    health_command: tuple[str, ...] | None = None
+    """Healthy while this command exits 0 (run as the vassal's user, in its chdir)."""
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    health_retries: int = 3
+    """Failed checks in a row that make the vassal unhealthy (it is restarted)."""
+    on_failure: tuple[str, ...] | None = None
+    """Run after the vassal died unexpectedly or turned unhealthy."""
+    on_failure_timeout: float = 30.0
+    log_file: str | None = None
+    """The vassal's output, timestamped, also to this file (rotated by size)."""
+    log_max_bytes: int | None = None
+    log_backups: int | None = None
 
     kind = "native"
 
@@ -356,7 +382,39 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         raise ConfigError(f"{name}: type: the value is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
+    health = _health_url(one("health"), f"{name}: health")
+    health_command = _argv(one("health-command"), f"{name}: health-command")
+    on_failure = _argv(one("on-failure"), f"{name}: on-failure")
+    interval = _seconds(one("health-interval") or "10", f"{name}: health-interval")
+    timeout = _seconds(one("health-timeout") or "5", f"{name}: health-timeout")
+    retries_raw = one("health-retries") or "3"
+    if not retries_raw.isdigit() or int(retries_raw) < 1:
+        raise ConfigError(f"{name}: health-retries {retries_raw!r} is not a positive number")
+    if interval <= 0 or timeout <= 0:
+        raise ConfigError(f"{name}: health-interval and health-timeout must be more than 0")
+    hook_timeout = _seconds(one("on-failure-timeout") or "30", f"{name}: on-failure-timeout")
+    if hook_timeout <= 0:
+        raise ConfigError(f"{name}: on-failure-timeout must be more than 0")
+    log_file = one("log-file") or None
+    if log_file is not None and not os.path.isabs(log_file):
+        log_file = os.path.join(chdir, log_file)
+    if log_file is not None and logto is not None:
+        raise ConfigError(f"{name}: logto and log-file: choose one")
+    log_max = _count_key(one("log-max-bytes"), f"{name}: log-max-bytes", 1024)
+    log_backups = _count_key(one("log-backups"), f"{name}: log-backups", 0)
+    if health and health_command:
+        raise ConfigError(f"{name}: health and health-command: choose one")
     return NativeSpec(
+        health=health,
+        health_command=health_command,
+        health_interval=interval,
+        health_timeout=timeout,
+        health_retries=int(retries_raw),
+        on_failure=on_failure,
+        on_failure_timeout=hook_timeout,
+        log_file=log_file,
+        log_max_bytes=log_max,
+        log_backups=log_backups,
         name=name,
         command=argv,
         env=tuple(env),
@@ -374,6 +432,36 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
         type=kind,
         placement=parse_placement(section.get_all, name),
     )
+
+
+def _health_url(value: str | None, where: str) -> str | None:
+    if not value:
+        return None
+    url = urllib.parse.urlsplit(value.strip())
+    if url.scheme != "http" or not url.hostname:
+        raise ConfigError(f"{where}: {value!r} is not an http://host[:port]/path address")
+    try:
+        url.port  # noqa: B018 - validates it
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} has a bad port") from None
+    return value.strip()
+
+
+def _count_key(value: str | None, where: str, least: int) -> int | None:
+    if value is None or not value.strip():
+        return None
+    if not value.strip().isdigit() or int(value) < least:
+        raise ConfigError(f"{where}: {value!r} is not a whole number >= {least}")
+    return int(value)
+
+
+def _argv(value: str | None, where: str) -> tuple[str, ...] | None:
+    if not value or not value.strip():
+        return None
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _sockets(

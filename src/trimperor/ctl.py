@@ -1,0 +1,515 @@
+"""``trimperor ctl``: talk to a running emperor over its control socket.
+
+Exit status: 0 when done, 1 when a command failed (an unknown vassal, ``wait``
+timed out), 2 for a usage error, 3 when no emperor answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from trimperor.errors import UsageError
+
+__all__ = ["CtlClient", "build_parser", "connect", "default_control_path", "main", "read_token"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+class Unreachable(Exception):
+    pass
+
+
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+_MAX_HEAD = 64 * 1024
+_MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def _mask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+class CtlClient:
+    """One blocking WebSocket client connection to the emperor (RFC 6455).
+
+    ``trimperor ctl`` runs once and exits: a few dozen lines over a plain
+    socket start faster than any WebSocket library (see
+    :func:`trimperor.control.connect` for the trio client).
+    """
+
+    def __init__(self, sock: socket.socket, host: str, headers: list[tuple[bytes, bytes]]):
+        self._sock = sock
+        self._buf = b""
+        self._next = 0
+        self._events: deque[dict[str, Any]] = deque()
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            "GET / HTTP/1.1",
+            f"Host: {host}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{k.decode()}: {v.decode()}" for k, v in headers),
+        ]
+        self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self._buf:
+            if len(self._buf) > _MAX_HEAD:
+                raise Unreachable("sent an oversized answer")
+            self._fill()
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        status, *fields = head.decode("latin-1").split("\r\n")
+        found = {}
+        for line in fields:
+            name, _, value = line.partition(":")
+            found[name.strip().lower()] = value.strip()
+        parts = status.split(" ", 2)
+        code = parts[1] if len(parts) > 1 else "?"
+        if code != "101":
+            length = int(found.get("content-length", "0") or 0)
+            while len(self._buf) < min(length, _MAX_HEAD):
+                try:
+                    self._fill()
+                except Unreachable:
+                    break
+            body = self._buf[:length].decode(errors="replace").strip()
+            raise Unreachable(f"refused: {body or code}")
+        accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
+        if found.get("sec-websocket-accept") != accept:
+            raise Unreachable("answered with a bad WebSocket handshake")
+
+    def _fill(self) -> None:
+        data = self._sock.recv(1 << 20)
+        if not data:
+            raise Unreachable("the emperor closed the connection")
+        self._buf += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._fill()
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        key = os.urandom(4)
+        self._sock.sendall(head + key + _mask(payload, key))
+
+    def _message(self) -> str:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            b0, b1 = self._take(2)
+            opcode, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._take(2), "big")
+            elif n == 127:
+                n = int.from_bytes(self._take(8), "big")
+            key = self._take(4) if b1 & 0x80 else b""
+            size += n
+            if size > _MAX_MESSAGE:
+                raise Unreachable("sent an oversized message")
+            payload = self._take(n)
+            if key:
+                payload = _mask(payload, key)
+            if opcode == 0x8:  # close
+                with contextlib.suppress(OSError):
+                    self._send(0x8, payload[:2])
+                raise Unreachable("the emperor closed the connection")
+            if opcode == 0x9:  # ping
+                self._send(0xA, payload)
+                continue
+            if opcode == 0xA:  # pong
+                continue
+            parts.append(payload)
+            if b0 & 0x80:
+                return b"".join(parts).decode()
+
+    def _receive(self) -> dict[str, Any]:
+        doc = json.loads(self._message())
+        assert isinstance(doc, dict)
+        return doc
+
+    def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self._next += 1
+        rid = self._next
+        self._send(0x1, json.dumps({"id": rid, "cmd": cmd, **fields}).encode())
+        while True:
+            doc = self._receive()
+            if "event" in doc:
+                self._events.append(doc)
+            elif doc.get("id") == rid:
+                return doc
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next event (after ``subscribe``); TimeoutError after *timeout* seconds."""
+        self._sock.settimeout(timeout)
+        try:
+            while not self._events:
+                doc = self._receive()
+                if "event" in doc:
+                    return doc
+            return self._events.popleft()
+        finally:
+            self._sock.settimeout(REQUEST_TIMEOUT)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(0x8, (1000).to_bytes(2, "big"))
+        self._sock.close()
+
+
+REQUEST_TIMEOUT = 30.0
+
+
+def resolve_address(given: str | None) -> str:
+    return given or os.environ.get("TRIMPEROR_CONTROL") or default_control_path()
+
+
+@contextmanager
+def connect(address: str, token: str | None = None) -> Iterator[CtlClient]:
+    where = split_address(address)
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+    try:
+        if isinstance(where, tuple):
+            sock = socket.create_connection(where, timeout=REQUEST_TIMEOUT)
+            host = f"{where[0]}:{where[1]}"
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(REQUEST_TIMEOUT)
+            sock.connect(where)
+            host = "localhost"
+    except OSError as exc:
+        raise Unreachable(f"cannot reach the emperor at {address}: {exc.strerror or exc}") from None
+    try:
+        try:
+            client = CtlClient(sock, host, headers)
+        except Unreachable as exc:
+            raise Unreachable(f"the emperor at {address} {exc}") from None
+        yield client
+        client.close()
+    finally:
+        sock.close()
+
+
+def split_address(addr: str) -> tuple[str, int] | str:
+    """``host:port`` or ``[v6]:port`` -> (host, port); anything else is a path."""
+    if "/" in addr or ":" not in addr:
+        return addr
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"bad address {addr!r}: port must be a number")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_control_path() -> str:
+    """``/run/trimperor/control.sock`` as root, else ``$XDG_RUNTIME_DIR/trimperor.sock``
+    (``/tmp/trimperor-UID/control.sock`` without it)."""
+    uid = os.getuid()
+    if uid == 0:
+        return "/run/trimperor/control.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "trimperor.sock")
+    return f"/tmp/trimperor-{uid}/control.sock"
+
+
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(4096).strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise UsageError(f"token file {path}: the token must be at least 16 characters")
+    return token
+
+
+# -- output --------------------------------------------------------------------
+
+
+_COLOURS = {
+    "running": "32",
+    "starting": "36",
+    "armed": "36",
+    "sleeping": "36",
+    "waiting": "33",
+    "reloading": "33",
+    "stopping": "33",
+    "stopped": "31",
+}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(n)
+
+
+def state_text(row: dict[str, Any]) -> str:
+    state = str(row["state"])
+    if row.get("held"):
+        return f"{state} (ctl)" if state == "stopped" else f"{state} (ctl stop)"
+    if row.get("health") in {"unhealthy", "failing"}:
+        return f"{state} ({row['health']})"
+    if state == "waiting" and row.get("backoff_attempt"):
+        return f"waiting (backoff {row['backoff_attempt']})"
+    return state
+
+
+def last_error(row: dict[str, Any]) -> str:
+    if row.get("held") and row["state"] == "stopped":
+        return "stopped by ctl: trimperor ctl start " + str(row["name"])
+    if row.get("last_error"):
+        return str(row["last_error"])
+    if row["state"] != "waiting":
+        return ""  # a deliberate stop or restart is no error
+    if row.get("last_exit_signal"):
+        return f"killed by {row['last_exit_signal']}"
+    if row.get("last_exit_code"):
+        return f"exit status {row['last_exit_code']}"
+    return ""
+
+
+def status_table(rows: Sequence[dict[str, Any]], colour: bool = False) -> str:
+    head = ["NAME", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "WAKES", "CPU%", "RSS", "ERROR"]
+    table = [head]
+    for r in rows:
+        table.append(
+            [
+                str(r["name"]),
+                str(r["kind"]),
+                state_text(r),
+                str(r["pid"]) if r["pid"] is not None else "-",
+                _duration(r["uptime"]),
+                str(r["restarts"]),
+                str(r["wakes"]),
+                f"{r['cpu']:.1f}" if r["cpu"] is not None else "-",
+                _bytes(r["rss"]),
+                last_error(r),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = []
+    for i, row in enumerate(table):
+        cells = [cell.ljust(widths[j]) for j, cell in enumerate(row)]
+        if colour and i:
+            code = _COLOURS.get(str(rows[i - 1]["state"]))
+            if code:
+                cells[2] = f"\033[{code}m{cells[2]}\033[0m"
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def log_line(doc: dict[str, Any]) -> str:
+    return f"{_clock(float(doc['time']))} {doc.get('name', '-')}| {doc.get('line', '')}"
+
+
+def event_line(doc: dict[str, Any]) -> str:
+    skip = {"event", "seq", "time", "name"}
+    details = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)
+    return f"{_clock(float(doc['time']))} {doc['event']} {doc.get('name', '-')} {details}".rstrip()
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trimperor ctl",
+        description="Watch and steer a running emperor through its control socket.",
+        epilog="The socket is --control, else $TRIMPEROR_CONTROL, else the default path "
+        "(/run/trimperor/control.sock as root, else $XDG_RUNTIME_DIR/trimperor.sock).",
+    )
+    p.add_argument("--control", metavar="ADDR", help="socket path or host:port")
+    p.add_argument(
+        "--token-file",
+        "--control-token-file",
+        dest="token_file",
+        metavar="FILE",
+        help="the token, for a TCP control socket ($TRIMPEROR_TOKEN_FILE)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="a table of the vassals")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("--json", action="store_true", help="the full status as JSON")
+    for cmd, what in (
+        ("start", "start vassals stopped by ctl stop (or waiting in backoff)"),
+        ("stop", "stop vassals; they stay stopped until started or their config changes"),
+        ("restart", "restart the vassals' processes"),
+        ("reload", "reload the vassals (their reload signal, else a restart)"),
+    ):
+        s = sub.add_parser(cmd, help=what)
+        s.add_argument("names", nargs="*", metavar="NAME")
+        s.add_argument("--all", action="store_true", help="every vassal")
+    s = sub.add_parser("signal", help="send a signal to the vassals' main processes")
+    s.add_argument("signal", metavar="SIGNAL", help="name (HUP, USR1, ...) or number")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("--all", action="store_true", help="every vassal")
+    s = sub.add_parser("logs", help="the merged, timestamped output of the vassals")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="default 50")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    s = sub.add_parser("events", help="what happened: state changes, spawns, exits, backoff")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="default 50")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s = sub.add_parser("wait", help="wait until a vassal reaches a state (exit 0) or time out (1)")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--state", default="running", help="default running")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default 30")
+    return p
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    token_file = args.token_file or os.environ.get("TRIMPEROR_TOKEN_FILE")
+    token = read_token(token_file) if token_file else None
+    address = resolve_address(args.control)
+    with connect(address, token) as client:
+        cmd = args.command
+        if cmd == "status":
+            reply = client.request("status", names=args.names)
+            rows = reply["vassals"]
+            missing = sorted(set(args.names) - {r["name"] for r in rows})
+            if args.json:
+                print(json.dumps(reply, indent=2), file=out)
+            else:
+                print(
+                    status_table(rows, colour=out.isatty() and "NO_COLOR" not in os.environ),
+                    file=out,
+                )
+            for name in missing:
+                print(f"trimperor ctl: no such vassal: {name}", file=err)
+            return EXIT_FAILED if missing else 0
+        if cmd in {"start", "stop", "restart", "reload", "signal"}:
+            if not args.names and not args.all:
+                raise UsageError(f"{cmd}: name at least one vassal, or --all")
+            fields: dict[str, Any] = {"names": args.names, "all": args.all}
+            if cmd == "signal":
+                fields["signal"] = args.signal
+            reply = client.request(cmd, **fields)
+            if not reply.get("ok", False) and "error" in reply:
+                print(f"trimperor ctl: {reply['error']}", file=err)
+                return EXIT_FAILED
+            for name, what in reply.get("done", {}).items():
+                print(f"{name}: {what}", file=out)
+            for name, why in reply.get("errors", {}).items():
+                print(f"trimperor ctl: {name}: {why}", file=err)
+            return 0 if reply.get("ok") else EXIT_FAILED
+        if cmd == "logs":
+            if args.follow:
+                client.request("subscribe", names=args.names, events=False, logs=True)
+            reply = client.request("logs", names=args.names, n=max(args.lines, 0))
+            last = 0.0
+            for doc in reply["lines"]:
+                print(log_line(doc), file=out, flush=True)
+                last = max(last, float(doc["time"]))
+            if args.follow:
+                while True:
+                    doc = client.next_event()
+                    if doc["event"] == "log" and float(doc["time"]) > last:
+                        print(log_line(doc), file=out, flush=True)
+            return 0
+        if cmd == "events":
+            show = json.dumps if args.json else event_line
+            if args.follow:
+                client.request("subscribe", names=args.names)
+            reply = client.request("events", n=max(args.lines, 0))
+            seen = 0
+            for doc in reply["events"]:
+                if not args.names or doc.get("name") in args.names:
+                    print(show(doc), file=out, flush=True)
+                seen = max(seen, int(doc["seq"]))
+            if args.follow:
+                while True:
+                    doc = client.next_event()
+                    if int(doc["seq"]) > seen:
+                        print(show(doc), file=out, flush=True)
+            return 0
+        if cmd == "wait":
+            client.request("subscribe", names=[args.name])
+            state = None
+            deadline = time.monotonic() + args.timeout
+            with contextlib.suppress(TimeoutError, ValueError):
+                reply = client.request("status", names=[args.name])
+                # A vassal not there yet (its file is being deployed) is waited for too.
+                if reply["vassals"]:
+                    state = reply["vassals"][0]["state"]
+                    if state == args.state:
+                        return 0
+                while True:
+                    doc = client.next_event(deadline - time.monotonic())
+                    if doc["event"] == "state":
+                        state = doc["state"]
+                        if state == args.state:
+                            return 0
+            where = f"is {state}" if state else "is no vassal (yet)"
+            print(
+                f"trimperor ctl: {args.name} {where}, not {args.state}, after {args.timeout}s",
+                file=err,
+            )
+            return EXIT_FAILED
+    raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[2:] if argv is None else argv))
+    try:
+        return _run(args, sys.stdout, sys.stderr)
+    except Unreachable as exc:
+        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokenPipeError:
+        return 0
+    except (TimeoutError, OSError) as exc:
+        print(f"trimperor ctl: the emperor did not answer: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except UsageError as exc:
+        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
