@@ -39,6 +39,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _vassals(emperor: int) -> list[int]:
+    """The emperor's vassal processes: the children of its launcher."""
+    found: list[int] = []
+    for child in _children(emperor):
+        argv = _argv(child)
+        if argv and any(arg.endswith("_launcher.py") for arg in argv):
+            found += _children(child)
+        else:
+            found.append(child)
+    return found
+
+
 def _argv(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -92,11 +104,11 @@ class FleetNode:
         self.emperor = EmperorProcess(args, log)
 
     def running(self) -> dict[str, int]:
-        """Vassal name -> pid of what this emperor runs now (its live children)."""
+        """Vassal name -> pid of what this emperor runs now (its live vassals)."""
         if self.emperor is None or self.emperor.proc.poll() is not None:
             return {}
         found = {}
-        for pid in _children(self.emperor.proc.pid):
+        for pid in _vassals(self.emperor.proc.pid):
             argv = _argv(pid)
             if argv and len(argv) >= 3 and argv[-2].endswith("sleeper.py"):
                 found[argv[-1]] = pid
