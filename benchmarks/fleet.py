@@ -52,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import Emperor, Janitor, Summary, children, fmt, is_gone, machine_info
+from benchlib import Emperor, Janitor, Summary, fmt, is_gone, machine_info, vassals_of
 from trimperor.placement import Node, Placement, owners
 
 PREFIX = "/bench"
@@ -186,7 +186,7 @@ class Bench:
     def where(self) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {}
         for node, emperor in self.emperors.items():
-            for pid in children(emperor.pid):
+            for pid in vassals_of(emperor.pid):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         argv0 = f.read().split(b"\0")[0].decode(errors="replace")
@@ -199,7 +199,7 @@ class Bench:
     def pids(self) -> dict[str, tuple[str, int]]:
         found: dict[str, tuple[str, int]] = {}
         for node, emperor in self.emperors.items():
-            for pid in children(emperor.pid):
+            for pid in vassals_of(emperor.pid):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         argv0 = f.read().split(b"\0")[0].decode(errors="replace")
