@@ -8,6 +8,9 @@ magnitude above what a well-formed input costs: they catch amplification
 full 64 KiB by repeating a hostile fragment, since that is how amplification
 attacks are built.
 
+Inputs that would make a decoder reach outside (an amqp body naming a URL or
+an absolute path) are left out: those paths have their own tests.
+
 The examples per test are few by default, so that CI stays fast; ``nox -s
 fuzz`` (``HYPOTHESIS_PROFILE=fuzz``) runs many more.
 """
@@ -21,14 +24,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import httpx
 import pytest
+import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trimperor.abc import MonitorOptions
 from trimperor.configfile import parse
 from trimperor.errors import ConfigError, Refused
-from trimperor.model import VassalDocument
+from trimperor.model import SourceEvent, VassalDocument
+from trimperor.monitors.amqp import AmqpMonitor, _Handler
 from trimperor.monitors.mongodb import BadDocument, document_to_vassal
 from trimperor.monitors.postgres import BadRow, row_document
 from trimperor.monitors.zeromq import BadMessage, parse_command
@@ -190,3 +196,25 @@ def test_uwsgi_config_frames_round_trip(body: bytes) -> None:
 @pytest.mark.parametrize("byte", range(256))
 def test_uwsgi_protocol_bytes(byte: int) -> None:
     assert isinstance(describe(byte), str)
+
+
+ROUTING_KEYS = st.one_of(
+    st.just(""),
+    st.sampled_from(["a.ini", "../a.ini", "a/b.ini", "a.txt", ".ini", "a\n.ini", "a.yaml"]),
+    st.text(max_size=40),
+)
+LOCAL_BODIES = (
+    amplified(FRAGMENT).map(str.encode).filter(lambda b: not b.lstrip().startswith((b"/", b"http")))
+)
+
+
+@given(key=ROUTING_KEYS, body=st.one_of(LOCAL_BODIES, st.binary(max_size=4096)))
+async def test_amqp_messages(key: str, body: bytes) -> None:
+    if not key and body.lstrip().startswith((b"/", b"http")):
+        return  # a locator: reads a file or fetches a URL (tests/test_monitor_amqp.py)
+    send, recv = trio.open_memory_channel[SourceEvent](10)
+    monitor = AmqpMonitor("amqp://127.0.0.1", OPTIONS)
+    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery, recv:
+        handler = _Handler(monitor, send, http, nursery)
+        with bounded():
+            await handler.message(key, body)
