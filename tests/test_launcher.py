@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -56,47 +58,40 @@ def all_four(marker: str) -> bool:
     return len(pids_of(marker)) == 4
 
 
-async def test_emperor_sigkill_leaves_no_descendant(tmp_path: Path) -> None:
+@asynccontextmanager
+async def family_running(tmp_path: Path, *args: str) -> AsyncIterator[tuple[EmperorProcess, str]]:
+    """An emperor running one vassal with its three descendants; yields it and the marker."""
     marker = uuid.uuid4().hex
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     write_atomic(vassals / "family.ini", family(marker))
-    e = EmperorProcess([str(vassals)], tmp_path / "e.log")
+    e = EmperorProcess([str(vassals), *args], tmp_path / "e.log")
     try:
         await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
+        yield e, marker
+    finally:
+        e.close()
+
+
+async def test_emperor_sigkill_leaves_no_descendant(tmp_path: Path) -> None:
+    async with family_running(tmp_path) as (e, marker):
         e.signal(signal.SIGKILL)
         await e.wait()
         await wait_for(lambda: not pids_of(marker), what="every descendant gone")
-    finally:
-        e.close()
 
 
 async def test_stopping_a_vassal_removes_its_whole_tree(tmp_path: Path) -> None:
-    marker = uuid.uuid4().hex
-    vassals = tmp_path / "vassals"
-    vassals.mkdir()
-    write_atomic(vassals / "family.ini", family(marker))
-    e = EmperorProcess([str(vassals)], tmp_path / "e.log")
-    try:
-        await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
-        (vassals / "family.ini").unlink()
+    async with family_running(tmp_path) as (e, marker):
+        (tmp_path / "vassals" / "family.ini").unlink()
         await wait_for(lambda: "vassal.exited name=family.ini" in e.text())
         await wait_for(lambda: not pids_of(marker), what="every descendant gone")
         assert e.proc.poll() is None
-    finally:
-        e.close()
 
 
 async def test_a_dead_launcher_takes_its_vassals_and_a_new_one_respawns_them(
     tmp_path: Path,
 ) -> None:
-    marker = uuid.uuid4().hex
-    vassals = tmp_path / "vassals"
-    vassals.mkdir()
-    write_atomic(vassals / "family.ini", family(marker))
-    e = EmperorProcess([str(vassals), "--throttle", "50"], tmp_path / "e.log")
-    try:
-        await wait_for(lambda: all_four(marker), what="the vassal and its three descendants")
+    async with family_running(tmp_path, "--throttle", "50") as (e, marker):
         first = set(pids_of(marker))
         found = re.search(r"launcher.started pid=(\d+)", e.text())
         assert found is not None
@@ -110,5 +105,3 @@ async def test_a_dead_launcher_takes_its_vassals_and_a_new_one_respawns_them(
         await wait_for(lambda: len(re.findall(r"launcher.started pid=", e.text())) == 2)
         await wait_for(lambda: all_four(marker), what="the respawned family")
         assert not pid_alive(launcher)
-    finally:
-        e.close()
