@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -36,6 +35,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    system_user,
     versions,
     wait_for,
 )
@@ -564,19 +564,8 @@ async def test_on_demand_uwsgi_vassal_from_schema_attributes(
 def unprivileged_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
         pytest.fail("the tyrant test needs root")
-    created = False
-    try:
-        pw = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-        created = True
-        pw = pwd.getpwnam(TEST_USER)
-    yield pw
-    if created:
-        subprocess.run(["userdel", TEST_USER], check=False)
+    with system_user(TEST_USER) as pw:
+        yield pw
 
 
 @pytest.mark.integration

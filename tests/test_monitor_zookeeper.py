@@ -16,7 +16,6 @@ import pwd
 import re
 import signal
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -39,6 +38,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    system_user,
     versions,
     wait_for,
 )
@@ -658,19 +658,8 @@ async def test_emperor_on_demand_socket_from_a_sibling(tree: Tree, tmp_path: Pat
 def unprivileged_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
         pytest.fail("the tyrant test runs vassals as another user and needs root")
-    created = False
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-        )
-        created = True
-        pw = pwd.getpwnam(USER)
-    yield pw
-    if created:
-        subprocess.run(["userdel", USER], check=False)
+    with system_user(USER) as pw:
+        yield pw
 
 
 @integration

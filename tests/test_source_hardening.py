@@ -39,6 +39,7 @@ from tests.helpers import (
     monitor_running,
     next_snapshot,
     next_upsert,
+    system_user,
     wait_for,
 )
 from trimperor import api
@@ -112,19 +113,8 @@ def test_a_twice_listed_socket_is_named_by_key_only() -> None:
 def unprivileged_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
         pytest.fail("tyrant mode tests run as root (as the emperor does in production)")
-    created = False
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-        )
-        created = True
-        pw = pwd.getpwnam(USER)
-    yield pw
-    if created:
-        subprocess.run(["userdel", USER], check=False)
+    with system_user(USER) as pw:
+        yield pw
 
 
 @pytest.fixture
