@@ -101,7 +101,8 @@ async def event_latency(
     emitted, killed = [], []
     async with connect(sock) as client:
         await client.request("subscribe")
-        for name in sorted(rows)[:kills]:
+        running = [name for name in sorted(rows) if isinstance(rows[name].get("pid"), int)]
+        for name in running[:kills]:
             pid = rows[name]["pid"]
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
