@@ -13,6 +13,7 @@ LAYERS = {
     "configfile": 0,
     "vassalspec": 0,
     "lifecycle": 0,
+    "machine": 0,
     "policy": 0,
     "reconcile": 0,
     "stats": 0,
