@@ -165,11 +165,13 @@ class VassalModel(RuleBasedStateMachine):
             assert command.proc in self.alive, "signal to a process that is gone"
             how = self.alive[command.proc]
             if command.signum in STOP_SIGNALS:
+                assert command.group
                 assert how.signum == command.signum, "stopped with another spec's signal"
                 self.check_escalation(how, rest)
             elif command.signum in RELOAD_SIGNALS:
                 spec = self.m.desired
                 assert isinstance(spec, NativeSpec) and spec.reload_signal == command.signum
+                assert not command.group
                 self.alive[command.proc] = expected_stop(spec)
             else:
                 assert command.signum == SIGKILL

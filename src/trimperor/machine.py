@@ -221,10 +221,12 @@ class Spawn:
 
 @dataclass(frozen=True, slots=True)
 class Signal:
-    """Send *signum* to the process group of *proc*."""
+    """Send *signum* to the process group of *proc* (to its main process only
+    when not *group*: a reload signal)."""
 
     proc: int
     signum: int
+    group: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,7 +662,7 @@ class VassalMachine:
         elif isinstance(spec, NativeSpec) and spec.reload_signal is not None:
             proc.spec, proc.stop = spec, stop_how(spec, self._settings)
             self._report("reload_signal", pid=proc.pid, signum=int(spec.reload_signal))
-            self._emit(Signal(proc.token, int(spec.reload_signal)))
+            self._emit(Signal(proc.token, int(spec.reload_signal), group=False))
 
     def _arm_sockets(self) -> None:
         self._arm += 1
