@@ -28,6 +28,7 @@ LAYERS = {
     "spawner": 2,
     "uwsgi": 2,
     "sockets": 2,
+    "armory": 2,
     "notify": 2,
     "api": 2,
     "control": 2,

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from trimperor.abc import LaunchPlan, Process, Spawner
+from trimperor.armory import Armory
 from trimperor.errors import SpawnError
 from trimperor.lifecycle import State
 from trimperor.machine import (
@@ -124,6 +125,8 @@ class Supervisor:
         connections: ConnectionTable | None = None,
         notify_hub: NotifyHub | None = None,
         observer: Callable[..., None] | None = None,
+        armory: Armory | None = None,
+        resume: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._observer = observer
@@ -174,6 +177,13 @@ class Supervisor:
         self.last_watchdog: float | None = None
         self._error: str | None = None
         """An error the driver saw that the machine does not (config refused)."""
+        self._armory = armory
+        self._resume = resume
+        """Runs :meth:`run` again (in the emperor's nursery) for a dormant vassal."""
+        self.dormant = False
+        """Armed with no task: the armory waits on its sockets."""
+        self._begun = False
+        self._first_accept_pending: tuple[HeldSocket, int, float] | None = None
 
     # -- the machine's state, read-only ---------------------------------------
 
@@ -266,40 +276,86 @@ class Supervisor:
         # Already finished: its loop closed the receiving end, or run() its own.
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
+            if self.dormant and self._resume is not None:
+                self.dormant = False
+                self._resume()
 
     # -- the loop -----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._wall_offset = time.time() - trio.current_time()
-        self._times["born"] = self._times["last_mod"] = trio.current_time()
+        """Until the vassal is finished; or, with an armory, until it is armed
+        and has nothing else to do: then it is :attr:`dormant`, a record with
+        no task, and ``resume()`` runs it again on the next event or wake."""
+        dormant = False
+        first = not self._begun
+        if first:
+            self._begun = True
+            self._wall_offset = time.time() - trio.current_time()
+            self._times["born"] = self._times["last_mod"] = trio.current_time()
+        self.dormant = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await self._feed(Begin())
-                if not self._machine.finished:
-                    async with self._recv:
-                        async for event in self._recv:
-                            await self._feed(event)
-                            if self._machine.finished:
-                                break
+                if self._first_accept_pending is not None:
+                    nursery.start_soon(self._time_first_accept, *self._first_accept_pending)
+                    self._first_accept_pending = None
+                if first:
+                    await self._feed(Begin())
+                while not self._machine.finished:
+                    if self._can_sleep(nursery):
+                        dormant = True
+                        break
+                    # Armed with work still running (a log pump draining): look again soon.
+                    armed = self._armory is not None and self.state is State.ARMED
+                    event: Event | None = None
+                    with trio.move_on_after(0.05 if armed else math.inf):
+                        event = await self._recv.receive()
+                    if event is not None:
+                        await self._feed(event)
                 nursery.cancel_scope.cancel()
+        except BaseException:
+            dormant = False
+            raise
         finally:
-            self._send.close()
-            for proc in self._procs.values():
-                # Cancelled or crashed: nothing may outlive us.
-                with trio.CancelScope(shield=True):
-                    proc.signal_group(signal.SIGKILL)
-                    await _close(proc)
-            self._procs.clear()
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
-            for held in self._held.values():
-                held.close()
-            self._held.clear()
-            self.finished.set()
-            log.info("vassal.finished name=%s", self.name)
+            self._nursery = None
+            if dormant:
+                self.dormant = True
+                log.debug("vassal.dormant name=%s", self.name)
+            else:
+                self._send.close()
+                await self._reap()
+                self._release()
+                self.finished.set()
+                log.info("vassal.finished name=%s", self.name)
+
+    def _can_sleep(self, nursery: trio.Nursery) -> bool:
+        return (
+            self._armory is not None
+            and self._resume is not None
+            and self.state is State.ARMED
+            and not nursery.child_tasks
+            and self._recv.statistics().current_buffer_used == 0
+        )
+
+    async def _reap(self) -> None:
+        for proc in self._procs.values():
+            # Cancelled or crashed: nothing may outlive us.
+            with trio.CancelScope(shield=True):
+                proc.signal_group(signal.SIGKILL)
+                await _close(proc)
+        self._procs.clear()
+
+    def _release(self) -> None:
+        """Release the inbox, the channel and the sockets."""
+        self._recv.close()
+        self._disarm()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        for held in self._held.values():
+            held.close()
+        self._held.clear()
 
     async def _feed(self, event: Event) -> None:
         """One event into the machine; carry out its commands in order."""
@@ -321,6 +377,7 @@ class Supervisor:
         elif isinstance(command, SendProtocol):
             self._send_protocol(command)
         elif isinstance(command, Arm):
+            self._disarm()  # before a rebind closes any of the armed sockets
             if self._bind_sockets(command.spec):
                 self._arm(command.arm)
             else:
@@ -587,7 +644,6 @@ class Supervisor:
 
     def _arm(self, arm_id: int) -> None:
         """Wait for the first connection on any held socket, without accepting it."""
-        assert self._nursery is not None
         self._disarm()
         for held in self._held.values():
             held.state = "armed"
@@ -596,6 +652,10 @@ class Supervisor:
             self.name,
             ",".join(h.spec.address for h in self._held.values()),
         )
+        if self._armory is not None:
+            by_fd = {h.fd: h for h in self._held.values()}
+            self._armory.arm(self, by_fd, lambda fd: self._wake(by_fd[fd], arm_id))
+            return
         scope = self._arm_scope = trio.CancelScope()
 
         async def wait_for_connection(held: HeldSocket) -> None:
@@ -607,6 +667,8 @@ class Supervisor:
                 scope.cancel()
                 self._wake(held, arm_id)
 
+        assert self._nursery is not None
+
         async def arm() -> None:
             with scope:
                 async with trio.open_nursery() as nursery:
@@ -616,18 +678,21 @@ class Supervisor:
         self._nursery.start_soon(arm)
 
     def _disarm(self) -> None:
+        if self._armory is not None:
+            self._armory.disarm(self)
         if self._arm_scope is not None:
             self._arm_scope.cancel()
             self._arm_scope = None
 
     def _wake(self, held: HeldSocket, arm_id: int) -> None:
-        assert self._nursery is not None
         woke = trio.current_time()
         log.info("vassal.wake name=%s address=%s", self.name, held.spec.address)
-        self._post(Wake(arm_id))
         before = held.pending()
-        if before:
+        if before and self._nursery is not None:
             self._nursery.start_soon(self._time_first_accept, held, before, woke)
+        elif before:
+            self._first_accept_pending = (held, before, woke)  # timed once resumed
+        self._post(Wake(arm_id))
 
     async def _time_first_accept(self, held: HeldSocket, before: int, woke: float) -> None:
         """Time until the accept queue shrinks: the vassal's first accept (TCP only)."""
