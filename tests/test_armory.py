@@ -1,8 +1,11 @@
 """The armory: armed on-demand vassals are records with no task and no nursery;
-one task waits on all their sockets and wakes the one a connection arrives at."""
+one task waits on all their sockets and wakes the one a connection arrives at.
+And the launcher such an emperor starts late, with its descriptors above 1024."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -12,7 +15,9 @@ import pytest
 import trio
 
 from tests.helpers import wait_for
+from trimperor.abc import LaunchPlan
 from trimperor.emperor import Emperor
+from trimperor.launcher import LauncherSpawner
 from trimperor.model import Upsert, VassalDocument
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import PosixSpawner
@@ -97,3 +102,26 @@ async def test_armed_vassals_cost_no_task_and_the_first_connection_wakes_one(
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(str(tmp_path / "x.sock"))  # rebound to the new address, armed there
     await wait_for(lambda: other.snapshot().wakes == 1, timeout=30)
+
+
+async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(
+    tmp_path: Path,
+) -> None:
+    """The launcher starts on first use, often after 10,000 sockets are held:
+    its own descriptors are then above 1024, where select() cannot go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the test needs an open-file limit of 1200 (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        spawner = LauncherSpawner()
+        plan = LaunchPlan(name="t", argv=("/bin/sh", "-c", "exit 7"), cwd=str(tmp_path), env=())
+        with trio.fail_after(30):
+            proc = await spawner.spawn(plan)
+            assert await proc.wait() == 7
+            await proc.aclose()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
