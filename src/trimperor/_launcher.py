@@ -299,9 +299,13 @@ class Launcher:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.send({"op": "hello", "pid": self.me})
+        # poll, not select: started by a large emperor, our descriptors are above 1024.
+        poller = select.poll()
+        for fd in (self.sock.fileno(), wake_r):
+            poller.register(fd, select.POLLIN)
         while True:
-            timeout = 0.02 if self.sweeps else None
-            ready, _, _ = select.select([self.sock.fileno(), wake_r], [], [], timeout)
+            timeout = 20 if self.sweeps else None
+            ready = [fd for fd, _ in poller.poll(timeout)]
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)

@@ -25,6 +25,7 @@ import trio
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
 from trimperor.api import serve_stats
+from trimperor.armory import Armory
 from trimperor.control import ControlHub, ControlOptions, ControlRequest, held_stats
 from trimperor.errors import ConfigError, Refused, SpawnError
 from trimperor.health import Oversight
@@ -122,6 +123,7 @@ class Emperor:
         self._stopping: set[str] = set()
         self._pending: dict[str, Start[VassalSpec]] = {}
         self._vassals: trio.Nursery | None = None
+        self._armory: Armory | None = None
         self._shutdown = trio.Event()
         self._notifier = Notifier(self._environ)
         self._connections = ConnectionTable()
@@ -234,6 +236,9 @@ class Emperor:
             await services.start(self._notify_hub.run)
             # Connections arriving at held sockets, for idle (one task for all).
             services.start_soon(self._connections.arrivals.run)
+            # The first connection at armed sockets, for on demand (one task for all).
+            self._armory = Armory()
+            await services.start(self._armory.run)
             if self._fleet is not None:
                 self._fleet.attach(
                     running=self._sups.__contains__,
@@ -450,6 +455,11 @@ class Emperor:
         if self._fleet is not None and not self._fleet.here(action.name, action.spec.placement):
             self._parked[action.name] = action
             return
+
+        def resume() -> None:
+            assert self._vassals is not None
+            self._vassals.start_soon(self._run_supervisor, sup)
+
         sup = Supervisor(
             action.name,
             action.source,
@@ -462,6 +472,8 @@ class Emperor:
             connections=self._connections,
             notify_hub=self._notify_hub,
             observer=self._observe,
+            armory=self._armory,
+            resume=resume,
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
@@ -479,6 +491,8 @@ class Emperor:
             log.exception("vassal.supervisor_crashed name=%s restart_in=%ss", sup.name, self._retry)
             crashed = True
         finally:
+            if sup.dormant:
+                return  # noqa: B012 - dormant: run() returned, no exception to lose
             if self._sups.get(sup.name) is sup:
                 del self._sups[sup.name]
                 if not self._shutdown.is_set():

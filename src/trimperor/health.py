@@ -248,8 +248,12 @@ class Supervised(Protocol):
     """What :class:`Oversight` needs of a vassal supervisor."""
 
     spec: Any
-    last_returncode: int | None
-    restarts: int
+
+    @property
+    def last_returncode(self) -> int | None: ...
+
+    @property
+    def restarts(self) -> int: ...
 
     def restart(self) -> None: ...
 

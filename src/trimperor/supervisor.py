@@ -1,10 +1,13 @@
-"""One vassal supervisor: a process, its log pump and its timers, in one nursery.
+"""One vassal supervisor: the trio driver of a :class:`~trimperor.machine.VassalMachine`.
 
-The supervisor is a small event loop over its own inbox. The emperor posts
-commands (new configuration, reload, stop, kill) and the supervisor's own tasks
-post what happened (process exited, timer fired); every event goes through
-:func:`trimperor.lifecycle.step`, and the supervisor carries out the actions the
-table names. Nothing else changes its state.
+Every decision about the vassal (its state, backoff, counters, the spec its
+process runs, how that process is stopped) is the machine's. The supervisor
+feeds it events (commands from the emperor, completions of its own tasks:
+a process exited, a timer fired, a connection arrived) and carries out the
+commands it answers with: spawn, signal, send a protocol message, arm or
+disarm the sockets, start or cancel a timer (a cancel scope each), log. It
+also speaks the uWSGI channel, sd_notify and the log pump, which report to
+the machine through the same inbox. Everything runs in the vassal's nursery.
 """
 
 from __future__ import annotations
@@ -16,15 +19,48 @@ import random
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import trio
 
 from trimperor.abc import LaunchPlan, Process, Spawner
+from trimperor.armory import Armory
 from trimperor.errors import SpawnError
-from trimperor.lifecycle import Act, Ev, State, step
+from trimperor.lifecycle import State
+from trimperor.machine import (
+    Arm,
+    Begin,
+    BindFailed,
+    CancelTimer,
+    ClearBackoff,
+    Command,
+    Disarm,
+    Event,
+    Exited,
+    Finish,
+    Idle,
+    Kill,
+    Loyal,
+    Ready,
+    Reload,
+    Report,
+    Restart,
+    Retire,
+    SendProtocol,
+    Settings,
+    Signal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    StartTimer,
+    Stop,
+    TimerFired,
+    Update,
+    VassalMachine,
+    Wake,
+)
 from trimperor.notify import NotifyHub
 from trimperor.policy import Backoff, BackoffPolicy
 from trimperor.sockets import ConnectionTable, HeldSocket, bind
@@ -70,12 +106,6 @@ def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Post:
-    event: Ev
-    payload: Any = None
-
-
 class Supervisor:
     """Keeps one vassal alive until told to stop. Create, then ``nursery.start(sup.run)``."""
 
@@ -95,6 +125,8 @@ class Supervisor:
         connections: ConnectionTable | None = None,
         notify_hub: NotifyHub | None = None,
         observer: Callable[..., None] | None = None,
+        armory: Armory | None = None,
+        resume: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._observer = observer
@@ -102,49 +134,40 @@ class Supervisor:
         self.source = source
         self.version = version
         self.spec = spec
+        """The latest spec the emperor gave (the machine takes it in order from the inbox)."""
         self._spawner = spawner
-        self._policy = policy
         self._environ = environ
         self._plan_for = plan_for or native_plan
-        self._jitter = jitter
         self._uwsgi = uwsgi or UwsgiOptions()
+        self._machine = VassalMachine(
+            version,
+            spec,
+            Settings(
+                policy=policy,
+                graceful_shutdown=self._uwsgi.graceful_shutdown,
+                curse_tolerance=self._uwsgi.curse_tolerance,
+            ),
+            jitter=jitter,
+        )
         self._channel: UwsgiChannel | None = None
-        self.retired = False
-        """True when the vassal itself asked not to be respawned."""
         self.ready = self.accepting = self.loyal = False
         self.no_app = False
         """uWSGI vassals: the vassal said "no app loaded" (it serves nothing)."""
         self._announced = False
         self.last_heartbeat: float | None = None
         self._times: dict[str, float] = {}
-        """trio-clock times of events shown in stats: born, last_run, last_mod, ..."""
-        self._send, self._recv = trio.open_memory_channel[_Post](math.inf)
-        self.state = State.WAITING
-        self.backoff = Backoff()
-        self.backoff_delay = 0.0
-        """Seconds of the last respawn delay the backoff chose."""
-        self._timer_gen = 0
-        self._proc: Process | None = None
+        """trio-clock times of events shown in stats: born, last_mod, last_ready, ..."""
+        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
+        self._procs: dict[int, Process] = {}
+        """The live process by the machine's token (one at most)."""
+        self._timers: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
-        self._started_at: float | None = None
         self._wall_offset = 0.0
-        self.restarts = 0
-        """Spawns after the first one, not counting on-demand wakes (``wakes``)."""
-        self._spawned_once = False
-        self._woken = False
-        self._running_spec: VassalSpec | None = None
-        """The spec the live process was started with: it is stopped with its
-        settings, even after the desired spec changed (see update())."""
-        self.reloads = 0
-        self.last_returncode: int | None = None
-        self.last_error: str | None = None
         self.finished = trio.Event()
         # on demand
         self._held: dict[SocketSpec, HeldSocket] = {}
         self._connections = connections or ConnectionTable()
-        self._arm_gen = 0
         self._arm_scope: trio.CancelScope | None = None
-        self.wakes = 0
         self.first_accept: float | None = None
         """Seconds from the waking connection to the vassal's first accept (TCP)."""
         # sd_notify
@@ -152,52 +175,91 @@ class Supervisor:
         self.notify_ready = False
         self.notify_status: str | None = None
         self.last_watchdog: float | None = None
+        self._error: str | None = None
+        """An error the driver saw that the machine does not (config refused)."""
+        self._armory = armory
+        self._resume = resume
+        """Runs :meth:`run` again (in the emperor's nursery) for a dormant vassal."""
+        self.dormant = False
+        """Armed with no task: the armory waits on its sockets."""
+        self._begun = False
+        self._first_accept_pending: tuple[HeldSocket, int, float] | None = None
+
+    # -- the machine's state, read-only ---------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._machine.state
+
+    @property
+    def backoff(self) -> Backoff:
+        return self._machine.backoff
+
+    @property
+    def backoff_delay(self) -> float:
+        """Seconds of the last respawn delay the backoff chose."""
+        return self._machine.backoff_delay
+
+    @property
+    def restarts(self) -> int:
+        """Spawns after the first one, not counting on-demand wakes (``wakes``)."""
+        return self._machine.restarts
+
+    @property
+    def wakes(self) -> int:
+        return self._machine.wakes
+
+    @property
+    def reloads(self) -> int:
+        return self._machine.reloads
+
+    @property
+    def retired(self) -> bool:
+        """True when the vassal itself asked not to be respawned."""
+        return self._machine.retired
+
+    @property
+    def last_returncode(self) -> int | None:
+        return self._machine.last_returncode
+
+    @property
+    def last_error(self) -> str | None:
+        return self._machine.last_error or self._error
+
+    @property
+    def _proc(self) -> Process | None:
+        token = self._machine.proc
+        return self._procs.get(token) if token is not None else None
 
     # -- commands (called by the emperor, never block) ----------------------
 
     def update(self, version: str, spec: VassalSpec) -> None:
         """A new configuration: restart, or send the reload signal if that is enough."""
-        old = self.spec
         self.version, self.spec = version, spec
         self._times["last_mod"] = trio.current_time()
-        in_place = (
-            isinstance(spec, NativeSpec)
-            and isinstance(old, NativeSpec)
-            and spec.reload_signal is not None
-            and spec.launch_key() == old.launch_key()
-        ) or (
-            isinstance(spec, UwsgiSpec)
-            and isinstance(old, UwsgiSpec)
-            and spec.launch_key() == old.launch_key()
-        )
-        self._post(Ev.SIGNAL if in_place else Ev.RESTART)
+        self._post(Update(version, spec))
 
     def reload(self) -> None:
         """Explicit reload (SIGHUP to the emperor)."""
-        in_place = isinstance(self.spec, UwsgiSpec) or (
-            isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None
-        )
-        self._post(Ev.SIGNAL if in_place else Ev.RESTART)
+        self._post(Reload())
 
     def clear_backoff(self) -> None:
         """Forget the backoff; if waiting for a restart, start now (SIGURG)."""
-        if self.state is State.WAITING:
-            self._post(Ev.RESTART)
-        else:
-            self.backoff = self.backoff.reset()
+        self._post(ClearBackoff())
 
     def stop(self) -> None:
-        self._post(Ev.STOP)
+        self._post(Stop())
 
     def restart(self) -> None:
         """Restart the process now (``ctl restart``), whatever its reload signal."""
-        self._post(Ev.RESTART)
+        self._post(Restart())
 
     def send_signal(self, sig: int) -> bool:
         """Send *sig* to the vassal's main process; False if it has none."""
-        if self._proc is None:
+        proc = self._proc
+        if proc is None:
             return False
-        self._proc.send(sig)
+        proc.send(sig)
         return True
 
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -208,246 +270,294 @@ class Supervisor:
                 log.exception("vassal.observer_failed name=%s event=%s", self.name, kind)
 
     def kill(self) -> None:
-        self._post(Ev.KILL)
+        self._post(Kill())
 
-    def _post(self, event: Ev, payload: Any = None) -> None:
+    def _post(self, event: Event) -> None:
         # Already finished: its loop closed the receiving end, or run() its own.
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            self._send.send_nowait(_Post(event, payload))
+            self._send.send_nowait(event)
+            if self.dormant and self._resume is not None:
+                self.dormant = False
+                self._resume()
 
     # -- the loop -----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._wall_offset = time.time() - trio.current_time()
-        self._times["born"] = self._times["last_mod"] = trio.current_time()
+        """Until the vassal is finished; or, with an armory, until it is armed
+        and has nothing else to do: then it is :attr:`dormant`, a record with
+        no task, and ``resume()`` runs it again on the next event or wake."""
+        dormant = False
+        first = not self._begun
+        if first:
+            self._begun = True
+            self._wall_offset = time.time() - trio.current_time()
+            self._times["born"] = self._times["last_mod"] = trio.current_time()
+        self.dormant = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                if self._bind_sockets():
-                    first = Ev.REARM if self.spec.on_demand else Ev.TIMER
-                    await self._dispatch(_Post(first, self._timer_gen))
-                else:
-                    await self._dispatch(_Post(Ev.SPAWN_FAILED))
-                async with self._recv:
-                    async for post in self._recv:
-                        await self._dispatch(post)
-                        if self.state is State.STOPPED:
-                            break
+                if self._first_accept_pending is not None:
+                    nursery.start_soon(self._time_first_accept, *self._first_accept_pending)
+                    self._first_accept_pending = None
+                if first:
+                    await self._feed(Begin())
+                while not self._machine.finished:
+                    if self._can_sleep(nursery):
+                        dormant = True
+                        break
+                    # Armed with work still running (a log pump draining): look again soon.
+                    armed = self._armory is not None and self.state is State.ARMED
+                    event: Event | None = None
+                    with trio.move_on_after(0.05 if armed else math.inf):
+                        event = await self._recv.receive()
+                    if event is not None:
+                        await self._feed(event)
                 nursery.cancel_scope.cancel()
+        except BaseException:
+            dormant = False
+            raise
         finally:
-            self._send.close()
-            if self._proc is not None:
-                # Cancelled or crashed: nothing may outlive us.
-                with trio.CancelScope(shield=True):
-                    self._proc.signal_group(signal.SIGKILL)
-                    await _close(self._proc)
-                self._proc = None
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
-            for held in self._held.values():
-                held.close()
-            self._held.clear()
-            self.finished.set()
-            log.info("vassal.finished name=%s", self.name)
-
-    async def _dispatch(self, post: _Post) -> None:
-        ev = post.event
-        if ev is Ev.EXITED and post.payload is not self._proc:
-            return  # a process we already forgot
-        if (
-            ev in (Ev.READY, Ev.IDLE)
-            and post.payload is not None
-            and post.payload is not self._proc
-        ):
-            return  # about a process that has exited since (its exit was queued first)
-        if ev in (Ev.TIMER, Ev.REARM) and post.payload != self._timer_gen:
-            return  # a timer that was cancelled by a reset
-        if ev is Ev.WAKE and (post.payload != self._arm_gen or self.state is not State.ARMED):
-            return  # an old wake-up
-        if ev is Ev.EXITED:
-            self._record_exit(post.payload)
-            if (
-                self.state in _UP
-                and isinstance(self.spec, UwsgiSpec)
-                and self.last_returncode == EXILE_CODE
-            ):
-                log.warning(
-                    "vassal.exiled name=%s code=%d respawn=on_configuration_change",
-                    self.name,
-                    EXILE_CODE,
-                )
-                self.retired = True
-                ev = Ev.EXILED
-            elif self.state in _UP and self.spec.on_demand and self.last_returncode == 0:
-                log.info("vassal.asleep name=%s reason=exited sockets=armed", self.name)
-                ev = Ev.SLEPT
-        if ev is Ev.RETIRE:
-            self.retired = True
-        tr = step(self.state, ev)
-        if tr.next is not self.state:
-            log.debug(
-                "vassal.state name=%s %s->%s on %s",
-                self.name,
-                self.state.value,
-                tr.next.value,
-                ev.value,
-            )
-        if tr.next is not self.state:
-            self._emit("state", state=tr.next.value, previous=self.state.value, on=ev.value)
-        self.state = tr.next
-        for act in tr.actions:
-            await self._act(act, post)
-
-    async def _act(self, act: Act, post: _Post) -> None:
-        now = trio.current_time()
-        if act is Act.SPAWN:
-            await self._spawn()
-        elif act is Act.SCHEDULE:
-            started = self._started_at if post.event is Ev.EXITED else now
-            self.backoff = self.backoff.after_exit(
-                self._policy, started if started is not None else now, now, self._jitter()
-            )
-            delay = (self.backoff.next_start or now) - now
-            self.backoff_delay = delay if self.backoff.attempt else 0.0
-            if self.backoff.attempt:
-                log.warning(
-                    "vassal.backoff name=%s attempt=%d delay=%.3fs",
-                    self.name,
-                    self.backoff.attempt,
-                    delay,
-                )
-                self._emit("backoff", attempt=self.backoff.attempt, delay=round(delay, 3))
+            self._nursery = None
+            if dormant:
+                self.dormant = True
+                log.debug("vassal.dormant name=%s", self.name)
             else:
-                log.info("vassal.respawn name=%s", self.name)
-            self._schedule(self.backoff.next_start or now)
-        elif act is Act.RESET_BACKOFF:
-            if self.backoff.attempt:
-                log.info("vassal.backoff_reset name=%s", self.name)
-            self.backoff = self.backoff.reset()
-            self._timer_gen += 1
-            self.reloads += 1
-        elif act is Act.TERMINATE:
-            if self.state is State.SLEEPING:
-                log.info("vassal.idle name=%s action=sleep", self.name)
-                for held in self._held.values():
-                    held.state = "sleeping"
-            self._terminate()
-        elif act is Act.KILL:
-            if self._proc is not None:
-                log.warning("vassal.kill name=%s pid=%s", self.name, self._proc.pid)
-                self._proc.signal_group(signal.SIGKILL)
-        elif act is Act.SEND_RELOAD:
-            # Reloaded in place, the process runs the new spec from now on.
-            self._running_spec = self.spec
-            if self._channel is not None and isinstance(self.spec, UwsgiSpec):
-                self._channel.spec = self.spec
-                self.ready = self.accepting = self.no_app = False
-                log.info(
-                    "vassal.reload_in_place name=%s pid=%s",
-                    self.name,
-                    self._proc.pid if self._proc else None,
-                )
-                if not self._channel.send(ToVassal.RELOAD) and self._proc is not None:
-                    self._proc.signal_group(signal.SIGKILL)
-                return
-            assert isinstance(self.spec, NativeSpec) and self.spec.reload_signal is not None
-            if self._proc is not None:
-                sig = self.spec.reload_signal
-                log.info(
-                    "vassal.reload_signal name=%s pid=%s signal=%s",
-                    self.name,
-                    self._proc.pid,
-                    signal.Signals(sig).name,
-                )
-                self._proc.send(sig)
-        elif act is Act.ARM:
-            if self._bind_sockets():
-                self._arm()
+                self._send.close()
+                await self._reap()
+                self._release()
+                self.finished.set()
+                log.info("vassal.finished name=%s", self.name)
+
+    def _can_sleep(self, nursery: trio.Nursery) -> bool:
+        return (
+            self._armory is not None
+            and self._resume is not None
+            and self.state is State.ARMED
+            and not nursery.child_tasks
+            and self._recv.statistics().current_buffer_used == 0
+        )
+
+    async def _reap(self) -> None:
+        for proc in self._procs.values():
+            # Cancelled or crashed: nothing may outlive us.
+            with trio.CancelScope(shield=True):
+                proc.signal_group(signal.SIGKILL)
+                await _close(proc)
+        self._procs.clear()
+
+    def _release(self) -> None:
+        """Release the inbox, the channel and the sockets."""
+        self._recv.close()
+        self._disarm()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        for held in self._held.values():
+            held.close()
+        self._held.clear()
+
+    async def _feed(self, event: Event) -> None:
+        """One event into the machine; carry out its commands in order."""
+        if isinstance(event, Exited) and event.proc == self._machine.proc:
+            self._record_exit(event.proc)
+        for command in self._machine.handle(event, trio.current_time()):
+            await self._do(command)
+
+    async def _do(self, command: Command) -> None:
+        if isinstance(command, Spawn):
+            await self._spawn(command)
+        elif isinstance(command, Signal):
+            proc = self._procs.get(command.proc)
+            if proc is not None and proc.returncode is None:
+                if command.group:
+                    proc.signal_group(command.signum)
+                else:
+                    proc.send(command.signum)
+        elif isinstance(command, SendProtocol):
+            self._send_protocol(command)
+        elif isinstance(command, Arm):
+            self._disarm()  # before a rebind closes any of the armed sockets
+            if self._bind_sockets(command.spec):
+                self._arm(command.arm)
             else:
-                await self._dispatch(_Post(Ev.SPAWN_FAILED))
-        elif act is Act.REBIND:
+                await self._feed(BindFailed(command.arm, self._error or "cannot bind"))
+        elif isinstance(command, Disarm):
             self._disarm()
-            if not self._bind_sockets():
-                await self._dispatch(_Post(Ev.SPAWN_FAILED))
-            elif not self.spec.on_demand:
-                self._post(Ev.WAKE, self._arm_gen)
-            else:
-                self._arm()
-        elif act is Act.FINISH:
-            pass
+        elif isinstance(command, StartTimer):
+            self._start_timer(command)
+        elif isinstance(command, CancelTimer):
+            scope = self._timers.pop(command.timer, None)
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(command, Report):
+            self._report(command)
+        elif isinstance(command, Finish):
+            self._disarm()
 
-    async def _spawn(self) -> None:
+    def _start_timer(self, command: StartTimer) -> None:
         assert self._nursery is not None
+        scope = self._timers[command.timer] = trio.CancelScope()
+
+        async def timer() -> None:
+            with scope:
+                await trio.sleep_until(command.at)
+                self._post(TimerFired(command.timer))
+            self._timers.pop(command.timer, None)
+
+        self._nursery.start_soon(timer)
+
+    def _report(self, report: Report) -> None:
+        f = dict(report.fields)
+        event = report.event
+        if event == "state":
+            log.debug(
+                "vassal.state name=%s %s->%s on %s", self.name, f["previous"], f["state"], f["on"]
+            )
+            self._emit("state", state=f["state"], previous=f["previous"], on=f["on"])
+        elif event == "backoff":
+            log.warning(
+                "vassal.backoff name=%s attempt=%d delay=%.3fs",
+                self.name,
+                f["attempt"],
+                f["delay"],
+            )
+            self._emit("backoff", attempt=f["attempt"], delay=f["delay"])
+        elif event == "respawn":
+            log.info("vassal.respawn name=%s", self.name)
+        elif event == "backoff_reset":
+            log.info("vassal.backoff_reset name=%s", self.name)
+        elif event == "exiled":
+            log.warning(
+                "vassal.exiled name=%s code=%d respawn=on_configuration_change",
+                self.name,
+                EXILE_CODE,
+            )
+        elif event == "asleep":
+            log.info("vassal.asleep name=%s reason=exited sockets=armed", self.name)
+        elif event == "idle":
+            log.info("vassal.idle name=%s action=sleep", self.name)
+            for held in self._held.values():
+                held.state = "sleeping"
+        elif event == "stopping":
+            if "message" in f:
+                log.info(
+                    "vassal.stopping name=%s pid=%s message=%s timeout=%ss",
+                    self.name,
+                    f["pid"],
+                    f["message"],
+                    f["timeout"],
+                )
+            else:
+                signum = f["signum"]
+                assert isinstance(signum, int)
+                log.info(
+                    "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
+                    self.name,
+                    f["pid"],
+                    signal.Signals(signum).name,
+                    f["timeout"],
+                )
+            if self.state is State.STOPPING:
+                self._times["cursed"] = trio.current_time()
+        elif event == "stop_timeout":
+            log.warning(
+                "vassal.stop_timeout name=%s pid=%s action=sigkill_group", self.name, f["pid"]
+            )
+        elif event == "kill":
+            log.warning("vassal.kill name=%s pid=%s", self.name, f["pid"])
+        elif event == "reload_signal":
+            signum = f["signum"]
+            assert isinstance(signum, int)
+            log.info(
+                "vassal.reload_signal name=%s pid=%s signal=%s",
+                self.name,
+                f["pid"],
+                signal.Signals(signum).name,
+            )
+        elif event == "spawn_failed":
+            log.error("vassal.spawn_failed name=%s error=%s", self.name, f["error"])
+        # spawned, exited, reload_in_place, bind_failed: logged where they happen
+
+    def _send_protocol(self, command: SendProtocol) -> None:
+        proc = self._procs.get(command.proc)
+        channel = self._channel
+        if proc is None or channel is None:
+            return
+        if command.message is ToVassal.RELOAD:
+            spec = self._machine.running
+            assert isinstance(spec, UwsgiSpec)
+            channel.spec = spec
+            self.ready = self.accepting = self.no_app = False
+            log.info("vassal.reload_in_place name=%s pid=%s", self.name, proc.pid)
+            if not channel.send(ToVassal.RELOAD):
+                proc.signal_group(signal.SIGKILL)
+        else:
+            channel.send(command.message)
+
+    async def _spawn(self, command: Spawn) -> None:
+        assert self._nursery is not None
+        spec = command.spec
         channel = None
         try:
-            if not self._bind_sockets():
-                raise SpawnError(self.last_error or "cannot bind the sockets")
-            fds = tuple(self._held[s].fd for s in self.spec.sockets)
-            if isinstance(self.spec, UwsgiSpec):
+            if not self._bind_sockets(spec):
+                raise SpawnError(self._error or "cannot bind the sockets")
+            fds = tuple(self._held[s].fd for s in spec.sockets)
+            if isinstance(spec, UwsgiSpec):
                 channel = UwsgiChannel(
-                    self.spec, self._uwsgi, self._environ, stdin_fd=fds[0] if fds else None
+                    spec, self._uwsgi, self._environ, stdin_fd=fds[0] if fds else None
                 )
                 plan = channel.plan
             else:
-                plan = self._plan_for(self.spec, self._environ)
+                plan = self._plan_for(spec, self._environ)
                 env = dict(plan.env)
                 if self._notify_hub is not None:
                     env["NOTIFY_SOCKET"] = self._notify_hub.address
-                if self.spec.watchdog is not None:
-                    env["WATCHDOG_USEC"] = str(int(self.spec.watchdog * 1_000_000))
+                if spec.watchdog is not None:
+                    env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
                 plan = replace(
                     plan,
                     env=tuple(env.items()),
                     listen_fds=fds,
-                    listen_names=tuple(s.fd_name for s in self.spec.sockets),
+                    listen_names=tuple(s.fd_name for s in spec.sockets),
                 )
             proc = await self._spawner.spawn(plan)
         except (SpawnError, OSError) as exc:
             if channel is not None:
                 channel.close()
-            self.last_error = str(exc)
-            log.error("vassal.spawn_failed name=%s error=%s", self.name, exc)
-            await self._dispatch(_Post(Ev.SPAWN_FAILED))
+            await self._feed(SpawnFailed(command.proc, str(exc)))
             return
-        self._proc = proc
+        token = command.proc
+        self._procs[token] = proc
+        self._error = None
         self.ready = self.accepting = self.loyal = self.no_app = self._announced = False
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
         for held in self._held.values():
             held.state = "handed over"
-        if self._notify_hub is not None and isinstance(self.spec, NativeSpec):
-            self._notify_hub.register(proc.pid, partial(self._on_notify, proc))
-        if self.spec.idle is not None and self._held:
-            self._nursery.start_soon(self._watch_idle, proc, self.spec.idle)
+        if self._notify_hub is not None and isinstance(spec, NativeSpec):
+            self._notify_hub.register(proc.pid, partial(self._on_notify, token, proc))
+        if spec.idle is not None and self._held:
+            self._nursery.start_soon(self._watch_idle, token, proc, spec.idle)
         if channel is not None:
             channel.spawned()
             self._channel = channel
-            self._nursery.start_soon(self._converse, channel, proc)
-        self._started_at = self._times["last_run"] = trio.current_time()
+            self._nursery.start_soon(self._converse, token, channel, proc)
         self._times.pop("cursed", None)
-        if self._spawned_once and not self._woken:
-            self.restarts += 1
-        self._spawned_once, self._woken = True, False
-        self._running_spec = self.spec
-        self.last_error = None
-        log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, self.spec.kind)
+        log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, spec.kind)
         self._emit("spawn", pid=proc.pid)
-        self._nursery.start_soon(self._wait, proc)
+        self._nursery.start_soon(self._wait, token, proc)
         if proc.output is not None:
             self._nursery.start_soon(self._pump, proc.output)
-        notify_type = isinstance(self.spec, NativeSpec) and self.spec.type == "notify"
-        await self._dispatch(_Post(Ev.SPAWNED_NOTIFY if notify_type else Ev.SPAWNED))
+        await self._feed(Spawned(token, proc.pid))
 
-    async def _wait(self, proc: Process) -> None:
+    async def _wait(self, token: int, proc: Process) -> None:
         await proc.wait()
-        self._post(Ev.EXITED, proc)
+        self._post(Exited(token, proc.returncode))
 
-    def _record_exit(self, proc: Process) -> None:
+    def _record_exit(self, token: int) -> None:
+        proc = self._procs.pop(token)
         rc = proc.returncode
-        self.last_returncode = rc
-        self._proc = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -462,69 +572,12 @@ class Supervisor:
             signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
         )
 
-    def _schedule(self, when: float) -> None:
-        assert self._nursery is not None
-        self._timer_gen += 1
-        gen = self._timer_gen
-
-        async def timer() -> None:
-            await trio.sleep_until(when)
-            self._post(Ev.REARM if self.spec.on_demand else Ev.TIMER, gen)
-
-        self._nursery.start_soon(timer)
-
-    def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        assert self._nursery is not None
-        if self.state is State.STOPPING:
-            self._times["cursed"] = trio.current_time()
-        if self._channel is not None:
-            # uWSGI: the stop message; SIGTERM would make its master reload.
-            message = ToVassal.GRACEFUL_STOP if self._uwsgi.graceful_shutdown else ToVassal.STOP
-            timeout = self._uwsgi.curse_tolerance
-            log.info(
-                "vassal.stopping name=%s pid=%s message=%s timeout=%ss",
-                self.name,
-                proc.pid,
-                message.name,
-                timeout,
-            )
-            self._channel.send(message)
-        else:
-            stop_signal, timeout = signal.SIGTERM, 10.0
-            running = self._running_spec or self.spec
-            if isinstance(running, NativeSpec):
-                stop_signal = signal.Signals(running.stop_signal)
-                timeout = running.stop_timeout
-            log.info(
-                "vassal.stopping name=%s pid=%s signal=%s timeout=%ss",
-                self.name,
-                proc.pid,
-                signal.Signals(stop_signal).name,
-                timeout,
-            )
-            proc.signal_group(stop_signal)
-
-        async def escalate() -> None:
-            await trio.sleep(timeout)
-            if proc.returncode is None:
-                log.warning(
-                    "vassal.stop_timeout name=%s pid=%s action=sigkill_group",
-                    self.name,
-                    proc.pid,
-                )
-                proc.signal_group(signal.SIGKILL)
-
-        self._nursery.start_soon(escalate)
-
-    async def _converse(self, channel: UwsgiChannel, proc: Process) -> None:
+    async def _converse(self, token: int, channel: UwsgiChannel, proc: Process) -> None:
         """Speak the emperor protocol with one uWSGI vassal process."""
         try:
             await channel.push_config()
         except SpawnError as exc:
-            self.last_error = str(exc)
+            self._error = str(exc)
             log.error("vassal.config_refused name=%s error=%s", self.name, exc)
         async for byte in channel.messages():
             if proc is not self._proc:
@@ -543,7 +596,7 @@ class Supervisor:
                 if not self.loyal:
                     log.info("vassal.loyal name=%s", self.name)
                 self.loyal = True
-                self.backoff = self.backoff.reset()
+                self._post(Loyal(token))
             elif byte == ToEmperor.CONFIG_REQUEST:
                 try:
                     await channel.push_config()
@@ -558,12 +611,12 @@ class Supervisor:
                         self._watch_deadline, proc, "heartbeat", self._uwsgi.required_heartbeat
                     )
             elif byte == ToEmperor.IDLE:
-                if self.spec.on_demand:
+                if channel.spec.on_demand:
                     log.info("vassal.idle name=%s action=back_to_on_demand", self.name)
-                    self._post(Ev.IDLE)
+                    self._post(Idle(token))
                 else:
                     log.info("vassal.idle name=%s action=stop reason=vassal_asked", self.name)
-                    self._post(Ev.RETIRE)
+                    self._post(Retire(token))
             elif byte == ToEmperor.SOS:
                 log.info("vassal.sos name=%s broodlord=unsupported", self.name)
             else:
@@ -571,32 +624,27 @@ class Supervisor:
 
     # -- on demand ------------------------------------------------------------
 
-    def _bind_sockets(self) -> bool:
-        """Hold exactly the sockets of the current spec; False (and logged) on failure."""
-        wanted = set(self.spec.sockets)
-        for spec in list(self._held):
-            if spec not in wanted:
-                log.info("socket.closed name=%s address=%s", self.name, spec.address)
-                self._held.pop(spec).close()
-        for spec in self.spec.sockets:
-            if spec in self._held:
+    def _bind_sockets(self, spec: VassalSpec) -> bool:
+        """Hold exactly the sockets of *spec*; False (and logged) on failure."""
+        wanted = set(spec.sockets)
+        for sock in list(self._held):
+            if sock not in wanted:
+                log.info("socket.closed name=%s address=%s", self.name, sock.address)
+                self._held.pop(sock).close()
+        for sock in spec.sockets:
+            if sock in self._held:
                 continue
             try:
-                self._held[spec] = bind(
-                    spec, self.spec.uid, self.spec.gid, as_user=self.spec.tyrant
-                )
+                self._held[sock] = bind(sock, spec.uid, spec.gid, as_user=spec.tyrant)
             except SpawnError as exc:
-                self.last_error = str(exc)
+                self._error = str(exc)
                 log.error("vassal.bind_failed name=%s error=%s", self.name, exc)
                 return False
         return True
 
-    def _arm(self) -> None:
+    def _arm(self, arm_id: int) -> None:
         """Wait for the first connection on any held socket, without accepting it."""
-        assert self._nursery is not None
         self._disarm()
-        self._arm_gen += 1
-        gen = self._arm_gen
         for held in self._held.values():
             held.state = "armed"
         log.info(
@@ -604,6 +652,10 @@ class Supervisor:
             self.name,
             ",".join(h.spec.address for h in self._held.values()),
         )
+        if self._armory is not None:
+            by_fd = {h.fd: h for h in self._held.values()}
+            self._armory.arm(self, by_fd, lambda fd: self._wake(by_fd[fd], arm_id))
+            return
         scope = self._arm_scope = trio.CancelScope()
 
         async def wait_for_connection(held: HeldSocket) -> None:
@@ -611,9 +663,11 @@ class Supervisor:
                 await held.wait_readable()
             except trio.ClosedResourceError:
                 return  # rebound meanwhile; a new arming is under way
-            if gen == self._arm_gen and self.state is State.ARMED:
+            if not scope.cancel_called:
                 scope.cancel()
-                self._wake(held)
+                self._wake(held, arm_id)
+
+        assert self._nursery is not None
 
         async def arm() -> None:
             with scope:
@@ -624,20 +678,21 @@ class Supervisor:
         self._nursery.start_soon(arm)
 
     def _disarm(self) -> None:
+        if self._armory is not None:
+            self._armory.disarm(self)
         if self._arm_scope is not None:
             self._arm_scope.cancel()
             self._arm_scope = None
 
-    def _wake(self, held: HeldSocket) -> None:
-        assert self._nursery is not None
-        self.wakes += 1
-        self._woken = True
-        self._times["last_wake"] = woke = trio.current_time()
+    def _wake(self, held: HeldSocket, arm_id: int) -> None:
+        woke = trio.current_time()
         log.info("vassal.wake name=%s address=%s", self.name, held.spec.address)
-        self._post(Ev.WAKE, self._arm_gen)
         before = held.pending()
-        if before:
+        if before and self._nursery is not None:
             self._nursery.start_soon(self._time_first_accept, held, before, woke)
+        elif before:
+            self._first_accept_pending = (held, before, woke)  # timed once resumed
+        self._post(Wake(arm_id))
 
     async def _time_first_accept(self, held: HeldSocket, before: int, woke: float) -> None:
         """Time until the accept queue shrinks: the vassal's first accept (TCP only)."""
@@ -649,7 +704,7 @@ class Supervisor:
                     return
                 await trio.sleep(0.001)
 
-    async def _watch_idle(self, proc: Process, idle: float) -> None:
+    async def _watch_idle(self, token: int, proc: Process, idle: float) -> None:
         """Put the vassal to sleep after *idle* seconds without a client connection."""
         step = min(1.0, idle / 4)
         quiet_since: float | None = None
@@ -671,20 +726,20 @@ class Supervisor:
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= idle:
-                self._post(Ev.IDLE, proc)
+                self._post(Idle(token))
                 return
             await trio.sleep(step)
 
     # -- sd_notify ----------------------------------------------------------------
 
-    def _on_notify(self, proc: Process, fields: dict[str, str]) -> None:
+    def _on_notify(self, token: int, proc: Process, fields: dict[str, str]) -> None:
         """A message on the shared NOTIFY_SOCKET from this vassal's process group."""
         if proc is not self._proc:
             return
         if fields.get("READY") == "1" and not self.notify_ready:
             self.notify_ready = True
             log.info("vassal.ready name=%s pid=%s", self.name, proc.pid)
-            self._post(Ev.READY, proc)
+            self._post(Ready(token))
         if "STATUS" in fields:
             self.notify_status = fields["STATUS"]
         if fields.get("STOPPING") == "1":
@@ -758,30 +813,25 @@ class Supervisor:
     # -- observation ---------------------------------------------------------
 
     def snapshot(self) -> VassalStats:
-        rc = self.last_returncode
-        next_start = None
-        if self.state is State.WAITING and self.backoff.next_start is not None:
-            next_start = self.backoff.next_start + self._wall_offset
+        m = self._machine.snapshot()
+        rc = m.last_returncode
+        next_start = m.next_start + self._wall_offset if m.next_start is not None else None
         return VassalStats(
             name=self.name,
             source=self.source,
             kind=self.spec.kind,
-            state=self.state.value,
-            pid=self._proc.pid if self._proc is not None else None,
-            started_at=(
-                self._started_at + self._wall_offset
-                if self._proc is not None and self._started_at is not None
-                else None
-            ),
-            restarts=self.restarts,
-            backoff_attempt=self.backoff.attempt,
-            backoff_delay=self.backoff_delay if self.backoff.attempt else 0.0,
+            state=m.state.value,
+            pid=m.pid,
+            started_at=m.started_at + self._wall_offset if m.started_at is not None else None,
+            restarts=m.restarts,
+            backoff_attempt=m.backoff_attempt,
+            backoff_delay=m.backoff_delay,
             next_start=next_start,
             last_exit_code=rc if rc is not None and rc >= 0 else None,
             last_exit_signal=signal.Signals(-rc).name if rc is not None and rc < 0 else None,
             config_version=self.version,
-            reloads=self.reloads,
-            last_error=self.last_error,
+            reloads=m.reloads,
+            last_error=m.last_error or self._error,
             ready=self.ready,
             no_app=self.no_app,
             accepting=self.accepting,
@@ -790,18 +840,18 @@ class Supervisor:
                 self.last_heartbeat + self._wall_offset if self.last_heartbeat is not None else None
             ),
             born=self._wall("born"),
-            last_run=self._wall("last_run"),
+            last_run=m.last_run + self._wall_offset if m.last_run is not None else None,
             last_mod=self._wall("last_mod"),
             last_ready=self._wall("last_ready"),
             last_accepting=self._wall("last_accepting"),
             last_loyal=self._wall("last_loyal"),
-            cursed=self._wall("cursed") if self.state is State.STOPPING else None,
+            cursed=self._wall("cursed") if m.state is State.STOPPING else None,
             uid=self.spec.uid,
             gid=self.spec.gid,
             on_demand=",".join(s.address for s in self.spec.sockets) if self.spec.on_demand else "",
             sockets=tuple((h.spec.address, h.state) for h in self._held.values()),
-            wakes=self.wakes,
-            last_wake=self._wall("last_wake"),
+            wakes=m.wakes,
+            last_wake=m.last_wake + self._wall_offset if m.last_wake is not None else None,
             first_accept=self.first_accept,
             notify_ready=self.notify_ready,
             notify_status=self.notify_status,

@@ -1,0 +1,127 @@
+"""The armory: armed on-demand vassals are records with no task and no nursery;
+one task waits on all their sockets and wakes the one a connection arrives at.
+And the launcher such an emperor starts late, with its descriptors above 1024."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import wait_for
+from trimperor.abc import LaunchPlan
+from trimperor.emperor import Emperor
+from trimperor.launcher import LauncherSpawner
+from trimperor.model import Upsert, VassalDocument
+from trimperor.policy import BackoffPolicy
+from trimperor.spawner import PosixSpawner
+from trimperor.supervisor import Supervisor
+from trimperor.testing import FakeMonitor
+
+pytestmark = pytest.mark.integration
+
+SERVER = Path(__file__).with_name("ondemand_server.py")
+COUNT = 50
+
+
+def count_tasks() -> int:
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    seen, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        seen += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return seen
+
+
+def vassal(path: Path) -> str:
+    return (
+        f"[vassal]\ncommand = {sys.executable} {SERVER}\nsocket = {path}\n"
+        "on-demand = true\nstop-timeout = 5\n"
+    )
+
+
+async def fetch(path: Path) -> str:
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(path))
+        async with stream:
+            data = b""
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    return data.decode(errors="replace")
+
+
+@pytest.fixture
+async def emperor() -> AsyncIterator[tuple[Emperor, FakeMonitor]]:
+    source = FakeMonitor("fake://")
+    emperor = Emperor(
+        [source], spawner=PosixSpawner(), policy=BackoffPolicy(throttle=0.05, max_throttle=0.5)
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(emperor.run)
+            yield emperor, source
+            emperor.shutdown()
+
+
+async def test_armed_vassals_cost_no_task_and_the_first_connection_wakes_one(
+    emperor: tuple[Emperor, FakeMonitor], tmp_path: Path
+) -> None:
+    emp, source = emperor
+    before = count_tasks()
+    for i in range(COUNT):
+        doc = VassalDocument(f"v{i}.ini", "fake://", "1", vassal(tmp_path / f"v{i}.sock"))
+        await source.send(Upsert(doc))
+
+    def sups() -> list[Supervisor]:
+        return [s for i in range(COUNT) if (s := emp.supervisor(f"v{i}.ini")) is not None]
+
+    await wait_for(lambda: len(sups()) == COUNT and all(s.dormant for s in sups()), timeout=60)
+    assert all(s.snapshot().state == "armed" for s in sups())
+    # Fifty armed vassals, and not one task more than before them.
+    assert count_tasks() <= before
+
+    target = sups()[7]
+    pid = int(await fetch(tmp_path / "v7.sock"))
+    snap = target.snapshot()
+    assert snap.wakes == 1 and snap.pid == pid
+    # The others were not woken.
+    assert all(s.snapshot().wakes == 0 and s.dormant for s in sups() if s is not target)
+    # Stopping a dormant vassal still works: it runs again to stop, and ends.
+    other = sups()[3]
+    await source.send(Upsert(VassalDocument("v3.ini", "fake://", "2", vassal(tmp_path / "x.sock"))))
+    await wait_for(lambda: other.snapshot().config_version == "2" and other.dormant)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(tmp_path / "x.sock"))  # rebound to the new address, armed there
+    await wait_for(lambda: other.snapshot().wakes == 1, timeout=30)
+
+
+async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(
+    tmp_path: Path,
+) -> None:
+    """The launcher starts on first use, often after 10,000 sockets are held:
+    its own descriptors are then above 1024, where select() cannot go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the test needs an open-file limit of 1200 (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        spawner = LauncherSpawner()
+        plan = LaunchPlan(name="t", argv=("/bin/sh", "-c", "exit 7"), cwd=str(tmp_path), env=())
+        with trio.fail_after(30):
+            proc = await spawner.spawn(plan)
+            assert await proc.wait() == 7
+            await proc.aclose()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
