@@ -673,7 +673,7 @@ async def test_no_argument_prints_the_usage() -> None:
 def test_errors_say_why_even_when_str_is_empty() -> None:
     from pika.adapters.utils.connection_workflow import AMQPConnectorSocketConnectError
 
-    from trimperor.monitors.remote import error_text
+    from trimperor.monitors.toolkit import error_text
 
     # What pika raises when the broker refuses the connection.
     cause = AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "Connection refused"))

@@ -48,7 +48,7 @@ from trimperor.abc import MonitorOptions
 from trimperor.cli import build_parser, resolve_sources
 from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
-from trimperor.monitors.remote import BadVassal
+from trimperor.monitors.toolkit import BadVassal
 from trimperor.monitors.zookeeper import (
     ZooAddress,
     ZooMonitor,

@@ -13,8 +13,17 @@ if TYPE_CHECKING:
     import trio
 
     from trimperor.model import SourceEvent
+    from trimperor.stats import SourceStats
 
-__all__ = ["LaunchPlan", "Monitor", "MonitorFactory", "MonitorOptions", "Process", "Spawner"]
+__all__ = [
+    "LaunchPlan",
+    "Monitor",
+    "MonitorFactory",
+    "MonitorOptions",
+    "Process",
+    "SourceHealth",
+    "Spawner",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,12 @@ class MonitorOptions:
     """zmq:// sources: the directory of the public key files of allowed clients."""
 
 
+class SourceHealth(Protocol):
+    """What a monitor reports about its source (connected, retrying, ...)."""
+
+    def snapshot(self) -> SourceStats: ...
+
+
 class Monitor(Protocol):
     """Turns one source into :data:`~trimperor.model.SourceEvent` values.
 
@@ -57,6 +72,10 @@ class Monitor(Protocol):
     """
 
     uri: str
+
+    @property
+    def status(self) -> SourceHealth:
+        """The source's health, as the stats server and ``ctl`` show it."""
 
     async def run(
         self,

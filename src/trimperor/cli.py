@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimperor import __version__
-from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
+from trimperor.abc import Monitor, MonitorOptions
 from trimperor.api import check_stats_address
 from trimperor.configfile import parse
 from trimperor.control import ControlOptions
@@ -30,6 +30,7 @@ from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.launcher import LauncherSpawner
+from trimperor.monitors.toolkit import load_factory
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import become_subreaper, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions, default_binary
@@ -40,16 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main", "resolve_sources"]
 
 log = logging.getLogger("trimperor")
-
-#: Which extra provides each optional source (for the one-line error).
-EXTRAS = {
-    "pg": "pg",
-    "mongodb": "mongodb",
-    "amqp": "amqp",
-    "zmq": "zmq",
-    "zoo": "zoo",
-    "etcd": "etcd",
-}
 
 #: Built-in monitors, used when the package metadata is not installed.
 _BUILTIN = {
@@ -460,19 +451,6 @@ def _factories() -> dict[str, str]:
     return {**_BUILTIN, **found}
 
 
-def _load(scheme: str, target: str) -> MonitorFactory:
-    module_name, _, attr = target.partition(":")
-    try:
-        module = __import__(module_name, fromlist=[attr])
-    except MissingExtraError:
-        raise
-    except ImportError as exc:
-        extra = EXTRAS.get(scheme, scheme)
-        raise MissingExtraError(scheme, extra, exc.name or module_name) from None
-    factory: MonitorFactory = getattr(module, attr)
-    return factory
-
-
 def resolve_sources(args: Sequence[str], options: MonitorOptions) -> list[Monitor]:
     """uWSGI's rules: ``scheme://`` picks that monitor; an existing directory is
     ``dir``; anything else (including a path that does not exist yet) is ``glob``."""
@@ -486,7 +464,7 @@ def resolve_sources(args: Sequence[str], options: MonitorOptions) -> list[Monito
                 raise UsageError(f"unknown source scheme {scheme!r} in {arg!r} (known: {known})")
         else:
             scheme = "dir" if os.path.isdir(arg) else "glob"
-        monitors.append(_load(scheme, factories[scheme])(arg, options))
+        monitors.append(load_factory(scheme, factories[scheme])(arg, options))
     return monitors
 
 

@@ -81,11 +81,7 @@ def _log_files(control: ControlOptions | None) -> LogFiles:
 
 
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
-    status = getattr(monitor, "status", None)
-    if status is not None and hasattr(status, "snapshot"):
-        snap: SourceStats = status.snapshot()
-        return replace(snap, vassals=owned)
-    return SourceStats(uri=monitor.uri, state="watching", vassals=owned)
+    return replace(monitor.status.snapshot(), vassals=owned)
 
 
 class Emperor:

@@ -59,7 +59,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -69,24 +68,27 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import (
+from trimperor.monitors.toolkit import (
+    IGNORED,
+    EventSink,
     SourceStatus,
+    Started,
     TooLarge,
+    VersionCounter,
     check_document,
     check_freq,
+    driver_imports,
     error_text,
     redact,
     short,
 )
 
-try:
+with driver_imports(__name__):
     import httpx
     import pika
     import pika.exceptions
-except ImportError as exc:
-    raise MissingExtraError("amqp", "amqp", exc.name or "pika") from exc
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -373,17 +375,12 @@ class AmqpMonitor:
         # What this monitor offered; it outlives a run, so that a restarted
         # run can still remove what an earlier one added.
         self.owned: dict[str, _Owned] = {}
-        self._versions = itertools.count(1)
+        self._versions = VersionCounter()
         # The consumer thread lives as long as the connection: give it its own
         # token rather than hold one of Trio's default worker threads.
         self._thread_limiter = trio.CapacityLimiter(1)
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
         """Consume the exchange until cancelled, reconnecting with backoff; closes *send*."""
         async with send:
             log.info("source.connecting uri=%s exchange=%s", self.uri, self._exchange)
@@ -412,7 +409,7 @@ class AmqpMonitor:
 
     def next_version(self) -> str:
         """A version no earlier message had: every message is a change."""
-        return f"{next(self._versions)}@{time.time():.6f}"
+        return self._versions()
 
     def _subscribed(self, queue: str) -> None:
         log.info("source.subscribed uri=%s exchange=%s queue=%s", self.uri, self._exchange, queue)

@@ -35,14 +35,23 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
-from trimperor.monitors.remote import BadVassal, SourceStatus, check_document, check_freq, short
+from trimperor.monitors.toolkit import (
+    IGNORED,
+    BadVassal,
+    EventSink,
+    SourceStatus,
+    Started,
+    check_freq,
+    check_or_raise,
+    driver_imports,
+    parse_id,
+    short,
+)
 
-try:
+with driver_imports(__name__):
     from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("etcd", "etcd", exc.name or "httpx") from None
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -78,14 +87,6 @@ def parse_etcd_uri(uri: str, scheme: str = "etcd") -> tuple[tuple[str, ...], str
     return tuple(endpoints), prefix
 
 
-def _id(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ValueError(f"{what} is not a non-negative integer: {value!r}")
-
-
 def kv_document(
     kv: KeyValue, vassals: bytes, source: str, options: MonitorOptions
 ) -> VassalDocument:
@@ -116,8 +117,8 @@ def kv_document(
         if raw_socket is not None and not isinstance(raw_socket, str):
             raise BadVassal(name, "the envelope's socket is not a string")
         try:
-            uid = _id(envelope.get("uid"), "uid")
-            gid = _id(envelope.get("gid"), "gid")
+            uid = parse_id(envelope.get("uid"), "uid")
+            gid = parse_id(envelope.get("gid"), "gid")
         except ValueError as exc:
             raise BadVassal(name, str(exc)) from None
         text, socket = config, raw_socket or None
@@ -130,9 +131,7 @@ def kv_document(
         gid=gid,
         socket=socket,
     )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadVassal(name, problem)
+    check_or_raise(doc, options)
     return doc
 
 
@@ -163,12 +162,7 @@ class EtcdMonitor:
         self._client: EtcdClient | None = None
         self._reported: set[tuple[str | None, str]] = set()
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
         async with send:
             task_status.started()
             cursor = Cursor()

@@ -52,7 +52,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
@@ -62,6 +62,15 @@ from watchfiles import Change, awatch
 from trimperor.abc import MonitorOptions
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
+from trimperor.monitors.toolkit import (
+    IGNORED,
+    EventSink,
+    Started,
+    WatchingStatus,
+    check_freq,
+    poke,
+    read_regular,
+)
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -251,16 +260,12 @@ def _read(path: str, max_size: int | None = None) -> tuple[os.stat_result, bytes
 
     At most ``max_size + 1`` bytes are read: enough to tell that it is too large.
     """
-    # O_NONBLOCK: if the file was swapped for a FIFO since stat(), open must
-    # not wait for a writer; fstat() then rejects it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        if _being_written(f.fileno()):
-            raise _BeingWritten(path)
-        return st, f.read() if max_size is None else f.read(max_size + 1)
+    return read_regular(path, max_size, check=_refuse_if_being_written)
+
+
+def _refuse_if_being_written(fd: int, _st: os.stat_result) -> None:
+    if _being_written(fd):
+        raise _BeingWritten
 
 
 class _BeingWritten(Exception):
@@ -420,12 +425,6 @@ class _WatchProbe:
         self._stopped = True
 
 
-def _poke(pokes: trio.MemorySendChannel[None]) -> None:
-    """Ask the scanner for a rescan; one pending request is enough."""
-    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pokes.send_nowait(None)
-
-
 # -- the monitors ------------------------------------------------------------------
 
 
@@ -437,8 +436,7 @@ class _FileMonitor:
     _strict_start = False
 
     def __init__(self, options: MonitorOptions) -> None:
-        if not options.freq > 0:
-            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        check_freq(options)
         self._options = options
         # Scans get their own thread, so that many watchers (each holding one
         # of Trio's default worker threads) can never starve them.
@@ -447,6 +445,11 @@ class _FileMonitor:
         """Files that were open for writing at the last scan (not read yet)."""
         #: Candidates skipped at the last scan, and why (each is logged once).
         self._skipped: dict[str, str] = {}
+
+    @property
+    def status(self) -> WatchingStatus:
+        """A file source has no connection to lose: it is always watching."""
+        return WatchingStatus(self.uri)
 
     def _candidates(self) -> list[tuple[str, str]]:
         """(vassal name, absolute path) of every configuration name; blocking.
@@ -498,12 +501,7 @@ class _FileMonitor:
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
         return tuple(docs[name] for name in sorted(docs)), fresh
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
         """Send a snapshot now and whenever the files change; closes *send* on return.
 
         A directory that cannot be listed at start raises
@@ -575,7 +573,7 @@ class _FileMonitor:
                 target.path,
                 target.recursive,
             )
-            _poke(pokes)
+            poke(pokes)
 
         probe = _WatchProbe(pattern, target, live)
         batches = awatch(
@@ -595,7 +593,7 @@ class _FileMonitor:
             async for changes in batches:
                 if changes:
                     log.debug("source.changed uri=%s changes=%d", self.uri, len(changes))
-                    _poke(pokes)
+                    poke(pokes)
                 if self._pattern() != pattern:
                     return  # a relative glob pattern and a new working directory
                 now = await trio.to_thread.run_sync(_watch_target, pattern, limiter=self._limiter)

@@ -41,11 +41,9 @@ that is merely over ``--max-config-size`` is logged and ignored.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -53,25 +51,28 @@ import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.api import is_loopback
-from trimperor.errors import MissingExtraError, SourceError, UsageError
+from trimperor.errors import SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import (
+from trimperor.monitors.toolkit import (
+    IGNORED,
+    EventSink,
     RateLimitedWarnings,
     SourceStatus,
+    Started,
     TooLarge,
+    VersionCounter,
     check_document,
+    driver_imports,
     read_file,
     redact,
     short,
     static_file,
 )
 
-try:
+with driver_imports(__name__):
     import zmq
     import zmq.auth
     import zmq.auth.thread
-except ImportError as exc:
-    raise MissingExtraError("zmq", "zmq", exc.name or "zmq") from exc
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -211,7 +212,7 @@ class ZmqMonitor:
         self.options = options
         #: The names this monitor offered; outlives a run.
         self.owned: set[str] = set()
-        self._versions = itertools.count(1)
+        self._versions = VersionCounter()
         self._bad = RateLimitedWarnings(
             log, "source.bad_message", self.uri, WARN_BURST, WARN_WINDOW
         )
@@ -219,12 +220,7 @@ class ZmqMonitor:
             log, "source.remove_unknown", self.uri, WARN_BURST, WARN_WINDOW
         )
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
         """Bind, then handle commands until cancelled; closes *send*.
 
         An endpoint that cannot be bound raises
@@ -333,7 +329,7 @@ class ZmqMonitor:
         await send.send(Remove(self.uri, name))
 
     async def _touch(self, command: Touch, send: trio.MemorySendChannel[SourceEvent]) -> None:
-        version = f"{next(self._versions)}@{time.time():.6f}"
+        version = self._versions()
         path = None
         text = command.config
         if text is None:

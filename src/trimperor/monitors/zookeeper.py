@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -60,7 +59,7 @@ from urllib.parse import parse_qs, unquote
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import (
     Remove,
     Snapshot,
@@ -70,17 +69,26 @@ from trimperor.model import (
     VassalDocument,
     remote_name_problem,
 )
-from trimperor.monitors.remote import BadVassal, SourceStatus, check_document, short
+from trimperor.monitors.toolkit import (
+    IGNORED,
+    BadVassal,
+    EventSink,
+    SourceStatus,
+    Started,
+    check_or_raise,
+    driver_imports,
+    error_text,
+    short,
+    unix_time,
+)
 from trimperor.stats import SourceStats
 
-try:
+with driver_imports(__name__):
     from kazoo.client import KazooClient, KazooState
     from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
     from kazoo.handlers.threading import KazooTimeoutError
     from kazoo.protocol.states import KeeperState, WatchedEvent
     from kazoo.retry import KazooRetry
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("zoo", "zoo", exc.name or "kazoo") from None
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -284,9 +292,7 @@ def build_document(
         gid=_id(name + ".gid", fields.get("gid", "")),
         socket=fields.get("socket") or None,
     )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadVassal(name, problem)
+    check_or_raise(doc, options)
     return doc
 
 
@@ -360,7 +366,7 @@ class ZooStatus(SourceStatus):
         self.last_event: float | None = None
 
     def event(self) -> None:
-        self.last_event = time.time()
+        self.last_event = unix_time()
 
     def snapshot(self) -> SourceStats:
         return replace(super().snapshot(), session=self.session, last_event=self.last_event)
@@ -446,12 +452,7 @@ class ZooMonitor:
             randomize_hosts=True,
         )
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
         """Follow the children of the path forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -596,10 +597,7 @@ def _close(client: KazooClient) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"a read took longer than {READ_TIMEOUT:.0f}s"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text and text[0] else type(exc).__name__
+    return error_text(exc, too_slow=f"a read took longer than {READ_TIMEOUT:.0f}s")
 
 
 # -- the tree -----------------------------------------------------------------------------
