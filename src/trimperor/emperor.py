@@ -105,6 +105,7 @@ class Emperor:
         self._spawner = spawner
         self._policy = policy or BackoffPolicy()
         self._environ = dict(os.environ if environ is None else environ)
+        self._cwd = os.getcwd()
         self._extra_extensions = tuple(extra_extensions)
         self._stats_address = stats_address
         self._retry = retry_interval
@@ -352,7 +353,7 @@ class Emperor:
         return done
 
     def _parse_now(self, doc: VassalDocument) -> VassalSpec:
-        spec = build_spec(doc, self._environ, self._extra_extensions)
+        spec = build_spec(doc, self._environ, self._extra_extensions, cwd=self._cwd)
         if self.tyrant:
             spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)
             if isinstance(spec, NativeSpec) and spec.log_file is not None:

@@ -434,6 +434,8 @@ class _FileMonitor:
     uri: str
     #: Whether a first scan that cannot list the source is a :class:`SourceError`.
     _strict_start = False
+    #: Whether a uWSGI vassal runs in the directory of its file (dir://, as uWSGI).
+    _in_own_dir = False
 
     def __init__(self, options: MonitorOptions) -> None:
         check_freq(options)
@@ -481,6 +483,8 @@ class _FileMonitor:
                 busy=busy,
             )
             if doc is not None:
+                if self._in_own_dir and not doc.in_own_dir:
+                    doc = replace(doc, in_own_dir=True)
                 docs[name] = doc if name in busy else _with_socket(doc, self._options)
                 continue
             if name in busy:
@@ -684,6 +688,7 @@ class DirMonitor(_FileMonitor):
     """``dir:///path``: every configuration file directly inside one directory."""
 
     _strict_start = True
+    _in_own_dir = True
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
         super().__init__(options)
