@@ -17,7 +17,7 @@ import stat
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,7 +38,7 @@ from trimperor.uwsgi import UwsgiOptions, default_binary
 if TYPE_CHECKING:
     from trimperor.fleet import Fleet
 
-__all__ = ["build_parser", "main", "resolve_sources"]
+__all__ = ["build_parser", "main", "plugin_settings", "resolve_sources"]
 
 log = logging.getLogger("trimperor")
 
@@ -142,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--on-demand-extension",
         "--emperor-on-demand-extension",
+        dest="files.on_demand_extension",
         metavar="EXT",
         help="file vassals: read the on-demand socket from the file NAME+EXT",
     )
     g.add_argument(
         "--on-demand-directory",
         "--emperor-on-demand-directory",
+        dest="files.on_demand_directory",
         metavar="DIR",
         help="file vassals: on-demand unix socket DIR/<name>.socket",
     )
@@ -160,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--amqp-exchange",
+        dest="amqp.exchange",
         default="uwsgi.emperor",
         metavar="NAME",
         help="fanout exchange amqp:// sources consume (default uwsgi.emperor)",
     )
     g.add_argument(
         "--zoo-auth-file",
+        dest="zoo.auth_file",
         metavar="FILE",
         help="zoo:// sources: digest credentials user:password from the first line of FILE",
     )
@@ -357,18 +361,21 @@ def _add_network_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--allow-remote-zmq",
+        dest="zmq.allow_remote",
         action="store_true",
         help="let zmq:// sources bind an address other than loopback without CURVE "
         "(anyone who can connect runs vassals)",
     )
     g.add_argument(
         "--zmq-curve-secret",
+        dest="zmq.curve_secret",
         metavar="FILE",
         help="zmq:// sources: CURVE server certificate with its secret key (zmq.auth format); "
         "with --zmq-curve-clients, only those clients are heard",
     )
     g.add_argument(
         "--zmq-curve-clients",
+        dest="zmq.curve_clients",
         metavar="DIR",
         help="zmq:// sources: directory of the public certificates of allowed CURVE clients",
     )
@@ -466,6 +473,17 @@ def resolve_sources(args: Sequence[str], options: MonitorOptions) -> list[Monito
             scheme = "dir" if os.path.isdir(arg) else "glob"
         monitors.append(load_factory(scheme, factories[scheme])(arg, options))
     return monitors
+
+
+def plugin_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each plugin's options, by plugin: an option whose ``dest`` is
+    ``PLUGIN.KEY`` (``amqp.exchange``) is the plugin's own, not a shared one."""
+    plugins: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        plugin, dot, key = dest.partition(".")
+        if dot:
+            plugins.setdefault(plugin, {})[key] = value
+    return plugins
 
 
 def expanded_by_shell(args: Sequence[str]) -> bool:
@@ -684,15 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_extensions=tuple(args.extra_extension),
             max_config_size=args.max_config_size,
             tyrant=args.tyrant,
-            on_demand_extension=args.on_demand_extension,
-            on_demand_directory=(
-                os.path.abspath(args.on_demand_directory) if args.on_demand_directory else None
-            ),
-            amqp_exchange=args.amqp_exchange,
-            zoo_auth_file=args.zoo_auth_file,
-            allow_remote_zmq=args.allow_remote_zmq,
-            zmq_curve_secret=args.zmq_curve_secret,
-            zmq_curve_clients=args.zmq_curve_clients,
+            plugins=plugin_settings(args),
         )
         if args.stats is not None:
             check_stats_address(args.stats, allow_remote=args.allow_remote_stats)

@@ -81,6 +81,7 @@ from trimperor.monitors.toolkit import (
     check_freq,
     driver_imports,
     error_text,
+    plugin_options,
     redact,
     short,
 )
@@ -93,7 +94,7 @@ with driver_imports(__name__):
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
 
-__all__ = ["AmqpAddress", "AmqpMonitor", "parse_uri"]
+__all__ = ["AmqpAddress", "AmqpMonitor", "AmqpOptions", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -349,19 +350,28 @@ class _Owned:
     path: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class AmqpOptions:
+    """What amqp:// sources take from the command line (plugin ``amqp``)."""
+
+    exchange: str = "uwsgi.emperor"
+    """The fanout exchange consumed (``--amqp-exchange``)."""
+
+
 class AmqpMonitor:
     """``amqp://[user:password@]host[:port][/vhost]``: vassals announced on a fanout exchange."""
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
         address = parse_uri(uri)
-        if not options.amqp_exchange:
+        own = plugin_options(AmqpOptions, options, "amqp")
+        if not own.exchange:
             raise UsageError("the AMQP exchange name must not be empty")
         check_freq(options)
         self.uri = redact(uri)
         self.address = address
         self.status = SourceStatus(self.uri)
         self.options = options
-        self._exchange = options.amqp_exchange
+        self._exchange = own.exchange
         self._params = pika.ConnectionParameters(
             host=address.host,
             port=address.port,

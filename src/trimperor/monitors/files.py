@@ -68,6 +68,7 @@ from trimperor.monitors.toolkit import (
     Started,
     WatchingStatus,
     check_freq,
+    plugin_options,
     poke,
     read_regular,
 )
@@ -230,7 +231,24 @@ def _undecodable_name(exc: BaseException) -> bool:
     return type(exc).__name__ == "WatchfilesRustInternalError" and "decode" in str(exc)
 
 
-def _with_socket(doc: VassalDocument, options: MonitorOptions) -> VassalDocument:
+@dataclass(frozen=True, slots=True)
+class FileOptions:
+    """What dir:// and glob:// sources take from the command line (plugin ``files``)."""
+
+    on_demand_extension: str | None = None
+    """The on-demand socket is the first line of ``NAME + EXT``."""
+    on_demand_directory: str | None = None
+    """The on-demand socket is ``DIR/<name without extension>.socket``."""
+
+    @classmethod
+    def of(cls, options: MonitorOptions) -> FileOptions:
+        own = plugin_options(cls, options, "files")
+        if own.on_demand_directory:
+            return replace(own, on_demand_directory=os.path.abspath(own.on_demand_directory))
+        return own
+
+
+def _with_socket(doc: VassalDocument, options: FileOptions) -> VassalDocument:
     """uWSGI's on-demand socket discovery for file vassals; blocking.
 
     ``--on-demand-extension EXT``: the first line of the file ``NAME + EXT`` next
@@ -440,6 +458,7 @@ class _FileMonitor:
     def __init__(self, options: MonitorOptions) -> None:
         check_freq(options)
         self._options = options
+        self._own = FileOptions.of(options)
         # Scans get their own thread, so that many watchers (each holding one
         # of Trio's default worker threads) can never starve them.
         self._limiter = trio.CapacityLimiter(1)
@@ -485,7 +504,7 @@ class _FileMonitor:
             if doc is not None:
                 if self._in_own_dir and not doc.in_own_dir:
                     doc = replace(doc, in_own_dir=True)
-                docs[name] = doc if name in busy else _with_socket(doc, self._options)
+                docs[name] = doc if name in busy else _with_socket(doc, self._own)
                 continue
             if name in busy:
                 continue  # open for writing, and new: not there yet

@@ -58,6 +58,7 @@ __all__ = [
     "error_text",
     "load_factory",
     "parse_id",
+    "plugin_options",
     "poke",
     "poke_from_thread",
     "read_file",
@@ -76,6 +77,7 @@ RETRY_MAX = 30.0
 LOG_CHARS = 200
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 #: The types of the :class:`~trimperor.abc.Monitor` contract's ``run``.
 EventSink = trio.MemorySendChannel[SourceEvent]
@@ -314,6 +316,18 @@ def check_or_raise(
     problem = check_document(doc, options)
     if problem is not None:
         raise bad(doc.name, problem)
+
+
+def plugin_options(kind: Callable[..., P], options: MonitorOptions, plugin: str) -> P:
+    """The options object *kind* of *plugin*, made of its settings in *options*
+    (the defaults for those not given). Raises UsageError for an unknown one."""
+    settings = options.plugins.get(plugin, {})
+    try:
+        return kind(**settings)
+    except TypeError:
+        known = getattr(kind, "__dataclass_fields__", {})
+        unknown = sorted(set(settings) - set(known))
+        raise UsageError(f"unknown {plugin} option(s): {', '.join(unknown) or '?'}") from None
 
 
 def check_freq(options: MonitorOptions) -> None:

@@ -63,6 +63,7 @@ from trimperor.monitors.toolkit import (
     VersionCounter,
     check_document,
     driver_imports,
+    plugin_options,
     read_file,
     redact,
     short,
@@ -77,7 +78,7 @@ with driver_imports(__name__):
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
 
-__all__ = ["Destroy", "Touch", "ZmqMonitor", "parse_command"]
+__all__ = ["Destroy", "Touch", "ZmqMonitor", "ZmqOptions", "parse_command"]
 
 log = logging.getLogger(__name__)
 #: zmq.auth's own log (one line per refused client at DEBUG); quiet unless configured.
@@ -157,9 +158,21 @@ def is_local_endpoint(endpoint: str) -> bool:
     return bool(host) and host != "*" and is_loopback(host)
 
 
-def _curve_keys(options: MonitorOptions, uri: str) -> tuple[bytes, bytes] | None:
+@dataclass(frozen=True, slots=True)
+class ZmqOptions:
+    """What zmq:// sources take from the command line (plugin ``zmq``)."""
+
+    allow_remote: bool = False
+    """Bind a non-loopback address without CURVE (``--allow-remote-zmq``)."""
+    curve_secret: str | None = None
+    """The server's CURVE secret key file, ``zmq.auth`` format (``--zmq-curve-secret``)."""
+    curve_clients: str | None = None
+    """The directory of the allowed clients' public keys (``--zmq-curve-clients``)."""
+
+
+def _curve_keys(options: ZmqOptions, uri: str) -> tuple[bytes, bytes] | None:
     """The server's (public, secret) CURVE keys, or None without CURVE; raises UsageError."""
-    secret_file, clients = options.zmq_curve_secret, options.zmq_curve_clients
+    secret_file, clients = options.curve_secret, options.curve_clients
     if secret_file is None and clients is None:
         return None
     if secret_file is None or clients is None:
@@ -197,9 +210,10 @@ class ZmqMonitor:
             )
         self.uri = redact(uri)
         self.endpoint = endpoint
-        self._curve = _curve_keys(options, self.uri)
+        self._own = plugin_options(ZmqOptions, options, "zmq")
+        self._curve = _curve_keys(self._own, self.uri)
         self._local = is_local_endpoint(endpoint)
-        if not self._local and self._curve is None and not options.allow_remote_zmq:
+        if not self._local and self._curve is None and not self._own.allow_remote:
             raise UsageError(
                 f"{self.uri}: {endpoint} is reachable from other hosts, and anyone who can "
                 "connect would run vassals as the emperor's user; bind tcp://127.0.0.1:PORT "
@@ -233,8 +247,8 @@ class ZmqMonitor:
                 if self._curve is not None:
                     auth = zmq.auth.thread.ThreadAuthenticator(context, log=_auth_log)
                     auth.start()
-                    assert self.options.zmq_curve_clients is not None  # see _curve_keys
-                    auth.configure_curve(domain="*", location=self.options.zmq_curve_clients)
+                    assert self._own.curve_clients is not None  # see _curve_keys
+                    auth.configure_curve(domain="*", location=self._own.curve_clients)
                 try:
                     sock = context.socket(zmq.PULL)
                 except zmq.ZMQError as exc:

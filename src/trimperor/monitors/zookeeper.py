@@ -78,6 +78,7 @@ from trimperor.monitors.toolkit import (
     check_or_raise,
     driver_imports,
     error_text,
+    plugin_options,
     short,
     unix_time,
 )
@@ -93,7 +94,7 @@ with driver_imports(__name__):
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
 
-__all__ = ["SIBLINGS", "ZooAddress", "ZooMonitor", "ZooStatus", "parse_uri"]
+__all__ = ["SIBLINGS", "ZooAddress", "ZooMonitor", "ZooOptions", "ZooStatus", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +426,14 @@ class _Failed(Exception):
 # -- the monitor ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ZooOptions:
+    """What zoo:// sources take from the command line (plugin ``zoo``)."""
+
+    auth_file: str | None = None
+    """Without credentials in the URI: ``user:password`` from this file (``--zoo-auth-file``)."""
+
+
 class ZooMonitor:
     """``zoo://hosts/path``: the children of a znode, watched."""
 
@@ -435,8 +444,8 @@ class ZooMonitor:
         self._auth: tuple[str, str] | None = None
         if self.address.user is not None and self.address.password is not None:
             self._auth = (self.address.user, self.address.password)
-        elif options.zoo_auth_file is not None:
-            self._auth = read_auth_file(options.zoo_auth_file)
+        elif (auth_file := plugin_options(ZooOptions, options, "zoo").auth_file) is not None:
+            self._auth = read_auth_file(auth_file)
         self.status = ZooStatus(self.uri)
         self._in_outage = False
         self._last_failure: str | None = None
