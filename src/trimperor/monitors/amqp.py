@@ -62,7 +62,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -70,11 +70,9 @@ import trio
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
-    EventSink,
     SourceStatus,
-    Started,
     TooLarge,
     VersionCounter,
     check_document,
@@ -82,6 +80,7 @@ from trimperor.monitors.toolkit import (
     driver_imports,
     error_text,
     plugin_options,
+    quiet_driver_log,
     redact,
     short,
 )
@@ -91,16 +90,11 @@ with driver_imports(__name__):
     import pika
     import pika.exceptions
 
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
-
 __all__ = ["AmqpAddress", "AmqpMonitor", "AmqpOptions", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
-_pika_log = logging.getLogger("pika")
-if _pika_log.level == logging.NOTSET:
-    _pika_log.setLevel(logging.CRITICAL)
+quiet_driver_log("pika", logging.CRITICAL)
 
 #: Seconds a connection attempt may take (TCP connect, then the AMQP handshake).
 CONNECT_TIMEOUT = 10.0
@@ -390,7 +384,7 @@ class AmqpMonitor:
         # token rather than hold one of Trio's default worker threads.
         self._thread_limiter = trio.CapacityLimiter(1)
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Consume the exchange until cancelled, reconnecting with backoff; closes *send*."""
         async with send:
             log.info("source.connecting uri=%s exchange=%s", self.uri, self._exchange)
@@ -690,7 +684,3 @@ class _Handler:
             return
         log.info("source.remove uri=%s name=%s", self._uri, name)
         await self._send.send(Remove(self._uri, name))
-
-
-if TYPE_CHECKING:
-    _factory: MonitorFactory = AmqpMonitor

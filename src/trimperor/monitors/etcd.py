@@ -30,19 +30,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
     BadVassal,
-    EventSink,
     SourceStatus,
-    Started,
     check_freq,
     check_or_raise,
     driver_imports,
@@ -52,9 +49,6 @@ from trimperor.monitors.toolkit import (
 
 with driver_imports(__name__):
     from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["EtcdMonitor", "kv_document", "parse_etcd_uri"]
 
@@ -162,7 +156,7 @@ class EtcdMonitor:
         self._client: EtcdClient | None = None
         self._reported: set[tuple[str | None, str]] = set()
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         async with send:
             task_status.started()
             cursor = Cursor()
@@ -283,7 +277,3 @@ class EtcdMonitor:
             self._good[doc.name] = doc
             await send.send(Upsert(doc))
         self.status.ok(len(self._good))
-
-
-if TYPE_CHECKING:
-    _etcd: MonitorFactory = EtcdMonitor

@@ -54,7 +54,7 @@ import stat
 from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import trio
 from watchfiles import Change, awatch
@@ -62,19 +62,14 @@ from watchfiles import Change, awatch
 from trimperor.abc import MonitorOptions
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
-    EventSink,
-    Started,
     WatchingStatus,
     check_freq,
     plugin_options,
     poke,
     read_regular,
 )
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["DirMonitor", "GlobMonitor"]
 
@@ -524,7 +519,7 @@ class _FileMonitor:
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
         return tuple(docs[name] for name in sorted(docs)), fresh
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot now and whenever the files change; closes *send* on return.
 
         A directory that cannot be listed at start raises
@@ -750,8 +745,3 @@ class GlobMonitor(_FileMonitor):
 
     def _pattern(self) -> str:
         return os.path.abspath(self.pattern)
-
-
-if TYPE_CHECKING:
-    _dir: MonitorFactory = DirMonitor
-    _glob: MonitorFactory = GlobMonitor

@@ -52,20 +52,18 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
     RETRY_MAX,
     BadVassal,
-    EventSink,
     SourceStatus,
-    Started,
     check_freq,
     check_or_raise,
     driver_imports,
@@ -78,9 +76,6 @@ with driver_imports(__name__):
     import ldap.dn
     import ldap.ldapobject
     import ldap.syncrepl
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["LdapMonitor", "LdapUrl", "entry_document", "option_name", "parse_url"]
 
@@ -482,7 +477,7 @@ class LdapMonitor:
         self._sent: dict[str, VassalDocument] | None = None
         self._no_sync = False
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Follow the directory forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -829,7 +824,3 @@ def _describe(exc: BaseException) -> str:
         text = f"{desc}: {extra}" if extra else desc
         return f"{type(exc).__name__}: {short(text or 'no detail')}"
     return short(error_text(exc, too_slow="the server took too long"))
-
-
-if TYPE_CHECKING:
-    _ldap: MonitorFactory = LdapMonitor

@@ -45,13 +45,11 @@ import trio
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
 from trimperor.model import Snapshot, SourceEvent, VassalDocument, remote_name_problem
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
     BadVassal,
-    EventSink,
     LastGood,
     SourceStatus,
-    Started,
     check_document,
     check_freq,
     check_or_raise,
@@ -73,7 +71,6 @@ with driver_imports(__name__):
 if TYPE_CHECKING:
     from pymongo.collection import Collection
 
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["MongoMonitor", "document_to_vassal", "parse_filter", "parse_uri"]
 
@@ -419,7 +416,7 @@ class MongoMonitor:
         # One read at a time, even while an abandoned one finishes.
         self._limiter = trio.CapacityLimiter(1)
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot after every successful read, forever; closes *send* on return."""
         async with send:
             client: MongoClient[dict[str, Any]] = MongoClient(
@@ -539,7 +536,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionFailure):
         return error_text(exc, detail=re.split(r", Timeout:| \(configured timeouts", str(exc))[0])
     return error_text(exc)
-
-
-if TYPE_CHECKING:
-    _mongodb: MonitorFactory = MongoMonitor

@@ -42,20 +42,18 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.errors import UsageError
 from trimperor.model import Snapshot, SourceEvent, VassalDocument
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
     BadVassal,
-    EventSink,
     LastGood,
     SourceStatus,
-    Started,
     check_freq,
     check_or_raise,
     driver_imports,
@@ -68,9 +66,6 @@ with driver_imports(__name__):
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["DEFAULT_QUERY", "PostgresMonitor", "parse_uri", "row_document"]
 
@@ -235,15 +230,7 @@ def row_document(row: Sequence[Any], source: str, options: MonitorOptions) -> Va
     socket = row[5] if len(row) > 5 else None
     if socket is not None and not isinstance(socket, str):
         raise BadRow(name, f"socket is not text: {socket!r}")
-    doc = VassalDocument(
-        name=name,
-        source=source,
-        version=version,
-        text=config,
-        uid=uid,
-        gid=gid,
-        socket=socket or None,
-    )
+    doc = VassalDocument(name, source, version, config, uid=uid, gid=gid, socket=socket or None)
     check_or_raise(doc, options, BadRow)
     return doc
 
@@ -318,7 +305,7 @@ class PostgresMonitor:
         extra = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
         return make_conninfo(self._dsn, **extra)
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot after every successful query, forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -418,7 +405,3 @@ class PostgresMonitor:
 
 def _describe(exc: BaseException) -> str:
     return error_text(exc, too_slow=f"the query took longer than {QUERY_TIMEOUT:.0f}s")
-
-
-if TYPE_CHECKING:
-    _pg: MonitorFactory = PostgresMonitor

@@ -61,6 +61,7 @@ __all__ = [
     "plugin_options",
     "poke",
     "poke_from_thread",
+    "quiet_driver_log",
     "read_file",
     "read_regular",
     "redact",
@@ -148,6 +149,14 @@ def load_factory(scheme: str, target: str) -> MonitorFactory:
         raise MissingExtraError(scheme, extra, exc.name or ep.module) from None
     factory: MonitorFactory = getattr(module, ep.attr)
     return factory
+
+
+def quiet_driver_log(name: str, level: int) -> None:
+    """The driver's own logger *name* logs from *level* up, unless the operator set its
+    level: it would log every failed attempt, and the monitor logs an outage once."""
+    driver = logging.getLogger(name)
+    if driver.level == logging.NOTSET:
+        driver.setLevel(level)
 
 
 def poke(pokes: trio.MemorySendChannel[None]) -> None:

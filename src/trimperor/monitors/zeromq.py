@@ -45,7 +45,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import trio
 
@@ -53,12 +53,10 @@ from trimperor.abc import MonitorOptions
 from trimperor.api import is_loopback
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
-    EventSink,
     RateLimitedWarnings,
     SourceStatus,
-    Started,
     TooLarge,
     VersionCounter,
     check_document,
@@ -74,9 +72,6 @@ with driver_imports(__name__):
     import zmq
     import zmq.auth
     import zmq.auth.thread
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["Destroy", "Touch", "ZmqMonitor", "ZmqOptions", "parse_command"]
 
@@ -234,7 +229,7 @@ class ZmqMonitor:
             log, "source.remove_unknown", self.uri, WARN_BURST, WARN_WINDOW
         )
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Bind, then handle commands until cancelled; closes *send*.
 
         An endpoint that cannot be bound raises
@@ -377,7 +372,3 @@ class ZmqMonitor:
         log.info("source.upsert uri=%s name=%s version=%s", self.uri, doc.name, version)
         self.owned.add(command.name)
         await send.send(Upsert(doc))
-
-
-if TYPE_CHECKING:
-    _factory: MonitorFactory = ZmqMonitor

@@ -53,7 +53,7 @@ import os
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import trio
@@ -69,16 +69,15 @@ from trimperor.model import (
     VassalDocument,
     remote_name_problem,
 )
+from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
-    IGNORED,
     BadVassal,
-    EventSink,
     SourceStatus,
-    Started,
     check_or_raise,
     driver_imports,
     error_text,
     plugin_options,
+    quiet_driver_log,
     short,
     unix_time,
 )
@@ -91,17 +90,12 @@ with driver_imports(__name__):
     from kazoo.protocol.states import KeeperState, WatchedEvent
     from kazoo.retry import KazooRetry
 
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
-
 __all__ = ["SIBLINGS", "ZooAddress", "ZooMonitor", "ZooOptions", "ZooStatus", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
 # kazoo logs every failed connection attempt; this module logs the outage once.
-_kazoo_log = logging.getLogger("kazoo")
-if _kazoo_log.level == logging.NOTSET:
-    _kazoo_log.setLevel(logging.ERROR)
+quiet_driver_log("kazoo", logging.ERROR)
 
 DEFAULT_PORT = 2181
 #: Session timeout asked of the ensemble unless the URI sets ``timeout``.
@@ -461,7 +455,7 @@ class ZooMonitor:
             randomize_hosts=True,
         )
 
-    async def run(self, send: EventSink, *, task_status: Started = IGNORED) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Follow the children of the path forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -797,7 +791,3 @@ async def _result(request: Any) -> Any:
     request.rawlink(completed)
     await done.wait()
     return request.get_nowait()
-
-
-if TYPE_CHECKING:
-    _zoo: MonitorFactory = ZooMonitor
