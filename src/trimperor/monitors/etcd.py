@@ -39,6 +39,7 @@ from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocumen
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     BadVassal,
+    LastGood,
     SourceStatus,
     check_freq,
     check_or_raise,
@@ -152,9 +153,15 @@ class EtcdMonitor:
         self._vassals = (self.prefix + "/vassals/").encode()
         self._options = options
         self.status = SourceStatus(uri)
-        self._good: dict[str, VassalDocument] = {}
+        self._docs = LastGood(
+            uri,
+            self._parse,
+            event="source.bad_key",
+            what="key",
+            logger=log,
+            shown=lambda name: short(repr(name)),
+        )
         self._client: EtcdClient | None = None
-        self._reported: set[tuple[str | None, str]] = set()
 
     async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         async with send:
@@ -217,35 +224,10 @@ class EtcdMonitor:
     def _parse(self, kv: KeyValue) -> VassalDocument:
         return kv_document(kv, self._vassals, self.uri, self._options)
 
-    def _report(self, name: str | None, reason: str, kept: bool, listing: bool = False) -> None:
-        """One line per bad key; a re-list repeats one already reported at DEBUG."""
-        key = (name, reason)
-        level = logging.DEBUG if listing and key in self._reported else logging.WARNING
-        self._reported.add(key)
-        log.log(
-            level,
-            "source.bad_key uri=%s name=%s reason=%s%s",
-            self.uri,
-            short(repr(name)),
-            short(reason),
-            "; keeping its last good configuration" if kept else "",
-        )
-
     async def _listed(
         self, kvs: list[KeyValue], revision: int, send: trio.MemorySendChannel[SourceEvent]
     ) -> None:
-        docs: dict[str, VassalDocument] = {}
-        for kv in kvs:
-            try:
-                doc = self._parse(kv)
-            except BadVassal as bad:
-                kept = self._good.get(bad.name) if bad.name is not None else None
-                self._report(bad.name, bad.reason, kept is not None, listing=True)
-                if kept is not None:
-                    docs[kept.name] = kept
-                continue
-            docs[doc.name] = doc
-        self._good = docs
+        docs = self._docs.snapshot(kvs)
         log.info(
             "source.listed uri=%s endpoint=%s revision=%d vassals=%d",
             self.uri,
@@ -254,7 +236,7 @@ class EtcdMonitor:
             len(docs),
         )
         self.status.ok(len(docs))
-        await send.send(Snapshot(self.uri, tuple(docs[n] for n in sorted(docs))))
+        await send.send(Snapshot(self.uri, docs))
 
     async def _events(
         self, events: list[WatchEvent], send: trio.MemorySendChannel[SourceEvent]
@@ -265,15 +247,10 @@ class EtcdMonitor:
                     name = event.kv.key.removeprefix(self._vassals).decode("utf-8")
                 except UnicodeDecodeError:
                     continue
-                if self._good.pop(name, None) is not None:
+                if self._docs.forget(name):
                     await send.send(Remove(self.uri, name))
                 continue
-            try:
-                doc = self._parse(event.kv)
-            except BadVassal as bad:
-                kept = bad.name is not None and bad.name in self._good
-                self._report(bad.name, bad.reason, kept)
-                continue
-            self._good[doc.name] = doc
-            await send.send(Upsert(doc))
-        self.status.ok(len(self._good))
+            doc = self._docs.change(event.kv)
+            if doc is not None:
+                await send.send(Upsert(doc))
+        self.status.ok(len(self._docs.good))

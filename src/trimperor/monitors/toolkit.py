@@ -24,7 +24,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -351,11 +351,13 @@ def check_freq(options: MonitorOptions) -> None:
 class LastGood(Generic[T]):
     """Turns what a source read into snapshots, remembering each name's last good document.
 
-    *parse* makes a document of one item read (a row, a document) or raises
+    *parse* makes a document of one item read (a row, a document, a key) or raises
     :class:`BadVassal`. A bad item is logged on *logger* as *event*, at WARNING
     the first time and at DEBUG while it stays the same; if its name had a good
     document at the previous read, that one stays in the snapshot. Of two good
-    items with one name, the first wins ("the first *what* wins").
+    items with one name, the first wins ("the first *what* wins"). A source
+    that also follows changes (etcd's watch) applies them with :meth:`change`
+    and :meth:`forget`. Names are shown in log lines through *shown*.
     """
 
     def __init__(
@@ -366,14 +368,21 @@ class LastGood(Generic[T]):
         event: str,
         what: str,
         logger: logging.Logger,
+        shown: Callable[[str | None], str] = str,
     ) -> None:
         self._source = source
         self._parse = parse
         self._message = event + " uri=%s name=%s reason=%s%s"
         self._duplicate = f"duplicate name; the first {what} wins"
         self._log = logger
+        self._shown = shown
         self._good: dict[str, VassalDocument] = {}
         self._reported: set[tuple[str | None, str]] = set()
+
+    @property
+    def good(self) -> Mapping[str, VassalDocument]:
+        """Each name's last good document."""
+        return self._good
 
     def snapshot(self, items: Iterable[T]) -> tuple[VassalDocument, ...]:
         docs: dict[str, VassalDocument] = {}
@@ -395,17 +404,34 @@ class LastGood(Generic[T]):
         self._good = docs
         return tuple(docs[name] for name in sorted(docs))
 
+    def change(self, item: T) -> VassalDocument | None:
+        """One item changed: its new document, or None if it is bad (logged; its
+        name keeps its last good document)."""
+        try:
+            doc = self._parse(item)
+        except BadVassal as bad:
+            kept = bad.name is not None and bad.name in self._good
+            self._report(self._reported, bad.name, bad.reason, kept)
+            return None
+        self._good[doc.name] = doc
+        return doc
+
+    def forget(self, name: str) -> bool:
+        """*name* is gone from the source; whether it had a good document."""
+        return self._good.pop(name, None) is not None
+
     def _report(
         self, reported: set[tuple[str | None, str]], name: str | None, reason: str, kept: bool
     ) -> None:
         key = (name, reason)
+        level = logging.DEBUG if key in self._reported else logging.WARNING
         reported.add(key)
         self._log.log(
-            logging.DEBUG if key in self._reported else logging.WARNING,
+            level,
             self._message,
             self._source,
-            name,
-            reason,
+            self._shown(name),
+            short(reason),
             "; keeping its last good configuration" if kept else "",
         )
 
