@@ -84,3 +84,38 @@ def test_a_missing_driver_names_the_extra_its_entry_point_declares() -> None:
         load_factory("zoo", "trimperor_no_such_driver:Monitor [zoo]")
     with pytest.raises(MissingExtraError, match=re.escape("pip install 'trimperor[nope]'")):
         load_factory("nope", "trimperor_no_such_driver:Monitor")
+
+
+def test_every_error_trimperor_raises_is_a_trimperor_error() -> None:
+    from trimperor.control import ControlRefused
+    from trimperor.ctl import Unreachable
+    from trimperor.errors import (
+        BadMessage,
+        BadVassal,
+        ConfigError,
+        InternalError,
+        Refused,
+        SourceError,
+        TooLarge,
+        TrimperorError,
+    )
+    from trimperor.etcd import EtcdError
+    from trimperor.lifecycle import InvalidTransition
+    from trimperor.monitors.mongodb import BadDocument
+    from trimperor.monitors.postgres import BadRow
+    from trimperor.reconcile import Unsupported
+
+    kinds: dict[type[Exception], type[TrimperorError]] = {
+        BadVassal: ConfigError,
+        BadRow: ConfigError,
+        BadDocument: ConfigError,
+        TooLarge: ConfigError,
+        BadMessage: ConfigError,
+        Unsupported: Refused,
+        InvalidTransition: InternalError,
+        EtcdError: SourceError,
+        Unreachable: TrimperorError,
+        ControlRefused: TrimperorError,
+    }
+    for exc, kind in kinds.items():
+        assert issubclass(exc, kind), f"{exc.__name__} is not a {kind.__name__}"

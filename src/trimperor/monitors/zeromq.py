@@ -51,7 +51,7 @@ import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.api import is_loopback
-from trimperor.errors import SourceError, UsageError
+from trimperor.errors import BadMessage, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
@@ -73,7 +73,7 @@ with driver_imports(__name__):
     import zmq.auth
     import zmq.auth.thread
 
-__all__ = ["Destroy", "Touch", "ZmqMonitor", "ZmqOptions", "parse_command"]
+__all__ = ["BadMessage", "Destroy", "Touch", "ZmqMonitor", "ZmqOptions", "parse_command"]
 
 log = logging.getLogger(__name__)
 #: zmq.auth's own log (one line per refused client at DEBUG); quiet unless configured.
@@ -88,10 +88,6 @@ WARN_WINDOW = 10.0
 
 _ENDPOINT = re.compile(r"[a-z][a-z0-9+.-]*://.+")
 _NUMBER = re.compile(r"[0-9]{1,10}")
-
-
-class BadMessage(Exception):
-    """A message from the socket that is not a command."""
 
 
 @dataclass(frozen=True, slots=True)
