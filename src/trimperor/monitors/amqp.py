@@ -77,7 +77,6 @@ from trimperor.monitors.toolkit import (
     VersionCounter,
     check_document,
     check_freq,
-    driver_imports,
     error_text,
     plugin_options,
     quiet_driver_log,
@@ -85,7 +84,7 @@ from trimperor.monitors.toolkit import (
     short,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     import httpx
     import pika
     import pika.exceptions

@@ -43,12 +43,11 @@ from trimperor.monitors.toolkit import (
     SourceStatus,
     check_freq,
     check_or_raise,
-    driver_imports,
     parse_id,
     short,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
 
 __all__ = ["EtcdMonitor", "kv_document", "parse_etcd_uri"]

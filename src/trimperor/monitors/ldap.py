@@ -66,12 +66,11 @@ from trimperor.monitors.toolkit import (
     SourceStatus,
     check_freq,
     check_or_raise,
-    driver_imports,
     error_text,
     short,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     import ldap
     import ldap.dn
     import ldap.ldapobject

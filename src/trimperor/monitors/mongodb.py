@@ -53,7 +53,6 @@ from trimperor.monitors.toolkit import (
     check_document,
     check_freq,
     check_or_raise,
-    driver_imports,
     error_text,
     parse_id,
     poke_from_thread,
@@ -62,7 +61,7 @@ from trimperor.monitors.toolkit import (
     static_file,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     import bson
     from bson.codec_options import DatetimeConversion
     from pymongo import MongoClient, uri_parser

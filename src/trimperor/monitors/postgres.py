@@ -56,13 +56,12 @@ from trimperor.monitors.toolkit import (
     SourceStatus,
     check_freq,
     check_or_raise,
-    driver_imports,
     error_text,
     parse_id,
     redact,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo

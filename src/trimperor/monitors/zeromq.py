@@ -60,7 +60,6 @@ from trimperor.monitors.toolkit import (
     TooLarge,
     VersionCounter,
     check_document,
-    driver_imports,
     plugin_options,
     read_file,
     redact,
@@ -68,7 +67,7 @@ from trimperor.monitors.toolkit import (
     static_file,
 )
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     import zmq
     import zmq.auth
     import zmq.auth.thread

@@ -74,7 +74,6 @@ from trimperor.monitors.toolkit import (
     BadVassal,
     SourceStatus,
     check_or_raise,
-    driver_imports,
     error_text,
     plugin_options,
     quiet_driver_log,
@@ -83,7 +82,7 @@ from trimperor.monitors.toolkit import (
 )
 from trimperor.stats import SourceStats
 
-with driver_imports(__name__):
+with kit.driver_imports(__name__):
     from kazoo.client import KazooClient, KazooState
     from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
     from kazoo.handlers.threading import KazooTimeoutError
