@@ -54,6 +54,36 @@ def test_missing_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         cli.resolve_sources(["pg://dbname=x"], MonitorOptions())
 
 
+def test_plugin_options_reach_each_plugin_s_own_options(tmp_path: Path) -> None:
+    """Plugin options keep their flags; each lands in its plugin's own options object."""
+    from trimperor.monitors.amqp import AmqpMonitor
+    from trimperor.monitors.files import DirMonitor
+    from trimperor.monitors.zeromq import ZmqMonitor
+
+    args = cli.build_parser().parse_args(
+        [
+            "--amqp-exchange=fleet",
+            "--emperor-on-demand-directory=od",
+            "--allow-remote-zmq",
+            str(tmp_path),
+        ]
+    )
+    settings = cli.plugin_settings(args)
+    assert settings["amqp"] == {"exchange": "fleet"}
+    assert settings["files"] == {"on_demand_extension": None, "on_demand_directory": "od"}
+    assert settings["zmq"]["allow_remote"] is True and settings["zoo"] == {"auth_file": None}
+    options = MonitorOptions(plugins=settings)
+    amqp, files, zmq = cli.resolve_sources(
+        ["amqp://127.0.0.1", str(tmp_path), "zmq://tcp://0.0.0.0:5999"], options
+    )
+    assert isinstance(amqp, AmqpMonitor) and amqp._exchange == "fleet"
+    assert isinstance(files, DirMonitor)
+    assert files._own.on_demand_directory == os.path.abspath("od")
+    assert isinstance(zmq, ZmqMonitor)  # a remote bind allowed by --allow-remote-zmq
+    with pytest.raises(UsageError, match=r"unknown amqp option.*: exchnage"):
+        AmqpMonitor("amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchnage": "x"}}))
+
+
 def test_shell_expansion_is_detected(tmp_path: Path) -> None:
     a, b = tmp_path / "a.ini", tmp_path / "b.ini"
     a.touch()

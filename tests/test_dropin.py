@@ -205,6 +205,7 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
         "1",
         "uwsgi:\n  binary-path: /usr/bin/uwsgi-core\n  plugins: rack\n",
         path=str(rails),
+        in_own_dir=True,
     )
     spec = build_spec(doc, {})
     assert isinstance(spec, UwsgiSpec) and spec.binary == "/usr/bin/uwsgi-core"
@@ -214,6 +215,7 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
         "1",
         "[uwsgi]\nbinary-path = bin/uwsgi\n[emperor]\nwrapper = /opt/w\n",
         path=str(tmp_path / "a.ini"),
+        in_own_dir=True,
     )
     spec = build_spec(ini, {})
     assert isinstance(spec, UwsgiSpec)
@@ -673,7 +675,7 @@ async def test_no_argument_prints_the_usage() -> None:
 def test_errors_say_why_even_when_str_is_empty() -> None:
     from pika.adapters.utils.connection_workflow import AMQPConnectorSocketConnectError
 
-    from trimperor.monitors.remote import error_text
+    from trimperor.monitors.toolkit import error_text
 
     # What pika raises when the broker refuses the connection.
     cause = AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "Connection refused"))

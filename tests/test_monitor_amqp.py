@@ -88,7 +88,9 @@ def monitor_on(
     freq: float = 3.0,
     max_config_size: int = 64 * 1024,
 ) -> AmqpMonitor:
-    options = MonitorOptions(freq=freq, max_config_size=max_config_size, amqp_exchange=exchange)
+    options = MonitorOptions(
+        freq=freq, max_config_size=max_config_size, plugins={"amqp": {"exchange": exchange}}
+    )
     return AmqpMonitor(uri, options)
 
 

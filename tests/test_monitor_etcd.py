@@ -31,7 +31,7 @@ from trimperor.errors import UsageError
 from trimperor.etcd import Cursor, EtcdClient, KeyValue, prefix_end
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert
 from trimperor.monitors.etcd import EtcdMonitor, kv_document, parse_etcd_uri
-from trimperor.monitors.remote import BadVassal
+from trimperor.monitors.toolkit import BadVassal
 
 OPTIONS = MonitorOptions(freq=0.5)
 

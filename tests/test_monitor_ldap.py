@@ -50,7 +50,7 @@ from trimperor.monitors.ldap import (
     option_name,
     parse_url,
 )
-from trimperor.monitors.remote import BadVassal
+from trimperor.monitors.toolkit import BadVassal
 
 UWSGI = str(Path(sys.executable).with_name("uwsgi"))
 SERVER = Path(__file__).with_name("ondemand_server.py")

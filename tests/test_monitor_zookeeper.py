@@ -45,10 +45,10 @@ from tests.helpers import (
 from tests.proxy import TcpProxy
 from tests.zk_server import ZkServer, zookeeper_missing
 from trimperor.abc import MonitorOptions
-from trimperor.cli import build_parser, resolve_sources
+from trimperor.cli import build_parser, plugin_settings, resolve_sources
 from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
-from trimperor.monitors.remote import BadVassal
+from trimperor.monitors.toolkit import BadVassal
 from trimperor.monitors.zookeeper import (
     ZooAddress,
     ZooMonitor,
@@ -110,21 +110,23 @@ def test_the_password_never_shows(tmp_path: Path) -> None:
     assert "s3" not in str(error.value) and "zoo://***@h1:1,h2/v" in str(error.value)
     auth = tmp_path / "auth"
     auth.write_text("admin:s3cr3t\n")
-    monitor = ZooMonitor("zoo://h/v", MonitorOptions(zoo_auth_file=str(auth)))
+    monitor = ZooMonitor("zoo://h/v", MonitorOptions(plugins={"zoo": {"auth_file": str(auth)}}))
     assert monitor.uri == "zoo://h/v"
     assert monitor._auth == ("admin", "s3cr3t")
     auth.write_text("no colon\n")
     with pytest.raises(UsageError, match="user:password"):
-        ZooMonitor("zoo://h/v", MonitorOptions(zoo_auth_file=str(auth)))
+        ZooMonitor("zoo://h/v", MonitorOptions(plugins={"zoo": {"auth_file": str(auth)}}))
     with pytest.raises(UsageError, match="cannot read --zoo-auth-file"):
-        ZooMonitor("zoo://h/v", MonitorOptions(zoo_auth_file=str(tmp_path / "missing")))
+        ZooMonitor(
+            "zoo://h/v", MonitorOptions(plugins={"zoo": {"auth_file": str(tmp_path / "missing")}})
+        )
 
 
 def test_the_auth_file_option_reaches_the_monitor(tmp_path: Path) -> None:
     auth = tmp_path / "auth"
     auth.write_text("emperor:pw\n")
     args = build_parser().parse_args(["--zoo-auth-file", str(auth), "zoo://h/v"])
-    (monitor,) = resolve_sources(args.sources, MonitorOptions(zoo_auth_file=args.zoo_auth_file))
+    (monitor,) = resolve_sources(args.sources, MonitorOptions(plugins=plugin_settings(args)))
     assert isinstance(monitor, ZooMonitor)
     assert monitor._auth == ("emperor", "pw")
 
@@ -431,7 +433,10 @@ async def test_digest_credentials_from_the_uri_or_a_file(
                 assert monitor.status.state == "connected"
             for uri, options in (
                 (f"zoo://emperor:s3cr3t@{zk_server.hosts}{path}", {}),
-                (f"zoo://{zk_server.hosts}{path}", {"zoo_auth_file": str(auth_file)}),
+                (
+                    f"zoo://{zk_server.hosts}{path}",
+                    {"plugins": {"zoo": {"auth_file": str(auth_file)}}},
+                ),
             ):
                 async with running(uri, **options) as (monitor, recv):
                     snap = await next_snapshot(recv)

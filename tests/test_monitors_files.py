@@ -22,7 +22,7 @@ from trimperor.abc import MonitorOptions
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
 from trimperor.monitors import files
-from trimperor.monitors.files import DirMonitor, GlobMonitor
+from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
 
 EVENTS = MonitorOptions(freq=60)
 """Only inotify can deliver a change within the waiting bound."""
@@ -558,18 +558,18 @@ def test_on_demand_socket_discovery(tmp_path: Path) -> None:
     conf.write_text("[uwsgi]\n")
     doc = VassalDocument("app.ini", "dir://x", "1", "[uwsgi]\n", path=str(conf))
     _with_socket = files._with_socket
-    assert _with_socket(doc, MonitorOptions()) is doc
-    by_dir = _with_socket(doc, MonitorOptions(on_demand_directory="/run/od"))
+    assert _with_socket(doc, FileOptions()) is doc
+    by_dir = _with_socket(doc, FileOptions(on_demand_directory="/run/od"))
     assert by_dir.socket == "/run/od/app.socket"
     assert by_dir.version == "1:/run/od/app.socket"
     (tmp_path / "app.ini.sock").write_bytes(b"127.0.0.1:9000\nignored")
-    by_ext = _with_socket(doc, MonitorOptions(on_demand_extension=".sock"))
+    by_ext = _with_socket(doc, FileOptions(on_demand_extension=".sock"))
     assert by_ext.socket == "127.0.0.1:9000"
     # the side file wins over the directory, and an empty one means none
-    both = MonitorOptions(on_demand_extension=".sock", on_demand_directory="/run/od")
+    both = FileOptions(on_demand_extension=".sock", on_demand_directory="/run/od")
     assert _with_socket(doc, both).socket == "127.0.0.1:9000"
     (tmp_path / "app.ini.sock").write_bytes(b"")
-    assert _with_socket(doc, MonitorOptions(on_demand_extension=".sock")) is doc
+    assert _with_socket(doc, FileOptions(on_demand_extension=".sock")) is doc
 
 
 async def test_file_over_the_size_limit_is_not_read(tmp_path: Path) -> None:

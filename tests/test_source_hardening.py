@@ -254,7 +254,9 @@ async def test_a_slow_url_does_not_block_later_messages(
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(amqp, "HTTP_TIMEOUT", 1.0)
     http = SlowHttp(CONFIG)
-    monitor = AmqpMonitor("amqp://127.0.0.1", MonitorOptions(amqp_exchange=exchange))
+    monitor = AmqpMonitor(
+        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
+    )
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
         base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
@@ -286,7 +288,9 @@ async def test_a_fetch_overtaken_by_a_later_message_is_dropped(
 ) -> None:
     caplog.set_level(logging.INFO)
     http = SlowHttp(b"[vassal]\ncommand = old\n")
-    monitor = AmqpMonitor("amqp://127.0.0.1", MonitorOptions(amqp_exchange=exchange))
+    monitor = AmqpMonitor(
+        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
+    )
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
         base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
@@ -309,7 +313,9 @@ async def test_a_fetch_overtaken_by_a_later_message_is_dropped(
 async def test_fetches_are_bounded(exchange: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(amqp, "MAX_FETCHES", 2)
     http = SlowHttp(CONFIG)
-    monitor = AmqpMonitor("amqp://127.0.0.1", MonitorOptions(amqp_exchange=exchange))
+    monitor = AmqpMonitor(
+        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
+    )
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
         base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
@@ -333,7 +339,7 @@ async def test_fetches_are_bounded(exchange: str, monkeypatch: pytest.MonkeyPatc
 def test_a_remote_zmq_endpoint_needs_permission(endpoint: str) -> None:
     with pytest.raises(UsageError, match="--allow-remote-zmq"):
         ZmqMonitor(f"zmq://{endpoint}", MonitorOptions())
-    ZmqMonitor(f"zmq://{endpoint}", MonitorOptions(allow_remote_zmq=True))
+    ZmqMonitor(f"zmq://{endpoint}", MonitorOptions(plugins={"zmq": {"allow_remote": True}}))
 
 
 @pytest.mark.parametrize(
@@ -464,10 +470,15 @@ def _curve_push(
     return sock
 
 
+def zmq_options(**settings: str) -> MonitorOptions:
+    """Options with the zmq plugin's *settings* (``curve_secret``, ...)."""
+    return MonitorOptions(plugins={"zmq": settings})
+
+
 @pytest.mark.integration
 async def test_curve_admits_only_the_allowed_clients(curve: dict[str, Path]) -> None:
-    options = MonitorOptions(
-        zmq_curve_secret=str(curve["server_secret"]), zmq_curve_clients=str(curve["allowed"])
+    options = zmq_options(
+        curve_secret=str(curve["server_secret"]), curve_clients=str(curve["allowed"])
     )
     # CURVE makes a remote endpoint acceptable without --allow-remote-zmq
     ZmqMonitor("zmq://tcp://*:5999", options)
@@ -504,22 +515,19 @@ async def test_curve_admits_only_the_allowed_clients(curve: dict[str, Path]) -> 
 
 def test_curve_options_are_checked(curve: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="needs both"):
-        ZmqMonitor(
-            "zmq://tcp://127.0.0.1:*", MonitorOptions(zmq_curve_secret=str(curve["server_secret"]))
-        )
+        ZmqMonitor("zmq://tcp://127.0.0.1:*", zmq_options(curve_secret=str(curve["server_secret"])))
     with pytest.raises(UsageError, match="no secret key"):
         ZmqMonitor(
             "zmq://tcp://127.0.0.1:*",
-            MonitorOptions(
-                zmq_curve_secret=str(curve["server_public"]),
-                zmq_curve_clients=str(curve["allowed"]),
+            zmq_options(
+                curve_secret=str(curve["server_public"]), curve_clients=str(curve["allowed"])
             ),
         )
     with pytest.raises(UsageError, match="cannot load"):
         ZmqMonitor(
             "zmq://tcp://127.0.0.1:*",
-            MonitorOptions(
-                zmq_curve_secret=str(tmp_path / "missing"), zmq_curve_clients=str(curve["allowed"])
+            zmq_options(
+                curve_secret=str(tmp_path / "missing"), curve_clients=str(curve["allowed"])
             ),
         )
 

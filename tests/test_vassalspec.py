@@ -21,7 +21,8 @@ ENV = {"HOME": "/home/app", "PORT": "8080"}
 
 
 def spec_of(name: str, text: str, path: str | None = "/etc/vassals/sub/app.ini") -> NativeSpec:
-    s = build_spec(VassalDocument(name, "dir:///etc/vassals", "1", text, path=path), ENV)
+    doc = VassalDocument(name, "dir:///etc/vassals", "1", text, path=path, in_own_dir=True)
+    s = build_spec(doc, ENV)
     assert isinstance(s, NativeSpec)
     return s
 
@@ -87,10 +88,21 @@ def test_errors_name_the_problem(text: str, message: str) -> None:
 
 
 def test_other_files_are_uwsgi_vassals() -> None:
-    doc = VassalDocument("u.ini", "dir:///v", "1", "[uwsgi]\nsocket = :3031\n", path="/v/u.ini")
-    assert build_spec(doc, ENV) == UwsgiSpec(
-        "u.ini", "/v/u.ini", "[uwsgi]\nsocket = :3031\n", cwd="/v"
-    )
+    text = "[uwsgi]\nsocket = :3031\n"
+    doc = VassalDocument("u.ini", "dir:///v", "1", text, path="/v/u.ini", in_own_dir=True)
+    assert build_spec(doc, ENV) == UwsgiSpec("u.ini", "/v/u.ini", text, cwd="/v")
+
+
+def test_the_working_directory_comes_from_the_caller() -> None:
+    """Without ``in_own_dir`` a vassal runs in the directory the caller passes;
+    relative paths and magic variables are taken against it, not the process's."""
+    text = "[uwsgi]\nsocket = :3031\n"
+    doc = VassalDocument("u.ini", "glob://v/*.ini", "1", text, path="v/u.ini")
+    assert build_spec(doc, ENV, cwd="/srv") == UwsgiSpec("u.ini", "/srv/v/u.ini", text, cwd="/srv")
+    native = VassalDocument("n.ini", "pg://", "1", "[vassal]\ncommand = run %p\n")
+    spec = build_spec(native, ENV, cwd="/srv")
+    assert isinstance(spec, NativeSpec)
+    assert spec.command == ("run", "/srv/n.ini") and spec.chdir == "/srv"
 
 
 def test_unreadable_is_a_config_error() -> None:

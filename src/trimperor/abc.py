@@ -6,15 +6,25 @@ Typing only; implementations live in :mod:`trimperor.monitors` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import trio
 
     from trimperor.model import SourceEvent
+    from trimperor.stats import SourceStats
 
-__all__ = ["LaunchPlan", "Monitor", "MonitorFactory", "MonitorOptions", "Process", "Spawner"]
+__all__ = [
+    "LaunchPlan",
+    "Monitor",
+    "MonitorFactory",
+    "MonitorOptions",
+    "Process",
+    "SourceHealth",
+    "Spawner",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,19 +41,17 @@ class MonitorOptions:
     """Tyrant mode: sources refuse what could make one user run as another (a
     symlink whose owner is not its target's), and those that read files named by
     a message check their owner first."""
-    amqp_exchange: str = "uwsgi.emperor"
-    zoo_auth_file: str | None = None
-    """zoo:// sources without credentials in the URI: ``user:password`` from this file."""
-    on_demand_extension: str | None = None
-    """File vassals: the on-demand socket is the first line of ``NAME + EXT``."""
-    on_demand_directory: str | None = None
-    """File vassals: the on-demand socket is ``DIR/<name without extension>.socket``."""
-    allow_remote_zmq: bool = False
-    """zmq:// sources may bind a non-loopback address without CURVE."""
-    zmq_curve_secret: str | None = None
-    """zmq:// sources: the server's CURVE secret key file (``zmq.auth`` format)."""
-    zmq_curve_clients: str | None = None
-    """zmq:// sources: the directory of the public key files of allowed clients."""
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Each plugin's own settings, by plugin name (``files``, ``amqp``, ``zoo``,
+    ``zmq``): the CLI fills them from the plugin's options (``--amqp-exchange``
+    is ``plugins["amqp"]["exchange"]``), and the plugin reads them into its own
+    options object (:class:`~trimperor.monitors.amqp.AmqpOptions`, ...)."""
+
+
+class SourceHealth(Protocol):
+    """What a monitor reports about its source (connected, retrying, ...)."""
+
+    def snapshot(self) -> SourceStats: ...
 
 
 class Monitor(Protocol):
@@ -57,6 +65,10 @@ class Monitor(Protocol):
     """
 
     uri: str
+
+    @property
+    def status(self) -> SourceHealth:
+        """The source's health, as the stats server and ``ctl`` show it."""
 
     async def run(
         self,

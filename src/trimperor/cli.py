@@ -17,12 +17,12 @@ import stat
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trimperor import __version__
-from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
+from trimperor.abc import Monitor, MonitorOptions
 from trimperor.api import check_stats_address
 from trimperor.configfile import parse
 from trimperor.control import ControlOptions
@@ -30,6 +30,7 @@ from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.launcher import LauncherSpawner
+from trimperor.monitors.toolkit import load_factory
 from trimperor.policy import BackoffPolicy
 from trimperor.spawner import become_subreaper, raise_fd_limit
 from trimperor.uwsgi import UwsgiOptions, default_binary
@@ -37,19 +38,9 @@ from trimperor.uwsgi import UwsgiOptions, default_binary
 if TYPE_CHECKING:
     from trimperor.fleet import Fleet
 
-__all__ = ["build_parser", "main", "resolve_sources"]
+__all__ = ["build_parser", "main", "plugin_settings", "resolve_sources"]
 
 log = logging.getLogger("trimperor")
-
-#: Which extra provides each optional source (for the one-line error).
-EXTRAS = {
-    "pg": "pg",
-    "mongodb": "mongodb",
-    "amqp": "amqp",
-    "zmq": "zmq",
-    "zoo": "zoo",
-    "etcd": "etcd",
-}
 
 #: Built-in monitors, used when the package metadata is not installed.
 _BUILTIN = {
@@ -151,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--on-demand-extension",
         "--emperor-on-demand-extension",
+        dest="files.on_demand_extension",
         metavar="EXT",
         help="file vassals: read the on-demand socket from the file NAME+EXT",
     )
     g.add_argument(
         "--on-demand-directory",
         "--emperor-on-demand-directory",
+        dest="files.on_demand_directory",
         metavar="DIR",
         help="file vassals: on-demand unix socket DIR/<name>.socket",
     )
@@ -169,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--amqp-exchange",
+        dest="amqp.exchange",
         default="uwsgi.emperor",
         metavar="NAME",
         help="fanout exchange amqp:// sources consume (default uwsgi.emperor)",
     )
     g.add_argument(
         "--zoo-auth-file",
+        dest="zoo.auth_file",
         metavar="FILE",
         help="zoo:// sources: digest credentials user:password from the first line of FILE",
     )
@@ -366,18 +361,21 @@ def _add_network_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--allow-remote-zmq",
+        dest="zmq.allow_remote",
         action="store_true",
         help="let zmq:// sources bind an address other than loopback without CURVE "
         "(anyone who can connect runs vassals)",
     )
     g.add_argument(
         "--zmq-curve-secret",
+        dest="zmq.curve_secret",
         metavar="FILE",
         help="zmq:// sources: CURVE server certificate with its secret key (zmq.auth format); "
         "with --zmq-curve-clients, only those clients are heard",
     )
     g.add_argument(
         "--zmq-curve-clients",
+        dest="zmq.curve_clients",
         metavar="DIR",
         help="zmq:// sources: directory of the public certificates of allowed CURVE clients",
     )
@@ -460,19 +458,6 @@ def _factories() -> dict[str, str]:
     return {**_BUILTIN, **found}
 
 
-def _load(scheme: str, target: str) -> MonitorFactory:
-    module_name, _, attr = target.partition(":")
-    try:
-        module = __import__(module_name, fromlist=[attr])
-    except MissingExtraError:
-        raise
-    except ImportError as exc:
-        extra = EXTRAS.get(scheme, scheme)
-        raise MissingExtraError(scheme, extra, exc.name or module_name) from None
-    factory: MonitorFactory = getattr(module, attr)
-    return factory
-
-
 def resolve_sources(args: Sequence[str], options: MonitorOptions) -> list[Monitor]:
     """uWSGI's rules: ``scheme://`` picks that monitor; an existing directory is
     ``dir``; anything else (including a path that does not exist yet) is ``glob``."""
@@ -486,8 +471,19 @@ def resolve_sources(args: Sequence[str], options: MonitorOptions) -> list[Monito
                 raise UsageError(f"unknown source scheme {scheme!r} in {arg!r} (known: {known})")
         else:
             scheme = "dir" if os.path.isdir(arg) else "glob"
-        monitors.append(_load(scheme, factories[scheme])(arg, options))
+        monitors.append(load_factory(scheme, factories[scheme])(arg, options))
     return monitors
+
+
+def plugin_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each plugin's options, by plugin: an option whose ``dest`` is
+    ``PLUGIN.KEY`` (``amqp.exchange``) is the plugin's own, not a shared one."""
+    plugins: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        plugin, dot, key = dest.partition(".")
+        if dot:
+            plugins.setdefault(plugin, {})[key] = value
+    return plugins
 
 
 def expanded_by_shell(args: Sequence[str]) -> bool:
@@ -706,15 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_extensions=tuple(args.extra_extension),
             max_config_size=args.max_config_size,
             tyrant=args.tyrant,
-            on_demand_extension=args.on_demand_extension,
-            on_demand_directory=(
-                os.path.abspath(args.on_demand_directory) if args.on_demand_directory else None
-            ),
-            amqp_exchange=args.amqp_exchange,
-            zoo_auth_file=args.zoo_auth_file,
-            allow_remote_zmq=args.allow_remote_zmq,
-            zmq_curve_secret=args.zmq_curve_secret,
-            zmq_curve_clients=args.zmq_curve_clients,
+            plugins=plugin_settings(args),
         )
         if args.stats is not None:
             check_stats_address(args.stats, allow_remote=args.allow_remote_stats)

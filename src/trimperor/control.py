@@ -38,6 +38,7 @@ from trio_websocket import (
 )
 
 from trimperor.api import parse_address
+from trimperor.errors import TrimperorError
 from trimperor.stats import EmperorStats, VassalStats
 from trimperor.vassallogs import LogFiles
 
@@ -394,7 +395,7 @@ class ControlClient:
         return self._events.popleft()
 
 
-class ControlRefused(Exception):
+class ControlRefused(TrimperorError):
     pass
 
 

@@ -20,14 +20,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from trimperor.errors import UsageError
+from trimperor.errors import TrimperorError, UsageError
 
 __all__ = ["CtlClient", "build_parser", "connect", "default_control_path", "main", "read_token"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
-class Unreachable(Exception):
+class Unreachable(TrimperorError):
     pass
 
 

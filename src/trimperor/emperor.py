@@ -82,11 +82,7 @@ def _log_files(control: ControlOptions | None) -> LogFiles:
 
 
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
-    status = getattr(monitor, "status", None)
-    if status is not None and hasattr(status, "snapshot"):
-        snap: SourceStats = status.snapshot()
-        return replace(snap, vassals=owned)
-    return SourceStats(uri=monitor.uri, state="watching", vassals=owned)
+    return replace(monitor.status.snapshot(), vassals=owned)
 
 
 class Emperor:
@@ -110,6 +106,7 @@ class Emperor:
         self._spawner = spawner
         self._policy = policy or BackoffPolicy()
         self._environ = dict(os.environ if environ is None else environ)
+        self._cwd = os.getcwd()
         self._extra_extensions = tuple(extra_extensions)
         self._stats_address = stats_address
         self._retry = retry_interval
@@ -361,7 +358,7 @@ class Emperor:
         return done
 
     def _parse_now(self, doc: VassalDocument) -> VassalSpec:
-        spec = build_spec(doc, self._environ, self._extra_extensions)
+        spec = build_spec(doc, self._environ, self._extra_extensions, cwd=self._cwd)
         if self.tyrant:
             spec = tyrant(spec, doc, _resolve, self._tyrant_initgroups)
             if isinstance(spec, NativeSpec) and spec.log_file is not None:

@@ -7,11 +7,15 @@ errors into exit codes) and the log can tell the operator where to look.
 from __future__ import annotations
 
 __all__ = [
+    "BadMessage",
+    "BadVassal",
     "ConfigError",
+    "InternalError",
     "MissingExtraError",
     "Refused",
     "SourceError",
     "SpawnError",
+    "TooLarge",
     "TrimperorError",
     "UsageError",
 ]
@@ -30,6 +34,23 @@ class ConfigError(TrimperorError):
 
     The message names the vassal and, where known, the line or position.
     """
+
+
+class BadVassal(ConfigError):
+    """What a source read is not a vassal; ``name`` is set if it has a usable one."""
+
+    def __init__(self, name: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
+        self.reason = reason
+
+
+class TooLarge(ConfigError):
+    """A configuration (a file, a fetched document) over --max-config-size."""
+
+
+class BadMessage(ConfigError):
+    """A message from a push source (a zmq command) that is not one."""
 
 
 class Refused(TrimperorError):
@@ -59,3 +80,7 @@ class MissingExtraError(UsageError):
 
 class SpawnError(TrimperorError):
     """A vassal process could not be started (missing program, bad uid, ...)."""
+
+
+class InternalError(TrimperorError):
+    """trimperor broke one of its own rules (an impossible lifecycle step): a bug."""

@@ -32,6 +32,8 @@ from typing import Any
 
 import trio
 
+from trimperor.errors import SourceError
+
 try:
     import h11
 except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -58,7 +60,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 PAGE = 256
 
 
-class EtcdError(Exception):
+class EtcdError(SourceError):
     """etcd could not be reached or refused a request."""
 
 

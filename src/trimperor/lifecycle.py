@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from trimperor.errors import InternalError
+
 __all__ = ["TABLE", "Act", "Ev", "InvalidTransition", "State", "Transition", "mermaid", "step"]
 
 
@@ -84,7 +86,7 @@ class Transition:
     actions: tuple[Act, ...] = ()
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(InternalError):
     pass
 
 

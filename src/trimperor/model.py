@@ -105,6 +105,8 @@ class VassalDocument:
     ``text`` is the configuration itself; ``path`` is where it lives on disk,
     if it does (uWSGI vassals read their file themselves). ``error`` is set,
     and ``text`` is None, when the source saw the name but could not read it.
+    ``in_own_dir``: a uWSGI vassal runs in the directory of its file (as uWSGI
+    runs a ``dir://`` vassal), not in the emperor's working directory.
     """
 
     name: str
@@ -116,6 +118,7 @@ class VassalDocument:
     uid: int | None = None
     gid: int | None = None
     socket: str | None = None
+    in_own_dir: bool = False
 
 
 @dataclass(frozen=True, slots=True)

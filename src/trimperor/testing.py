@@ -17,6 +17,7 @@ import trio
 from trimperor.abc import LaunchPlan, MonitorOptions
 from trimperor.errors import SpawnError
 from trimperor.model import SourceEvent
+from trimperor.monitors.toolkit import WatchingStatus
 
 __all__ = ["FakeMonitor", "FakeProcess", "FakeSpawner"]
 
@@ -99,6 +100,7 @@ class FakeMonitor:
 
     def __init__(self, uri: str = "fake://", options: MonitorOptions | None = None) -> None:
         self.uri = uri
+        self.status = WatchingStatus(uri)
         self._send, self._recv = trio.open_memory_channel[SourceEvent](100)
 
     async def send(self, event: SourceEvent) -> None:

@@ -256,13 +256,15 @@ class MagicContext:
 
     name: str
     path: str | None
+    cwd: str = "/"
+    """The emperor's working directory: what a relative path or name is relative to."""
 
     @classmethod
-    def for_doc(cls, doc: VassalDocument) -> MagicContext:
-        return cls(doc.name, doc.path)
+    def for_doc(cls, doc: VassalDocument, cwd: str) -> MagicContext:
+        return cls(doc.name, doc.path, cwd)
 
     def table(self) -> dict[str, str]:
-        path = os.path.abspath(self.path) if self.path else os.path.abspath(self.name)
+        path = _absolute(self.path or self.name, self.cwd)
         filename = os.path.basename(path)
         stem, ext = os.path.splitext(filename)
         directory = os.path.dirname(path)
@@ -325,13 +327,24 @@ def _seconds(value: str, where: str) -> float:
     return seconds
 
 
-def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str]) -> NativeSpec:
-    """Build a :class:`NativeSpec` from the ``vassal`` section of *doc*."""
+def _absolute(path: str, cwd: str) -> str:
+    """*path* made absolute against *cwd*, normalized (no file system access)."""
+    return os.path.normpath(os.path.join(cwd, path))
+
+
+def native_spec(
+    doc: VassalDocument, section: Section, environ: Mapping[str, str], cwd: str = "/"
+) -> NativeSpec:
+    """Build a :class:`NativeSpec` from the ``vassal`` section of *doc*.
+
+    *cwd* is the emperor's working directory: the vassal's own without a
+    file or a ``chdir``.
+    """
     name = doc.name
     unknown = [key for key in section.keys() if key not in NATIVE_KEYS]  # noqa: SIM118
     if unknown:
         raise ConfigError(f"{name}: unknown key {unknown[0]!r} in the vassal section")
-    ctx = MagicContext.for_doc(doc)
+    ctx = MagicContext.for_doc(doc, cwd)
 
     def one(key: str) -> str | None:
         raw = section.get(key)
@@ -356,7 +369,7 @@ def native_spec(doc: VassalDocument, section: Section, environ: Mapping[str, str
             raise ConfigError(f"{name}: env: an entry is not KEY=VALUE")
         env.append((key, value))
 
-    default_dir = os.path.dirname(os.path.abspath(doc.path)) if doc.path else os.getcwd()
+    default_dir = os.path.dirname(_absolute(doc.path, cwd)) if doc.path else cwd
     chdir = one("chdir") or default_dir
     if not os.path.isabs(chdir):
         chdir = os.path.join(default_dir, chdir)
@@ -559,9 +572,18 @@ def tyrant(
 
 
 def build_spec(
-    doc: VassalDocument, environ: Mapping[str, str], extra_extensions: Iterable[str] = ()
+    doc: VassalDocument,
+    environ: Mapping[str, str],
+    extra_extensions: Iterable[str] = (),
+    *,
+    cwd: str = "/",
 ) -> VassalSpec:
-    """Parse *doc* and decide what kind of vassal it is. Raises ConfigError."""
+    """Parse *doc* and decide what kind of vassal it is. Raises ConfigError.
+
+    *cwd* is the emperor's working directory (the caller reads it once): where
+    a vassal runs unless its document says otherwise, and what relative paths
+    are relative to.
+    """
     if doc.text is None:
         raise ConfigError(f"{doc.name}: cannot read: {doc.error or 'no content'}")
     options: Options = parse(doc.name, doc.text, extra_extensions)
@@ -573,7 +595,7 @@ def build_spec(
                 f"{doc.name}: a native vassal takes its fleet keys in the vassal section, "
                 f"not in [{FLEET_SECTION}]"
             )
-        spec = native_spec(doc, section, environ)
+        spec = native_spec(doc, section, environ, cwd)
         if doc.socket:
             # A socket from the source (pg's 6th column, ...) makes the vassal
             # on demand on it, as it would a uWSGI vassal.
@@ -590,11 +612,10 @@ def build_spec(
             raise ConfigError(f"{doc.name}: the configuration is empty")
         raise ConfigError(f"{doc.name}: no [vassal] or [uwsgi] section (found {', '.join(found)})")
     # uWSGI runs a dir:// vassal in the watched directory and everything else
-    # in the emperor's own working directory.
-    if doc.path is not None and doc.source.startswith("dir://"):
-        cwd = os.path.dirname(os.path.abspath(doc.path))
-    else:
-        cwd = os.getcwd()
+    # in the emperor's own working directory: the source says which.
+    path = _absolute(doc.path, cwd) if doc.path is not None else None
+    if path is not None and doc.in_own_dir:
+        cwd = os.path.dirname(path)
     if doc.path is None and len(doc.text.encode()) > MAX_CONFIG_BYTES:
         raise ConfigError(
             f"{doc.name}: the configuration is {len(doc.text.encode())} bytes; a uWSGI vassal "
@@ -620,7 +641,7 @@ def build_spec(
         placement = parse_placement(fleet.get_all, doc.name)
     return UwsgiSpec(
         name=doc.name,
-        path=os.path.abspath(doc.path) if doc.path is not None else None,
+        path=path,
         text=doc.text,
         cwd=cwd,
         sockets=sockets,

@@ -59,45 +59,41 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import (
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
     SourceStatus,
     TooLarge,
+    VersionCounter,
     check_document,
     check_freq,
     error_text,
+    plugin_options,
+    quiet_driver_log,
     redact,
     short,
 )
 
-try:
+with kit.driver_imports(__name__):
     import httpx
     import pika
     import pika.exceptions
-except ImportError as exc:
-    raise MissingExtraError("amqp", "amqp", exc.name or "pika") from exc
 
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
-
-__all__ = ["AmqpAddress", "AmqpMonitor", "parse_uri"]
+__all__ = ["AmqpAddress", "AmqpMonitor", "AmqpOptions", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
-_pika_log = logging.getLogger("pika")
-if _pika_log.level == logging.NOTSET:
-    _pika_log.setLevel(logging.CRITICAL)
+quiet_driver_log("pika", logging.CRITICAL)
 
 #: Seconds a connection attempt may take (TCP connect, then the AMQP handshake).
 CONNECT_TIMEOUT = 10.0
@@ -347,19 +343,28 @@ class _Owned:
     path: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class AmqpOptions:
+    """What amqp:// sources take from the command line (plugin ``amqp``)."""
+
+    exchange: str = "uwsgi.emperor"
+    """The fanout exchange consumed (``--amqp-exchange``)."""
+
+
 class AmqpMonitor:
     """``amqp://[user:password@]host[:port][/vhost]``: vassals announced on a fanout exchange."""
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
         address = parse_uri(uri)
-        if not options.amqp_exchange:
+        own = plugin_options(AmqpOptions, options, "amqp")
+        if not own.exchange:
             raise UsageError("the AMQP exchange name must not be empty")
         check_freq(options)
         self.uri = redact(uri)
         self.address = address
         self.status = SourceStatus(self.uri)
         self.options = options
-        self._exchange = options.amqp_exchange
+        self._exchange = own.exchange
         self._params = pika.ConnectionParameters(
             host=address.host,
             port=address.port,
@@ -373,17 +378,12 @@ class AmqpMonitor:
         # What this monitor offered; it outlives a run, so that a restarted
         # run can still remove what an earlier one added.
         self.owned: dict[str, _Owned] = {}
-        self._versions = itertools.count(1)
+        self._versions = VersionCounter()
         # The consumer thread lives as long as the connection: give it its own
         # token rather than hold one of Trio's default worker threads.
         self._thread_limiter = trio.CapacityLimiter(1)
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Consume the exchange until cancelled, reconnecting with backoff; closes *send*."""
         async with send:
             log.info("source.connecting uri=%s exchange=%s", self.uri, self._exchange)
@@ -412,7 +412,7 @@ class AmqpMonitor:
 
     def next_version(self) -> str:
         """A version no earlier message had: every message is a change."""
-        return f"{next(self._versions)}@{time.time():.6f}"
+        return self._versions()
 
     def _subscribed(self, queue: str) -> None:
         log.info("source.subscribed uri=%s exchange=%s queue=%s", self.uri, self._exchange, queue)
@@ -683,7 +683,3 @@ class _Handler:
             return
         log.info("source.remove uri=%s name=%s", self._uri, name)
         await self._send.send(Remove(self._uri, name))
-
-
-if TYPE_CHECKING:
-    _factory: MonitorFactory = AmqpMonitor

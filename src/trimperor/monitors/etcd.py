@@ -30,22 +30,25 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
-from trimperor.monitors.remote import BadVassal, SourceStatus, check_document, check_freq, short
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
+    BadVassal,
+    LastGood,
+    SourceStatus,
+    check_freq,
+    check_or_raise,
+    parse_id,
+    short,
+)
 
-try:
+with kit.driver_imports(__name__):
     from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("etcd", "etcd", exc.name or "httpx") from None
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["EtcdMonitor", "kv_document", "parse_etcd_uri"]
 
@@ -78,14 +81,6 @@ def parse_etcd_uri(uri: str, scheme: str = "etcd") -> tuple[tuple[str, ...], str
     return tuple(endpoints), prefix
 
 
-def _id(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ValueError(f"{what} is not a non-negative integer: {value!r}")
-
-
 def kv_document(
     kv: KeyValue, vassals: bytes, source: str, options: MonitorOptions
 ) -> VassalDocument:
@@ -116,8 +111,8 @@ def kv_document(
         if raw_socket is not None and not isinstance(raw_socket, str):
             raise BadVassal(name, "the envelope's socket is not a string")
         try:
-            uid = _id(envelope.get("uid"), "uid")
-            gid = _id(envelope.get("gid"), "gid")
+            uid = parse_id(envelope.get("uid"), "uid")
+            gid = parse_id(envelope.get("gid"), "gid")
         except ValueError as exc:
             raise BadVassal(name, str(exc)) from None
         text, socket = config, raw_socket or None
@@ -130,9 +125,7 @@ def kv_document(
         gid=gid,
         socket=socket,
     )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadVassal(name, problem)
+    check_or_raise(doc, options)
     return doc
 
 
@@ -159,16 +152,17 @@ class EtcdMonitor:
         self._vassals = (self.prefix + "/vassals/").encode()
         self._options = options
         self.status = SourceStatus(uri)
-        self._good: dict[str, VassalDocument] = {}
+        self._docs = LastGood(
+            uri,
+            self._parse,
+            event="source.bad_key",
+            what="key",
+            logger=log,
+            shown=lambda name: short(repr(name)),
+        )
         self._client: EtcdClient | None = None
-        self._reported: set[tuple[str | None, str]] = set()
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         async with send:
             task_status.started()
             cursor = Cursor()
@@ -229,35 +223,10 @@ class EtcdMonitor:
     def _parse(self, kv: KeyValue) -> VassalDocument:
         return kv_document(kv, self._vassals, self.uri, self._options)
 
-    def _report(self, name: str | None, reason: str, kept: bool, listing: bool = False) -> None:
-        """One line per bad key; a re-list repeats one already reported at DEBUG."""
-        key = (name, reason)
-        level = logging.DEBUG if listing and key in self._reported else logging.WARNING
-        self._reported.add(key)
-        log.log(
-            level,
-            "source.bad_key uri=%s name=%s reason=%s%s",
-            self.uri,
-            short(repr(name)),
-            short(reason),
-            "; keeping its last good configuration" if kept else "",
-        )
-
     async def _listed(
         self, kvs: list[KeyValue], revision: int, send: trio.MemorySendChannel[SourceEvent]
     ) -> None:
-        docs: dict[str, VassalDocument] = {}
-        for kv in kvs:
-            try:
-                doc = self._parse(kv)
-            except BadVassal as bad:
-                kept = self._good.get(bad.name) if bad.name is not None else None
-                self._report(bad.name, bad.reason, kept is not None, listing=True)
-                if kept is not None:
-                    docs[kept.name] = kept
-                continue
-            docs[doc.name] = doc
-        self._good = docs
+        docs = self._docs.snapshot(kvs)
         log.info(
             "source.listed uri=%s endpoint=%s revision=%d vassals=%d",
             self.uri,
@@ -266,7 +235,7 @@ class EtcdMonitor:
             len(docs),
         )
         self.status.ok(len(docs))
-        await send.send(Snapshot(self.uri, tuple(docs[n] for n in sorted(docs))))
+        await send.send(Snapshot(self.uri, docs))
 
     async def _events(
         self, events: list[WatchEvent], send: trio.MemorySendChannel[SourceEvent]
@@ -277,19 +246,10 @@ class EtcdMonitor:
                     name = event.kv.key.removeprefix(self._vassals).decode("utf-8")
                 except UnicodeDecodeError:
                     continue
-                if self._good.pop(name, None) is not None:
+                if self._docs.forget(name):
                     await send.send(Remove(self.uri, name))
                 continue
-            try:
-                doc = self._parse(event.kv)
-            except BadVassal as bad:
-                kept = bad.name is not None and bad.name in self._good
-                self._report(bad.name, bad.reason, kept)
-                continue
-            self._good[doc.name] = doc
-            await send.send(Upsert(doc))
-        self.status.ok(len(self._good))
-
-
-if TYPE_CHECKING:
-    _etcd: MonitorFactory = EtcdMonitor
+            doc = self._docs.change(event.kv)
+            if doc is not None:
+                await send.send(Upsert(doc))
+        self.status.ok(len(self._docs.good))

@@ -52,9 +52,9 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import trio
 from watchfiles import Change, awatch
@@ -62,9 +62,14 @@ from watchfiles import Change, awatch
 from trimperor.abc import MonitorOptions
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
+    WatchingStatus,
+    check_freq,
+    plugin_options,
+    poke,
+    read_regular,
+)
 
 __all__ = ["DirMonitor", "GlobMonitor"]
 
@@ -221,7 +226,24 @@ def _undecodable_name(exc: BaseException) -> bool:
     return type(exc).__name__ == "WatchfilesRustInternalError" and "decode" in str(exc)
 
 
-def _with_socket(doc: VassalDocument, options: MonitorOptions) -> VassalDocument:
+@dataclass(frozen=True, slots=True)
+class FileOptions:
+    """What dir:// and glob:// sources take from the command line (plugin ``files``)."""
+
+    on_demand_extension: str | None = None
+    """The on-demand socket is the first line of ``NAME + EXT``."""
+    on_demand_directory: str | None = None
+    """The on-demand socket is ``DIR/<name without extension>.socket``."""
+
+    @classmethod
+    def of(cls, options: MonitorOptions) -> FileOptions:
+        own = plugin_options(cls, options, "files")
+        if own.on_demand_directory:
+            return replace(own, on_demand_directory=os.path.abspath(own.on_demand_directory))
+        return own
+
+
+def _with_socket(doc: VassalDocument, options: FileOptions) -> VassalDocument:
     """uWSGI's on-demand socket discovery for file vassals; blocking.
 
     ``--on-demand-extension EXT``: the first line of the file ``NAME + EXT`` next
@@ -251,16 +273,12 @@ def _read(path: str, max_size: int | None = None) -> tuple[os.stat_result, bytes
 
     At most ``max_size + 1`` bytes are read: enough to tell that it is too large.
     """
-    # O_NONBLOCK: if the file was swapped for a FIFO since stat(), open must
-    # not wait for a writer; fstat() then rejects it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        if _being_written(f.fileno()):
-            raise _BeingWritten(path)
-        return st, f.read() if max_size is None else f.read(max_size + 1)
+    return read_regular(path, max_size, check=_refuse_if_being_written)
+
+
+def _refuse_if_being_written(fd: int, _st: os.stat_result) -> None:
+    if _being_written(fd):
+        raise _BeingWritten
 
 
 class _BeingWritten(Exception):
@@ -420,12 +438,6 @@ class _WatchProbe:
         self._stopped = True
 
 
-def _poke(pokes: trio.MemorySendChannel[None]) -> None:
-    """Ask the scanner for a rescan; one pending request is enough."""
-    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pokes.send_nowait(None)
-
-
 # -- the monitors ------------------------------------------------------------------
 
 
@@ -435,11 +447,13 @@ class _FileMonitor:
     uri: str
     #: Whether a first scan that cannot list the source is a :class:`SourceError`.
     _strict_start = False
+    #: Whether a uWSGI vassal runs in the directory of its file (dir://, as uWSGI).
+    _in_own_dir = False
 
     def __init__(self, options: MonitorOptions) -> None:
-        if not options.freq > 0:
-            raise UsageError(f"the rescan interval must be positive, not {options.freq!r}")
+        check_freq(options)
         self._options = options
+        self._own = FileOptions.of(options)
         # Scans get their own thread, so that many watchers (each holding one
         # of Trio's default worker threads) can never starve them.
         self._limiter = trio.CapacityLimiter(1)
@@ -447,6 +461,11 @@ class _FileMonitor:
         """Files that were open for writing at the last scan (not read yet)."""
         #: Candidates skipped at the last scan, and why (each is logged once).
         self._skipped: dict[str, str] = {}
+
+    @property
+    def status(self) -> WatchingStatus:
+        """A file source has no connection to lose: it is always watching."""
+        return WatchingStatus(self.uri)
 
     def _candidates(self) -> list[tuple[str, str]]:
         """(vassal name, absolute path) of every configuration name; blocking.
@@ -478,7 +497,9 @@ class _FileMonitor:
                 busy=busy,
             )
             if doc is not None:
-                docs[name] = doc if name in busy else _with_socket(doc, self._options)
+                if self._in_own_dir and not doc.in_own_dir:
+                    doc = replace(doc, in_own_dir=True)
+                docs[name] = doc if name in busy else _with_socket(doc, self._own)
                 continue
             if name in busy:
                 continue  # open for writing, and new: not there yet
@@ -498,12 +519,7 @@ class _FileMonitor:
         fresh = {name: doc for name, doc in docs.items() if doc.error is None}
         return tuple(docs[name] for name in sorted(docs)), fresh
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot now and whenever the files change; closes *send* on return.
 
         A directory that cannot be listed at start raises
@@ -575,7 +591,7 @@ class _FileMonitor:
                 target.path,
                 target.recursive,
             )
-            _poke(pokes)
+            poke(pokes)
 
         probe = _WatchProbe(pattern, target, live)
         batches = awatch(
@@ -595,7 +611,7 @@ class _FileMonitor:
             async for changes in batches:
                 if changes:
                     log.debug("source.changed uri=%s changes=%d", self.uri, len(changes))
-                    _poke(pokes)
+                    poke(pokes)
                 if self._pattern() != pattern:
                     return  # a relative glob pattern and a new working directory
                 now = await trio.to_thread.run_sync(_watch_target, pattern, limiter=self._limiter)
@@ -686,6 +702,7 @@ class DirMonitor(_FileMonitor):
     """``dir:///path``: every configuration file directly inside one directory."""
 
     _strict_start = True
+    _in_own_dir = True
 
     def __init__(self, uri: str, options: MonitorOptions) -> None:
         super().__init__(options)
@@ -728,8 +745,3 @@ class GlobMonitor(_FileMonitor):
 
     def _pattern(self) -> str:
         return os.path.abspath(self.pattern)
-
-
-if TYPE_CHECKING:
-    _dir: MonitorFactory = DirMonitor
-    _glob: MonitorFactory = GlobMonitor

@@ -52,32 +52,29 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
-from trimperor.monitors.remote import (
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
     RETRY_MAX,
     BadVassal,
     SourceStatus,
-    check_document,
     check_freq,
+    check_or_raise,
+    error_text,
     short,
 )
 
-try:
+with kit.driver_imports(__name__):
     import ldap
     import ldap.dn
     import ldap.ldapobject
     import ldap.syncrepl
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("ldap", "ldap", exc.name or "ldap") from None
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["LdapMonitor", "LdapUrl", "entry_document", "option_name", "parse_url"]
 
@@ -104,7 +101,7 @@ DRAIN_WAIT = 1e-4
 BATCH = 500
 #: Reconnect attempts to a server that cannot be reached are at most this far
 #: apart (seconds); errors the server answers with (a bad password, a bad base
-#: or filter) back off up to remote's maximum instead.
+#: or filter) back off up to the toolkit's maximum instead.
 RETRY_UNREACHABLE = 1.0
 MAX_PASSWORD_BYTES = 4096
 
@@ -276,9 +273,7 @@ def entry_document(
         gid=gid,
         socket=socket or None,
     )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadVassal(name, problem)
+    check_or_raise(doc, options)
     return doc
 
 
@@ -481,12 +476,7 @@ class LdapMonitor:
         self._sent: dict[str, VassalDocument] | None = None
         self._no_sync = False
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Follow the directory forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -820,8 +810,6 @@ def _result_code(exc: BaseException) -> int | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "the server took too long"
     if isinstance(exc, ldap.SIZELIMIT_EXCEEDED):
         return (
             "SIZELIMIT_EXCEEDED: the search finds more entries than the server's size limit "
@@ -834,9 +822,4 @@ def _describe(exc: BaseException) -> str:
         extra = str(info.get("info", "")).strip()
         text = f"{desc}: {extra}" if extra else desc
         return f"{type(exc).__name__}: {short(text or 'no detail')}"
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {short(first[0]) if first else 'no detail'}"
-
-
-if TYPE_CHECKING:
-    _ldap: MonitorFactory = LdapMonitor
+    return short(error_text(exc, too_slow="the server took too long"))

@@ -35,40 +35,41 @@ import logging
 import math
 import os
 import re
-import stat
 import threading
 from collections.abc import Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Snapshot, SourceEvent, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import (
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
     BadVassal,
     LastGood,
     SourceStatus,
     check_document,
     check_freq,
+    check_or_raise,
+    error_text,
+    parse_id,
+    poke_from_thread,
+    read_regular,
     redact,
     static_file,
 )
 
-try:
+with kit.driver_imports(__name__):
     import bson
     from bson.codec_options import DatetimeConversion
     from pymongo import MongoClient, uri_parser
     from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("mongodb", "mongodb", exc.name or "pymongo") from None
 
 if TYPE_CHECKING:
     from pymongo.collection import Collection
 
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["MongoMonitor", "document_to_vassal", "parse_filter", "parse_uri"]
 
@@ -313,20 +314,6 @@ def _version(ts: object) -> str:
     raise ValueError(f"ts is not a date or a number: {ts!r}")
 
 
-def _id(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value == int(value)
-        and value >= 0
-    ):
-        return int(value)
-    raise ValueError(f"{what} is not a non-negative integer: {value!r}")
-
-
 def document_to_vassal(
     raw: Mapping[str, Any],
     source: str,
@@ -349,15 +336,13 @@ def document_to_vassal(
         raise BadDocument(name, f"socket is not a string: {socket!r}")
     try:
         version = _version(raw.get("ts"))
-        uid = _id(raw.get("uid"), "uid")
-        gid = _id(raw.get("gid"), "gid")
+        uid = parse_id(raw.get("uid"), "uid")
+        gid = parse_id(raw.get("gid"), "gid")
     except ValueError as exc:
         raise BadDocument(name, str(exc)) from None
     if config:
         doc = VassalDocument(name, source, version, config, uid=uid, gid=gid, socket=socket or None)
-        problem = check_document(doc, options)
-        if problem is not None:
-            raise BadDocument(name, problem)
+        check_or_raise(doc, options, BadDocument)
         return doc
     # A file vassal: only its name is checked (a local file may be large).
     problem = check_document(VassalDocument(name, source, version, None), options)
@@ -378,6 +363,14 @@ def document_to_vassal(
     )
 
 
+class _Unchanged(Exception):
+    """The static file is the one read last time."""
+
+
+def _file_version(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
+
+
 def _read_static(name: str, cached: _StaticFile | None) -> _StaticFile:
     """The file *name* in the working directory; blocking.
 
@@ -385,31 +378,28 @@ def _read_static(name: str, cached: _StaticFile | None) -> _StaticFile:
     reading, if the file has not changed.
     """
     path = static_file(name)
+
+    def unchanged(_fd: int, st: os.stat_result) -> None:
+        if cached is not None and cached.path == path and cached.version == _file_version(st):
+            raise _Unchanged
+
     try:
-        # O_NONBLOCK: a FIFO put there must not block the read; fstat rejects it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return _StaticFile(path, "not-a-file", None, f"{path} is not a regular file")
-            version = f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}"
-            if cached is not None and cached.path == path and cached.version == version:
-                return cached
-            text = f.read().decode("utf-8", errors="replace")
+        read = read_regular(path, check=unchanged)
+    except _Unchanged:
+        assert cached is not None
+        return cached
     except FileNotFoundError:
         return _StaticFile(path, "missing", None, f"{path} does not exist")
     except OSError as exc:
         return _StaticFile(path, "unreadable", None, f"cannot read {path}: {exc.strerror or exc}")
+    if read is None:
+        return _StaticFile(path, "not-a-file", None, f"{path} is not a regular file")
+    st, data = read
+    version, text = _file_version(st), data.decode("utf-8", errors="replace")
     return _StaticFile(path, version, text)
 
 
 # -- the monitor ---------------------------------------------------------------------------
-
-
-def _poke(pokes: trio.MemorySendChannel[None]) -> None:
-    """Ask for a read now; one pending request is enough."""
-    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pokes.send_nowait(None)
 
 
 class MongoMonitor:
@@ -425,12 +415,7 @@ class MongoMonitor:
         # One read at a time, even while an abandoned one finishes.
         self._limiter = trio.CapacityLimiter(1)
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot after every successful read, forever; closes *send* on return."""
         async with send:
             client: MongoClient[dict[str, Any]] = MongoClient(
@@ -512,7 +497,7 @@ class MongoMonitor:
                     self._follow,
                     collection,
                     stop,
-                    lambda: _poke_from_thread(token, pokes),
+                    lambda: poke_from_thread(token, pokes),
                     abandon_on_cancel=True,
                 )
             except OperationFailure as exc:
@@ -544,21 +529,9 @@ class MongoMonitor:
                     poke()
 
 
-def _poke_from_thread(token: trio.lowlevel.TrioToken, pokes: trio.MemorySendChannel[None]) -> None:
-    with suppress(trio.RunFinishedError):
-        token.run_sync_soon(_poke, pokes)
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OperationFailure):
-        message = str((exc.details or {}).get("errmsg") or exc)
-    elif isinstance(exc, ConnectionFailure):
-        message = re.split(r", Timeout:| \(configured timeouts", str(exc))[0]
-    else:
-        message = str(exc)
-    first = message.strip().splitlines()
-    return f"{type(exc).__name__}: {first[0] if first else 'no detail'}"
-
-
-if TYPE_CHECKING:
-    _mongodb: MonitorFactory = MongoMonitor
+        return error_text(exc, detail=str((exc.details or {}).get("errmsg") or exc))
+    if isinstance(exc, ConnectionFailure):
+        return error_text(exc, detail=re.split(r", Timeout:| \(configured timeouts", str(exc))[0])
+    return error_text(exc)

@@ -42,31 +42,29 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import Snapshot, SourceEvent, VassalDocument
-from trimperor.monitors.remote import (
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
     BadVassal,
     LastGood,
     SourceStatus,
-    check_document,
     check_freq,
+    check_or_raise,
+    error_text,
+    parse_id,
     redact,
 )
 
-try:
+with kit.driver_imports(__name__):
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("pg", "pg", exc.name or "psycopg") from None
-
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
 
 __all__ = ["DEFAULT_QUERY", "PostgresMonitor", "parse_uri", "row_document"]
 
@@ -175,22 +173,6 @@ def _version(ts: object) -> str:
     raise ValueError(f"ts is not a number: {ts!r}")
 
 
-def _id(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if (
-        isinstance(value, int | decimal.Decimal | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value == int(value)
-        and value >= 0
-    ):
-        return int(value)
-    raise ValueError(f"{what} is not a non-negative integer: {value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class Oversized:
     """A config column the server measured and did not send: over the limit."""
@@ -240,25 +222,15 @@ def row_document(row: Sequence[Any], source: str, options: MonitorOptions) -> Va
         raise BadRow(name, f"config is {'NULL' if config is None else 'not text'}")
     try:
         version = _version(row[2])
-        uid = _id(row[3], "uid") if len(row) > 3 else None
-        gid = _id(row[4], "gid") if len(row) > 4 else None
+        uid = parse_id(row[3], "uid", digits=True) if len(row) > 3 else None
+        gid = parse_id(row[4], "gid", digits=True) if len(row) > 4 else None
     except ValueError as exc:
         raise BadRow(name, str(exc)) from None
     socket = row[5] if len(row) > 5 else None
     if socket is not None and not isinstance(socket, str):
         raise BadRow(name, f"socket is not text: {socket!r}")
-    doc = VassalDocument(
-        name=name,
-        source=source,
-        version=version,
-        text=config,
-        uid=uid,
-        gid=gid,
-        socket=socket or None,
-    )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadRow(name, problem)
+    doc = VassalDocument(name, source, version, config, uid=uid, gid=gid, socket=socket or None)
+    check_or_raise(doc, options, BadRow)
     return doc
 
 
@@ -332,12 +304,7 @@ class PostgresMonitor:
         extra = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
         return make_conninfo(self._dsn, **extra)
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot after every successful query, forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -436,11 +403,4 @@ class PostgresMonitor:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"the query took longer than {QUERY_TIMEOUT:.0f}s"
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {first[0] if first else 'no detail'}"
-
-
-if TYPE_CHECKING:
-    _pg: MonitorFactory = PostgresMonitor
+    return error_text(exc, too_slow=f"the query took longer than {QUERY_TIMEOUT:.0f}s")

@@ -41,42 +41,38 @@ that is merely over ``--max-config-size`` is logged and ignored.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import trio
 
 from trimperor.abc import MonitorOptions
 from trimperor.api import is_loopback
-from trimperor.errors import MissingExtraError, SourceError, UsageError
+from trimperor.errors import BadMessage, SourceError, UsageError
 from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
-from trimperor.monitors.remote import (
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
     RateLimitedWarnings,
     SourceStatus,
     TooLarge,
+    VersionCounter,
     check_document,
+    plugin_options,
     read_file,
     redact,
     short,
     static_file,
 )
 
-try:
+with kit.driver_imports(__name__):
     import zmq
     import zmq.auth
     import zmq.auth.thread
-except ImportError as exc:
-    raise MissingExtraError("zmq", "zmq", exc.name or "zmq") from exc
 
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
-
-__all__ = ["Destroy", "Touch", "ZmqMonitor", "parse_command"]
+__all__ = ["BadMessage", "Destroy", "Touch", "ZmqMonitor", "ZmqOptions", "parse_command"]
 
 log = logging.getLogger(__name__)
 #: zmq.auth's own log (one line per refused client at DEBUG); quiet unless configured.
@@ -91,10 +87,6 @@ WARN_WINDOW = 10.0
 
 _ENDPOINT = re.compile(r"[a-z][a-z0-9+.-]*://.+")
 _NUMBER = re.compile(r"[0-9]{1,10}")
-
-
-class BadMessage(Exception):
-    """A message from the socket that is not a command."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +148,21 @@ def is_local_endpoint(endpoint: str) -> bool:
     return bool(host) and host != "*" and is_loopback(host)
 
 
-def _curve_keys(options: MonitorOptions, uri: str) -> tuple[bytes, bytes] | None:
+@dataclass(frozen=True, slots=True)
+class ZmqOptions:
+    """What zmq:// sources take from the command line (plugin ``zmq``)."""
+
+    allow_remote: bool = False
+    """Bind a non-loopback address without CURVE (``--allow-remote-zmq``)."""
+    curve_secret: str | None = None
+    """The server's CURVE secret key file, ``zmq.auth`` format (``--zmq-curve-secret``)."""
+    curve_clients: str | None = None
+    """The directory of the allowed clients' public keys (``--zmq-curve-clients``)."""
+
+
+def _curve_keys(options: ZmqOptions, uri: str) -> tuple[bytes, bytes] | None:
     """The server's (public, secret) CURVE keys, or None without CURVE; raises UsageError."""
-    secret_file, clients = options.zmq_curve_secret, options.zmq_curve_clients
+    secret_file, clients = options.curve_secret, options.curve_clients
     if secret_file is None and clients is None:
         return None
     if secret_file is None or clients is None:
@@ -196,9 +200,10 @@ class ZmqMonitor:
             )
         self.uri = redact(uri)
         self.endpoint = endpoint
-        self._curve = _curve_keys(options, self.uri)
+        self._own = plugin_options(ZmqOptions, options, "zmq")
+        self._curve = _curve_keys(self._own, self.uri)
         self._local = is_local_endpoint(endpoint)
-        if not self._local and self._curve is None and not options.allow_remote_zmq:
+        if not self._local and self._curve is None and not self._own.allow_remote:
             raise UsageError(
                 f"{self.uri}: {endpoint} is reachable from other hosts, and anyone who can "
                 "connect would run vassals as the emperor's user; bind tcp://127.0.0.1:PORT "
@@ -211,7 +216,7 @@ class ZmqMonitor:
         self.options = options
         #: The names this monitor offered; outlives a run.
         self.owned: set[str] = set()
-        self._versions = itertools.count(1)
+        self._versions = VersionCounter()
         self._bad = RateLimitedWarnings(
             log, "source.bad_message", self.uri, WARN_BURST, WARN_WINDOW
         )
@@ -219,12 +224,7 @@ class ZmqMonitor:
             log, "source.remove_unknown", self.uri, WARN_BURST, WARN_WINDOW
         )
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Bind, then handle commands until cancelled; closes *send*.
 
         An endpoint that cannot be bound raises
@@ -237,8 +237,8 @@ class ZmqMonitor:
                 if self._curve is not None:
                     auth = zmq.auth.thread.ThreadAuthenticator(context, log=_auth_log)
                     auth.start()
-                    assert self.options.zmq_curve_clients is not None  # see _curve_keys
-                    auth.configure_curve(domain="*", location=self.options.zmq_curve_clients)
+                    assert self._own.curve_clients is not None  # see _curve_keys
+                    auth.configure_curve(domain="*", location=self._own.curve_clients)
                 try:
                     sock = context.socket(zmq.PULL)
                 except zmq.ZMQError as exc:
@@ -333,7 +333,7 @@ class ZmqMonitor:
         await send.send(Remove(self.uri, name))
 
     async def _touch(self, command: Touch, send: trio.MemorySendChannel[SourceEvent]) -> None:
-        version = f"{next(self._versions)}@{time.time():.6f}"
+        version = self._versions()
         path = None
         text = command.config
         if text is None:
@@ -367,7 +367,3 @@ class ZmqMonitor:
         log.info("source.upsert uri=%s name=%s version=%s", self.uri, doc.name, version)
         self.owned.add(command.name)
         await send.send(Upsert(doc))
-
-
-if TYPE_CHECKING:
-    _factory: MonitorFactory = ZmqMonitor

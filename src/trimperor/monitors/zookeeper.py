@@ -50,17 +50,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.errors import UsageError
 from trimperor.model import (
     Remove,
     Snapshot,
@@ -70,29 +69,32 @@ from trimperor.model import (
     VassalDocument,
     remote_name_problem,
 )
-from trimperor.monitors.remote import BadVassal, SourceStatus, check_document, short
+from trimperor.monitors import toolkit as kit
+from trimperor.monitors.toolkit import (
+    BadVassal,
+    SourceStatus,
+    check_or_raise,
+    error_text,
+    plugin_options,
+    quiet_driver_log,
+    short,
+    unix_time,
+)
 from trimperor.stats import SourceStats
 
-try:
+with kit.driver_imports(__name__):
     from kazoo.client import KazooClient, KazooState
     from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
     from kazoo.handlers.threading import KazooTimeoutError
     from kazoo.protocol.states import KeeperState, WatchedEvent
     from kazoo.retry import KazooRetry
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise MissingExtraError("zoo", "zoo", exc.name or "kazoo") from None
 
-if TYPE_CHECKING:
-    from trimperor.abc import MonitorFactory
-
-__all__ = ["SIBLINGS", "ZooAddress", "ZooMonitor", "ZooStatus", "parse_uri"]
+__all__ = ["SIBLINGS", "ZooAddress", "ZooMonitor", "ZooOptions", "ZooStatus", "parse_uri"]
 
 log = logging.getLogger(__name__)
 
 # kazoo logs every failed connection attempt; this module logs the outage once.
-_kazoo_log = logging.getLogger("kazoo")
-if _kazoo_log.level == logging.NOTSET:
-    _kazoo_log.setLevel(logging.ERROR)
+quiet_driver_log("kazoo", logging.ERROR)
 
 DEFAULT_PORT = 2181
 #: Session timeout asked of the ensemble unless the URI sets ``timeout``.
@@ -284,9 +286,7 @@ def build_document(
         gid=_id(name + ".gid", fields.get("gid", "")),
         socket=fields.get("socket") or None,
     )
-    problem = check_document(doc, options)
-    if problem is not None:
-        raise BadVassal(name, problem)
+    check_or_raise(doc, options)
     return doc
 
 
@@ -360,7 +360,7 @@ class ZooStatus(SourceStatus):
         self.last_event: float | None = None
 
     def event(self) -> None:
-        self.last_event = time.time()
+        self.last_event = unix_time()
 
     def snapshot(self) -> SourceStats:
         return replace(super().snapshot(), session=self.session, last_event=self.last_event)
@@ -419,6 +419,14 @@ class _Failed(Exception):
 # -- the monitor ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ZooOptions:
+    """What zoo:// sources take from the command line (plugin ``zoo``)."""
+
+    auth_file: str | None = None
+    """Without credentials in the URI: ``user:password`` from this file (``--zoo-auth-file``)."""
+
+
 class ZooMonitor:
     """``zoo://hosts/path``: the children of a znode, watched."""
 
@@ -429,8 +437,8 @@ class ZooMonitor:
         self._auth: tuple[str, str] | None = None
         if self.address.user is not None and self.address.password is not None:
             self._auth = (self.address.user, self.address.password)
-        elif options.zoo_auth_file is not None:
-            self._auth = read_auth_file(options.zoo_auth_file)
+        elif (auth_file := plugin_options(ZooOptions, options, "zoo").auth_file) is not None:
+            self._auth = read_auth_file(auth_file)
         self.status = ZooStatus(self.uri)
         self._in_outage = False
         self._last_failure: str | None = None
@@ -446,12 +454,7 @@ class ZooMonitor:
             randomize_hosts=True,
         )
 
-    async def run(
-        self,
-        send: trio.MemorySendChannel[SourceEvent],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Follow the children of the path forever; closes *send* on return."""
         async with send:
             task_status.started()
@@ -596,10 +599,7 @@ def _close(client: KazooClient) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"a read took longer than {READ_TIMEOUT:.0f}s"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text and text[0] else type(exc).__name__
+    return error_text(exc, too_slow=f"a read took longer than {READ_TIMEOUT:.0f}s")
 
 
 # -- the tree -----------------------------------------------------------------------------
@@ -790,7 +790,3 @@ async def _result(request: Any) -> Any:
     request.rawlink(completed)
     await done.wait()
     return request.get_nowait()
-
-
-if TYPE_CHECKING:
-    _zoo: MonitorFactory = ZooMonitor
