@@ -63,7 +63,11 @@ async def wait_running(sock: str, count: int, timeout: float) -> dict[str, dict[
                 async with connect(sock) as client:
                     reply = await client.request("status")
                 rows = {r["name"]: r for r in reply["vassals"]}
-                if len(rows) == count and all(r["state"] == "running" for r in rows.values()):
+                # A vassal is "running" from the spawn request on; its pid comes with
+                # the launcher's answer.
+                if len(rows) == count and all(
+                    r["state"] == "running" and isinstance(r.get("pid"), int) for r in rows.values()
+                ):
                     return rows
             except Exception:
                 pass
