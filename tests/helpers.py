@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,20 @@ def system_user(name: str) -> Iterator[pwd.struct_passwd]:
     finally:
         if created:
             subprocess.run(["userdel", name], check=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on *host* the OS reports free now, for a server in another process.
+
+    The port is bound to 0 and released, so another process could take it before
+    the server binds it: a server in the test's own process binds port 0 itself and
+    reports the address it got instead (``port = await nursery.start(server.run)``).
+    This is the one such helper; every test takes it from here.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,7 +6,6 @@ import importlib
 import random
 import re
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
@@ -18,6 +17,7 @@ import zmq
 
 from tests.helpers import (
     EmperorProcess,
+    free_port,
     monitor_running,
     new_pid,
     next_event,
@@ -71,13 +71,6 @@ def running(
     monitor: ZmqMonitor,
 ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[SourceEvent]]:
     return monitor_running(monitor, capacity=100)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- parsing (no sockets) -------------------------------------------------------------

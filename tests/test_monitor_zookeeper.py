@@ -32,6 +32,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from tests.helpers import (
     EmperorProcess,
+    free_port,
     monitor_running,
     new_pid,
     next_problem,
@@ -635,9 +636,7 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
 
 @integration
 async def test_emperor_on_demand_socket_from_a_sibling(tree: Tree, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     emperor = EmperorProcess([tree.uri()], tmp_path / "emperor.log")
     try:
         tree.put("lazy.ini", pidfile_vassal(tmp_path, "lazy"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from trimperor.emperor import Emperor
 from trimperor.errors import ConfigError
 from trimperor.model import Upsert, VassalDocument
@@ -52,13 +52,6 @@ def test_socket_address_forms() -> None:
 
 
 # -- a small world ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def fetch(address: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
 from trimperor.emperor import Emperor
 from trimperor.model import Remove, Upsert, VassalDocument
 from trimperor.spawner import PosixSpawner
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.integration
 UWSGI = Path(sys.executable).with_name("uwsgi")
 if not UWSGI.exists():  # pragma: no cover - the test command installs it
     pytest.skip("uwsgi is not installed (pip install uwsgi)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def werkzeug_xml(port: int, extra: str = "") -> str:
