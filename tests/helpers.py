@@ -83,14 +83,15 @@ def write_atomic(path: Path, text: str) -> None:
 def pidfile_vassal(tmp: Path, name: str, extra: str = "", body: str = "") -> str:
     """A native vassal (INI) that writes its pid to ``name.pid`` and then sleeps.
 
-    *body* is Python code run before the sleep loop.
+    *body* is Python code run before the pid is written, so that a signal handler
+    it installs is in place once the pid file exists.
     """
     script = tmp / f"{name}.py"
     script.write_text(
         "import os, sys, time, signal\n"
+        f"{body}\n"
         f"open({str(tmp / (name + '.pid'))!r} + '.tmp', 'w').write(str(os.getpid()))\n"
         f"os.replace({str(tmp / (name + '.pid'))!r} + '.tmp', {str(tmp / (name + '.pid'))!r})\n"
-        f"{body}\n"
         "while True:\n    time.sleep(1)\n"
     )
     return f"[vassal]\ncommand = {PYTHON} {script}\n{extra}"
