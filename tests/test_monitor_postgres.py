@@ -383,12 +383,27 @@ async def test_cancel_during_a_slow_query_is_prompt_and_closes_the_connection(
 ) -> None:
     table.insert("a.ini", "[vassal]\ncommand = a\n")
     fds_before = set(os.listdir("/proc/self/fd"))
-    uri = f"pg://{DSN};SELECT name, config, ts FROM {table.name}, pg_sleep(1)"
-    with trio.fail_after(0.8):
-        async with running(uri, freq=0.05):
-            await trio.sleep(0.1)  # the query is running in its thread now
-    # The abandoned thread closes the connection once the query returns.
-    await wait_for(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, timeout=5)
+    # A query that would run for an hour: ending well within the bound is "prompt".
+    uri = f"pg://{DSN};SELECT name, config, ts FROM {table.name}, pg_sleep(3600)"
+    activity = (
+        "SELECT pid FROM pg_stat_activity WHERE state = 'active'"
+        " AND query LIKE '%%pg_sleep(3600)%%' AND pid <> pg_backend_pid()"
+    )
+
+    def slow_queries() -> list[int]:
+        return [row[0] for row in table.conn.execute(activity.encode(), ()).fetchall()]
+
+    try:
+        with trio.fail_after(60):
+            async with running(uri, freq=0.05):
+                await wait_for(lambda: bool(slow_queries()))  # running in its thread now
+        # The abandoned thread closes the connection once the query returns: end it now.
+        for pid in slow_queries():
+            table.conn.execute(b"SELECT pg_cancel_backend(%s)", (pid,))
+        await wait_for(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, timeout=60)
+    finally:
+        for pid in slow_queries():  # never leave the query holding the table
+            table.conn.execute(b"SELECT pg_cancel_backend(%s)", (pid,))
 
 
 # -- the emperor, end to end -------------------------------------------------------------
