@@ -10,7 +10,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
@@ -217,14 +217,18 @@ async def test_restart_under_load_refuses_no_connection(world: World) -> None:
             except (OSError, ValueError) as exc:
                 failures.append(exc)
 
+    def served_by(generations: int) -> Callable[[], bool]:
+        return lambda: len(set(results)) >= generations
+
     async with trio.open_nursery() as nursery:
         for _ in range(4):
             nursery.start_soon(client)
         for i in range(3):
-            await trio.sleep(0.3)
+            # the clients have been served by this generation: restart it under them
+            await wait_for(served_by(i + 1), timeout=60)
             await world.put("l.ini", text + f"; restart {i}\n")
-        await wait_for(lambda: sup.restarts >= 3 and state(sup) == "running")
-        await trio.sleep(0.3)
+        await wait_for(lambda: sup.restarts >= 3 and state(sup) == "running", timeout=60)
+        await wait_for(served_by(4), timeout=60)  # and by the last one
         done.set()
     assert failures == []
     assert len(set(results)) >= 4  # served by every generation of the process
