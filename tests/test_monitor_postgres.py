@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -244,22 +243,19 @@ async def test_listen_reacts_without_waiting_for_freq(table: Table) -> None:
         first = await next_snapshot(recv)
         assert list(versions(first)) == ["a.ini"]
 
-        latencies = []
+        # freq is 60 s: within a 20 s bound only NOTIFY can bring these (the speed is
+        # measured by benchmarks/sources.py --only pg-listen, not here).
         for i in range(5):
-            start = time.perf_counter()
             table.insert(f"n{i}.ini", "[vassal]\ncommand = n\n")
-            snap = await next_snapshot(recv, offers(f"n{i}.ini"), timeout=5)
-            latencies.append(time.perf_counter() - start)
-        # Information for the benchmarks, not an assertion on the clock.
-        print(f"LISTEN: insert to snapshot {sorted(latencies)[2] * 1000:.1f} ms (median of 5)")
+            snap = await next_snapshot(recv, offers(f"n{i}.ini"), timeout=20)
 
         before = versions(snap)
         table.execute("UPDATE {t} SET config = config || '# edited' WHERE name = 'a.ini'")
-        snap = await next_snapshot(recv, lambda s: versions(s)["a.ini"] != before["a.ini"], 5)
+        snap = await next_snapshot(recv, lambda s: versions(s)["a.ini"] != before["a.ini"], 20)
         assert snap.docs[0].text == "[vassal]\ncommand = a\n# edited"
 
         table.execute("DELETE FROM {t} WHERE name LIKE 'n%'")
-        snap = await next_snapshot(recv, lambda s: list(versions(s)) == ["a.ini"], 5)
+        snap = await next_snapshot(recv, lambda s: list(versions(s)) == ["a.ini"], 20)
 
 
 async def test_bad_rows_are_logged_and_left_out(
