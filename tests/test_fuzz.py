@@ -2,11 +2,11 @@
 
 For each decoder: no exception escapes but the one that means "bad input"
 (which the caller turns into one log line), and no input of at most 64 KiB
-costs more than 50 MB of memory or a second of CPU. The bounds are orders of
-magnitude above what a well-formed input costs: they catch amplification
-(alias bombs, quadratic loops), not slowness. Generated inputs grow to the
-full 64 KiB by repeating a hostile fragment, since that is how amplification
-attacks are built.
+costs more than 50 MB of memory or ten seconds of CPU. The bounds are far
+above what a well-formed input costs (under tracemalloc, on a loaded
+machine): they catch amplification (alias bombs, quadratic loops), not slowness.
+Generated inputs grow to the full 64 KiB by repeating a hostile fragment, since
+that is how amplification attacks are built.
 
 The examples per test are few by default, so that CI stays fast; ``nox -s
 fuzz`` (``HYPOTHESIS_PROFILE=fuzz``) runs many more.
@@ -46,13 +46,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 LIMIT = 64 * 1024
 MAX_BYTES = 50 * 1024 * 1024
-MAX_CPU_SECONDS = 1.0
+MAX_CPU_SECONDS = 10.0
 OPTIONS = MonitorOptions(max_config_size=LIMIT)
 
 
 @contextmanager
 def bounded() -> Iterator[None]:
-    """Fail if the block allocates more than MAX_BYTES at once or burns a CPU second."""
+    """Fail if the block allocates more than MAX_BYTES at once or MAX_CPU_SECONDS of CPU."""
     tracemalloc.start()
     cpu = time.process_time()
     try:
