@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,15 +20,9 @@ from typing import Any
 
 import pytest
 
-__all__ = ["EtcdCluster", "EtcdServer", "free_port"]
+from tests.helpers import free_port
 
-
-def free_port() -> int:
-    """A port the OS says is free now (bound to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+__all__ = ["EtcdCluster", "EtcdServer"]
 
 
 def b64(text: str | bytes) -> str:

@@ -5,12 +5,17 @@ For every connection it answers ``<pid>\\n`` and closes. Environment:
 - ``EXIT_AFTER=N``: exit with status 0 after N connections;
 - ``WATCHDOG_PINGS=N``: send N ``WATCHDOG=1`` notifications, then go silent;
 - ``SLOW=S``: sleep S seconds before answering each connection.
+
+SIGTERM stops it gracefully: the connection it has accepted is answered first
+(a server killed between accept and answer would drop a client, which is the
+server's fault, not the emperor's).
 """
 
 from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -29,6 +34,13 @@ def notify(message: str) -> None:
 def main() -> None:
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit(f"LISTEN_PID is {os.environ.get('LISTEN_PID')}, not {os.getpid()}")
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
     count = int(os.environ["LISTEN_FDS"])
     names = os.environ["LISTEN_FDNAMES"].split(":")
     assert len(names) == count, names
@@ -42,7 +54,7 @@ def main() -> None:
     pings = int(os.environ.get("WATCHDOG_PINGS", "-1"))
     slow = float(os.environ.get("SLOW", "0"))
     served = 0
-    while True:
+    while not stopping:
         if pings > 0:
             notify("WATCHDOG=1")
             pings -= 1

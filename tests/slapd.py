@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ import ldap
 import ldap.modlist
 
 import trimperor.monitors
+from tests.helpers import free_port
 
 SUFFIX = "dc=example,dc=org"
 ROOT_DN = "cn=admin,dc=example,dc=org"
@@ -80,13 +80,6 @@ def uwsgi_schema_ldif(uwsgi: str) -> str:
         "MAY ( " + " $ ".join(names) + " ) )"
     )
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Slapd:

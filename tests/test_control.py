@@ -163,8 +163,14 @@ async def test_ctl_stop_holds_a_vassal_until_started_or_its_config_changes(
         await wait_for(lambda: not pid_alive(a))
         row = await wait_state(run, "a.ini", "stopped")
         assert row["held"] is True
-        # Well past the respawn delay (--throttle 50 ms) and a rescan: still stopped.
-        await trio.sleep(0.5)
+        # Its supervisor has finished; a new snapshot of the directory (b.ini touched,
+        # and so reloaded) lists a.ini too: still stopped.
+        await wait_for(lambda: "vassal.finished name=a.ini" in run.emperor.text())
+        spawned = run.emperor.text().count("vassal.spawned name=a.ini")
+        st = os.stat(run.vassals / "b.ini")
+        os.utime(run.vassals / "b.ini", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        b = await new_pid(short_dir / "b.pid", b)
+        assert run.emperor.text().count("vassal.spawned name=a.ini") == spawned
         assert read_pid(short_dir / "a.pid") == a
         rc, out, _ = await ctl(run, "status")
         assert "stopped (ctl)" in out and "trimperor ctl start a.ini" in out

@@ -30,6 +30,7 @@ from pymongo import MongoClient
 from tests.helpers import (
     PYTHON,
     EmperorProcess,
+    free_port,
     new_pid,
     pid_alive,
     pidfile_vassal,
@@ -55,13 +56,6 @@ from trimperor.vassalspec import UwsgiSpec, build_spec
 VENV_BIN = Path(PYTHON).parent
 UWSGI = VENV_BIN / "uwsgi"
 FAKE = Path(__file__).with_name("fake_uwsgi.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def werkzeug_xml(port: int, module: str = "werkzeug.testapp:test_app") -> str:

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.helpers import free_port
 from trimperor.emperor import Emperor
 from trimperor.fleet import Fleet
 from trimperor.model import Remove, Upsert, VassalDocument
@@ -154,9 +155,7 @@ def _listening(port: int) -> bool:
 
 
 async def test_an_on_demand_vassal_is_armed_only_where_it_is_placed(world: World) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     extra = f"socket = 127.0.0.1:{port}\non-demand = true\n"
     await world.source.send(Upsert(doc("site.ini", extra=extra)))
     await settle()

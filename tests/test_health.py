@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import PYTHON, new_pid, pid_alive, read_pid, wait_for
+from tests.helpers import PYTHON, free_port, new_pid, pid_alive, read_pid, wait_for
 from tests.test_control import Running, ctl, emperor_running, status
 
 pytestmark = pytest.mark.integration
@@ -23,14 +22,6 @@ def short_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="trimp-health-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def free_port() -> int:
-    """A port the OS says is free now (the vassal binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_vassal(base: Path, name: str, port: int, sick: Path, extra: str = "") -> str:

@@ -370,7 +370,7 @@ async def test_an_unreachable_broker_is_retried_not_fatal(
 ) -> None:
     monitor = AmqpMonitor(uri, MonitorOptions())
     send, recv = trio.open_memory_channel[SourceEvent](1)
-    with trio.fail_after(5):
+    with trio.fail_after(60):  # a bound, not a measurement
         async with trio.open_nursery() as nursery, recv:
             await nursery.start(monitor.run, send)
             await wait_for(lambda: monitor.status.state == "retrying")
@@ -382,10 +382,11 @@ async def test_an_unreachable_broker_is_retried_not_fatal(
 async def test_shutdown_while_a_message_waits_for_the_emperor(exchange: str) -> None:
     """The emperor's inbox is full: the handler blocks, cancellation still ends it."""
     monitor = monitor_on(exchange)
-    with trio.fail_after(5):
-        async with running(monitor, capacity=0):
+    with trio.fail_after(60):  # a bound: ending must not hang
+        async with running(monitor, capacity=0) as recv:
             await publish(exchange, CONFIG, "app.ini")
-            await trio.sleep(0.1)  # let the delivery reach the blocked handler
+            # the delivery has reached the handler, which now waits to hand it over
+            await wait_for(lambda: recv.statistics().tasks_waiting_send == 1)
 
 
 # -- end to end: the real emperor ------------------------------------------------------------

@@ -27,6 +27,7 @@ import trio
 from tests import slapd as sl
 from tests.helpers import (
     EmperorProcess,
+    free_port,
     monitor_running,
     new_pid,
     next_event,
@@ -444,10 +445,6 @@ async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0
     assert not pid_alive(a2)
-
-
-def free_port() -> int:
-    return sl.free_port()
 
 
 async def http_status(port: int) -> int | None:

@@ -461,8 +461,8 @@ async def test_a_change_stream_triggers_a_read_at_once(
             await wait_for(lambda: "source.watching" in caplog.text)
             collection.insert_one({"name": "b.ini", "config": "x", "ts": ts(1)})
             changed.set()
-            # freq is 60 s: only the change stream can bring this one.
-            snap = await next_snapshot(recv, lambda s: len(s.docs) == 2, timeout=5)
+            # freq is 60 s: within the bound only the change stream can bring this one.
+            snap = await next_snapshot(recv, lambda s: len(s.docs) == 2, timeout=20)
             assert list(versions(snap)) == ["a.ini", "b.ini"]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -244,22 +243,19 @@ async def test_listen_reacts_without_waiting_for_freq(table: Table) -> None:
         first = await next_snapshot(recv)
         assert list(versions(first)) == ["a.ini"]
 
-        latencies = []
+        # freq is 60 s: within a 20 s bound only NOTIFY can bring these (the speed is
+        # measured by benchmarks/sources.py --only pg-listen, not here).
         for i in range(5):
-            start = time.perf_counter()
             table.insert(f"n{i}.ini", "[vassal]\ncommand = n\n")
-            snap = await next_snapshot(recv, offers(f"n{i}.ini"), timeout=5)
-            latencies.append(time.perf_counter() - start)
-        # Information for the benchmarks, not an assertion on the clock.
-        print(f"LISTEN: insert to snapshot {sorted(latencies)[2] * 1000:.1f} ms (median of 5)")
+            snap = await next_snapshot(recv, offers(f"n{i}.ini"), timeout=20)
 
         before = versions(snap)
         table.execute("UPDATE {t} SET config = config || '# edited' WHERE name = 'a.ini'")
-        snap = await next_snapshot(recv, lambda s: versions(s)["a.ini"] != before["a.ini"], 5)
+        snap = await next_snapshot(recv, lambda s: versions(s)["a.ini"] != before["a.ini"], 20)
         assert snap.docs[0].text == "[vassal]\ncommand = a\n# edited"
 
         table.execute("DELETE FROM {t} WHERE name LIKE 'n%'")
-        snap = await next_snapshot(recv, lambda s: list(versions(s)) == ["a.ini"], 5)
+        snap = await next_snapshot(recv, lambda s: list(versions(s)) == ["a.ini"], 20)
 
 
 async def test_bad_rows_are_logged_and_left_out(
@@ -383,12 +379,27 @@ async def test_cancel_during_a_slow_query_is_prompt_and_closes_the_connection(
 ) -> None:
     table.insert("a.ini", "[vassal]\ncommand = a\n")
     fds_before = set(os.listdir("/proc/self/fd"))
-    uri = f"pg://{DSN};SELECT name, config, ts FROM {table.name}, pg_sleep(1)"
-    with trio.fail_after(0.8):
-        async with running(uri, freq=0.05):
-            await trio.sleep(0.1)  # the query is running in its thread now
-    # The abandoned thread closes the connection once the query returns.
-    await wait_for(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, timeout=5)
+    # A query that would run for an hour: ending well within the bound is "prompt".
+    uri = f"pg://{DSN};SELECT name, config, ts FROM {table.name}, pg_sleep(3600)"
+    activity = (
+        "SELECT pid FROM pg_stat_activity WHERE state = 'active'"
+        " AND query LIKE '%%pg_sleep(3600)%%' AND pid <> pg_backend_pid()"
+    )
+
+    def slow_queries() -> list[int]:
+        return [row[0] for row in table.conn.execute(activity.encode(), ()).fetchall()]
+
+    try:
+        with trio.fail_after(60):
+            async with running(uri, freq=0.05):
+                await wait_for(lambda: bool(slow_queries()))  # running in its thread now
+        # The abandoned thread closes the connection once the query returns: end it now.
+        for pid in slow_queries():
+            table.conn.execute(b"SELECT pg_cancel_backend(%s)", (pid,))
+        await wait_for(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, timeout=60)
+    finally:
+        for pid in slow_queries():  # never leave the query holding the table
+            table.conn.execute(b"SELECT pg_cancel_backend(%s)", (pid,))
 
 
 # -- the emperor, end to end -------------------------------------------------------------

@@ -31,6 +31,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from tests.helpers import (
     EmperorProcess,
+    free_port,
     monitor_running,
     new_pid,
     next_problem,
@@ -580,7 +581,7 @@ async def test_an_unreachable_server_at_start_is_reported_and_awaited(tree: Tree
     async with recv, trio.open_nursery() as nursery:
         port = await nursery.start(proxy.run)
         monitor = ZooMonitor(tree.uri(f"127.0.0.1:{port}"), MonitorOptions())
-        with trio.fail_after(2):  # start() does not wait for the server
+        with trio.fail_after(30):  # start() does not wait for the server (it is cut off)
             await nursery.start(monitor.run, send)
         problem = await next_problem(recv)
         assert "answers yet" in problem.message
@@ -640,9 +641,7 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
 
 @integration
 async def test_emperor_on_demand_socket_from_a_sibling(tree: Tree, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     emperor = EmperorProcess([tree.uri()], tmp_path / "emperor.log")
     try:
         tree.put("lazy.ini", pidfile_vassal(tmp_path, "lazy"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.helpers import wait_for
 from trimperor.abc import MonitorOptions
 from trimperor.errors import SourceError, UsageError
 from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
@@ -27,7 +28,8 @@ from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
 EVENTS = MonitorOptions(freq=60)
 """Only inotify can deliver a change within the waiting bound."""
 
-BOUND = 5.0
+BOUND = 20.0
+"""A generous bound on waiting (a loaded machine is slow), still far below ``EVENTS``' minute."""
 
 
 def version_of(st: os.stat_result) -> str:
@@ -94,6 +96,18 @@ async def threads_settled(before: set[int]) -> None:
             if not open_fds() - before:
                 return
             await trio.sleep(0.01)
+
+
+def inotify_fds(fds: set[int]) -> list[int]:
+    """Those of *fds* that are inotify instances."""
+    found = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                found.append(fd)
+        except FileNotFoundError:
+            pass
+    return found
 
 
 @asynccontextmanager
@@ -460,11 +474,13 @@ async def test_directory_replaced(tmp_path: Path) -> None:
 
 async def test_cancellation_is_prompt(tmp_path: Path) -> None:
     before = open_fds()
+    watching = len(inotify_fds(before))
     send, recv = trio.open_memory_channel[SourceEvent](10)
     with trio.fail_after(BOUND):  # far below the watcher's 60 s timeout
         async with trio.open_nursery() as nursery:
             await nursery.start(DirMonitor(str(tmp_path), EVENTS).run, send)
-            await trio.sleep(0.1)  # let the watch become established
+            # an inotify instance more: the watch is established
+            await wait_for(lambda: len(inotify_fds(open_fds())) > watching, timeout=BOUND)
             nursery.cancel_scope.cancel()
     with recv:
         assert isinstance(recv.receive_nowait(), Snapshot)

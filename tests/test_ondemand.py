@@ -10,14 +10,14 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from trimperor.emperor import Emperor
 from trimperor.errors import ConfigError
 from trimperor.model import Upsert, VassalDocument
@@ -52,13 +52,6 @@ def test_socket_address_forms() -> None:
 
 
 # -- a small world ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def fetch(address: str) -> int:
@@ -224,14 +217,18 @@ async def test_restart_under_load_refuses_no_connection(world: World) -> None:
             except (OSError, ValueError) as exc:
                 failures.append(exc)
 
+    def served_by(generations: int) -> Callable[[], bool]:
+        return lambda: len(set(results)) >= generations
+
     async with trio.open_nursery() as nursery:
         for _ in range(4):
             nursery.start_soon(client)
         for i in range(3):
-            await trio.sleep(0.3)
+            # the clients have been served by this generation: restart it under them
+            await wait_for(served_by(i + 1), timeout=60)
             await world.put("l.ini", text + f"; restart {i}\n")
-        await wait_for(lambda: sup.restarts >= 3 and state(sup) == "running")
-        await trio.sleep(0.3)
+        await wait_for(lambda: sup.restarts >= 3 and state(sup) == "running", timeout=60)
+        await wait_for(served_by(4), timeout=60)  # and by the last one
         done.set()
     assert failures == []
     assert len(set(results)) >= 4  # served by every generation of the process

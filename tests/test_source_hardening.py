@@ -36,6 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from tests.helpers import (
     PYTHON,
     EmperorProcess,
+    free_port,
     monitor_running,
     next_snapshot,
     next_upsert,
@@ -58,13 +59,6 @@ from trimperor.vassalspec import build_spec
 USER = "trimperor-test-src"
 SECRET = "S3CRET-do-not-print"
 BROKER = ("127.0.0.1", 5672)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- configuration values never appear in errors (no I/O) ------------------------------------

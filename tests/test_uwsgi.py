@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
 from trimperor.emperor import Emperor
 from trimperor.model import Remove, Upsert, VassalDocument
 from trimperor.spawner import PosixSpawner
@@ -25,13 +26,6 @@ pytestmark = pytest.mark.integration
 UWSGI = Path(sys.executable).with_name("uwsgi")
 if not UWSGI.exists():  # pragma: no cover - the test command installs it
     pytest.skip("uwsgi is not installed (pip install uwsgi)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def werkzeug_xml(port: int, extra: str = "") -> str:
@@ -77,6 +71,24 @@ def emperor_proc(tmp_path: Path) -> Iterator[list[EmperorProcess]]:
     yield started
     for e in started:
         e.close()
+
+
+def last_heartbeat(stats: Path, name: str) -> float | None:
+    """When the emperor's stats server (on the unix socket *stats*) saw *name*'s last heartbeat."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(stats))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return None  # not listening yet
+    for vassal in json.loads(data)["vassals"]:
+        if vassal["name"] == name:
+            seen: float | None = vassal.get("last_heartbeat")
+            return seen
+    return None
 
 
 async def wait_http(port: int, timeout: float = 30.0) -> None:
@@ -255,6 +267,8 @@ async def test_missed_heartbeat_restarts_a_real_uwsgi_vassal(tmp_path: Path) -> 
             "2",
             "--throttle",
             "100",
+            "--stats",
+            str(tmp_path / "stats.sock"),
         ],
         tmp_path / "e.log",
     )
@@ -265,8 +279,8 @@ async def test_missed_heartbeat_restarts_a_real_uwsgi_vassal(tmp_path: Path) -> 
         first = master_pid(pidfile)
         assert first is not None
         # freeze the whole vassal: no more heartbeats
-        await wait_for(lambda: "vassal" in emperor.text())
-        await trio.sleep(1.5)  # the first heartbeat arms the check
+        # the first heartbeat arms the check
+        await wait_for(lambda: last_heartbeat(tmp_path / "stats.sock", "hb.xml") is not None, 30)
         os.killpg(first, signal.SIGSTOP)
         await wait_for(lambda: "vassal.heartbeat_missed name=hb.xml" in emperor.text(), 20)
         await wait_for(lambda: master_pid(pidfile) not in {None, first}, 30)

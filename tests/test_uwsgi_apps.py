@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +44,6 @@ if not UWSGI.exists():  # pragma: no cover - the test command installs it
 #: Bounds, not measurements: how long one step may take before the test fails.
 BOOT_TIMEOUT = 30.0
 STEP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_status(url: str) -> int:

@@ -16,7 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["JAR", "ZkServer", "free_port", "zookeeper_missing"]
+from tests.helpers import free_port
+
+__all__ = ["JAR", "ZkServer", "zookeeper_missing"]
 
 JAR = Path("/usr/share/java/zookeeper.jar")
 CONF = Path("/etc/zookeeper/conf")
@@ -34,14 +36,6 @@ def zookeeper_missing() -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"java does not run ({exc}); ZooKeeper needs a JVM"
     return None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ZkServer:
