@@ -757,7 +757,50 @@ class Supervisor:
 
     # -- observation ---------------------------------------------------------
 
+    _snapshot_cache: tuple[tuple[object, ...], VassalStats] | None = None
+
     def snapshot(self) -> VassalStats:
+        """The vassal's frozen stats; the same object again while nothing it shows changed.
+
+        The key holds every input the stats read, so an unchanged vassal costs
+        one tuple comparison, and the stats document reuses its JSON.
+        """
+        key = (
+            self.name,
+            self.source,
+            self.state,
+            self._proc,
+            self._started_at,
+            self._wall_offset,
+            self.restarts,
+            self.backoff,
+            self.backoff_delay,
+            self.last_returncode,
+            self.version,
+            self.spec,
+            self.reloads,
+            self.last_error,
+            self.ready,
+            self.no_app,
+            self.accepting,
+            self.loyal,
+            self.last_heartbeat,
+            tuple(self._times.items()),
+            tuple([(h.spec.address, h.state) for h in self._held.values()]),
+            self.wakes,
+            self.first_accept,
+            self.notify_ready,
+            self.notify_status,
+            self.last_watchdog,
+        )
+        cached = self._snapshot_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        snap = self._make_snapshot()
+        self._snapshot_cache = (key, snap)
+        return snap
+
+    def _make_snapshot(self) -> VassalStats:
         rc = self.last_returncode
         next_start = None
         if self.state is State.WAITING and self.backoff.next_start is not None:
