@@ -15,8 +15,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from trimperor.abc import LaunchPlan
+from trimperor.launcher import LauncherSpawner
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +115,21 @@ async def test_a_dead_launcher_takes_its_vassals_and_a_new_one_respawns_them(
         assert not pid_alive(launcher)
     finally:
         e.close()
+
+
+async def test_the_launcher_works_when_its_socket_is_above_fd_1024() -> None:
+    """An emperor holding thousands of armed sockets hands the launcher a high fd."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    filler = [os.dup(null) for _ in range(1100)]
+    try:
+        spawner = LauncherSpawner()
+        with trio.fail_after(30):
+            proc = await spawner.spawn(
+                LaunchPlan("t", ("/bin/true",), "/", tuple(os.environ.items()), logto="/dev/null")
+            )
+            assert await proc.wait() == 0
+        assert spawner.launcher_pid is not None
+        os.kill(spawner.launcher_pid, signal.SIGKILL)
+    finally:
+        for fd in [*filler, null]:
+            os.close(fd)

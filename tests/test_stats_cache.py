@@ -355,6 +355,7 @@ async def test_stats_socket_document_follows_real_vassals(
                 pass
         got = await settled(lambda v: v["od.ini"]["state"] == "running")
         assert by_name(got)["od.ini"]["wakes"] == 1
+        assert by_name(got)["od.ini"]["restarts"] == 0  # a wake is no restart
         assert by_name(got)["od.ini"]["sockets"] == [{"address": address, "state": "handed over"}]
         # kill the plain one: restarted, counted
         sup = emperor.supervisor("plain.ini")

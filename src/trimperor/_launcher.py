@@ -299,9 +299,13 @@ class Launcher:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.send({"op": "hello", "pid": self.me})
+        # poll, not select: in an emperor holding thousands of sockets our fds are above 1024.
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         while True:
-            timeout = 0.02 if self.sweeps else None
-            ready, _, _ = select.select([self.sock.fileno(), wake_r], [], [], timeout)
+            timeout = 20 if self.sweeps else None  # ms
+            ready = [fd for fd, _ in poller.poll(timeout)]
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
