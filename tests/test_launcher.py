@@ -133,3 +133,24 @@ async def test_the_launcher_works_when_its_socket_is_above_fd_1024() -> None:
     finally:
         for fd in [*filler, null]:
             os.close(fd)
+
+
+async def test_many_spawns_at_once_through_the_launcher() -> None:
+    """A full socket buffer makes spawns wait for each other, never fail."""
+    spawner = LauncherSpawner()
+    env = tuple(os.environ.items())
+    codes: list[int] = []
+
+    async def one(i: int) -> None:
+        proc = await spawner.spawn(LaunchPlan(f"t{i}", ("/bin/true",), "/", env, logto="/dev/null"))
+        codes.append(await proc.wait())
+
+    try:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(one, i)
+        assert codes == [0] * 300
+    finally:
+        if spawner.launcher_pid is not None:
+            os.kill(spawner.launcher_pid, signal.SIGKILL)
