@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import random
 import signal
 import time
@@ -37,6 +38,8 @@ __all__ = ["Supervisor", "native_plan"]
 
 log = logging.getLogger(__name__)
 vassal_log = logging.getLogger("trimperor.vassal")
+
+_SOCKET_STATE = operator.attrgetter("state")
 
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
@@ -758,40 +761,28 @@ class Supervisor:
     # -- observation ---------------------------------------------------------
 
     _snapshot_cache: tuple[tuple[object, ...], VassalStats] | None = None
+    _changes = 0
+    """Bumped by every attribute assignment: with ``_times`` and the held sockets'
+    states (changed in place), it covers every input of :meth:`snapshot`."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_snapshot_cache":
+            object.__setattr__(self, "_changes", self._changes + 1)
 
     def snapshot(self) -> VassalStats:
         """The vassal's frozen stats; the same object again while nothing it shows changed.
 
-        The key holds every input the stats read, so an unchanged vassal costs
-        one tuple comparison, and the stats document reuses its JSON.
+        Unchanged (no attribute assigned, no time stamped, no socket's state
+        changed since the last call) costs a few comparisons, and the stats
+        document then reuses the vassal's JSON.
         """
+        held = self._held
         key = (
-            self.name,
-            self.source,
-            self.state,
-            self._proc,
-            self._started_at,
-            self._wall_offset,
-            self.restarts,
-            self.backoff,
-            self.backoff_delay,
-            self.last_returncode,
-            self.version,
-            self.spec,
-            self.reloads,
-            self.last_error,
-            self.ready,
-            self.no_app,
-            self.accepting,
-            self.loyal,
-            self.last_heartbeat,
+            self._changes,
             tuple(self._times.items()),
-            tuple([(h.spec.address, h.state) for h in self._held.values()]),
-            self.wakes,
-            self.first_accept,
-            self.notify_ready,
-            self.notify_status,
-            self.last_watchdog,
+            tuple(held),
+            tuple(map(_SOCKET_STATE, held.values())),
         )
         cached = self._snapshot_cache
         if cached is not None and cached[0] == key:
