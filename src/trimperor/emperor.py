@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 _PARSE_HERE_MAX = 16 * 1024
 
 #: Seconds of work the stats document takes from the event loop before letting others run.
-STATS_SLICE = 0.002
+STATS_SLICE = 0.0005
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
