@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import operator
 import random
 import signal
 import time
@@ -38,8 +37,6 @@ __all__ = ["Supervisor", "native_plan"]
 
 log = logging.getLogger(__name__)
 vassal_log = logging.getLogger("trimperor.vassal")
-
-_SOCKET_STATE = operator.attrgetter("state")
 
 #: Variables of the emperor's own service manager that must not leak into vassals.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
@@ -760,7 +757,7 @@ class Supervisor:
 
     # -- observation ---------------------------------------------------------
 
-    _snapshot_cache: tuple[tuple[object, ...], VassalStats] | None = None
+    _snapshot_cache: tuple[int, dict[str, float], list[tuple[str, str]], VassalStats] | None = None
     _changes = 0
     """Bumped by every attribute assignment: with ``_times`` and the held sockets'
     states (changed in place), it covers every input of :meth:`snapshot`."""
@@ -777,18 +774,17 @@ class Supervisor:
         changed since the last call) costs a few comparisons, and the stats
         document then reuses the vassal's JSON.
         """
-        held = self._held
-        key = (
-            self._changes,
-            tuple(self._times.items()),
-            tuple(held),
-            tuple(map(_SOCKET_STATE, held.values())),
-        )
         cached = self._snapshot_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        sockets = [(h.spec.address, h.state) for h in self._held.values()]
+        if (
+            cached is not None
+            and cached[0] == self._changes
+            and cached[1] == self._times
+            and cached[2] == sockets
+        ):
+            return cached[3]
         snap = self._make_snapshot()
-        self._snapshot_cache = (key, snap)
+        self._snapshot_cache = (self._changes, dict(self._times), sockets, snap)
         return snap
 
     def _make_snapshot(self) -> VassalStats:
