@@ -17,8 +17,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
+from trimperor.abc import LaunchPlan
+from trimperor.launcher import LauncherSpawner
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +108,42 @@ async def test_a_dead_launcher_takes_its_vassals_and_a_new_one_respawns_them(
         await wait_for(lambda: len(re.findall(r"launcher.started pid=", e.text())) == 2)
         await wait_for(lambda: all_four(marker), what="the respawned family")
         assert not pid_alive(launcher)
+
+
+async def test_the_launcher_works_when_its_socket_is_above_fd_1024() -> None:
+    """An emperor holding thousands of armed sockets hands the launcher a high fd."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    filler = [os.dup(null) for _ in range(1100)]
+    try:
+        spawner = LauncherSpawner()
+        with trio.fail_after(30):
+            proc = await spawner.spawn(
+                LaunchPlan("t", ("/bin/true",), "/", tuple(os.environ.items()), logto="/dev/null")
+            )
+            assert await proc.wait() == 0
+        assert spawner.launcher_pid is not None
+        os.kill(spawner.launcher_pid, signal.SIGKILL)
+    finally:
+        for fd in [*filler, null]:
+            os.close(fd)
+
+
+async def test_many_spawns_at_once_through_the_launcher() -> None:
+    """A full socket buffer makes spawns wait for each other, never fail."""
+    spawner = LauncherSpawner()
+    env = tuple(os.environ.items())
+    codes: list[int] = []
+
+    async def one(i: int) -> None:
+        proc = await spawner.spawn(LaunchPlan(f"t{i}", ("/bin/true",), "/", env, logto="/dev/null"))
+        codes.append(await proc.wait())
+
+    try:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(one, i)
+        assert codes == [0] * 300
+    finally:
+        if spawner.launcher_pid is not None:
+            os.kill(spawner.launcher_pid, signal.SIGKILL)

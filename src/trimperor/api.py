@@ -10,7 +10,9 @@ total to take the document, or it is dropped. Idle or slow clients therefore
 cost a bounded amount of memory and never delay the others by more than that.
 While more than :data:`FRESH_CLIENTS` clients are being served, a document
 made less than :data:`MAX_AGE` seconds ago is handed out again rather than
-made anew, so a crowd of clients costs one document per ``MAX_AGE``.
+made anew, so a crowd of clients costs one document per ``MAX_AGE``. Clients
+that ask while a document is being made share it. Each vassal's JSON is kept
+until its snapshot changes (:class:`~trimperor.stats.DocumentCache`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import os
 import socket
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from trimperor.errors import UsageError
-from trimperor.stats import EmperorStats, to_json
+from trimperor.stats import DocumentCache, EmperorStats
 
 __all__ = ["check_stats_address", "is_loopback", "parse_address", "serve_stats"]
 
@@ -118,8 +120,23 @@ async def serve_stats(
     addr: str,
     snapshot: Callable[[], EmperorStats],
     *,
+    document: Callable[[], Awaitable[bytes]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve the stats document on *addr* until cancelled.
+
+    *document* makes it (the emperor's :meth:`~trimperor.emperor.Emperor.stats_document`,
+    which keeps the event loop free meanwhile); without it, it is made from
+    *snapshot*, reusing each unchanged vassal's JSON.
+    """
+    if document is None:
+        cache = DocumentCache()
+
+        async def from_snapshot() -> bytes:
+            return cache.encode(snapshot())
+
+        document = from_snapshot
+    make = document
     try:
         listener, shown = await _listen(addr)
     except OSError as exc:
@@ -130,14 +147,33 @@ async def serve_stats(
     counter = iter(range(1, 1 << 62))
     dropped = 0
     made: tuple[float, bytes] | None = None
+    # The document being made, if any: its event, and its bytes once made.
+    making: tuple[trio.Event, list[bytes]] | None = None
 
-    def document() -> bytes:
-        nonlocal made
-        now = trio.current_time()
-        if made is not None and len(clients) > FRESH_CLIENTS and now - made[0] < MAX_AGE:
-            return made[1]
-        made = (now, to_json(snapshot()).encode())
-        return made[1]
+    async def current() -> bytes:
+        """A document made for this client, or shared with the clients asking meanwhile."""
+        nonlocal made, making
+        while True:
+            now = trio.current_time()
+            if made is not None and len(clients) > FRESH_CLIENTS and now - made[0] < MAX_AGE:
+                return made[1]
+            if making is None:
+                break
+            done, result = making
+            await done.wait()  # take the one being made (unless its maker was cancelled)
+            if result:
+                return result[0]
+        done, result = trio.Event(), []
+        making = (done, result)
+        try:
+            begun = trio.current_time()
+            data = await make()
+            result.append(data)
+            made = (begun, data)
+            return data
+        finally:
+            making = None
+            done.set()
 
     async def handle(stream: trio.abc.Stream) -> None:
         nonlocal dropped
@@ -159,7 +195,7 @@ async def serve_stats(
             try:
                 async with stream:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_all(document())
+                        await stream.send_all(await current())
             finally:
                 clients.pop(key, None)
         if scope.cancelled_caught:

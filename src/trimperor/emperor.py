@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -35,7 +36,7 @@ from trimperor.policy import BackoffPolicy
 from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.sockets import ConnectionTable
 from trimperor.spawner import resolve_ids
-from trimperor.stats import EmperorStats, SourceStats, VassalStats
+from trimperor.stats import DocumentCache, EmperorStats, SourceStats, VassalStats, assemble
 from trimperor.supervisor import Supervisor
 from trimperor.surfaces import serve_surfaces
 from trimperor.uwsgi import UwsgiOptions
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Characters of configuration text the inbox parses on the event loop itself.
 _PARSE_HERE_MAX = 16 * 1024
+
+#: Seconds of work the stats document takes from the event loop before letting others run.
+STATS_SLICE = 0.0005
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -128,6 +132,7 @@ class Emperor:
         self._started_at = 0.0
         self._wall_offset = 0.0
         self.stats_bound: Any = None
+        self._stats_cache = DocumentCache()
         # --cluster: starts of vassals placed on other nodes wait here.
         self._fleet = fleet
         self._parked: dict[str, Start[VassalSpec]] = {}
@@ -199,13 +204,41 @@ class Emperor:
         return replace(stats, vassals=tuple(sorted(vassals + held, key=lambda v: v.name)))
 
     def snapshot(self) -> EmperorStats:
+        return self._emperor_stats(tuple(self._sups[n].snapshot() for n in sorted(self._sups)))
+
+    async def stats_document(self) -> bytes:
+        """The stats document (``--stats``), made without holding up the event loop.
+
+        The vassals' snapshots and their JSON parts (kept until a vassal changes)
+        are taken a slice of :data:`STATS_SLICE` seconds at a time, so a wake or
+        a reload waits for one slice at most; the parts are joined in a worker
+        thread. A vassal added or removed meanwhile may be missing or still shown.
+        """
+        cache = self._stats_cache
+        vassals: list[VassalStats] = []
+        parts: list[bytes] = []
+        until = trio.current_time() + STATS_SLICE
+        for i, name in enumerate(sorted(self._sups)):
+            sup = self._sups.get(name)
+            if sup is not None:
+                v = sup.snapshot()
+                vassals.append(v)
+                parts.append(cache.part(v))
+            if i % 32 == 31 and trio.current_time() > until:
+                await trio.lowlevel.checkpoint()
+                until = trio.current_time() + STATS_SLICE
+        cache.prune(self._sups)
+        stats = self._emperor_stats(tuple(vassals))
+        return await trio.to_thread.run_sync(assemble, stats, parts)
+
+    def _emperor_stats(self, vassals: tuple[VassalStats, ...]) -> EmperorStats:
         now = trio.current_time()
         return EmperorStats(
             pid=os.getpid(),
             version=__version__,
             sources=tuple(_source_stats(m, len(self.registry.names(m.uri))) for m in self.monitors),
             uptime=now - self._started_at,
-            vassals=tuple(self._sups[n].snapshot() for n in sorted(self._sups)),
+            vassals=vassals,
             uid=os.getuid(),
             gid=os.getgid(),
             cwd=os.getcwd(),
@@ -262,7 +295,9 @@ class Emperor:
                             await sources.start(self._run_monitor, monitor)
                         if self._stats_address is not None:
                             self.stats_bound = await sources.start(
-                                serve_stats, self._stats_address, self.snapshot
+                                partial(serve_stats, document=self.stats_document),
+                                self._stats_address,
+                                self.snapshot,
                             )
                         log.info("emperor.ready vassals=%d", len(self._sups))
                         self._notifier.send(READY="1", STATUS=self._status_line())

@@ -133,6 +133,7 @@ class LauncherSpawner:
         self._pending: dict[int, _Pending] = {}
         self._procs: dict[int, LauncherProcess] = {}
         self._starting = trio.Lock()
+        self._sending = trio.Lock()  # one writer at a time on the socket (trio's rule)
 
     @property
     def launcher_pid(self) -> int | None:
@@ -295,9 +296,10 @@ class LauncherSpawner:
             pending = self._pending[ident] = _Pending(read_fd)
             read_fd = None  # the pending record owns it now
             try:
-                await sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                )
+                async with self._sending:  # a full socket buffer: the next waits its turn
+                    await sock.sendmsg(
+                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    )
             except OSError as exc:
                 self._pending.pop(ident, None)
                 if pending.read_fd is not None:

@@ -6,11 +6,21 @@ The stats server serialises these; it never sees a live object.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, fields
 
 from trimperor.model import describe_version
 
-__all__ = ["EmperorStats", "FleetStats", "SourceStats", "VassalStats", "to_json"]
+__all__ = [
+    "DocumentCache",
+    "EmperorStats",
+    "FleetStats",
+    "SourceStats",
+    "VassalStats",
+    "assemble",
+    "document",
+    "to_json",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,9 @@ def _id(value: str | None) -> int:
     return int(value) if value is not None and value.isdigit() else 0
 
 
+_VASSAL_FIELDS = tuple(f.name for f in fields(VassalStats))
+
+
 def vassal_doc(v: VassalStats) -> dict[str, object]:
     """One vassal: uWSGI's emperor stats keys (in its order), then trimperor's."""
     doc: dict[str, object] = {
@@ -153,22 +166,16 @@ def vassal_doc(v: VassalStats) -> dict[str, object]:
         "monitor": v.source,
         "respawns": v.restarts,
     }
-    for key, value in asdict(v).items():
-        doc.setdefault(key, value)
+    for key in _VASSAL_FIELDS:  # the fields are flat: no copy needed (asdict's)
+        doc.setdefault(key, getattr(v, key))
     doc["config_version_text"] = describe_version(v.config_version)
     doc["sockets"] = [{"address": a, "state": st} for a, st in v.sockets]
     return doc
 
 
-def to_json(stats: EmperorStats) -> str:
-    """The stats document: a superset of uWSGI's emperor stats, valid JSON.
-
-    uWSGI's keys come first and keep their meaning (``pid`` is -1 for a vassal
-    with no process, times are integer Unix seconds, flags are 0 or 1), so
-    tools written for ``uwsgi --emperor-stats`` keep working; trimperor's own
-    keys follow.
-    """
-    doc = {
+def _head(stats: EmperorStats) -> dict[str, object]:
+    """The document's keys before ``vassals``."""
+    return {
         "version": stats.version,
         "pid": stats.pid,
         "uid": stats.uid,
@@ -177,7 +184,12 @@ def to_json(stats: EmperorStats) -> str:
         "emperor": [s.uri for s in stats.sources],
         "emperor_tyrant": int(stats.tyrant),
         "throttle_level": 0,
-        "vassals": [vassal_doc(v) for v in stats.vassals],
+    }
+
+
+def _tail(stats: EmperorStats) -> dict[str, object]:
+    """The document's keys after ``vassals``."""
+    doc: dict[str, object] = {
         "blacklist": [
             {
                 "id": v.name,
@@ -205,4 +217,69 @@ def to_json(stats: EmperorStats) -> str:
             "placement": {name: list(where) for name, where in f.placement},
             "here": list(f.here),
         }
-    return json.dumps(doc, indent=2) + "\n"
+    return doc
+
+
+def document(stats: EmperorStats) -> dict[str, object]:
+    """The stats document as one dict (what :func:`to_json` serialises)."""
+    return {**_head(stats), "vassals": [vassal_doc(v) for v in stats.vassals], **_tail(stats)}
+
+
+def to_json(stats: EmperorStats) -> str:
+    """The stats document: a superset of uWSGI's emperor stats, valid JSON.
+
+    uWSGI's keys come first and keep their meaning (``pid`` is -1 for a vassal
+    with no process, times are integer Unix seconds, flags are 0 or 1), so
+    tools written for ``uwsgi --emperor-stats`` keep working; trimperor's own
+    keys follow. :class:`DocumentCache` makes the same text, faster.
+    """
+    return json.dumps(document(stats), indent=2) + "\n"
+
+
+class DocumentCache:
+    """The stats document, made from each vassal's JSON kept until its snapshot changes.
+
+    :meth:`encode` gives exactly :func:`to_json`'s text, as bytes. A vassal's
+    part is made again only when its snapshot differs from the one it was made
+    from (the same object, as a supervisor hands out while nothing changed, is
+    the cheapest test), so a document for 10,000 vassals of which a few
+    changed costs little more than joining them. The emperor makes the parts
+    on the event loop a slice at a time (:meth:`part`) and joins them in a
+    worker thread (:func:`assemble`).
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, tuple[VassalStats, bytes]] = {}
+
+    def part(self, v: VassalStats) -> bytes:
+        """One vassal's JSON, indented as the document holds it."""
+        hit = self._parts.get(v.name)
+        if hit is not None and (hit[0] is v or hit[0] == v):
+            return hit[1]
+        text = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
+        self._parts[v.name] = (v, text)
+        return text
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def prune(self, names: Collection[str]) -> None:
+        """Forget the parts of vassals gone (once they are more than those kept)."""
+        if len(self._parts) > 2 * len(names) + 64:
+            self._parts = {n: p for n, p in self._parts.items() if n in names}
+
+    def encode(self, stats: EmperorStats) -> bytes:
+        parts = [self.part(v) for v in stats.vassals]
+        self.prune({v.name for v in stats.vassals})
+        return assemble(stats, parts)
+
+
+def assemble(stats: EmperorStats, parts: Sequence[bytes]) -> bytes:
+    """The document from its vassals' parts (:meth:`DocumentCache.part`, in order).
+
+    Reads only frozen values: safe in a worker thread.
+    """
+    vassals = b"[\n    " + b",\n    ".join(parts) + b"\n  ]" if parts else b"[]"
+    head = json.dumps(_head(stats), indent=2).encode()  # b"{\n  ...\n}"
+    tail = json.dumps(_tail(stats), indent=2).encode()
+    return b"".join((head[:-2], b',\n  "vassals": ', vassals, b",\n", tail[2:], b"\n"))

@@ -43,6 +43,7 @@ from trimperor.machine import (
     Idle,
     Kill,
     Loyal,
+    MachineSnapshot,
     Ready,
     Reload,
     Report,
@@ -812,8 +813,43 @@ class Supervisor:
 
     # -- observation ---------------------------------------------------------
 
+    _snapshot_cache: (
+        tuple[int, MachineSnapshot, dict[str, float], list[tuple[str, str]], VassalStats] | None
+    ) = None
+    _changes = 0
+    """Bumped by every attribute assignment: with ``_times`` and the held sockets'
+    states (changed in place), it covers every input of :meth:`snapshot`."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_snapshot_cache":
+            object.__setattr__(self, "_changes", self._changes + 1)
+
     def snapshot(self) -> VassalStats:
+        """The vassal's frozen stats; the same object again while nothing it shows changed.
+
+        Unchanged (the machine's snapshot equal, no attribute of ours assigned, no
+        time stamped, no socket's state changed since the last call) costs a few
+        comparisons, and the stats document then reuses the vassal's JSON.
+        """
         m = self._machine.snapshot()
+        cached = self._snapshot_cache
+        sockets = [(h.spec.address, h.state) for h in self._held.values()]
+        if (
+            cached is not None
+            and cached[0] == self._changes
+            and cached[1] == m
+            and cached[2] == self._times
+            and cached[3] == sockets
+        ):
+            return cached[4]
+        snap = self._make_snapshot(m)
+        self._snapshot_cache = (self._changes, m, dict(self._times), sockets, snap)
+        return snap
+
+    def _make_snapshot(self, m: MachineSnapshot | None = None) -> VassalStats:
+        if m is None:
+            m = self._machine.snapshot()
         rc = m.last_returncode
         next_start = m.next_start + self._wall_offset if m.next_start is not None else None
         return VassalStats(

@@ -1,0 +1,374 @@
+"""The stats document stays the same document with its caches.
+
+Supervisors hand out the same snapshot while nothing it shows changed, the
+document keeps each vassal's JSON until its snapshot changes, and the emperor
+makes it a slice at a time. Every test here compares that document with one
+made from scratch (fresh snapshots, :func:`trimperor.stats.to_json`) after
+each kind of change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.helpers import wait_for
+from trimperor import api
+from trimperor.emperor import Emperor
+from trimperor.model import Remove, Upsert, VassalDocument
+from trimperor.policy import BackoffPolicy
+from trimperor.spawner import PosixSpawner
+from trimperor.stats import (
+    DocumentCache,
+    EmperorStats,
+    FleetStats,
+    SourceStats,
+    VassalStats,
+    to_json,
+)
+from trimperor.testing import FakeMonitor, FakeSpawner
+
+SERVER = Path(__file__).with_name("ondemand_server.py")
+
+
+def vassal_stats(name: str, **changes: Any) -> VassalStats:
+    base = VassalStats(
+        name=name,
+        source="fake://",
+        kind="native",
+        state="running",
+        pid=4242,
+        started_at=1_700_000_000.5,
+        restarts=0,
+        backoff_attempt=0,
+        next_start=None,
+        last_exit_code=None,
+        last_exit_signal=None,
+        config_version="mtime=1700000000.25 size=40",
+        born=1_700_000_000.0,
+        sockets=(("127.0.0.1:8000", "handed over"),),
+        notify_status='says "hi"\nover two lines',
+    )
+    return replace(base, **changes)
+
+
+def emperor_stats(
+    vassals: tuple[VassalStats, ...], fleet: FleetStats | None = None
+) -> EmperorStats:
+    return EmperorStats(
+        pid=1,
+        version="0.1",
+        sources=(SourceStats("fake://", "watching", len(vassals)),),
+        uptime=12.3456,
+        vassals=vassals,
+        fleet=fleet,
+    )
+
+
+# -- the document's own cache (pure) ------------------------------------------------------
+
+
+def test_cached_document_is_to_json_through_changes() -> None:
+    cache = DocumentCache()
+    fleet = FleetStats(
+        "etcd://h/f", "n1", (("zone", "a"),), "member", "l1", 10.0, (("n1", ()),), (), ()
+    )
+    for vassals in [(), (vassal_stats("a.ini"),)]:
+        for f in (None, fleet):
+            stats = emperor_stats(vassals, f)
+            assert cache.encode(stats) == to_json(stats).encode()
+
+    vassals = tuple(vassal_stats(f"v{i:03d}.ini") for i in range(300))
+    stats = emperor_stats(vassals)
+    first = cache.encode(stats)
+    assert first == to_json(stats).encode()
+    part = cache.part(vassals[7])
+    # an equal snapshot (a new object) reuses the part; a changed one does not
+    assert cache.part(replace(vassals[7])) is part
+    changed = list(vassals)
+    changed[7] = replace(vassals[7], state="waiting", pid=None, backoff_attempt=2, restarts=3)
+    changed[8] = replace(vassals[8], sockets=(("127.0.0.1:8000", "armed"),), wakes=4)
+    changed[9] = replace(vassals[9], last_error="boom")
+    stats = emperor_stats(tuple(changed))
+    assert cache.part(changed[7]) is not part
+    assert cache.encode(stats) == to_json(stats).encode()  # with a blacklist entry now
+    assert json.loads(cache.encode(stats))["blacklist"][0]["id"] == "v007.ini"
+
+    # vassals go and come: their parts are forgotten, the document follows
+    fewer = emperor_stats((*changed[:10], vassal_stats("zz.ini")))
+    assert cache.encode(fewer) == to_json(fewer).encode()
+    assert len(cache) <= 2 * 11 + 64
+    assert cache.encode(stats) == to_json(stats).encode()
+
+
+# -- the emperor's document, with fake processes (unit) -----------------------------------
+
+NATIVE = "[vassal]\ncommand = app {arg}\n"
+
+
+def doc(name: str, arg: str = "1", version: str = "1") -> VassalDocument:
+    return VassalDocument(name, "fake://", version, NATIVE.format(arg=arg), path=f"/srv/{name}")
+
+
+def fresh(emperor: Emperor) -> dict[str, Any]:
+    """The document made from scratch: every snapshot rebuilt, serialised at once."""
+    vassals = tuple(
+        sup._make_snapshot() for sup in sorted(emperor._sups.values(), key=lambda s: s.name)
+    )
+    content: dict[str, Any] = json.loads(to_json(replace(emperor.snapshot(), vassals=vassals)))
+    return content
+
+
+def without_uptime(document: bytes | str) -> dict[str, Any]:
+    content: dict[str, Any] = json.loads(document)
+    content.pop("uptime")
+    return content
+
+
+async def check(emperor: Emperor) -> dict[str, Any]:
+    """The emperor's cached, sliced document is the fresh one; returns it."""
+    await trio.testing.wait_all_tasks_blocked()
+    for sup in emperor._sups.values():
+        assert sup.snapshot() == sup._make_snapshot(), sup.name
+    got = without_uptime(await emperor.stats_document())
+    want = fresh(emperor)
+    want.pop("uptime")
+    assert got == want
+    return got
+
+
+def by_name(content: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in content["vassals"]}
+
+
+async def test_emperor_document_follows_every_state_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, spawner = FakeMonitor("fake://"), FakeSpawner()
+    emperor = Emperor(
+        [source], spawner=spawner, policy=BackoffPolicy(throttle=1.0), environ={"HOME": "/"}
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emperor.run)
+        assert (await check(emperor))["vassals"] == []
+        for name in ("a.ini", "b.ini", "c.ini"):
+            await source.send(Upsert(doc(name)))
+        first = await spawner.wait_spawned(3)
+        await check(emperor)
+
+        sup = emperor.supervisor("a.ini")
+        assert sup is not None
+        assert sup.snapshot() is sup.snapshot()  # nothing changed: the same snapshot
+
+        # a crash: waiting in backoff, then running again with one restart
+        spawner.spawned[0].exit(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert by_name(await check(emperor))["a.ini"]["state"] == "waiting"
+        await spawner.wait_spawned(4)
+        assert by_name(await check(emperor))["a.ini"]["restarts"] == 1
+
+        # a new configuration: restarted with it
+        await source.send(Upsert(doc("b.ini", arg="2", version="2")))
+        await spawner.wait_spawned(5)
+        assert by_name(await check(emperor))["b.ini"]["config_version"] == "2"
+
+        # a reload signal, a cleared throttle, a removal and an addition
+        emperor.reload_all()
+        await check(emperor)
+        emperor.clear_throttles()
+        await check(emperor)
+        await source.send(Remove("fake://", "c.ini"))
+        await wait_for(lambda: emperor.supervisor("c.ini") is None)
+        assert first.returncode is not None
+        assert set(by_name(await check(emperor))) == {"a.ini", "b.ini"}
+        await source.send(Upsert(doc("d.ini")))
+        await spawner.wait_spawned(6)
+        assert set(by_name(await check(emperor))) == {"a.ini", "b.ini", "d.ini"}
+        emperor.shutdown()
+
+
+async def test_many_vassals_are_made_a_slice_at_a_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document for many vassals lets other tasks run while it is made."""
+    import trimperor.emperor as emperor_module
+
+    monkeypatch.setattr(emperor_module, "STATS_SLICE", -1.0)  # every 32 vassals
+    source, spawner = FakeMonitor("fake://"), FakeSpawner()
+    emperor = Emperor([source], spawner=spawner, environ={"HOME": "/"})
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emperor.run)
+        for i in range(200):
+            await source.send(Upsert(doc(f"v{i:03d}.ini")))
+        await spawner.wait_spawned(200)
+        await check(emperor)
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        document = await emperor.stats_document()
+        assert ticks - before >= 200 // 32  # the ticker ran between the slices
+        assert len(json.loads(document)["vassals"]) == 200
+        emperor.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+# -- the server: one document shared by the clients that ask at once ------------------------
+
+
+async def _read_all(path: str) -> bytes:
+    stream = await trio.open_unix_socket(path)
+    data = b""
+    async with stream:
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data
+
+
+async def test_clients_asking_at_once_share_one_document(tmp_path: Path) -> None:
+    made = 0
+    release = trio.Event()
+
+    async def document() -> bytes:
+        nonlocal made
+        made += 1
+        await release.wait()
+        return f'{{"made": {made}}}\n'.encode()
+
+    path = str(tmp_path / "stats.sock")
+    results: list[bytes] = []
+
+    async def client() -> None:
+        results.append(await _read_all(path))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: api.serve_stats(
+                    path,
+                    lambda: emperor_stats(()),
+                    document=document,
+                    task_status=task_status,
+                )
+            )
+            async with trio.open_nursery() as clients:
+                for _ in range(3):
+                    clients.start_soon(client)
+                await wait_for(lambda: made == 1)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            assert results == [b'{"made": 1}\n'] * 3
+            assert made == 1
+            # asked after that one was made: made anew
+            assert await _read_all(path) == b'{"made": 2}\n'
+            nursery.cancel_scope.cancel()
+
+
+# -- with real processes: the stats socket of an emperor (integration) -----------------------
+
+
+async def _query(path: str) -> dict[str, Any]:
+    return without_uptime(await _read_all(path))
+
+
+@pytest.fixture
+async def real(tmp_path: Path) -> AsyncIterator[tuple[Emperor, FakeMonitor, str]]:
+    source = FakeMonitor("fake://")
+    stats = str(tmp_path / "stats.sock")
+    emperor = Emperor(
+        [source],
+        spawner=PosixSpawner(),
+        policy=BackoffPolicy(throttle=0.05, max_throttle=0.5),
+        stats_address=stats,
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(emperor.run)
+            yield emperor, source, stats
+            emperor.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.integration
+async def test_stats_socket_document_follows_real_vassals(
+    real: tuple[Emperor, FakeMonitor, str], tmp_path: Path
+) -> None:
+    emperor, source, stats = real
+    address = f"127.0.0.1:{_free_port()}"
+    on_demand = (
+        f"[vassal]\ncommand = {sys.executable} {SERVER}\nsocket = {address}\non-demand = true\n"
+    )
+    plain = f"[vassal]\ncommand = {sys.executable} -c 'import time; time.sleep(600)'\n"
+    await source.send(Upsert(VassalDocument("od.ini", "fake://", "1", on_demand)))
+    await source.send(Upsert(VassalDocument("plain.ini", "fake://", "1", plain)))
+
+    async def settled(predicate: Any) -> dict[str, Any]:
+        """The socket's document once *predicate* holds for it, checked against a fresh one."""
+        while not predicate(by_name(got := await _query(stats))):
+            await trio.sleep(0.02)
+        for _ in range(10):  # a change between the two reads: ask again
+            want = fresh(emperor)
+            want.pop("uptime")
+            if got == want:
+                break
+            await trio.sleep(0.02)
+            got = await _query(stats)
+        assert got == want
+        return got
+
+    with trio.fail_after(60):
+        await settled(
+            lambda v: (
+                v.get("od.ini", {}).get("state") == "armed"
+                and v.get("plain.ini", {}).get("state") == "running"
+            )
+        )
+        # wake the on-demand vassal with a connection
+        host, _, port = address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            while await stream.receive_some():
+                pass
+        got = await settled(lambda v: v["od.ini"]["state"] == "running")
+        assert by_name(got)["od.ini"]["wakes"] == 1
+        assert by_name(got)["od.ini"]["restarts"] == 0  # a wake is no restart
+        assert by_name(got)["od.ini"]["sockets"] == [{"address": address, "state": "handed over"}]
+        # kill the plain one: restarted, counted
+        sup = emperor.supervisor("plain.ini")
+        assert sup is not None
+        pid = sup.snapshot().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        got = await settled(
+            lambda v: v["plain.ini"]["state"] == "running" and v["plain.ini"]["pid"] != pid
+        )
+        assert by_name(got)["plain.ini"]["restarts"] == 1
+        assert by_name(got)["plain.ini"]["last_exit_signal"] == "SIGKILL"
+        # removed: gone from the document
+        await source.send(Remove("fake://", "plain.ini"))
+        got = await settled(lambda v: "plain.ini" not in v)
+        assert set(by_name(got)) == {"od.ini"}
