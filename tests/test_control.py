@@ -710,6 +710,25 @@ async def test_prometheus_metrics(short_dir: Path) -> None:
 
 
 @pytest.mark.integration
+async def test_ctl_logs_marks_stderr(short_dir: Path) -> None:
+    script = short_dir / "both.py"
+    script.write_text(
+        "import sys, time\n"
+        "print('to stdout', flush=True)\n"
+        "print('to stderr', file=sys.stderr, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    vassals = {"b.ini": f"[vassal]\ncommand = {PYTHON} {script}\n"}
+    async with emperor_running(short_dir, vassals) as run:
+        await wait_for(lambda: "b.ini| to stderr" in run.emperor.text())
+        rc, out, _ = await ctl(run, "logs", "b.ini", "-n", "10")
+        assert rc == 0
+        lines = out.splitlines()
+        assert any(ln.endswith(" b.ini| to stdout") for ln in lines), lines
+        assert any(ln.endswith(" b.ini|! to stderr") for ln in lines), lines
+
+
+@pytest.mark.integration
 async def test_logs_dir_files_are_timestamped_and_rotated_by_size(short_dir: Path) -> None:
     logs = short_dir / "logs"
     vassals = {"p.ini": printing_vassal(short_dir, "p", every=0.002)}

@@ -113,9 +113,10 @@ def _child(req: dict[str, Any], fds: list[int], errw: int, launcher: int) -> Non
     else:
         out = high[req["stdout"]]
     stdin = high[req["stdin"]] if req.get("stdin") is not None else os.open(os.devnull, os.O_RDONLY)
+    err = high[req["stderr"]] if req.get("stderr") is not None else out
     os.dup2(stdin, 0)
     os.dup2(out, 1)
-    os.dup2(out, 2)
+    os.dup2(err, 2)
     keep = {0, 1, 2, errw}
     for index, target in req.get("pass", []):
         os.dup2(high[index], target)

@@ -122,7 +122,12 @@ class Process(Protocol):
 
     @property
     def output(self) -> trio.abc.ReceiveStream | None:
-        """The vassal's merged stdout and stderr, unless they go to a file."""
+        """The vassal's stdout (and its stderr too, if :attr:`errors` is None),
+        unless they go to a file."""
+
+    @property
+    def errors(self) -> trio.abc.ReceiveStream | None:
+        """The vassal's stderr, when it is read apart from its stdout."""
 
     def send(self, sig: int) -> None:
         """Send *sig* to the main process only (a reload signal for its master)."""

@@ -271,7 +271,7 @@ class ControlHub:
         self._log_lines = log_lines
         self.log_files = log_files or LogFiles(None)
         self.queue_size = queue_size
-        self._logs: dict[str, collections.deque[tuple[float, str]]] = {}
+        self._logs: dict[str, collections.deque[tuple[float, str, str]]] = {}
         self._events: collections.deque[str] = collections.deque(maxlen=EVENT_RING)
         self._clients: set[_Client] = set()
         self._seq = 0
@@ -303,7 +303,7 @@ class ControlHub:
             ring = self._logs.get(name or "")
             if ring is None:
                 ring = self._logs[name or ""] = collections.deque(maxlen=self._log_lines)
-            ring.append((doc["time"], line))
+            ring.append((doc["time"], line, str(fields.get("stream", "stdout"))))
             self.log_files.write(name or "-", doc["time"], line)
             if not any(c.logs for c in self._clients):
                 return
@@ -334,10 +334,17 @@ class ControlHub:
         """The last *n* lines of the named vassals (all if none), merged by time."""
         wanted = list(names) or list(self._logs)
         merged = sorted(
-            (t, name, line) for name in wanted for t, line in list(self._logs.get(name, ()))[-n:]
+            (t, name, line, stream)
+            for name in wanted
+            for t, line, stream in list(self._logs.get(name, ()))[-n:]
         )
         return (
-            [{"time": t, "name": name, "line": line} for t, name, line in merged[-n:]] if n else []
+            [
+                {"time": t, "name": name, "line": line, "stream": stream}
+                for t, name, line, stream in merged[-n:]
+            ]
+            if n
+            else []
         )
 
     def recent_events(self, n: int) -> list[dict[str, Any]]:

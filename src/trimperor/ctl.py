@@ -345,7 +345,9 @@ def _clock(t: float) -> str:
 
 
 def log_line(doc: dict[str, Any]) -> str:
-    return f"{_clock(float(doc['time']))} {doc.get('name', '-')}| {doc.get('line', '')}"
+    """``12:00:01.123 web.ini| a line``; a line of stderr is marked ``web.ini|!``."""
+    mark = "|!" if doc.get("stream") == "stderr" else "|"
+    return f"{_clock(float(doc['time']))} {doc.get('name', '-')}{mark} {doc.get('line', '')}"
 
 
 def event_line(doc: dict[str, Any]) -> str:

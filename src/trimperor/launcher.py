@@ -53,9 +53,15 @@ _ANSWER_TIMEOUT = 30.0
 class LauncherProcess:
     """A vassal started by the launcher; its exit is reported by the launcher."""
 
-    def __init__(self, pid: int, output: trio.lowlevel.FdStream | None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        output: trio.lowlevel.FdStream | None,
+        errors: trio.lowlevel.FdStream | None = None,
+    ) -> None:
         self._pid = pid
         self._output = output
+        self._errors = errors
         self._returncode: int | None = None
         self._exited = trio.Event()
 
@@ -70,6 +76,10 @@ class LauncherProcess:
     @property
     def output(self) -> trio.lowlevel.FdStream | None:
         return self._output
+
+    @property
+    def errors(self) -> trio.lowlevel.FdStream | None:
+        return self._errors
 
     def _exit(self, returncode: int) -> None:
         if self._returncode is None:
@@ -103,17 +113,26 @@ class LauncherProcess:
             self.signal_group(signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 await self.wait()
-        if self._output is not None:
-            await self._output.aclose()
+        for stream in (self._output, self._errors):
+            if stream is not None:
+                await stream.aclose()
 
 
 @dataclass
 class _Pending:
     read_fd: int | None
+    err_fd: int | None = None
     done: trio.Event = field(default_factory=trio.Event)
     process: LauncherProcess | None = None
     error: str | None = None
     abandoned: bool = False
+
+    def close(self) -> None:
+        """The spawn failed: our ends of its output pipes are not needed."""
+        for fd in (self.read_fd, self.err_fd):
+            if fd is not None:
+                os.close(fd)
+        self.read_fd = self.err_fd = None
 
 
 class LauncherSpawner:
@@ -190,7 +209,8 @@ class LauncherSpawner:
             output = (
                 trio.lowlevel.FdStream(pending.read_fd) if pending.read_fd is not None else None
             )
-            proc = LauncherProcess(message["pid"], output)
+            errors = trio.lowlevel.FdStream(pending.err_fd) if pending.err_fd is not None else None
+            proc = LauncherProcess(message["pid"], output, errors)
             self._procs[proc.pid] = proc
             pending.process = proc
             if pending.abandoned:
@@ -198,8 +218,7 @@ class LauncherSpawner:
             pending.done.set()
         elif op == "failed":
             pending = self._pending.pop(message["id"])
-            if pending.read_fd is not None:
-                os.close(pending.read_fd)
+            pending.close()
             pending.error = str(message["error"])
             pending.done.set()
         elif op == "exit":
@@ -231,8 +250,7 @@ class LauncherSpawner:
             proc._exit(-signal.SIGKILL)
         self._procs.clear()
         for pending in list(self._pending.values()):
-            if pending.read_fd is not None:
-                os.close(pending.read_fd)
+            pending.close()
             pending.error = "the launcher died"
             pending.done.set()
         self._pending.clear()
@@ -246,16 +264,20 @@ class LauncherSpawner:
         fds: list[int] = []
         mine: list[int] = []  # opened here, closed once sent
         read_fd: int | None = None
+        err_fd: int | None = None
         logto = None
+        stderr_index = None
         if plan.logto is not None and plan.as_user and uid is not None:
             logto = plan.logto  # opened by the child, as the user
         elif plan.logto is not None:
             mine.append(await trio.to_thread.run_sync(_open_log, plan.logto, None))
         else:
             read_fd, write_fd = os.pipe()
-            mine.append(write_fd)
+            err_fd, err_write = os.pipe()
+            mine += [write_fd, err_write]
+            stderr_index = 1
         try:
-            stdout_index = len(fds) if mine else None
+            stdout_index = 0 if mine else None
             fds += mine
             stdin_index = None
             if plan.stdin_fd is not None:
@@ -285,6 +307,7 @@ class LauncherSpawner:
                 "groups": list(groups) if groups is not None else None,
                 "logto": logto,
                 "stdout": stdout_index,
+                "stderr": stderr_index,
                 "stdin": stdin_index,
                 "pass": passed,
                 "listen": listen,
@@ -293,8 +316,8 @@ class LauncherSpawner:
             data = json.dumps(request).encode()
             if len(data) > _MAX_MESSAGE:
                 raise SpawnError(f"the command line and environment are {len(data)} bytes")
-            pending = self._pending[ident] = _Pending(read_fd)
-            read_fd = None  # the pending record owns it now
+            pending = self._pending[ident] = _Pending(read_fd, err_fd)
+            read_fd = err_fd = None  # the pending record owns them now
             try:
                 async with self._sending:  # a full socket buffer: the next waits its turn
                     await sock.sendmsg(
@@ -302,14 +325,12 @@ class LauncherSpawner:
                     )
             except OSError as exc:
                 self._pending.pop(ident, None)
-                if pending.read_fd is not None:
-                    os.close(pending.read_fd)
+                pending.close()
                 raise SpawnError(f"cannot reach the launcher: {exc}") from None
         finally:
-            for fd in mine:
-                os.close(fd)
-            if read_fd is not None:
-                os.close(read_fd)
+            for leftover in (*mine, read_fd, err_fd):
+                if leftover is not None:
+                    os.close(leftover)
         # The answer comes within milliseconds; if we were cancelled meanwhile,
         # the process would run with nobody to stop it.
         with trio.CancelScope(shield=True), trio.move_on_after(_ANSWER_TIMEOUT):

@@ -174,9 +174,15 @@ def resolve_ids(
 class PosixProcess:
     """A running vassal: its Popen, a pidfd to wait on, and its output pipe."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], output: trio.lowlevel.FdStream | None):
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        output: trio.lowlevel.FdStream | None,
+        errors: trio.lowlevel.FdStream | None = None,
+    ):
         self._popen = popen
         self._output = output
+        self._errors = errors
         self._pidfd: int | None = os.pidfd_open(popen.pid)
         self._reaped = False
 
@@ -191,6 +197,10 @@ class PosixProcess:
     @property
     def output(self) -> trio.lowlevel.FdStream | None:
         return self._output
+
+    @property
+    def errors(self) -> trio.lowlevel.FdStream | None:
+        return self._errors
 
     def signal_group(self, sig: int) -> None:
         if self._reaped:
@@ -237,8 +247,9 @@ class PosixProcess:
             self.signal_group(signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 await self.wait()
-        if self._output is not None:
-            await self._output.aclose()
+        for stream in (self._output, self._errors):
+            if stream is not None:
+                await stream.aclose()
 
 
 class PosixSpawner:
@@ -256,11 +267,14 @@ class PosixSpawner:
         # vassal's user (see _child_setup), which is what counts.
         await run_as(creds, _check_directory, plan.cwd, uid)
         read_fd: int | None = None
+        err_read: int | None = None
         write_fd: int
+        err_write: int | None = None
         if plan.logto is not None:
             write_fd = await run_as(creds, _open_log, plan.logto, uid)
         else:
             read_fd, write_fd = os.pipe()
+            err_read, err_write = os.pipe()
         stdin = subprocess.DEVNULL if plan.stdin_fd is None else plan.stdin_fd
         env = dict(plan.env)
         argv = list(plan.argv)
@@ -274,9 +288,9 @@ class PosixSpawner:
             # Our own exec in the child: check what would fail there, here.
             program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
             if program is None:
-                os.close(write_fd)
-                if read_fd is not None:
-                    os.close(read_fd)
+                for fd in (write_fd, read_fd, err_write, err_read):
+                    if fd is not None:
+                        os.close(fd)
                 raise SpawnError(f"program {plan.argv[0]!r} not found")
             env["LISTEN_FDS"] = str(len(plan.listen_fds))
             env["LISTEN_FDNAMES"] = ":".join(plan.listen_names)
@@ -297,7 +311,7 @@ class PosixSpawner:
                 env=env,
                 stdin=stdin,
                 stdout=write_fd,
-                stderr=write_fd,
+                stderr=write_fd if err_write is None else err_write,
                 close_fds=True,
                 pass_fds=(*plan.pass_fds, *plan.listen_fds),
                 start_new_session=True,
@@ -320,10 +334,15 @@ class PosixSpawner:
             raise SpawnError(f"cannot run {plan.argv[0]!r}: {exc}") from None
         finally:
             os.close(write_fd)
-            if read_fd is not None and "popen" not in locals():
-                os.close(read_fd)
+            if err_write is not None:
+                os.close(err_write)
+            if "popen" not in locals():
+                for fd in (read_fd, err_read):
+                    if fd is not None:
+                        os.close(fd)
         output = trio.lowlevel.FdStream(read_fd) if read_fd is not None else None
-        return PosixProcess(popen, output)
+        errors = trio.lowlevel.FdStream(err_read) if err_read is not None else None
+        return PosixProcess(popen, output, errors)
 
 
 def _as_whom(uid: int | None) -> str:

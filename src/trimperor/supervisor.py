@@ -549,7 +549,9 @@ class Supervisor:
         self._emit("spawn", pid=proc.pid)
         self._nursery.start_soon(self._wait, token, proc)
         if proc.output is not None:
-            self._nursery.start_soon(self._pump, proc.output)
+            self._nursery.start_soon(self._pump, proc.output, "stdout")
+        if proc.errors is not None:
+            self._nursery.start_soon(self._pump, proc.errors, "stderr")
         await self._feed(Spawned(token, proc.pid))
 
     async def _wait(self, token: int, proc: Process) -> None:
@@ -779,7 +781,7 @@ class Supervisor:
                 return
             await trio.sleep_until(deadline)
 
-    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+    async def _pump(self, stream: trio.abc.ReceiveStream, which: str) -> None:
         buf = b""
         try:
             async with stream:
@@ -790,16 +792,16 @@ class Supervisor:
                         lines.append(buf)
                         buf = b""
                     for line in lines:
-                        self._log_line(line)
+                        self._log_line(line, which)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         if buf:
-            self._log_line(buf)
+            self._log_line(buf, which)
 
-    def _log_line(self, line: bytes) -> None:
+    def _log_line(self, line: bytes, which: str = "stdout") -> None:
         text = line.decode(errors="replace").rstrip()
         vassal_log.info("%s| %s", self.name, text)
-        self._emit("log", line=text)
+        self._emit("log", line=text, stream=which)
         if self._channel is not None and not self._announced:
             self._announced = announce_binary(self._channel.program, line)
         if isinstance(self.spec, UwsgiSpec) and not self.no_app and _NO_APP in line:

@@ -48,6 +48,10 @@ class FakeProcess:
     def output(self) -> None:
         return None
 
+    @property
+    def errors(self) -> None:
+        return None
+
     def exit(self, code: int) -> None:
         """Make the process exit with *code* (negative: killed by that signal)."""
         if self._returncode is None:
