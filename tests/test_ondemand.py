@@ -334,6 +334,9 @@ async def test_notify_from_a_child_of_the_vassal_is_attributed(
         "import os, socket\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.sendto(b'READY=1\\nSTATUS=from a worker', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
+        # The sender is named by its process group, which can only be looked up
+        # while it lives (systemd's NotifyAccess has the same limit): stay a while.
+        "import time; time.sleep(5)\n"
     )
     gate = tmp_path / "gate"
     text = (

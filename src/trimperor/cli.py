@@ -632,9 +632,14 @@ _SIGNALS = (
 )
 
 
-async def _serve(emperor: Emperor, reload_mercy: float | None = None) -> None:
+async def _serve(
+    emperor: Emperor, reload_mercy: float | None = None, pidfile: str | None = None
+) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*_SIGNALS) as sigs:
+            # Only now: whoever reads the pid may signal it, and is heard.
+            if pidfile:
+                write_pidfile(pidfile)
 
             async def mercy() -> None:
                 assert reload_mercy is not None
@@ -760,9 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         raise_fd_limit()
-        if args.pidfile:
-            write_pidfile(args.pidfile)
-        trio.run(_serve, emperor, args.reload_mercy)
+        trio.run(_serve, emperor, args.reload_mercy, args.pidfile)
     except* UsageError as group:
         log.error("cli.usage_error error=%s", _first(group))
         code = 2
