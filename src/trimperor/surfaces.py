@@ -402,10 +402,24 @@ async def _unix_listener(path: str) -> trio.SocketListener:
         if _in_use(path):
             raise UsageError(f"control socket {path}: another emperor is listening there")
         os.unlink(path)
+    # Bound, restricted and listening under a name of its own, then renamed into
+    # place: a client finding the path can connect at once, and nobody can
+    # connect before the mode is set.
+    staging = path + "~"
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(staging).st_mode):
+            os.unlink(staging)  # left by an emperor that died while starting
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o600)  # before listen(): nobody can connect in between
-    sock.listen(128)
+    try:
+        await sock.bind(staging)
+        os.chmod(staging, 0o600)
+        sock.listen(128)
+        os.rename(staging, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
     return trio.SocketListener(sock)
 
 
