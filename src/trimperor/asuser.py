@@ -32,7 +32,7 @@ import trio
 
 from trimperor.errors import SpawnError
 
-__all__ = ["Credentials", "call_as", "run_as"]
+__all__ = ["LIBC", "Credentials", "call_as", "run_as"]
 
 T = TypeVar("T")
 
@@ -42,10 +42,11 @@ _SYSCALLS = {
     "aarch64": (159, 151, 152),
 }
 
-_libc: ctypes.CDLL | None = None
+LIBC: ctypes.CDLL | None = None
+"""The C library, for the calls Python does not wrap (None where it cannot be loaded)."""
 with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc_syscall = None if _libc is None else _libc.syscall
+    LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc_syscall = None if LIBC is None else LIBC.syscall
 
 
 @dataclass(frozen=True, slots=True)

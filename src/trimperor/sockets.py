@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -29,7 +28,7 @@ import threading
 
 import trio
 
-from trimperor.asuser import Credentials, call_as
+from trimperor.asuser import LIBC, Credentials, call_as
 from trimperor.errors import SpawnError
 from trimperor.spawner import resolve_ids
 from trimperor.vassalspec import SocketSpec
@@ -200,9 +199,7 @@ _F_SETSIG = 10
 _F_SETOWN_EX = 15
 _F_OWNER_TID = 0
 _SIGNALFD_INFO = 128  # sizeof(struct signalfd_siginfo)
-_libc: ctypes.CDLL | None = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = LIBC
 
 
 class Arrivals:

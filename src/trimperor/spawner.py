@@ -15,8 +15,6 @@ wait on a pidfd, which is what trio does internally on Linux.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import grp
@@ -32,7 +30,7 @@ import subprocess
 import trio
 
 from trimperor.abc import LaunchPlan
-from trimperor.asuser import Credentials, run_as
+from trimperor.asuser import LIBC, Credentials, run_as
 from trimperor.errors import SpawnError
 
 __all__ = [
@@ -48,9 +46,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-_libc: ctypes.CDLL | None = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = LIBC
 
 
 def _child_setup(emperor_pid: int, cwd: str) -> None:  # pragma: no cover - runs in the child
