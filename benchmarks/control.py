@@ -53,7 +53,7 @@ from benchlib import (
     sigterm_as_interrupt,
     trimperor_command,
 )
-from trimperor.control import ControlClient, connect
+from trimperor.control.hub import ControlClient, connect
 
 
 async def wait_running(sock: str, count: int, timeout: float) -> dict[str, dict[str, Any]]:

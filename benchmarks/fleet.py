@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import Emperor, Janitor, Summary, fmt, is_gone, machine_info, vassals_of
-from trimperor.placement import Node, Placement, owners
+from trimperor.core.placement import Node, Placement, owners
 
 PREFIX = "/bench"
 

@@ -10,7 +10,7 @@ CLOCK_REALTIME). Rounds run one at a time; the first few are warm-up.
 
 For the share of the source itself, the same rounds are also run against the
 monitor alone, in this process: from just before the modify until its
-:class:`~trimperor.model.Upsert` comes out of the monitor.
+:class:`~trimperor.core.model.Upsert` comes out of the monitor.
 
     python benchmarks/ldap_source.py [--rounds 50] [--warmup 3]
 
@@ -37,7 +37,7 @@ from tests import slapd as sl  # noqa: E402
 
 from benchlib import Janitor, Summary, trimperor_command  # noqa: E402
 from trimperor.abc import MonitorOptions  # noqa: E402
-from trimperor.model import SourceEvent, Upsert  # noqa: E402
+from trimperor.core.model import SourceEvent, Upsert  # noqa: E402
 from trimperor.monitors.ldap import LdapMonitor  # noqa: E402
 
 

@@ -37,8 +37,8 @@ import trio
 
 from benchlib import machine_info, percentile
 from trimperor.abc import LaunchPlan
-from trimperor.launcher import LauncherSpawner
-from trimperor.spawner import PosixSpawner
+from trimperor.vassals.launcher import LauncherSpawner
+from trimperor.vassals.spawner import PosixSpawner
 
 PLAN = LaunchPlan("bench", ("/bin/true",), "/", (("PATH", "/usr/bin:/bin"),))
 

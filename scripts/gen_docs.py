@@ -1,6 +1,6 @@
 """Regenerate the parts of docs/ that come from the code; --check only compares.
 
-- docs/design.md: the lifecycle state diagram, from trimperor.lifecycle.TABLE
+- docs/design.md: the lifecycle state diagram, from trimperor.core.lifecycle.TABLE
 - docs/cli.md: the output of ``trimperor --help``
 - docs/control.md: the output of ``trimperor ctl --help`` and of each command
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trimperor.cli import build_parser
+from trimperor.core.lifecycle import mermaid
 from trimperor.ctl import build_parser as ctl_parser
-from trimperor.lifecycle import mermaid
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

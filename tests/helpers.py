@@ -18,7 +18,7 @@ import trio
 
 from tests.proxy import TcpProxy
 from trimperor.abc import Monitor
-from trimperor.model import Snapshot, SourceEvent, SourceProblem, Upsert
+from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, Upsert
 from trimperor.monitors.toolkit import SourceStatus
 
 PYTHON = sys.executable

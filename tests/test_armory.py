@@ -16,13 +16,13 @@ import trio
 
 from tests.helpers import wait_for
 from trimperor.abc import LaunchPlan
+from trimperor.core.model import Upsert, VassalDocument
+from trimperor.core.policy import BackoffPolicy
 from trimperor.emperor import Emperor
-from trimperor.launcher import LauncherSpawner
-from trimperor.model import Upsert, VassalDocument
-from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner
 from trimperor.supervisor import Supervisor
 from trimperor.testing import FakeMonitor
+from trimperor.vassals.launcher import LauncherSpawner
+from trimperor.vassals.spawner import PosixSpawner
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from tests.helpers import (
 )
 from trimperor import cli
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
+from trimperor.core.errors import MissingExtraError, UsageError
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tests for trimperor.configfile: the four formats, their errors, and dump()."""
+"""Tests for trimperor.core.configfile: the four formats, their errors, and dump()."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimperor.configfile import (
+from trimperor.core.configfile import (
     Format,
     Options,
     Section,
@@ -20,7 +20,7 @@ from trimperor.configfile import (
     parse_xml,
     parse_yaml,
 )
-from trimperor.errors import ConfigError
+from trimperor.core.errors import ConfigError
 
 Parser = Callable[[str, str], Options]
 

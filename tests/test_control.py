@@ -33,7 +33,7 @@ from tests.helpers import (
     wait_for,
     write_atomic,
 )
-from trimperor.control import ControlClient, connect
+from trimperor.control.hub import ControlClient, connect
 from trimperor.ctl import status_table
 
 
@@ -790,9 +790,9 @@ async def test_ctl_reads_large_replies(short_dir: Path) -> None:
 
 
 def test_log_file_is_refused_in_tyrant_mode() -> None:
+    from trimperor.core.errors import Refused
+    from trimperor.core.model import VassalDocument
     from trimperor.emperor import Emperor
-    from trimperor.errors import Refused
-    from trimperor.model import VassalDocument
     from trimperor.testing import FakeSpawner
 
     emperor = Emperor([], spawner=FakeSpawner(), tyrant=True)
@@ -850,9 +850,9 @@ async def test_a_vassals_own_log_file_is_rotated_by_its_own_limits(short_dir: Pa
     ],
 )
 def test_bad_log_health_and_hook_keys_are_config_errors(extra: str, error: str) -> None:
-    from trimperor.errors import ConfigError
-    from trimperor.model import VassalDocument
-    from trimperor.vassalspec import build_spec
+    from trimperor.core.errors import ConfigError
+    from trimperor.core.model import VassalDocument
+    from trimperor.core.vassalspec import build_spec
 
     text = f"[vassal]\ncommand = sleep 1\n{extra}"
     doc = VassalDocument("a.ini", "dir:///v", "1", text, path="/v/a.ini")
@@ -895,7 +895,7 @@ async def test_source_state_changes_are_events(short_dir: Path) -> None:
 
 
 def test_proc_sampler_reads_cpu_and_rss_of_a_process() -> None:
-    from trimperor.control import ProcSampler
+    from trimperor.control.hub import ProcSampler
 
     sampler = ProcSampler()
     me = os.getpid()

@@ -40,18 +40,18 @@ from tests.helpers import (
 )
 from tests.test_monitor_mongodb import mongo_server  # noqa: F401 - a session fixture
 from trimperor import cli
+from trimperor.core.model import Upsert, VassalDocument
+from trimperor.core.vassalspec import UwsgiSpec, build_spec
 from trimperor.emperor import Emperor
-from trimperor.model import Upsert, VassalDocument
-from trimperor.spawner import PosixSpawner
 from trimperor.testing import FakeMonitor
-from trimperor.uwsgi import (
+from trimperor.vassals.spawner import PosixSpawner
+from trimperor.vassals.uwsgi import (
     UwsgiOptions,
     binary_candidates,
     default_binary,
     resolve_binary,
     uwsgi_argv,
 )
-from trimperor.vassalspec import UwsgiSpec, build_spec
 
 VENV_BIN = Path(PYTHON).parent
 UWSGI = VENV_BIN / "uwsgi"
@@ -716,7 +716,7 @@ async def test_the_pg_retry_line_names_the_query_once(caplog: pytest.LogCaptureF
 
 
 def test_versions_read_as_mtime_and_size() -> None:
-    from trimperor.model import describe_version
+    from trimperor.core.model import describe_version
 
     assert (
         describe_version("1796150843592047357:4245729:354:0:0")
@@ -734,11 +734,11 @@ def test_versions_read_as_mtime_and_size() -> None:
 async def test_throttle_level_is_milliseconds(autojump_clock: trio.testing.MockClock) -> None:
     """A vassal that never ran (its program is missing) has no last run: its
     blacklist entry still says how long the backoff waits, never a timestamp."""
-    from trimperor.policy import BackoffPolicy
-    from trimperor.stats import EmperorStats, to_json
+    from trimperor.core.policy import BackoffPolicy
+    from trimperor.core.stats import EmperorStats, to_json
+    from trimperor.core.vassalspec import NativeSpec
     from trimperor.supervisor import Supervisor
     from trimperor.testing import FakeSpawner
-    from trimperor.vassalspec import NativeSpec
 
     spawner = FakeSpawner()
     spawner.fail_with = "program 'app' not found"

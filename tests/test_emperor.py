@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
+from trimperor.core.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
 from trimperor.emperor import Emperor
-from trimperor.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
 from trimperor.testing import FakeMonitor, FakeSpawner
-from trimperor.uwsgi import default_binary
+from trimperor.vassals.uwsgi import default_binary
 
 NATIVE = "[vassal]\ncommand = app {arg}\n"
 

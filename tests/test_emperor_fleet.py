@@ -1,6 +1,6 @@
 """The emperor's fleet filter, with a fake monitor, a fake spawner and a scripted fleet.
 
-The fleet here is :class:`trimperor.fleet.Fleet` with its etcd side replaced
+The fleet here is :class:`trimperor.fleet.member.Fleet` with its etcd side replaced
 by the test (no etcd runs): the test says which vassals are placed on this
 node and when the view changes. tests/test_fleet.py runs the real thing.
 """
@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from tests.helpers import free_port
+from trimperor.core.model import Remove, Upsert, VassalDocument
+from trimperor.core.placement import Placement
 from trimperor.emperor import Emperor
-from trimperor.fleet import Fleet
-from trimperor.model import Remove, Upsert, VassalDocument
-from trimperor.placement import Placement
+from trimperor.fleet.member import Fleet
 from trimperor.testing import FakeMonitor, FakeSpawner
 
 

@@ -19,7 +19,7 @@ from tests.etcd_server import EtcdCluster, EtcdServer
 from tests.fleet_helpers import LocalFleet
 from tests.helpers import wait_for
 from tests.proxy import TcpProxy
-from trimperor.placement import Node, Placement, owners
+from trimperor.core.placement import Node, Placement, owners
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ import trio
 import trio.testing
 
 from trimperor.cli import main
-from trimperor.errors import UsageError
-from trimperor.fleet import Fleet, parse_label
-from trimperor.placement import Node, Placement, owners
-from trimperor.stats import EmperorStats, to_json
+from trimperor.core.errors import UsageError
+from trimperor.core.placement import Node, Placement, owners
+from trimperor.core.stats import EmperorStats, to_json
+from trimperor.fleet.member import Fleet, parse_label
 
 
 def fleet_of(node: str, others: list[str]) -> Fleet:

@@ -32,16 +32,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trimperor.abc import MonitorOptions
-from trimperor.configfile import parse
-from trimperor.errors import ConfigError, Refused
-from trimperor.model import SourceEvent, VassalDocument
+from trimperor.core.configfile import parse
+from trimperor.core.errors import ConfigError, Refused
+from trimperor.core.model import SourceEvent, VassalDocument
+from trimperor.core.uwsgi_protocol import decode_config, describe, encode_config
+from trimperor.core.vassalspec import build_spec
 from trimperor.monitors.amqp import AmqpMonitor, _Handler
 from trimperor.monitors.mongodb import BadDocument, document_to_vassal
 from trimperor.monitors.postgres import BadRow, row_document
 from trimperor.monitors.zeromq import BadMessage, parse_command
-from trimperor.notify import parse_message
-from trimperor.uwsgi_protocol import decode_config, describe, encode_config
-from trimperor.vassalspec import build_spec
+from trimperor.vassals.notify import parse_message
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -21,7 +21,7 @@ import trio
 
 from tests.helpers import EmperorProcess, pid_alive, wait_for, write_atomic
 from trimperor.abc import LaunchPlan
-from trimperor.launcher import LauncherSpawner
+from trimperor.vassals.launcher import LauncherSpawner
 
 pytestmark = pytest.mark.integration
 

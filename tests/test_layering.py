@@ -17,43 +17,21 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "trimperor"
 
 LAYERS = {
-    "errors": 0,
-    "model": 0,
-    "configfile": 0,
-    "vassalspec": 0,
-    "lifecycle": 0,
-    "machine": 0,
-    "policy": 0,
-    "reconcile": 0,
-    "stats": 0,
-    "uwsgi_protocol": 0,
-    "placement": 0,
-    "abc": 1,
-    "asuser": 2,
-    "launcher": 2,
-    "_launcher": 2,
-    "etcd": 2,
-    "fleet": 2,
-    "spawner": 2,
-    "uwsgi": 2,
-    "sockets": 2,
-    "armory": 2,
-    "notify": 2,
-    "api": 2,
-    "control": 2,
-    "surfaces": 2,
-    "vassallogs": 2,
-    "health": 2,
-    "metrics": 2,
-    "dashboard": 2,
+    # folders: every module in one has the folder's layer
+    "core": 0,
+    "vassals": 2,
     "monitors": 2,
+    "control": 2,
+    "fleet": 2,
+    # modules at the top of the package
+    "__init__": 0,
+    "abc": 1,
     "testing": 2,
     "supervisor": 3,
     "emperor": 3,
     "cli": 4,
     "ctl": 4,
     "__main__": 4,
-    "__init__": 0,
 }
 #: Third-party modules the pure core may use (pure parsers only).
 PURE_THIRD_PARTY = {"yaml"}
@@ -314,60 +292,87 @@ def test_the_allow_list_is_still_needed() -> None:
 
 VIOLATIONS = {
     "absolute from-import of a higher layer": (
-        "trimperor.model",
+        "trimperor.core.model",
         "from trimperor.emperor import Emperor\n",
     ),
     "from the package, a higher-layer module": (
-        "trimperor.model",
+        "trimperor.core.model",
         "from trimperor import emperor\n",
     ),
-    "relative import of a module": ("trimperor.model", "from . import emperor\n"),
-    "relative import from a module": ("trimperor.stats", "from .supervisor import Supervisor\n"),
+    "relative import of a module": ("trimperor.core.model", "from .. import emperor\n"),
+    "relative import from a module": (
+        "trimperor.core.stats",
+        "from ..supervisor import Supervisor\n",
+    ),
     "relative import two levels up": (
         "trimperor.monitors.files",
         "from ..emperor import Emperor\n",
     ),
     "relative import in a package's __init__": ("trimperor.monitors", "from ..cli import main\n"),
-    "attribute-style import": ("trimperor.policy", "import trimperor.emperor\n"),
-    "attribute-style import, aliased": ("trimperor.abc", "import trimperor.spawner as sp\n"),
+    "attribute-style import": ("trimperor.core.policy", "import trimperor.emperor\n"),
+    "attribute-style import, aliased": (
+        "trimperor.abc",
+        "import trimperor.vassals.spawner as sp\n",
+    ),
     "importlib with a literal": (
-        "trimperor.spawner",
+        "trimperor.vassals.spawner",
         "import importlib\nm = importlib.import_module('trimperor.emperor')\n",
     ),
     "importlib, relative literal": (
-        "trimperor.spawner",
+        "trimperor.vassals.spawner",
         "from importlib import import_module\nm = import_module('.cli', package='trimperor')\n",
     ),
-    "__import__ with a literal": ("trimperor.sockets", "m = __import__('trimperor.supervisor')\n"),
-    "import time in the pure core": ("trimperor.policy", "import time\nnow = time.monotonic()\n"),
-    "from time import in the pure core": ("trimperor.policy", "from time import monotonic\n"),
-    "os.getcwd in the pure core": ("trimperor.model", "import os\nhere = os.getcwd()\n"),
-    "os.environ in the pure core": ("trimperor.model", "import os\nhome = os.environ['HOME']\n"),
+    "__import__ with a literal": (
+        "trimperor.vassals.sockets",
+        "m = __import__('trimperor.supervisor')\n",
+    ),
+    "import time in the pure core": (
+        "trimperor.core.policy",
+        "import time\nnow = time.monotonic()\n",
+    ),
+    "from time import in the pure core": ("trimperor.core.policy", "from time import monotonic\n"),
+    "os.getcwd in the pure core": ("trimperor.core.model", "import os\nhere = os.getcwd()\n"),
+    "os.environ in the pure core": (
+        "trimperor.core.model",
+        "import os\nhome = os.environ['HOME']\n",
+    ),
     "os.path.exists in the pure core": (
-        "trimperor.configfile",
+        "trimperor.core.configfile",
         "import os.path\nok = os.path.exists('/etc')\n",
     ),
-    "from os import in the pure core": ("trimperor.model", "from os import listdir\n"),
-    "threading in the pure core": ("trimperor.reconcile", "import threading\n"),
-    "socket in the pure core": ("trimperor.uwsgi_protocol", "import socket\n"),
-    "subprocess in the pure core": ("trimperor.lifecycle", "import subprocess as sp\n"),
-    "select in the pure core": ("trimperor.stats", "import select\n"),
+    "from os import in the pure core": ("trimperor.core.model", "from os import listdir\n"),
+    "threading in the pure core": ("trimperor.core.reconcile", "import threading\n"),
+    "socket in the pure core": ("trimperor.core.uwsgi_protocol", "import socket\n"),
+    "subprocess in the pure core": ("trimperor.core.lifecycle", "import subprocess as sp\n"),
+    "select in the pure core": ("trimperor.core.stats", "import select\n"),
     "a signal handler in the pure core": (
-        "trimperor.vassalspec",
+        "trimperor.core.vassalspec",
         "import signal\nsignal.signal(signal.SIGTERM, print)\n",
     ),
-    "the builtin open in the pure core": ("trimperor.configfile", "text = open('x.ini').read()\n"),
-    "trio in the pure core": ("trimperor.placement", "import trio\n"),
+    "the builtin open in the pure core": (
+        "trimperor.core.configfile",
+        "text = open('x.ini').read()\n",
+    ),
+    "trio in the pure core": ("trimperor.core.placement", "import trio\n"),
     "the clock through datetime": (
-        "trimperor.model",
+        "trimperor.core.model",
         "import datetime\nnow = datetime.datetime.now()\n",
     ),
     "importlib by a run-time name in the pure core": (
-        "trimperor.model",
+        "trimperor.core.model",
         "import importlib\nm = importlib.import_module(name)\n",
     ),
-    "third party in the pure core": ("trimperor.model", "import requests\n"),
-    "os.getcwd allowed in vassalspec only": ("trimperor.placement", "import os\nd = os.getcwd()\n"),
+    "third party in the pure core": ("trimperor.core.model", "import requests\n"),
+    "os.getcwd allowed in vassalspec only": (
+        "trimperor.core.placement",
+        "import os\nd = os.getcwd()\n",
+    ),
+    "a folder of the pure core importing an adapter folder": (
+        "trimperor.core.machine",
+        "from trimperor.vassals.sockets import bind\n",
+    ),
+    "a new module in the core folder is pure too": ("trimperor.core.newthing", "import time\n"),
+    "a module outside every folder and the table": ("trimperor.newthing", "import os\n"),
 }
 
 
@@ -380,7 +385,7 @@ CAUGHT_AS = {
     "relative import two levels up": "imports trimperor.emperor (L3)",
     "relative import in a package's __init__": "imports trimperor.cli (L4)",
     "attribute-style import": "imports trimperor.emperor (L3)",
-    "attribute-style import, aliased": "imports trimperor.spawner (L2)",
+    "attribute-style import, aliased": "imports trimperor.vassals.spawner (L2)",
     "importlib with a literal": "imports trimperor.emperor (L3)",
     "importlib, relative literal": "imports trimperor.cli (L4)",
     "__import__ with a literal": "imports trimperor.supervisor (L3)",
@@ -401,6 +406,9 @@ CAUGHT_AS = {
     "importlib by a run-time name in the pure core": "imports a module named at run time",
     "third party in the pure core": "imports third-party requests",
     "os.getcwd allowed in vassalspec only": "uses os.getcwd",
+    "a folder of the pure core importing an adapter folder": "imports trimperor.vassals.sockets",
+    "a new module in the core folder is pure too": "imports time",
+    "a module outside every folder and the table": "missing from the layer table",
 }
 
 
@@ -414,27 +422,27 @@ def test_a_violation_is_caught(rule: str) -> None:
 ALLOWED_SOURCES = {
     "a lower layer": (
         "trimperor.emperor",
-        "from trimperor.model import Upsert\nfrom . import policy\n",
+        "from trimperor.core.model import Upsert\nfrom .core import policy\n",
     ),
     "a sibling in the package": ("trimperor.monitors.files", "from .remote import SourceStatus\n"),
     "the same layer, attribute-style": ("trimperor.emperor", "import trimperor.supervisor\n"),
     "pure os.path string functions": (
-        "trimperor.model",
+        "trimperor.core.model",
         "import os\nname = os.path.basename(os.path.join('a', 'b'))\nb = os.fsencode(name)\n",
     ),
     "signal names and numbers": (
-        "trimperor.vassalspec",
+        "trimperor.core.vassalspec",
         "import signal\nn = signal.SIGTERM\nm = signal.Signals.__members__.get('SIGINT')\n",
     ),
     "datetime as a pure conversion": (
-        "trimperor.model",
+        "trimperor.core.model",
         "import datetime\nd = datetime.datetime.fromtimestamp(0, datetime.UTC)\n",
     ),
     "I/O outside the pure core": (
-        "trimperor.spawner",
+        "trimperor.vassals.spawner",
         "import os, time\nos.getcwd()\ntime.time()\n",
     ),
-    "a method named open": ("trimperor.model", "def f(x):\n    return x.open()\n"),
+    "a method named open": ("trimperor.core.model", "def f(x):\n    return x.open()\n"),
 }
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from trimperor.lifecycle import TABLE, Act, Ev, InvalidTransition, State, mermaid, step
+from trimperor.core.lifecycle import TABLE, Act, Ev, InvalidTransition, State, mermaid, step
 
 
 def test_every_state_but_stopped_handles_stop_and_kill() -> None:

@@ -18,8 +18,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from trimperor.lifecycle import State
-from trimperor.machine import (
+from trimperor.core.lifecycle import State
+from trimperor.core.machine import (
     SIGKILL,
     Arm,
     Begin,
@@ -54,9 +54,9 @@ from trimperor.machine import (
     VassalMachine,
     Wake,
 )
-from trimperor.policy import BackoffPolicy
-from trimperor.uwsgi_protocol import ToVassal
-from trimperor.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.uwsgi_protocol import ToVassal
+from trimperor.core.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
 
 POLICY = BackoffPolicy(throttle=0.5, max_throttle=8.0, loyal_after=5.0)
 SETTINGS = Settings(policy=POLICY, graceful_shutdown=False, curse_tolerance=7.0)

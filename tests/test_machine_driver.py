@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from tests.helpers import wait_for
-from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.vassalspec import NativeSpec
 from trimperor.supervisor import Supervisor
-from trimperor.vassalspec import NativeSpec
+from trimperor.vassals.spawner import PosixSpawner
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from tests.helpers import (
 )
 from tests.proxy import TcpProxy
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, UsageError
-from trimperor.model import Remove, SourceEvent
+from trimperor.core.errors import MissingExtraError, UsageError
+from trimperor.core.model import Remove, SourceEvent
 from trimperor.monitors import amqp
 from trimperor.monitors.amqp import AmqpAddress, AmqpMonitor, parse_uri
 

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from trimperor.abc import MonitorFactory, MonitorOptions
-from trimperor.errors import MissingExtraError
+from trimperor.core.errors import MissingExtraError
 from trimperor.monitors.amqp import AmqpMonitor
 from trimperor.monitors.etcd import EtcdMonitor
 from trimperor.monitors.files import DirMonitor, GlobMonitor
@@ -87,9 +87,8 @@ def test_a_missing_driver_names_the_extra_its_entry_point_declares() -> None:
 
 
 def test_every_error_trimperor_raises_is_a_trimperor_error() -> None:
-    from trimperor.control import ControlRefused
-    from trimperor.ctl import Unreachable
-    from trimperor.errors import (
+    from trimperor.control.hub import ControlRefused
+    from trimperor.core.errors import (
         BadMessage,
         BadVassal,
         ConfigError,
@@ -99,11 +98,12 @@ def test_every_error_trimperor_raises_is_a_trimperor_error() -> None:
         TooLarge,
         TrimperorError,
     )
-    from trimperor.etcd import EtcdError
-    from trimperor.lifecycle import InvalidTransition
+    from trimperor.core.lifecycle import InvalidTransition
+    from trimperor.core.reconcile import Unsupported
+    from trimperor.ctl import Unreachable
+    from trimperor.fleet.etcd import EtcdError
     from trimperor.monitors.mongodb import BadDocument
     from trimperor.monitors.postgres import BadRow
-    from trimperor.reconcile import Unsupported
 
     kinds: dict[type[Exception], type[TrimperorError]] = {
         BadVassal: ConfigError,

@@ -27,9 +27,9 @@ from tests.helpers import (
 )
 from tests.proxy import TcpProxy
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.etcd import Cursor, EtcdClient, KeyValue, prefix_end
-from trimperor.model import Remove, Snapshot, SourceEvent, Upsert
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, Snapshot, SourceEvent, Upsert
+from trimperor.fleet.etcd import Cursor, EtcdClient, KeyValue, prefix_end
 from trimperor.monitors.etcd import EtcdMonitor, kv_document, parse_etcd_uri
 from trimperor.monitors.toolkit import BadVassal
 

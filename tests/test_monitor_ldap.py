@@ -42,8 +42,8 @@ from tests.helpers import (
 )
 from tests.proxy import TcpProxy
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors.ldap import (
     LdapMonitor,
     Mirror,

@@ -43,8 +43,8 @@ from tests.helpers import (
     wait_for,
 )
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import SourceEvent
+from trimperor.core.errors import UsageError
+from trimperor.core.model import SourceEvent
 from trimperor.monitors.mongodb import (
     DEFAULT_NAMESPACE,
     MongoMonitor,

@@ -33,8 +33,8 @@ from tests.helpers import (
     wait_for,
 )
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Snapshot, SourceEvent
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Snapshot, SourceEvent
 from trimperor.monitors.postgres import DEFAULT_QUERY, PostgresMonitor, parse_uri
 
 pytestmark = pytest.mark.integration

@@ -28,8 +28,8 @@ from tests.helpers import (
     wait_for,
 )
 from trimperor.abc import MonitorOptions
-from trimperor.errors import MissingExtraError, SourceError, UsageError
-from trimperor.model import Remove, SourceEvent, Upsert
+from trimperor.core.errors import MissingExtraError, SourceError, UsageError
+from trimperor.core.model import Remove, SourceEvent, Upsert
 from trimperor.monitors import zeromq
 from trimperor.monitors.zeromq import BadMessage, Destroy, Touch, ZmqMonitor, parse_command
 

@@ -47,8 +47,8 @@ from tests.proxy import TcpProxy
 from tests.zk_server import ZkServer, zookeeper_missing
 from trimperor.abc import MonitorOptions
 from trimperor.cli import build_parser, plugin_settings, resolve_sources
-from trimperor.errors import UsageError
-from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors.toolkit import BadVassal
 from trimperor.monitors.zookeeper import (
     ZooAddress,

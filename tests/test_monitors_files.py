@@ -20,8 +20,8 @@ import trio
 
 from tests.helpers import wait_for
 from trimperor.abc import MonitorOptions
-from trimperor.errors import SourceError, UsageError
-from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
+from trimperor.core.errors import SourceError, UsageError
+from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
 from trimperor.monitors import files
 from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
 

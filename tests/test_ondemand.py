@@ -18,15 +18,15 @@ import pytest
 import trio
 
 from tests.helpers import free_port, wait_for
+from trimperor.core.errors import ConfigError
+from trimperor.core.model import Upsert, VassalDocument
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.vassalspec import parse_socket
 from trimperor.emperor import Emperor
-from trimperor.errors import ConfigError
-from trimperor.model import Upsert, VassalDocument
-from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner
 from trimperor.supervisor import Supervisor
 from trimperor.testing import FakeMonitor
-from trimperor.uwsgi import UwsgiOptions
-from trimperor.vassalspec import parse_socket
+from trimperor.vassals.spawner import PosixSpawner
+from trimperor.vassals.uwsgi import UwsgiOptions
 
 SERVER = Path(__file__).with_name("ondemand_server.py")
 APPS = Path(__file__).resolve().parents[1] / "examples" / "apps"

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trimperor.errors import ConfigError
-from trimperor.model import VassalDocument
-from trimperor.placement import Node, Placement, assign, owners, parse_placement, score
-from trimperor.vassalspec import NativeSpec, UwsgiSpec, build_spec
+from trimperor.core.errors import ConfigError
+from trimperor.core.model import VassalDocument
+from trimperor.core.placement import Node, Placement, assign, owners, parse_placement, score
+from trimperor.core.vassalspec import NativeSpec, UwsgiSpec, build_spec
 
 node_names = st.text(alphabet="abcdefgh0123-", min_size=1, max_size=6)
 labels = st.lists(

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trimperor.policy import JITTER, Backoff, BackoffPolicy
+from trimperor.core.policy import JITTER, Backoff, BackoffPolicy
 
 policies = st.builds(
     BackoffPolicy,

@@ -5,9 +5,9 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trimperor.errors import ConfigError
-from trimperor.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
-from trimperor.reconcile import Notice, Registry, Reload, Start, Stop, Unsupported
+from trimperor.core.errors import ConfigError
+from trimperor.core.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
+from trimperor.core.reconcile import Notice, Registry, Reload, Start, Stop, Unsupported
 
 
 def parse(doc: VassalDocument) -> str:

@@ -43,18 +43,18 @@ from tests.helpers import (
     system_user,
     wait_for,
 )
-from trimperor import api
 from trimperor.abc import MonitorOptions
 from trimperor.cli import EscapingFilter, main
-from trimperor.errors import ConfigError, UsageError
-from trimperor.model import SourceEvent, VassalDocument
+from trimperor.control import api
+from trimperor.core.errors import ConfigError, UsageError
+from trimperor.core.model import SourceEvent, VassalDocument
+from trimperor.core.stats import EmperorStats, SourceStats, VassalStats, to_json
+from trimperor.core.vassalspec import build_spec
 from trimperor.monitors import amqp, zeromq
 from trimperor.monitors.amqp import AmqpMonitor
 from trimperor.monitors.files import DirMonitor
 from trimperor.monitors.postgres import BadRow, PostgresMonitor, row_document
 from trimperor.monitors.zeromq import ZmqMonitor
-from trimperor.stats import EmperorStats, SourceStats, VassalStats, to_json
-from trimperor.vassalspec import build_spec
 
 USER = "trimperor-test-src"
 SECRET = "S3CRET-do-not-print"
@@ -350,7 +350,7 @@ def test_a_remote_stats_address_needs_permission(addr: str) -> None:
     api.check_stats_address(addr, allow_remote=True)
     api.check_stats_address("127.0.0.1:9191", allow_remote=False)
     api.check_stats_address("localhost:9191", allow_remote=False)
-    api.check_stats_address("/run/trimperor.stats", allow_remote=False)
+    api.check_stats_address("/run/trimperor.core.stats", allow_remote=False)
 
 
 @pytest.mark.integration

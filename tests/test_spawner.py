@@ -12,9 +12,9 @@ import trio
 
 from tests.helpers import PYTHON, pid_alive, read_pid, wait_for
 from trimperor.abc import LaunchPlan
-from trimperor.errors import SpawnError
-from trimperor.launcher import LauncherSpawner
-from trimperor.spawner import PosixSpawner, resolve_ids
+from trimperor.core.errors import SpawnError
+from trimperor.vassals.launcher import LauncherSpawner
+from trimperor.vassals.spawner import PosixSpawner, resolve_ids
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ async def test_vassal_dies_with_its_parent(tmp_path: Path) -> None:
     code = (
         "import os, sys, trio\n"
         "from trimperor.abc import LaunchPlan\n"
-        "from trimperor.spawner import PosixSpawner\n"
+        "from trimperor.vassals.spawner import PosixSpawner\n"
         "async def main():\n"
         f"    p = await PosixSpawner().spawn(LaunchPlan('v', ({PYTHON!r}, '-c', "
         "'import time; time.sleep(600)'), '/', tuple(os.environ.items()), logto='/dev/null'))\n"
@@ -159,7 +159,7 @@ async def test_runs_as_another_user(tmp_path: Path, spawner: AnySpawner) -> None
 async def test_vassals_keep_the_open_file_limit_the_emperor_was_started_with(
     tmp_path: Path, spawner: AnySpawner
 ) -> None:
-    from trimperor import spawner as spawner_module
+    from trimperor.vassals import spawner as spawner_module
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard <= 1024:

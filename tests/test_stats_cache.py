@@ -3,7 +3,7 @@
 Supervisors hand out the same snapshot while nothing it shows changed, the
 document keeps each vassal's JSON until its snapshot changes, and the emperor
 makes it a slice at a time. Every test here compares that document with one
-made from scratch (fresh snapshots, :func:`trimperor.stats.to_json`) after
+made from scratch (fresh snapshots, :func:`trimperor.core.stats.to_json`) after
 each kind of change.
 """
 
@@ -24,12 +24,10 @@ import trio
 import trio.testing
 
 from tests.helpers import wait_for
-from trimperor import api
-from trimperor.emperor import Emperor
-from trimperor.model import Remove, Upsert, VassalDocument
-from trimperor.policy import BackoffPolicy
-from trimperor.spawner import PosixSpawner
-from trimperor.stats import (
+from trimperor.control import api
+from trimperor.core.model import Remove, Upsert, VassalDocument
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.stats import (
     DocumentCache,
     EmperorStats,
     FleetStats,
@@ -37,7 +35,9 @@ from trimperor.stats import (
     VassalStats,
     to_json,
 )
+from trimperor.emperor import Emperor
 from trimperor.testing import FakeMonitor, FakeSpawner
+from trimperor.vassals.spawner import PosixSpawner
 
 SERVER = Path(__file__).with_name("ondemand_server.py")
 

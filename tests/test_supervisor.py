@@ -10,11 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from trimperor.lifecycle import State
-from trimperor.policy import BackoffPolicy
+from trimperor.core.lifecycle import State
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.vassalspec import NativeSpec
 from trimperor.supervisor import Supervisor
 from trimperor.testing import FakeSpawner
-from trimperor.vassalspec import NativeSpec
 
 POLICY = BackoffPolicy(throttle=1.0, max_throttle=8.0, loyal_after=10.0)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import EmperorProcess, pid_alive, system_user, wait_for, write_atomic
-from trimperor.errors import Refused
-from trimperor.model import VassalDocument
-from trimperor.vassalspec import NativeSpec, UwsgiSpec, tyrant
+from trimperor.core.errors import Refused
+from trimperor.core.model import VassalDocument
+from trimperor.core.vassalspec import NativeSpec, UwsgiSpec, tyrant
 
 USER = "trimperor-test"
 

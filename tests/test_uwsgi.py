@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
+from trimperor.core.model import Remove, Upsert, VassalDocument
 from trimperor.emperor import Emperor
-from trimperor.model import Remove, Upsert, VassalDocument
-from trimperor.spawner import PosixSpawner
 from trimperor.testing import FakeMonitor
-from trimperor.uwsgi import UwsgiOptions
+from trimperor.vassals.spawner import PosixSpawner
+from trimperor.vassals.uwsgi import UwsgiOptions
 
 pytestmark = pytest.mark.integration
 

@@ -17,19 +17,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import read_pid, wait_for
-from trimperor.emperor import Emperor
-from trimperor.model import Upsert, VassalDocument
-from trimperor.spawner import PosixSpawner
-from trimperor.testing import FakeMonitor
-from trimperor.uwsgi import UwsgiOptions, uwsgi_argv, uwsgi_env
-from trimperor.uwsgi_protocol import (
+from trimperor.core.model import Upsert, VassalDocument
+from trimperor.core.uwsgi_protocol import (
     MAX_CONFIG_BYTES,
     config_flag,
     decode_config,
     describe,
     encode_config,
 )
-from trimperor.vassalspec import UwsgiSpec
+from trimperor.core.vassalspec import UwsgiSpec
+from trimperor.emperor import Emperor
+from trimperor.testing import FakeMonitor
+from trimperor.vassals.spawner import PosixSpawner
+from trimperor.vassals.uwsgi import UwsgiOptions, uwsgi_argv, uwsgi_env
 
 FAKE = Path(__file__).with_name("fake_uwsgi.py")
 

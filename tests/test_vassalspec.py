@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trimperor.errors import ConfigError
-from trimperor.model import VassalDocument
-from trimperor.vassalspec import (
+from trimperor.core.errors import ConfigError
+from trimperor.core.model import VassalDocument
+from trimperor.core.vassalspec import (
     MagicContext,
     NativeSpec,
     UwsgiSpec,

@@ -1,7 +1,7 @@
 """Contracts between the layers: what a monitor and a spawner look like.
 
 Typing only; implementations live in :mod:`trimperor.monitors` and
-:mod:`trimperor.spawner` (and fakes in :mod:`trimperor.testing`).
+:mod:`trimperor.vassals.spawner` (and fakes in :mod:`trimperor.testing`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import trio
 
-    from trimperor.model import SourceEvent
-    from trimperor.stats import SourceStats
+    from trimperor.core.model import SourceEvent
+    from trimperor.core.stats import SourceStats
 
 __all__ = [
     "LaunchPlan",
@@ -55,13 +55,13 @@ class SourceHealth(Protocol):
 
 
 class Monitor(Protocol):
-    """Turns one source into :data:`~trimperor.model.SourceEvent` values.
+    """Turns one source into :data:`~trimperor.core.model.SourceEvent` values.
 
     ``run`` validates the source first and raises
-    :class:`~trimperor.errors.SourceError` if it cannot be used at all (an
+    :class:`~trimperor.core.errors.SourceError` if it cannot be used at all (an
     unreadable directory at start); once it calls ``task_status.started()`` it
     must never raise for a problem of the outside world: it logs, sends a
-    :class:`~trimperor.model.SourceProblem` and retries.
+    :class:`~trimperor.core.model.SourceProblem` and retries.
     """
 
     uri: str
@@ -138,4 +138,4 @@ class Process(Protocol):
 
 class Spawner(Protocol):
     async def spawn(self, plan: LaunchPlan) -> Process:
-        """Start the process. Raises :class:`~trimperor.errors.SpawnError`."""
+        """Start the process. Raises :class:`~trimperor.core.errors.SpawnError`."""

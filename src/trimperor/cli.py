@@ -23,20 +23,20 @@ import trio
 
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorOptions
-from trimperor.api import check_stats_address
-from trimperor.configfile import parse
-from trimperor.control import ControlOptions
+from trimperor.control.api import check_stats_address
+from trimperor.control.hub import ControlOptions
+from trimperor.core.configfile import parse
+from trimperor.core.errors import MissingExtraError, SourceError, TrimperorError, UsageError
+from trimperor.core.policy import BackoffPolicy
 from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
-from trimperor.errors import MissingExtraError, SourceError, TrimperorError, UsageError
-from trimperor.launcher import LauncherSpawner
 from trimperor.monitors.toolkit import load_factory
-from trimperor.policy import BackoffPolicy
-from trimperor.spawner import become_subreaper, raise_fd_limit
-from trimperor.uwsgi import UwsgiOptions, default_binary
+from trimperor.vassals.launcher import LauncherSpawner
+from trimperor.vassals.spawner import become_subreaper, raise_fd_limit
+from trimperor.vassals.uwsgi import UwsgiOptions, default_binary
 
 if TYPE_CHECKING:
-    from trimperor.fleet import Fleet
+    from trimperor.fleet.member import Fleet
 
 __all__ = ["build_parser", "main", "plugin_settings", "resolve_sources"]
 
@@ -785,7 +785,7 @@ def _fleet(args: argparse.Namespace) -> Fleet | None:
             raise UsageError("--node and --node-label need --cluster")
         return None
     try:
-        from trimperor.fleet import Fleet, parse_label
+        from trimperor.fleet.member import Fleet, parse_label
     except ImportError as exc:
         raise MissingExtraError("etcd", "etcd", exc.name or "h11") from None
     labels = dict(parse_label(text) for text in args.node_label)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from trimperor.errors import TrimperorError, UsageError
+from trimperor.core.errors import TrimperorError, UsageError
 
 __all__ = ["CtlClient", "build_parser", "connect", "default_control_path", "main", "read_token"]
 
@@ -49,7 +49,7 @@ class CtlClient:
 
     ``trimperor ctl`` runs once and exits: a few dozen lines over a plain
     socket start faster than any WebSocket library (see
-    :func:`trimperor.control.connect` for the trio client).
+    :func:`trimperor.control.hub.connect` for the trio client).
     """
 
     def __init__(self, sock: socket.socket, host: str, headers: list[tuple[bytes, bytes]]):

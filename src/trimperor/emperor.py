@@ -25,26 +25,26 @@ import trio
 
 from trimperor import __version__
 from trimperor.abc import Monitor, Spawner
-from trimperor.api import serve_stats
-from trimperor.armory import Armory
-from trimperor.control import ControlHub, ControlOptions, ControlRequest, held_stats
-from trimperor.errors import ConfigError, Refused, SpawnError
-from trimperor.health import Oversight
-from trimperor.model import SourceEvent, VassalDocument, describe_version
-from trimperor.notify import Notifier, NotifyHub
-from trimperor.policy import BackoffPolicy
-from trimperor.reconcile import Action, Notice, Registry, Reload, Start, Stop
-from trimperor.sockets import ConnectionTable
-from trimperor.spawner import resolve_ids
-from trimperor.stats import DocumentCache, EmperorStats, SourceStats, VassalStats, assemble
+from trimperor.control.api import serve_stats
+from trimperor.control.health import Oversight
+from trimperor.control.hub import ControlHub, ControlOptions, ControlRequest, held_stats
+from trimperor.control.surfaces import serve_surfaces
+from trimperor.control.vassallogs import LogFiles
+from trimperor.core.errors import ConfigError, Refused, SpawnError
+from trimperor.core.model import SourceEvent, VassalDocument, describe_version
+from trimperor.core.policy import BackoffPolicy
+from trimperor.core.reconcile import Action, Notice, Registry, Reload, Start, Stop
+from trimperor.core.stats import DocumentCache, EmperorStats, SourceStats, VassalStats, assemble
+from trimperor.core.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
 from trimperor.supervisor import Supervisor
-from trimperor.surfaces import serve_surfaces
-from trimperor.uwsgi import UwsgiOptions
-from trimperor.vassallogs import LogFiles
-from trimperor.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
+from trimperor.vassals.armory import Armory
+from trimperor.vassals.notify import Notifier, NotifyHub
+from trimperor.vassals.sockets import ConnectionTable
+from trimperor.vassals.spawner import resolve_ids
+from trimperor.vassals.uwsgi import UwsgiOptions
 
 if TYPE_CHECKING:
-    from trimperor.fleet import Fleet
+    from trimperor.fleet.member import Fleet
 
 __all__ = ["Emperor"]
 

@@ -1,4 +1,4 @@
-"""One vassal supervisor: the trio driver of a :class:`~trimperor.machine.VassalMachine`.
+"""One vassal supervisor: the trio driver of a :class:`~trimperor.core.machine.VassalMachine`.
 
 Every decision about the vassal (its state, backoff, counters, the spec its
 process runs, how that process is stopped) is the machine's. The supervisor
@@ -26,10 +26,9 @@ from typing import Any
 import trio
 
 from trimperor.abc import LaunchPlan, Process, Spawner
-from trimperor.armory import Armory
-from trimperor.errors import SpawnError
-from trimperor.lifecycle import State
-from trimperor.machine import (
+from trimperor.core.errors import SpawnError
+from trimperor.core.lifecycle import State
+from trimperor.core.machine import (
     Arm,
     Begin,
     BindFailed,
@@ -62,13 +61,14 @@ from trimperor.machine import (
     VassalMachine,
     Wake,
 )
-from trimperor.notify import NotifyHub
-from trimperor.policy import Backoff, BackoffPolicy
-from trimperor.sockets import ConnectionTable, HeldSocket, bind
-from trimperor.stats import VassalStats
-from trimperor.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
-from trimperor.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
-from trimperor.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
+from trimperor.core.policy import Backoff, BackoffPolicy
+from trimperor.core.stats import VassalStats
+from trimperor.core.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
+from trimperor.core.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
+from trimperor.vassals.armory import Armory
+from trimperor.vassals.notify import NotifyHub
+from trimperor.vassals.sockets import ConnectionTable, HeldSocket, bind
+from trimperor.vassals.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
 
 __all__ = ["Supervisor", "native_plan"]
 

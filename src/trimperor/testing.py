@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import trio
 
 from trimperor.abc import LaunchPlan, MonitorOptions
-from trimperor.errors import SpawnError
-from trimperor.model import SourceEvent
+from trimperor.core.errors import SpawnError
+from trimperor.core.model import SourceEvent
 from trimperor.monitors.toolkit import WatchingStatus
 
 __all__ = ["FakeMonitor", "FakeProcess", "FakeSpawner"]

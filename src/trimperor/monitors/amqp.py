@@ -68,8 +68,8 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     SourceStatus,

@@ -7,9 +7,9 @@ is the configuration itself, or a JSON envelope ``{"config": "...", "socket":
 other keys than those four; ``socket`` makes the vassal on demand). The
 version of a vassal is the key's ``mod_revision``.
 
-The monitor lists the prefix (a :class:`~trimperor.model.Snapshot`), then
+The monitor lists the prefix (a :class:`~trimperor.core.model.Snapshot`), then
 watches it from the next revision: a put is an
-:class:`~trimperor.model.Upsert`, a delete a :class:`~trimperor.model.Remove`.
+:class:`~trimperor.core.model.Upsert`, a delete a :class:`~trimperor.core.model.Remove`.
 After a lost connection it watches again from the last revision it applied,
 so that nothing made meanwhile is missed; if etcd has compacted that revision
 away, it lists again (a new snapshot). An unreachable cluster stops nothing:
@@ -34,8 +34,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     BadVassal,
@@ -48,7 +48,7 @@ from trimperor.monitors.toolkit import (
 )
 
 with kit.driver_imports(__name__):
-    from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
+    from trimperor.fleet.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
 
 __all__ = ["EtcdMonitor", "kv_document", "parse_etcd_uri"]
 

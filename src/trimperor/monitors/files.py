@@ -3,14 +3,14 @@
 Both monitors work the same way; they differ only in how they list candidates:
 
 * :class:`DirMonitor` takes every regular file directly inside one directory
-  whose name is a configuration name (:func:`~trimperor.model.is_valid_name`);
+  whose name is a configuration name (:func:`~trimperor.core.model.is_valid_name`);
   the vassal name is the bare file name.
 * :class:`GlobMonitor` takes every regular file matched by a shell pattern
   (:func:`glob.glob`, relative patterns against the current directory at scan
   time); the vassal name is the path as matched.
 
 A monitor runs two tasks. The *scanner* lists the candidates, stats them, reads
-the ones whose version changed, and sends a :class:`~trimperor.model.Snapshot`
+the ones whose version changed, and sends a :class:`~trimperor.core.model.Snapshot`
 when the result differs from the last one it sent. The *watcher* follows the
 file system with inotify (:func:`watchfiles.awatch`) and pokes the scanner
 when something relevant happens; the scanner also rescans every ``freq``
@@ -20,7 +20,7 @@ an unchanged file is not read again (texts are cached by version), so a
 rescan costs one ``stat`` per candidate.
 
 A directory that disappears counts as empty (its vassals stop) until it comes
-back; any other failure to scan sends a :class:`~trimperor.model.SourceProblem`
+back; any other failure to scan sends a :class:`~trimperor.core.model.SourceProblem`
 and keeps the last snapshot. Scans and inotify waits run in worker threads.
 
 A document's version is ``mtime_ns:inode:size:uid:gid``: a ``touch`` within the same
@@ -60,8 +60,8 @@ import trio
 from watchfiles import Change, awatch
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import SourceError, UsageError
-from trimperor.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
+from trimperor.core.errors import SourceError, UsageError
+from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     WatchingStatus,
@@ -523,7 +523,7 @@ class _FileMonitor:
         """Send a snapshot now and whenever the files change; closes *send* on return.
 
         A directory that cannot be listed at start raises
-        :class:`~trimperor.errors.SourceError` before ``task_status.started()``.
+        :class:`~trimperor.core.errors.SourceError` before ``task_status.started()``.
         """
         async with send:
             scanner = _Scanner(self, send)

@@ -26,8 +26,8 @@ read from the file at every connect and never logged), or ``x-sasl=EXTERNAL``
 
 Changes are followed with RFC 4533 content synchronization (syncrepl,
 ``refreshAndPersist``), which OpenLDAP's syncprov overlay provides. A full
-:class:`~trimperor.model.Snapshot` goes out after every refresh, an
-:class:`~trimperor.model.Upsert` or :class:`~trimperor.model.Remove` per
+:class:`~trimperor.core.model.Snapshot` goes out after every refresh, an
+:class:`~trimperor.core.model.Upsert` or :class:`~trimperor.core.model.Remove` per
 change after it. The sync cookie is kept, so a reconnect only transfers what
 changed meanwhile. A server without syncrepl is polled every ``freq`` seconds
 instead (the log says so): each poll reads the base's ``contextCSN`` and
@@ -57,8 +57,8 @@ from typing import Any
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Remove, Snapshot, SourceEvent, Upsert, VassalDocument
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     RETRY_MAX,

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Snapshot, SourceEvent, VassalDocument, remote_name_problem
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Snapshot, SourceEvent, VassalDocument, remote_name_problem
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     BadVassal,

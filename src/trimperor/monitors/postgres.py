@@ -14,7 +14,7 @@ its ts.
 The monitor keeps one connection (autocommit) and runs the query every
 ``freq`` seconds; with ``LISTEN``, also at once whenever a notification arrives
 on the channel (several notifications that arrive together cause one query).
-Every successful query sends a full :class:`~trimperor.model.Snapshot`. A
+Every successful query sends a full :class:`~trimperor.core.model.Snapshot`. A
 query that fails (connection lost, SQL error) sends nothing that could stop a
 vassal: the monitor logs, reports the problem once per outage, backs off and
 reconnects; its next successful query carries the removals made meanwhile.
@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import Snapshot, SourceEvent, VassalDocument
+from trimperor.core.errors import UsageError
+from trimperor.core.model import Snapshot, SourceEvent, VassalDocument
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     BadVassal,

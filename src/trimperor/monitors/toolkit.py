@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import BadVassal, MissingExtraError, TooLarge, UsageError
-from trimperor.model import SourceEvent, SourceProblem, VassalDocument, remote_name_problem
-from trimperor.stats import SourceStats
+from trimperor.core.errors import BadVassal, MissingExtraError, TooLarge, UsageError
+from trimperor.core.model import SourceEvent, SourceProblem, VassalDocument, remote_name_problem
+from trimperor.core.stats import SourceStats
 
 if TYPE_CHECKING:
     from trimperor.abc import MonitorFactory
@@ -124,7 +124,7 @@ def declared_extra(module: str) -> tuple[str, str]:
 @contextmanager
 def driver_imports(module: str) -> Iterator[None]:
     """Around a monitor's imports of its driver: a missing one raises
-    :class:`~trimperor.errors.MissingExtraError` naming the declared extra."""
+    :class:`~trimperor.core.errors.MissingExtraError` naming the declared extra."""
     try:
         yield
     except ImportError as exc:
@@ -136,7 +136,7 @@ def load_factory(scheme: str, target: str) -> MonitorFactory:
     """The monitor class an entry point names (``module:attr [extra]``).
 
     A driver that is not installed raises
-    :class:`~trimperor.errors.MissingExtraError` naming the extra the entry
+    :class:`~trimperor.core.errors.MissingExtraError` naming the extra the entry
     point declares (else the scheme).
     """
     ep = EntryPoint(scheme, target, GROUP)
@@ -272,7 +272,7 @@ class SourceStatus:
         """Record a failure and sleep until the next attempt.
 
         With *report*, a failure that begins an outage is also sent there, once,
-        as a :class:`~trimperor.model.SourceProblem`.
+        as a :class:`~trimperor.core.model.SourceProblem`.
         """
         new_outage = self.state != "retrying"
         delay = self.failed(error)
@@ -520,7 +520,7 @@ def read_regular(
 def read_file(path: str, limit: int) -> bytes | None:
     """The contents of the regular file at *path*, None if there is none; blocking.
 
-    Raises :class:`~trimperor.errors.TooLarge` past *limit* bytes, OSError if it
+    Raises :class:`~trimperor.core.errors.TooLarge` past *limit* bytes, OSError if it
     cannot be read.
     """
     try:

@@ -50,9 +50,9 @@ from typing import cast
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.api import is_loopback
-from trimperor.errors import BadMessage, SourceError, UsageError
-from trimperor.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
+from trimperor.control.api import is_loopback
+from trimperor.core.errors import BadMessage, SourceError, UsageError
+from trimperor.core.model import Remove, SourceEvent, Upsert, VassalDocument, remote_name_problem
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     RateLimitedWarnings,
@@ -118,7 +118,7 @@ def _id(part: str | None, what: str) -> int | None:
 def parse_command(frames: list[bytes]) -> Touch | Destroy:
     """The command one multipart message holds; raises :class:`BadMessage`.
 
-    Names are not validated here (see :func:`~trimperor.model.remote_name_problem`).
+    Names are not validated here (see :func:`~trimperor.core.model.remote_name_problem`).
     """
     if not 2 <= len(frames) <= 6:
         raise BadMessage(f"{len(frames)} parts (a command has 2 to 6)")
@@ -228,7 +228,7 @@ class ZmqMonitor:
         """Bind, then handle commands until cancelled; closes *send*.
 
         An endpoint that cannot be bound raises
-        :class:`~trimperor.errors.SourceError` before ``task_status.started()``.
+        :class:`~trimperor.core.errors.SourceError` before ``task_status.started()``.
         """
         async with send:
             context = zmq.Context()

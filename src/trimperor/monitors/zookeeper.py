@@ -27,8 +27,8 @@ sent by its connection thread; their completions wake the task the same way.
 The task reads one change at a time. After every (re)connection (kazoo forgets its
 watches on every disconnection, and a new session has none) the monitor lists
 and reads everything again, setting every watch again, and sends a full
-:class:`~trimperor.model.Snapshot`; between, each change is read alone and
-sent as an :class:`~trimperor.model.Upsert` or :class:`~trimperor.model.Remove`.
+:class:`~trimperor.core.model.Snapshot`; between, each change is read alone and
+sent as an :class:`~trimperor.core.model.Upsert` or :class:`~trimperor.core.model.Remove`.
 
 A lost connection, a partition, an expired session or a stopped ensemble
 sends nothing that could stop a vassal: the monitor reports the problem once,
@@ -59,8 +59,8 @@ from urllib.parse import parse_qs, unquote
 import trio
 
 from trimperor.abc import MonitorOptions
-from trimperor.errors import UsageError
-from trimperor.model import (
+from trimperor.core.errors import UsageError
+from trimperor.core.model import (
     Remove,
     Snapshot,
     SourceEvent,
@@ -69,6 +69,7 @@ from trimperor.model import (
     VassalDocument,
     remote_name_problem,
 )
+from trimperor.core.stats import SourceStats
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.toolkit import (
     BadVassal,
@@ -80,7 +81,6 @@ from trimperor.monitors.toolkit import (
     short,
     unix_time,
 )
-from trimperor.stats import SourceStats
 
 with kit.driver_imports(__name__):
     from kazoo.client import KazooClient, KazooState

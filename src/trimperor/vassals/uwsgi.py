@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import trio
 
 from trimperor.abc import LaunchPlan
-from trimperor.errors import SpawnError
-from trimperor.uwsgi_protocol import ToVassal, config_flag, encode_config
-from trimperor.vassalspec import UwsgiSpec
+from trimperor.core.errors import SpawnError
+from trimperor.core.uwsgi_protocol import ToVassal, config_flag, encode_config
+from trimperor.core.vassalspec import UwsgiSpec
 
 __all__ = [
     "UwsgiChannel",

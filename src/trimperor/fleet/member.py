@@ -3,7 +3,7 @@
 Each emperor of a fleet is a *node*. It keeps a lease (TTL ``--node-ttl``) on
 ``PREFIX/nodes/NAME`` (value: ``{"labels": {...}}``), renews it every quarter
 of the TTL, and watches ``PREFIX/nodes/`` for the other members. Where each
-vassal runs is :func:`trimperor.placement.owners` of the live nodes: every node
+vassal runs is :func:`trimperor.core.placement.owners` of the live nodes: every node
 computes the same answer, there is no leader.
 
 **At most one copy of a ``placement = 1`` vassal.** Owning it by the hash is
@@ -42,11 +42,11 @@ from functools import partial
 
 import trio
 
-from trimperor.errors import UsageError
-from trimperor.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
+from trimperor.core.errors import UsageError
+from trimperor.core.placement import Node, Placement, owners
+from trimperor.core.stats import FleetStats
+from trimperor.fleet.etcd import Cursor, EtcdClient, EtcdError, KeyValue, WatchEvent, follow
 from trimperor.monitors.etcd import parse_etcd_uri
-from trimperor.placement import Node, Placement, owners
-from trimperor.stats import FleetStats
 
 __all__ = ["Fleet", "parse_label"]
 

@@ -12,7 +12,7 @@ While more than :data:`FRESH_CLIENTS` clients are being served, a document
 made less than :data:`MAX_AGE` seconds ago is handed out again rather than
 made anew, so a crowd of clients costs one document per ``MAX_AGE``. Clients
 that ask while a document is being made share it. Each vassal's JSON is kept
-until its snapshot changes (:class:`~trimperor.stats.DocumentCache`).
+until its snapshot changes (:class:`~trimperor.core.stats.DocumentCache`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from trimperor.errors import UsageError
-from trimperor.stats import DocumentCache, EmperorStats
+from trimperor.core.errors import UsageError
+from trimperor.core.stats import DocumentCache, EmperorStats
 
 __all__ = ["check_stats_address", "is_loopback", "parse_address", "serve_stats"]
 

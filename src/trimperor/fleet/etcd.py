@@ -32,12 +32,12 @@ from typing import Any
 
 import trio
 
-from trimperor.errors import SourceError
+from trimperor.core.errors import SourceError
 
 try:
     import h11
 except ImportError as exc:  # pragma: no cover - depends on the installation
-    from trimperor.errors import MissingExtraError
+    from trimperor.core.errors import MissingExtraError
 
     raise MissingExtraError("etcd", "etcd", exc.name or "h11") from None
 

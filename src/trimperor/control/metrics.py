@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from trimperor.errors import UsageError
-from trimperor.stats import EmperorStats
+from trimperor.core.errors import UsageError
+from trimperor.core.stats import EmperorStats
 
 try:
     from prometheus_client import CollectorRegistry, generate_latest
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from trimperor.control import ControlHub
+    from trimperor.control.hub import ControlHub
 
 __all__ = ["STATES", "EmperorCollector", "serve_metrics"]
 
@@ -158,8 +158,8 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    from trimperor.api import parse_address
-    from trimperor.surfaces import _read_head, _respond, _tcp_listener
+    from trimperor.control.api import parse_address
+    from trimperor.control.surfaces import _read_head, _respond, _tcp_listener
 
     where = parse_address(f"127.0.0.1:{addr}" if addr.isdigit() else addr)
     if not isinstance(where, tuple):

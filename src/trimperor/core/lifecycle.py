@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from trimperor.errors import InternalError
+from trimperor.core.errors import InternalError
 
 __all__ = ["TABLE", "Act", "Ev", "InvalidTransition", "State", "Transition", "mermaid", "step"]
 

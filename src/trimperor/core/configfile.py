@@ -19,7 +19,7 @@ value; a section named twice is one section.
   ``""``, booleans are ``"true"``/``"false"``, and numbers keep their source
   text (``0660`` stays ``"0660"``). Repeated keys accumulate, as in INI.
 
-Every :class:`~trimperor.errors.ConfigError` message starts with the file name
+Every :class:`~trimperor.core.errors.ConfigError` message starts with the file name
 and, where known, the 1-based line and column: ``"app.ini:7: ..."``.
 """
 
@@ -38,7 +38,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
-from trimperor.errors import ConfigError
+from trimperor.core.errors import ConfigError
 
 __all__ = [
     "Format",

@@ -31,7 +31,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from trimperor.control import (
+from trimperor.control.hub import (
     COMMANDS,
     HEAD_TIMEOUT,
     MAX_HEAD,
@@ -44,8 +44,8 @@ from trimperor.control import (
     _Client,
     status_rows,
 )
-from trimperor.errors import UsageError
-from trimperor.stats import EmperorStats
+from trimperor.core.errors import UsageError
+from trimperor.core.stats import EmperorStats
 
 __all__ = ["ControlServer", "serve_surfaces"]
 
@@ -126,7 +126,7 @@ def _static(path: str) -> tuple[bytes, str] | None:
     if entry is None:
         return None
     name, ctype = entry
-    return resources.files("trimperor").joinpath("dashboard", name).read_bytes(), ctype
+    return resources.files("trimperor.control").joinpath("dashboard", name).read_bytes(), ctype
 
 
 async def _respond(
@@ -361,7 +361,7 @@ def _signal(value: object) -> int:
 
 
 def _parse(addr: str) -> tuple[str, int] | str:
-    from trimperor.api import parse_address
+    from trimperor.control.api import parse_address
 
     return parse_address(addr)
 
@@ -503,7 +503,7 @@ async def serve_surfaces(
                 log.info("control.listening surface=%s addr=%s", surface.kind, surface.shown)
                 nursery.start_soon(trio.serve_listeners, _bind_handler(server, surface), [listener])
             if options.metrics is not None:
-                from trimperor.metrics import serve_metrics
+                from trimperor.control.metrics import serve_metrics
 
                 hub.listeners["metrics"] = await nursery.start(
                     serve_metrics, options.metrics, snapshot, hub

@@ -30,8 +30,8 @@ import subprocess
 import trio
 
 from trimperor.abc import LaunchPlan
-from trimperor.asuser import LIBC, Credentials, run_as
-from trimperor.errors import SpawnError
+from trimperor.core.errors import SpawnError
+from trimperor.vassals.asuser import LIBC, Credentials, run_as
 
 __all__ = [
     "PosixProcess",
@@ -76,7 +76,7 @@ def become_subreaper() -> bool:
     """Make this process the child subreaper of its descendants; True if it is now.
 
     Orphans then come to it instead of to init, so that it can kill and reap
-    what a dead launcher left (see :mod:`trimperor.launcher`).
+    what a dead launcher left (see :mod:`trimperor.vassals.launcher`).
     """
     if _libc is None:
         return False

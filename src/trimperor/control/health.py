@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import trio
 
 from trimperor.abc import LaunchPlan, Spawner
-from trimperor.errors import SpawnError
-from trimperor.stats import VassalStats
-from trimperor.vassalspec import NativeSpec
+from trimperor.core.errors import SpawnError
+from trimperor.core.stats import VassalStats
+from trimperor.core.vassalspec import NativeSpec
 
 __all__ = ["HealthWatch", "Oversight", "check_http", "run_command"]
 

@@ -15,11 +15,11 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from trimperor.configfile import Options, Section, parse
-from trimperor.errors import ConfigError, Refused
-from trimperor.model import VassalDocument
-from trimperor.placement import FLEET_KEYS, Placement, parse_placement
-from trimperor.uwsgi_protocol import MAX_CONFIG_BYTES
+from trimperor.core.configfile import Options, Section, parse
+from trimperor.core.errors import ConfigError, Refused
+from trimperor.core.model import VassalDocument
+from trimperor.core.placement import FLEET_KEYS, Placement, parse_placement
+from trimperor.core.uwsgi_protocol import MAX_CONFIG_BYTES
 
 __all__ = [
     "NATIVE_KEYS",

@@ -23,7 +23,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from trimperor.errors import ConfigError
+from trimperor.core.errors import ConfigError
 
 __all__ = [
     "FLEET_KEYS",

@@ -9,7 +9,7 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, fields
 
-from trimperor.model import describe_version
+from trimperor.core.model import describe_version
 
 __all__ = [
     "DocumentCache",

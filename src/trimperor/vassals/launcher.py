@@ -34,8 +34,8 @@ from typing import Any
 import trio
 
 from trimperor.abc import LaunchPlan
-from trimperor.errors import SpawnError
-from trimperor.spawner import _open_log, resolve_ids, vassal_nofile
+from trimperor.core.errors import SpawnError
+from trimperor.vassals.spawner import _open_log, resolve_ids, vassal_nofile
 
 __all__ = ["TAG", "LauncherProcess", "LauncherSpawner"]
 

@@ -1,6 +1,6 @@
 """The emperor's bookkeeping as a sans-io state machine.
 
-:class:`Registry` receives :data:`~trimperor.model.SourceEvent` values and
+:class:`Registry` receives :data:`~trimperor.core.model.SourceEvent` values and
 answers with the :data:`Action` values the emperor must carry out. It decides
 who owns a name (the first source that offers it), whether a document changed
 (its version), whether it parses, and whether the running vassal is started,
@@ -14,8 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from trimperor.errors import ConfigError, Refused
-from trimperor.model import Remove, Snapshot, SourceEvent, SourceProblem, Upsert, VassalDocument
+from trimperor.core.errors import ConfigError, Refused
+from trimperor.core.model import (
+    Remove,
+    Snapshot,
+    SourceEvent,
+    SourceProblem,
+    Upsert,
+    VassalDocument,
+)
 
 __all__ = ["Action", "Notice", "Registry", "Reload", "Start", "Stop", "Unsupported"]
 
@@ -76,7 +83,7 @@ class Registry(Generic[S]):
     """Desired state: name -> owning source and the configuration to run.
 
     *parse* turns a document into a spec, raising
-    :class:`~trimperor.errors.ConfigError` for a broken one and
+    :class:`~trimperor.core.errors.ConfigError` for a broken one and
     :class:`Unsupported` for one this build cannot run.
     """
 

@@ -14,7 +14,7 @@ requests that change something enter the emperor as inbox events and the
 emperor, the only decision point, answers them.
 
 The listeners (control socket, dashboard, metrics) are in
-:mod:`trimperor.surfaces`.
+:mod:`trimperor.control.surfaces`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from trimperor.api import parse_address
-from trimperor.errors import TrimperorError
-from trimperor.stats import EmperorStats, VassalStats
-from trimperor.vassallogs import LogFiles
+from trimperor.control.api import parse_address
+from trimperor.control.vassallogs import LogFiles
+from trimperor.core.errors import TrimperorError
+from trimperor.core.stats import EmperorStats, VassalStats
 
 __all__ = [
     "COMMANDS",

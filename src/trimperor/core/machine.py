@@ -1,10 +1,10 @@
 """One vassal as a sans-io state machine: events and ``now`` in, commands out.
 
 :class:`VassalMachine` is the vassal's whole bookkeeping: its lifecycle state
-(every change goes through :func:`trimperor.lifecycle.step`), its backoff, its
+(every change goes through :func:`trimperor.core.lifecycle.step`), its backoff, its
 counters, the spec it should run (*desired*) and the spec its live process was
 started with (*running*, with the stop settings taken from it). It does no I/O
-and reads no clock, in the manner of :class:`trimperor.reconcile.Registry`: a
+and reads no clock, in the manner of :class:`trimperor.core.reconcile.Registry`: a
 driver (the trio :class:`~trimperor.supervisor.Supervisor`, or a test) carries
 out the :data:`Command` values it returns and feeds back what happened.
 
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from trimperor.lifecycle import Act, Ev, State, step
-from trimperor.policy import Backoff, BackoffPolicy
-from trimperor.uwsgi_protocol import EXILE_CODE, ToVassal
-from trimperor.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
+from trimperor.core.lifecycle import Act, Ev, State, step
+from trimperor.core.policy import Backoff, BackoffPolicy
+from trimperor.core.uwsgi_protocol import EXILE_CODE, ToVassal
+from trimperor.core.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
 
 __all__ = [
     "SIGKILL",

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import trio
 
-from trimperor.errors import SpawnError
+from trimperor.core.errors import SpawnError
 
 __all__ = ["LIBC", "Credentials", "call_as", "run_as"]
 

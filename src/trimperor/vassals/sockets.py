@@ -28,10 +28,10 @@ import threading
 
 import trio
 
-from trimperor.asuser import LIBC, Credentials, call_as
-from trimperor.errors import SpawnError
-from trimperor.spawner import resolve_ids
-from trimperor.vassalspec import SocketSpec
+from trimperor.core.errors import SpawnError
+from trimperor.core.vassalspec import SocketSpec
+from trimperor.vassals.asuser import LIBC, Credentials, call_as
+from trimperor.vassals.spawner import resolve_ids
 
 __all__ = ["ARRIVAL_SIGNAL", "Arrivals", "ConnectionTable", "HeldSocket", "bind"]
 
