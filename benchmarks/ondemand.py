@@ -79,8 +79,11 @@ from typing import Any
 
 from benchlib import (
     CLK_TCK,
+    DEFAULT_RUN,
     Emperor,
     Janitor,
+    RunOptions,
+    add_run_options,
     cpu_ticks,
     epoll_fds,
     epoll_watches,
@@ -89,9 +92,10 @@ from benchlib import (
     keep_log,
     open_fds,
     percentile,
+    print_log_notes,
     query_stats,
     ratio,
-    sigterm_as_interrupt,
+    run_main,
     spawn_in_session,
     status_field,
     status_field_kib,
@@ -332,9 +336,7 @@ def _wake_native(
     result: WakeResult,
     rounds: int,
     rng: random.Random,
-    trimperor_args: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> None:
     base = janitor.tempdir("trimperor-wake-")
     vassals, socks = base / "vassals", base / "socks"
@@ -345,7 +347,7 @@ def _wake_native(
     (vassals / "exit0.ini").write_text(native_vassal(server, socks, once=True))
     (vassals / "idle.ini").write_text(native_vassal(server, socks, once=False, idle=0.2))
     stats = base / "stats.sock"
-    extra = ["--stats", str(stats), "--log-level", "warning", *trimperor_args]
+    extra = ["--stats", str(stats), "--log-level", "warning", *run.trimperor_args]
     result.command_native = " ".join(["python -m trimperor DIR", *extra]).replace(
         str(stats), "STATS"
     )
@@ -361,7 +363,7 @@ def _wake_native(
     try:
         for name in ("exit0.ini", "idle.ini"):
             _wait_armed(emperor, stats, name)
-        progress(f"wake: one-line server, {rounds} rounds (own, exit 0, idle)")
+        run.progress(f"wake: one-line server, {rounds} rounds (own, exit 0, idle)")
         pids: list[int] = []
 
         def spawn_own() -> None:
@@ -384,13 +386,11 @@ def _wake_native(
                 series.measure(warmup, socks / f"{name}.sock", b"", _native_ok)
                 _wait_armed(emperor, stats, f"{name}.ini")
             if not warmup and (i % 10 == 0 or i == rounds):
-                progress(f"  {i}/{rounds} rounds")
+                run.progress(f"  {i}/{rounds} rounds")
     finally:
         listener.close()
         result.log_notes += _log_notes(emperor, TRIMPEROR_WORDS)
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "wake")
-        janitor.remove_dir(base)
+        janitor.finish(emperor, base, run.keep_logs, "wake")
 
 
 def _wake_uwsgi(
@@ -399,9 +399,7 @@ def _wake_uwsgi(
     uwsgi: str,
     rounds: int,
     rng: random.Random,
-    trimperor_args: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> None:
     base = janitor.tempdir("uwsgi-wake-")
     vassals, u_socks, t_socks = base / "vassals", base / "uwsgi-socks", base / "trimperor-socks"
@@ -435,7 +433,7 @@ def _wake_uwsgi(
             str(stats),
             "--log-level",
             "warning",
-            *trimperor_args,
+            *run.trimperor_args,
         ),
         base / "trimperor.log",
         base,
@@ -446,7 +444,7 @@ def _wake_uwsgi(
             theirs.check_alive()
             raise RuntimeError(f"uwsgi --emperor did not bind {u_sock} within 30 s")
         _wait_armed(ours, stats, "app.ini")
-        progress(f"wake: uWSGI vassal, {rounds} rounds (own, uwsgi --emperor, trimperor)")
+        run.progress(f"wake: uWSGI vassal, {rounds} rounds (own, uwsgi --emperor, trimperor)")
         pids: list[int] = []
 
         def spawn_own() -> None:
@@ -471,7 +469,7 @@ def _wake_uwsgi(
             _wait_armed(ours, stats, "app.ini")
             _wait_childless(ours, 0.2)
             if not warmup and (i % 5 == 0 or i == rounds):
-                progress(f"  {i}/{rounds} rounds")
+                run.progress(f"  {i}/{rounds} rounds")
         result.uwsgi_measured = True
     finally:
         listener.close()
@@ -479,7 +477,7 @@ def _wake_uwsgi(
         result.log_notes += _log_notes(theirs, UWSGI_WORDS)
         for emperor in (ours, theirs):
             janitor.stop_emperor(emperor)
-            keep_log(emperor, keep_logs, "wake-uwsgi-vassal")
+            keep_log(emperor, run.keep_logs, "wake-uwsgi-vassal")
         janitor.remove_dir(base)
 
 
@@ -487,22 +485,18 @@ def measure_wake(
     janitor: Janitor,
     rounds: int = 30,
     uwsgi_rounds: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> WakeResult:
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     result = WakeResult(rounds=rounds, uwsgi_rounds=uwsgi_rounds)
-    _wake_native(janitor, result, rounds, rng, trimperor_args, progress, keep_logs)
+    _wake_native(janitor, result, rounds, rng, run)
     uwsgi = uwsgi_binary()
-    if skip_uwsgi or uwsgi_rounds <= 0:
+    if run.skip_uwsgi or uwsgi_rounds <= 0:
         result.uwsgi_skipped = "skipped on request"
     elif uwsgi is None:
         result.uwsgi_skipped = "uwsgi is not installed"
     else:
-        _wake_uwsgi(janitor, result, uwsgi, uwsgi_rounds, rng, trimperor_args, progress, keep_logs)
+        _wake_uwsgi(janitor, result, uwsgi, uwsgi_rounds, rng, run)
     return result
 
 
@@ -567,8 +561,7 @@ def _armed_run(
     use_stats: bool,
     words: Sequence[str],
     rng: random.Random,
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> ArmedResult:
     result = ArmedResult(label, command, count, sample=min(sample, count))
     base = janitor.tempdir(f"{label.split(maxsplit=1)[0]}-armed-")
@@ -580,6 +573,7 @@ def _armed_run(
     for name in names:
         (vassals / f"{name}.ini").write_text(text)
     stats = base / "stats.sock"
+    progress = run.progress
     progress(f"armed: {label}, {count} on-demand vassals")
     t0 = time.monotonic()
     emperor = janitor.start(label, argv_for(vassals, socks, stats), base / "emperor.log", base)
@@ -684,12 +678,8 @@ def _armed_run(
         result.exit_status = emperor.popen.poll()
         return result
     finally:
-        lines = emperor.log_lines()
-        result.log_lines = len(lines)
-        result.log_notes = [ln for ln in lines if any(w in ln for w in words)]
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "armed")
-        janitor.remove_dir(base)
+        result.log_lines, result.log_notes = emperor.notes(words)
+        janitor.finish(emperor, base, run.keep_logs, "armed")
 
 
 def measure_armed(
@@ -698,14 +688,11 @@ def measure_armed(
     uwsgi_count: int = 10000,
     idle: float = 30.0,
     sample: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[ArmedResult, ArmedResult | None]:
-    rng = random.Random(seed)
-    extra = ["--log-level", "warning", *trimperor_args]
+    rng = random.Random(run.seed)
+    progress = run.progress
+    extra = ["--log-level", "warning", *run.trimperor_args]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < count + 100:
         progress(
@@ -733,11 +720,10 @@ def measure_armed(
         use_stats=True,
         words=TRIMPEROR_WORDS,
         rng=rng,
-        progress=progress,
-        keep_logs=keep_logs,
+        run=run,
     )
     uwsgi = uwsgi_binary()
-    if skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+    if run.skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
         return ours, None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < uwsgi_count + 100 <= hard:
@@ -771,8 +757,7 @@ def measure_armed(
         use_stats=False,
         words=UWSGI_WORDS,
         rng=rng,
-        progress=progress,
-        keep_logs=keep_logs,
+        run=run,
     )
     return ours, theirs
 
@@ -785,32 +770,15 @@ def measure(
     uwsgi_count: int = 10000,
     idle: float = 30.0,
     sample: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[WakeResult | None, tuple[ArmedResult, ArmedResult | None] | None]:
     """Both parts (or *only* ``wake`` or ``armed``); everything is cleaned up after."""
     wake = armed = None
     with Janitor() as janitor:
         if only in (None, "wake"):
-            wake = measure_wake(
-                janitor, rounds, uwsgi_rounds, seed, skip_uwsgi, trimperor_args, progress, keep_logs
-            )
+            wake = measure_wake(janitor, rounds, uwsgi_rounds, run)
         if only in (None, "armed"):
-            armed = measure_armed(
-                janitor,
-                count,
-                uwsgi_count,
-                idle,
-                sample,
-                seed,
-                skip_uwsgi,
-                trimperor_args,
-                progress,
-                keep_logs,
-            )
+            armed = measure_armed(janitor, count, uwsgi_count, idle, sample, run)
     return wake, armed
 
 
@@ -1002,16 +970,12 @@ def print_notes(
             print(f"\nwake: {len(failures)} failed measurement(s):")
             for label, failure in failures[:20]:
                 print(f"    {label}: {failure}")
-        if wake.log_notes:
-            print(f"\nwake: log lines worth a look ({len(wake.log_notes)}):")
-            for line in wake.log_notes[:20]:
-                print(f"    {line}")
-    if armed is not None:
-        for r in armed:
-            if r is not None and r.log_notes:
-                print(f"\narmed, {r.label} log: {len(r.log_notes)} of {r.log_lines} lines:")
-                for line in r.log_notes[:20]:
-                    print(f"    {line}")
+        print_log_notes(f"wake: log lines worth a look ({len(wake.log_notes)})", wake.log_notes)
+    for r in armed or ():
+        if r is not None:
+            print_log_notes(
+                f"armed, {r.label} log: {len(r.log_notes)} of {r.log_lines} lines", r.log_notes
+            )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1027,45 +991,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle", type=float, default=30.0, help="idle window, seconds (30)")
     p.add_argument("--sample", type=int, default=20, help="armed vassals woken (20)")
-    p.add_argument("--seed", type=int, default=None, help="seed for pauses and the sample")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument(
-        "--trimperor-arg", action="append", default=[], metavar="ARG", help="extra argument"
+    add_run_options(
+        p,
+        seed="seed for pauses and the sample",
+        skip_uwsgi="measure trimperor only",
+        trimperor_arg="extra argument",
     )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    progress(f"open-file limit here: soft {soft}, hard {hard}")
-    try:
+    def body() -> int:
+        run = RunOptions.of(args)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        run.progress(f"open-file limit here: soft {soft}, hard {hard}")
         wake, armed = measure(
-            only=args.only,
-            rounds=args.rounds,
-            uwsgi_rounds=args.uwsgi_rounds,
-            count=args.count,
-            uwsgi_count=args.uwsgi_count,
-            idle=args.idle,
-            sample=args.sample,
-            seed=args.seed,
-            skip_uwsgi=args.skip_uwsgi,
-            trimperor_args=args.trimperor_arg,
-            progress=progress,
-            keep_logs=args.keep_logs,
+            args.only,
+            args.rounds,
+            args.uwsgi_rounds,
+            args.count,
+            args.uwsgi_count,
+            args.idle,
+            args.sample,
+            run,
         )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(wake, armed))
-    print_notes(wake, armed)
-    return 0
+        print(render(wake, armed))
+        print_notes(wake, armed)
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":
