@@ -68,6 +68,7 @@ __all__ = [
     "trimperor_command",
     "uwsgi_binary",
     "vassals_of",
+    "verdict",
     "write_json",
 ]
 
@@ -138,6 +139,13 @@ def ratio(a: float, b: float) -> float:
 
 def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def verdict(value: float, target: float, missed: str = "MISSED") -> str:
+    """Whether *value* is at most *target*: "met", *missed*, or "not measured" (NaN)."""
+    if math.isnan(value):
+        return "not measured"
+    return "met" if value <= target else missed
 
 
 # -- /proc ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ Run: ``python benchmarks/latency.py [--rounds 50] [--uwsgi-rounds 20]``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ from benchlib import (
     run_main,
     trimperor_command,
     uwsgi_binary,
+    verdict,
     wait_until,
 )
 
@@ -321,15 +321,9 @@ def render(result: LatencyResult) -> str:
     lines.append("")
     lines.append(
         f"trimperor targets (file added → running): p50 ≤ 20 ms: {fmt(up.p50)} ms "
-        f"({_verdict(up.p50, 20)}); p99 ≤ 100 ms: {fmt(up.p99)} ms ({_verdict(up.p99, 100)})."
+        f"({verdict(up.p50, 20)}); p99 ≤ 100 ms: {fmt(up.p99)} ms ({verdict(up.p99, 100)})."
     )
     return "\n".join(lines)
-
-
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "MISSED"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

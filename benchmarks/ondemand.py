@@ -74,6 +74,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ from benchlib import (
     trimperor_command,
     uwsgi_binary,
     vassals_of,
+    verdict,
     wait_until,
 )
 
@@ -785,10 +787,7 @@ def measure(
 # -- output -------------------------------------------------------------------------------------
 
 
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "**missed**"
+_verdict = partial(verdict, missed="**missed**")
 
 
 def _series_row(what: str, s: WakeSeries) -> str:

@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from benchlib import (
@@ -54,6 +55,7 @@ from benchlib import (
     status_field_kib,
     trimperor_command,
     uwsgi_binary,
+    verdict,
 )
 from benchlib import (
     cpu_ticks as _cpu_ticks,
@@ -269,10 +271,7 @@ def _mem(mib: float) -> str:
     return f"{fmt(mib)} MiB = {fmt(mib * MB_PER_MIB)} MB"
 
 
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "**missed**"
+_verdict = partial(verdict, missed="**missed**")
 
 
 def render(ours: ScaleResult, theirs: ScaleResult | None) -> str:

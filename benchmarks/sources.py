@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import random
@@ -86,7 +85,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -100,16 +98,22 @@ from benchlib import (
     Emperor,
     Janitor,
     Summary,
-    _interrupts_deferred,
+    SummaryOf,
+    add_run_options,
     fmt,
+    free_port,
+    interrupts_deferred,
     is_gone,
     keep_log,
     machine_info,
+    progress,
     ratio,
     read_pid_file,
-    sigterm_as_interrupt,
+    report_header,
+    run_main,
     trimperor_command,
     wait_until,
+    write_json,
 )
 
 if TYPE_CHECKING:
@@ -171,18 +175,9 @@ class Run:
     died_early: int = 0
     warmup_attempts: int = 0
     log_notes: list[str] = field(default_factory=list)
-
-    @property
-    def up(self) -> Summary:
-        return Summary.of(self.up_ms)
-
-    @property
-    def down(self) -> Summary:
-        return Summary.of(self.down_ms)
-
-    @property
-    def told(self) -> Summary:
-        return Summary.of(self.told_ms)
+    up = SummaryOf("up_ms")
+    down = SummaryOf("down_ms")
+    told = SummaryOf("told_ms")
 
 
 @dataclass
@@ -274,13 +269,6 @@ def uwsgi_argv(binary: str, plugin: str, uri: str) -> list[str]:
     return [binary, "--plugin", plugin, "--emperor", uri, "--emperor-freq", f"{FREQ:g}"]
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def hide(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
@@ -289,7 +277,7 @@ def guarded(fn: Callable[[], object]) -> Callable[[], None]:
     """*fn* as a cleanup callback: a Ctrl-C while it runs is held until it is done."""
 
     def run() -> None:
-        with _interrupts_deferred():
+        with interrupts_deferred():
             fn()
 
     return run
@@ -628,7 +616,7 @@ def setup_zmq(stack: contextlib.ExitStack, opts: Options) -> tuple[list[Contende
     binary, skipped = _uwsgi_for("zmq", "emperor_zeromq", opts)
     contenders = []
     for label in ["trimperor"] + (["uwsgi"] if binary else []):
-        endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(endpoint)
@@ -930,8 +918,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--poll-rounds", type=int, default=40, help="trimperor rounds, polled sources (40)"
     )
     p.add_argument("--uwsgi-rounds", type=int, default=30, help="uWSGI rounds (30; 0 skips)")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument("--seed", type=int, default=None, help="seed for the random phases")
+    add_run_options(
+        p,
+        skip_uwsgi="measure trimperor only",
+        seed="seed for the random phases",
+        trimperor_arg="extra argument for trimperor, repeatable",
+        json="also write the raw samples as JSON",
+    )
     p.add_argument(
         "--pg-admin-dsn",
         default=os.environ.get("TRIMPEROR_BENCH_PG", DEFAULT_PG_ADMIN),
@@ -944,15 +937,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=ROOT / ".venv-mongo" / "bin" / "python",
         help="a Python with mongoeco[wire] (default: .venv-mongo/bin/python)",
     )
-    p.add_argument(
-        "--trimperor-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for trimperor, repeatable",
-    )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the raw samples as JSON")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SOURCES]
@@ -963,11 +947,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     opts = Options(
         rounds=args.rounds,
         poll_rounds=args.poll_rounds,
@@ -983,28 +962,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Debian uwsgi-core {uwsgi_version(binary)} ({binary})" if binary else "not installed"
     )
     began = time.monotonic()
-    try:
+
+    def body() -> int:
         results = measure(args.only, opts, args.seed, progress, args.keep_logs)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    given = list(sys.argv[1:] if argv is None else argv)
-    out = ["# trimperor benchmarks: remote sources", ""]
-    out += ["| machine | |", "|---|---|"]
-    out += [f"| {k} | {v.splitlines()[0] if v else ''} |" for k, v in info.items()]
-    out += [
-        "",
-        f"Command: `python benchmarks/sources.py {shlex.join(given)}`".rstrip(),
-        f"Wall time: {time.monotonic() - began:.0f} s.",
-        "",
-        render(results),
-    ]
-    print("\n".join(out))
-    if args.json:
-        args.json.write_text(
-            json.dumps({"machine": info, "results": [asdict(r) for r in results]}, indent=1)
-        )
-    return 0
+        out = report_header("trimperor benchmarks: remote sources", "sources.py", argv, info)
+        out += [f"Wall time: {time.monotonic() - began:.0f} s.", "", render(results)]
+        print("\n".join(out))
+        write_json(args.json, {"machine": info, "results": [asdict(r) for r in results]})
+        return 0
+
+    return run_main(body, "was stopped and removed")
 
 
 if __name__ == "__main__":

@@ -41,14 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
+    DEFAULT_RUN,
     Janitor,
+    RunOptions,
+    add_run_options,
     epoll_fds,
     epoll_watches,
     fmt,
-    keep_log,
     machine_info,
     percentile,
-    sigterm_as_interrupt,
+    run_main,
     status_field_kib,
     trimperor_command,
     uwsgi_binary,
@@ -130,9 +132,9 @@ def _run(
     payload: bytes,
     ok: Callable[[bytes], bool],
     rng: random.Random,
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> StatsResult:
+    progress = run.progress
     result = StatsResult(label, command, count)
     base = janitor.tempdir("stats-")
     vassals, socks = base / "vassals", base / "socks"
@@ -202,9 +204,7 @@ def _run(
         emperor.check_alive()
         return result
     finally:
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "stats")
-        janitor.remove_dir(base)
+        janitor.finish(emperor, base, run.keep_logs, "stats")
 
 
 def measure(
@@ -212,12 +212,9 @@ def measure(
     uwsgi_count: int = 10000,
     requests: int = 30,
     wakes: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[StatsResult, StatsResult | None]:
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     extra = ["--log-level", "warning"]
 
     def native_text(base: Path) -> str:
@@ -239,11 +236,10 @@ def measure(
             b"",
             _native_ok,
             rng,
-            progress,
-            keep_logs,
+            run,
         )
         uwsgi = uwsgi_binary()
-        if skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+        if run.skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
             return ours, None
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < uwsgi_count + 100 <= hard:
@@ -275,8 +271,7 @@ def measure(
             HTTP_GET,
             _http_ok,
             rng,
-            progress,
-            keep_logs,
+            run,
         )
         return ours, theirs
 
@@ -343,36 +338,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--requests", type=int, default=30, help="warm stats requests (30)")
     p.add_argument("--wakes", type=int, default=20, help="wakes, quiet and under stats (20)")
-    p.add_argument("--seed", type=int, default=None, help="seed for the sample and pauses")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
+    add_run_options(p, seed="seed for the sample and pauses", skip_uwsgi="measure trimperor only")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    def body() -> int:
+        run = RunOptions.of(args)
+        run.progress(f"machine: {machine_info()}")
+        ours, theirs = measure(args.count, args.uwsgi_count, args.requests, args.wakes, run)
+        print(render(ours, theirs))
+        return 0
 
-    progress(f"machine: {machine_info()}")
-    try:
-        ours, theirs = measure(
-            count=args.count,
-            uwsgi_count=args.uwsgi_count,
-            requests=args.requests,
-            wakes=args.wakes,
-            seed=args.seed,
-            skip_uwsgi=args.skip_uwsgi,
-            progress=progress,
-            keep_logs=args.keep_logs,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(ours, theirs))
-    return 0
+    return run_main(body)
 
 
 if __name__ == "__main__":
