@@ -61,10 +61,12 @@ __all__ = [
     "progress",
     "query_stats",
     "report_header",
+    "round_problems",
     "run_main",
     "sigterm_as_interrupt",
     "spawn_in_session",
     "status_field_kib",
+    "summary_row",
     "trimperor_command",
     "uwsgi_binary",
     "vassals_of",
@@ -139,6 +141,25 @@ def ratio(a: float, b: float) -> float:
 
 def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summary_row(what: str, s: Summary) -> str:
+    """A markdown row: what, n, min, p50, p99, max (ms, one decimal)."""
+    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
+
+
+def round_problems(
+    missed_up: int, missed_down: int, died_early: int, removed: str = "their removal"
+) -> list[str]:
+    """What went wrong in a benchmark's add/remove rounds, in words (empty if nothing)."""
+    problems = []
+    if missed_up:
+        problems.append(f"{missed_up} vassal(s) never started within the timeout")
+    if missed_down:
+        problems.append(f"{missed_down} vassal(s) never stopped within the timeout")
+    if died_early:
+        problems.append(f"{died_early} vassal(s) died before {removed}")
+    return problems
 
 
 def verdict(value: float, target: float, missed: str = "MISSED") -> str:
@@ -475,17 +496,11 @@ class Janitor:
         self._dirs.append(path)
         return path
 
-    def start(
-        self,
-        label: str,
-        argv: Sequence[str],
-        log_path: Path,
-        cwd: Path,
-        env: Mapping[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> Emperor:
-        """Start *argv* as an :class:`Emperor` (any process that leads its own session)."""
-        emperor = Emperor(label, argv, log_path, cwd, env, pass_fds)
+    def start(self, label: str, argv: Sequence[str], log_path: Path, cwd: Path) -> Emperor:
+        return self.register(Emperor(label, argv, log_path, cwd))
+
+    def register(self, emperor: Emperor) -> Emperor:
+        """An :class:`Emperor` started by hand (any process leading its own session)."""
         self._emperors.append(emperor)
         return emperor
 

@@ -56,10 +56,10 @@ from benchlib import (
     Janitor,
     Summary,
     argv0,
-    fmt,
     free_port,
     is_gone,
     machine_info,
+    summary_row,
     vassals_of,
 )
 from trimperor.core.placement import Node, Placement, owners
@@ -372,10 +372,7 @@ def main() -> int:
                     **bench_put(bench, args.rounds, rnd),
                 }
                 for label, s in results.items():
-                    lines.append(
-                        f"| {label} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | "
-                        f"{fmt(s.p99)} | {fmt(s.maximum)} |"
-                    )
+                    lines.append(summary_row(label, s))
                 lines.append("")
             if "failover" in only:
                 print("failover ...", file=sys.stderr)
@@ -388,10 +385,7 @@ def main() -> int:
                     "|---|---:|---:|---:|---:|---:|",
                 ]
                 for label, s in (("first vassal running elsewhere", first), ("all of them", whole)):
-                    lines.append(
-                        f"| {label} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | "
-                        f"{fmt(s.p99)} | {fmt(s.maximum)} |"
-                    )
+                    lines.append(summary_row(label, s))
                 lines.append("")
             if "scale" in only:
                 print("scale ...", file=sys.stderr)

@@ -40,7 +40,6 @@ from benchlib import (
     Emperor,
     Janitor,
     RunOptions,
-    Summary,
     SummaryOf,
     add_run_options,
     fmt,
@@ -48,7 +47,9 @@ from benchlib import (
     print_log_notes,
     ratio,
     read_pid_file,
+    round_problems,
     run_main,
+    summary_row,
     trimperor_command,
     uwsgi_binary,
     verdict,
@@ -281,10 +282,6 @@ def measure(
 # -- output -------------------------------------------------------------------------------------
 
 
-def _row(what: str, s: Summary) -> str:
-    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
-
-
 def render(result: LatencyResult) -> str:
     """A markdown report: one table of order statistics, the ratios and the targets."""
     lines = [
@@ -293,17 +290,13 @@ def render(result: LatencyResult) -> str:
     ]
     runs = [result.trimperor] + ([result.uwsgi] if result.uwsgi else [])
     for r in runs:
-        lines.append(_row(f"{r.label}, file added → vassal running", r.up))
-        lines.append(_row(f"{r.label}, file removed → vassal gone", r.down))
+        lines.append(summary_row(f"{r.label}, file added → vassal running", r.up))
+        lines.append(summary_row(f"{r.label}, file removed → vassal gone", r.down))
     lines.append("")
     for r in runs:
-        problems = []
-        if r.missed_up:
-            problems.append(f"{r.missed_up} vassal(s) never started within the timeout")
-        if r.missed_down:
-            problems.append(f"{r.missed_down} vassal(s) never stopped within the timeout")
-        if r.died_early:
-            problems.append(f"{r.died_early} vassal(s) died before their file was removed")
+        problems = round_problems(
+            r.missed_up, r.missed_down, r.died_early, "their file was removed"
+        )
         if problems:
             lines.append(f"**{r.label}**: " + "; ".join(problems) + ".")
     if result.uwsgi is not None:

@@ -548,6 +548,40 @@ class ArmedResult:
     error: str = ""
 
 
+def native_text(base: Path) -> str:
+    """The one-line server's vassal for an armed directory *base* (writes the server)."""
+    server = base / "server.py"
+    server.write_text(SERVER)
+    return native_vassal(server, base / "socks", once=True)
+
+
+def uwsgi_text(base: Path) -> str:
+    """The uWSGI on-demand vassal for an armed directory *base* (writes the app)."""
+    app = base / "app.py"
+    app.write_text(WSGI_APP)
+    return uwsgi_vassal(app)
+
+
+def uwsgi_on_demand_argv(uwsgi: str, vassals: Path, socks: Path, *extra: str) -> list[str]:
+    return [uwsgi, "--emperor", str(vassals), "--emperor-on-demand-directory", str(socks), *extra]
+
+
+def armed_dir(
+    janitor: Janitor, prefix: str, count: int, vassal_text: Callable[[Path], str]
+) -> tuple[Path, Path, Path, list[str]]:
+    """A temporary directory with *count* vassals ``vNNNNN.ini`` of ``vassal_text(base)``
+    in ``vassals/`` and an empty ``socks/``: (base, vassals, socks, names)."""
+    base = janitor.tempdir(prefix)
+    vassals, socks = base / "vassals", base / "socks"
+    vassals.mkdir()
+    socks.mkdir()
+    text = vassal_text(base)
+    names = [f"v{i:05d}" for i in range(count)]
+    for name in names:
+        (vassals / f"{name}.ini").write_text(text)
+    return base, vassals, socks, names
+
+
 def _armed_run(
     janitor: Janitor,
     label: str,
@@ -566,14 +600,9 @@ def _armed_run(
     run: RunOptions,
 ) -> ArmedResult:
     result = ArmedResult(label, command, count, sample=min(sample, count))
-    base = janitor.tempdir(f"{label.split(maxsplit=1)[0]}-armed-")
-    vassals, socks = base / "vassals", base / "socks"
-    vassals.mkdir()
-    socks.mkdir()
-    text = vassal_text(base)
-    names = [f"v{i:05d}" for i in range(count)]
-    for name in names:
-        (vassals / f"{name}.ini").write_text(text)
+    base, vassals, socks, names = armed_dir(
+        janitor, f"{label.split(maxsplit=1)[0]}-armed-", count, vassal_text
+    )
     stats = base / "stats.sock"
     progress = run.progress
     progress(f"armed: {label}, {count} on-demand vassals")
@@ -702,11 +731,6 @@ def measure_armed(
             "trimperor (which raises its soft limit to the hard one) cannot bind them all"
         )
 
-    def native_text(base: Path) -> str:
-        server = base / "server.py"
-        server.write_text(SERVER)
-        return native_vassal(server, base / "socks", once=True)
-
     ours = _armed_run(
         janitor,
         "trimperor",
@@ -733,21 +757,10 @@ def measure_armed(
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         progress(f"  raised the open-file soft limit from {soft} to {hard} for uWSGI")
 
-    def uwsgi_text(base: Path) -> str:
-        app = base / "app.py"
-        app.write_text(WSGI_APP)
-        return uwsgi_vassal(app)
-
     theirs = _armed_run(
         janitor,
         "uwsgi --emperor",
-        lambda d, socks, stats: [
-            uwsgi,
-            "--emperor",
-            str(d),
-            "--emperor-on-demand-directory",
-            str(socks),
-        ],
+        lambda d, socks, stats: uwsgi_on_demand_argv(uwsgi, d, socks),
         "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS",
         uwsgi_text,
         lambda name: f"{name}.socket",

@@ -97,7 +97,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from benchlib import (
     Emperor,
     Janitor,
-    Summary,
     SummaryOf,
     add_run_options,
     fmt,
@@ -110,7 +109,9 @@ from benchlib import (
     ratio,
     read_pid_file,
     report_header,
+    round_problems,
     run_main,
+    summary_row,
     trimperor_command,
     wait_until,
     write_json,
@@ -812,10 +813,6 @@ def measure(
 # -- output ------------------------------------------------------------------------------------
 
 
-def _row(what: str, s: Summary) -> str:
-    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
-
-
 def render(results: Sequence[SourceResult]) -> str:
     out: list[str] = []
     for r in results:
@@ -831,21 +828,15 @@ def render(results: Sequence[SourceResult]) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for run in r.runs:
-            out.append(_row(f"{run.label}: {r.change} → vassal running", run.up))
-            out.append(_row(f"{run.label}: removed → vassal gone", run.down))
+            out.append(summary_row(f"{run.label}: {r.change} → vassal running", run.up))
+            out.append(summary_row(f"{run.label}: removed → vassal gone", run.down))
             if run.told_ms:
                 out.append(
-                    _row(f"{run.label}: removed → stop message reached the vassal", run.told)
+                    summary_row(f"{run.label}: removed → stop message reached the vassal", run.told)
                 )
         out.append("")
         for run in r.runs:
-            problems = []
-            if run.missed_up:
-                problems.append(f"{run.missed_up} vassal(s) never started within the timeout")
-            if run.missed_down:
-                problems.append(f"{run.missed_down} vassal(s) never stopped within the timeout")
-            if run.died_early:
-                problems.append(f"{run.died_early} vassal(s) died before their removal")
+            problems = round_problems(run.missed_up, run.missed_down, run.died_early)
             if run.warmup_attempts > 1:
                 problems.append(f"the warm-up took {run.warmup_attempts} attempts")
             if problems:

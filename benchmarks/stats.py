@@ -59,13 +59,13 @@ from benchlib import (
 )
 from ondemand import (
     HTTP_GET,
-    SERVER,
-    WSGI_APP,
     _http_ok,
     _native_ok,
+    armed_dir,
     first_byte,
-    native_vassal,
-    uwsgi_vassal,
+    native_text,
+    uwsgi_on_demand_argv,
+    uwsgi_text,
 )
 
 __all__ = ["StatsResult", "main", "measure"]
@@ -136,14 +136,7 @@ def _run(
 ) -> StatsResult:
     progress = run.progress
     result = StatsResult(label, command, count)
-    base = janitor.tempdir("stats-")
-    vassals, socks = base / "vassals", base / "socks"
-    vassals.mkdir()
-    socks.mkdir()
-    text = vassal_text(base)
-    names = [f"v{i:05d}" for i in range(count)]
-    for name in names:
-        (vassals / f"{name}.ini").write_text(text)
+    base, vassals, socks, names = armed_dir(janitor, "stats-", count, vassal_text)
     stats = base / "stats.sock"
     progress(f"{label}: {count} on-demand vassals")
     t0 = time.monotonic()
@@ -217,11 +210,6 @@ def measure(
     rng = random.Random(run.seed)
     extra = ["--log-level", "warning"]
 
-    def native_text(base: Path) -> str:
-        server = base / "server.py"
-        server.write_text(SERVER)
-        return native_vassal(server, base / "socks", once=True)
-
     with Janitor() as janitor:
         ours = _run(
             janitor,
@@ -245,23 +233,12 @@ def measure(
         if soft < uwsgi_count + 100 <= hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-        def uwsgi_text(base: Path) -> str:
-            app = base / "app.py"
-            app.write_text(WSGI_APP)
-            return uwsgi_vassal(app)
-
         theirs = _run(
             janitor,
             "uwsgi --emperor",
-            lambda d, socks, stats: [
-                uwsgi,
-                "--emperor",
-                str(d),
-                "--emperor-on-demand-directory",
-                str(socks),
-                "--emperor-stats",
-                str(stats),
-            ],
+            lambda d, socks, stats: uwsgi_on_demand_argv(
+                uwsgi, d, socks, "--emperor-stats", str(stats)
+            ),
             "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS --emperor-stats STATS",
             uwsgi_text,
             lambda name: f"{name}.socket",

@@ -227,19 +227,13 @@ def measure_own(
             env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
             env.pop("UWSGI_RELOADS", None)
             t0 = time.perf_counter()
-            vassal = janitor.start(
-                "uwsgi", [uwsgi, "--ini", str(conf)], log, base, env, [theirs.fileno()]
-            )
+            argv = [uwsgi, "--ini", str(conf)]
+            vassal = janitor.register(Emperor("uwsgi", argv, log, base, env, [theirs.fileno()]))
             theirs.close()
-            up = time_until_200(port, t0, UP_TIMEOUT)
-            t1 = time.perf_counter()
-            ours.send(b"\x00")
-            down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
-            t2 = time.perf_counter()
+            up, down = _boot_and_stop(janitor, vassal, t0, port, partial(ours.send, b"\x00"))
             if i:
                 _record(result.boot, up)
-                _record(result.stop, t2 - t1 if down_ok else None)
-            janitor.stop_emperor(vassal, None, DOWN_TIMEOUT)
+                _record(result.stop, down)
         finally:
             ours.close()
             theirs.close()
@@ -250,17 +244,28 @@ def measure_own(
     for i in range(plain_rounds + 1):
         t0 = time.perf_counter()
         vassal = janitor.start("uwsgi", [uwsgi, "--ini", str(conf)], log, base)
-        up = time_until_200(port, t0, UP_TIMEOUT)
-        t1 = time.perf_counter()
-        vassal.popen.send_signal(signal.SIGINT)
-        down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
-        t2 = time.perf_counter()
+        up, down = _boot_and_stop(
+            janitor, vassal, t0, port, partial(vassal.popen.send_signal, signal.SIGINT)
+        )
         if i:
             _record(result.plain_boot, up)
-            _record(result.sigint_stop, t2 - t1 if down_ok else None)
-        janitor.stop_emperor(vassal, None, DOWN_TIMEOUT)
+            _record(result.sigint_stop, down)
     progress(f"  vassal on its own (no emperor, SIGINT): {plain_rounds}/{plain_rounds}")
     return result
+
+
+def _boot_and_stop(
+    janitor: Janitor, vassal: Emperor, t0: float, port: int, stop: Callable[[], object]
+) -> tuple[float | None, float | None]:
+    """Seconds from *t0* (when *vassal* was started) until it answers 200, and from
+    ``stop()`` until nothing listens on *port* (None for a timeout); then reap it."""
+    up = time_until_200(port, t0, UP_TIMEOUT)
+    t1 = time.perf_counter()
+    stop()
+    down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
+    down = time.perf_counter() - t1 if down_ok else None
+    janitor.stop_emperor(vassal, None, DOWN_TIMEOUT)
+    return up, down
 
 
 def _record(series: Series, seconds: float | None) -> None:
