@@ -117,6 +117,9 @@ from benchlib import (
     write_json,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers import PG_TRIGGERS
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -312,8 +315,9 @@ class PgTable:
         return t0
 
 
-#: docs/sources/pg.md's table and triggers, with names of the run's own.
-PG_SCHEMA = """
+#: docs/sources/pg.md's table (its triggers are tests.helpers.PG_TRIGGERS), with names
+#: of the run's own.
+PG_TABLE = """
 CREATE TABLE {t} (
     name   text PRIMARY KEY,
     config text NOT NULL,
@@ -322,23 +326,6 @@ CREATE TABLE {t} (
     gid    integer,
     socket text
 );
-CREATE FUNCTION {t}_touch() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD THEN
-        RETURN NEW;
-    END IF;
-    NEW.ts := extract(epoch FROM clock_timestamp());
-    RETURN NEW;
-END $$;
-CREATE TRIGGER {t}_touch BEFORE INSERT OR UPDATE ON {t}
-    FOR EACH ROW EXECUTE FUNCTION {t}_touch();
-CREATE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{t}', TG_OP);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER {t}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t}
-    FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify();
 GRANT SELECT ON {t} TO {role};
 """
 
@@ -379,7 +366,8 @@ def pg_setup(
     stack.callback(guarded(drop))
     admin.execute(f"CREATE ROLE {tag} LOGIN PASSWORD '{password}'")
     for t in tables.values():
-        admin.execute(PG_SCHEMA.format(t=t.table, role=tag))
+        admin.execute(PG_TABLE.format(t=t.table, role=tag))
+        admin.execute(PG_TRIGGERS.format(table=t.table).encode())
     params = conninfo_to_dict(admin_dsn)
     dsn = make_conninfo(
         "",

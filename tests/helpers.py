@@ -338,3 +338,27 @@ async def emperor_follows_a_polled_source(
         finally:
             emperor.close()
         nursery.cancel_scope.cancel()
+
+
+#: The triggers of docs/sources/pg.md, for a table named {table}: keeps ts
+#: current and sends one NOTIFY {table} per statement that changes rows.
+PG_TRIGGERS = """
+CREATE FUNCTION {table}_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD THEN
+        RETURN NEW;
+    END IF;
+    NEW.ts := extract(epoch FROM clock_timestamp());
+    RETURN NEW;
+END $$;
+CREATE TRIGGER {table}_touch BEFORE INSERT OR UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {table}_touch();
+
+CREATE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{table}', TG_OP);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
+"""
