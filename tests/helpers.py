@@ -12,16 +12,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from tests.proxy import TcpProxy
-from trimperor.abc import Monitor
-from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, Upsert
+from trimperor.abc import Monitor, MonitorOptions
+from trimperor.core.model import Remove, Snapshot, SourceEvent, SourceProblem, Upsert
 from trimperor.monitors.toolkit import SourceStatus
 
 PYTHON = sys.executable
+
+if TYPE_CHECKING:
+    import pika
+
+M = TypeVar("M", bound=Monitor)
+
+#: The RabbitMQ the AMQP tests talk to (``scripts/services start``).
+AMQP_BROKER = ("127.0.0.1", 5672)
 
 
 @contextmanager
@@ -167,6 +175,24 @@ async def monitor_running(
         await nursery.start(monitor.run, send)
         yield recv
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_monitor(
+    make: Callable[[str, MonitorOptions], M], uri: str, **options: Any
+) -> AsyncIterator[tuple[M, trio.MemoryReceiveChannel[SourceEvent]]]:
+    """``make(uri, MonitorOptions(**options))`` running until the block ends; yields it
+    and the channel of its events."""
+    monitor = make(uri, MonitorOptions(**options))
+    async with monitor_running(monitor) as recv:
+        yield monitor, recv
+
+
+async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
+    """The next Upsert or Remove (nothing else may come first)."""
+    event = await next_event(recv)
+    assert isinstance(event, Upsert | Remove), event
+    return event
 
 
 async def next_event(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceEvent:
@@ -362,3 +388,24 @@ END $$;
 CREATE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
 """
+
+
+def amqp_connection() -> pika.BlockingConnection:
+    """A blocking connection to :data:`AMQP_BROKER` (close it)."""
+    import pika
+
+    return pika.BlockingConnection(pika.ConnectionParameters(*AMQP_BROKER))
+
+
+def _amqp_publish(exchange: str, body: bytes, key: str) -> None:
+    connection = amqp_connection()
+    try:
+        connection.channel().basic_publish(exchange, key, body)
+    finally:
+        connection.close()
+
+
+async def amqp_publish(exchange: str, body: bytes | str, key: str = "") -> None:
+    """Publish *body* to *exchange* with routing key *key*, from a worker thread."""
+    data = body.encode() if isinstance(body, str) else body
+    await trio.to_thread.run_sync(_amqp_publish, exchange, data, key)

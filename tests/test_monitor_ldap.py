@@ -16,8 +16,8 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from tests import slapd as sl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
-    next_event,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -230,19 +230,10 @@ def tree(server: sl.Slapd) -> Tree:
     return Tree(server)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = LdapMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    event = await next_event(recv)
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(LdapMonitor, uri, **options)
 
 
 # -- the monitor on a live directory --------------------------------------------------------

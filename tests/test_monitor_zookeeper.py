@@ -18,7 +18,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,14 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -258,21 +259,10 @@ def tree(zk_server: ZkServer) -> Iterator[Tree]:
         _close(client)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = ZooMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    """The next Upsert or Remove (nothing else may come first)."""
-    with trio.fail_after(10):
-        event = await recv.receive()
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(ZooMonitor, uri, **options)
 
 
 # -- the monitor on its own -------------------------------------------------------------------
