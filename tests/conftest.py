@@ -8,7 +8,7 @@ import pytest
 import trio.testing
 
 from tests.etcd_server import EtcdServer
-from tests.helpers import amqp_connection
+from tests.helpers import EmperorProcess, amqp_connection
 
 
 def _children() -> set[int]:
@@ -73,3 +73,12 @@ def exchange() -> Iterator[str]:
         connection.channel().exchange_delete(name)
     finally:
         connection.close()
+
+
+@pytest.fixture
+def emperors() -> Iterator[list[EmperorProcess]]:
+    """Emperor processes a test starts (append them); each is closed afterwards."""
+    started: list[EmperorProcess] = []
+    yield started
+    for e in started:
+        e.close()

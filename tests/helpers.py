@@ -409,3 +409,27 @@ async def amqp_publish(exchange: str, body: bytes | str, key: str = "") -> None:
     """Publish *body* to *exchange* with routing key *key*, from a worker thread."""
     data = body.encode() if isinstance(body, str) else body
     await trio.to_thread.run_sync(_amqp_publish, exchange, data, key)
+
+
+async def http_request_path(stream: trio.SocketStream) -> str | None:
+    """The path of the HTTP request read from *stream* (None if it closes first)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        request += chunk
+    return request.split(b" ", 2)[1].decode()
+
+
+def trac_ini(port: int, env: Path, *extra: str) -> str:
+    """A uWSGI vassal serving the Trac environment *env* on 127.0.0.1:*port*, two
+    workers, then the *extra* lines."""
+    return (
+        "[uwsgi]\n"
+        "master = true\n"
+        "processes = 2\n"
+        "module = trac.web.main:dispatch_request\n"
+        f"env = TRAC_ENV={env}\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+    ) + "".join(f"{line}\n" for line in extra)

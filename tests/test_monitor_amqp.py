@@ -23,6 +23,7 @@ from tests.helpers import (
     EmperorProcess,
     amqp_connection,
     amqp_publish,
+    http_request_path,
     monitor_running,
     new_pid,
     next_event,
@@ -220,13 +221,9 @@ class TinyHttp:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                request += chunk
-            path = request.split(b" ", 2)[1].decode()
+            path = await http_request_path(stream)
+            if path is None:
+                return
             if path == "/hang/slow.ini":
                 await self.hang.wait()
                 return

@@ -394,14 +394,6 @@ async def test_polling_fallback_without_syncprov(caplog: pytest.LogCaptureFixtur
 # -- the emperor on a live directory --------------------------------------------------------
 
 
-@pytest.fixture
-def emperors() -> Iterator[list[EmperorProcess]]:
-    started: list[EmperorProcess] = []
-    yield started
-    for e in started:
-        e.close()
-
-
 @pytest.mark.integration
 async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
     tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]

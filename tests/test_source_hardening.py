@@ -37,6 +37,7 @@ from tests.helpers import (
     EmperorProcess,
     amqp_publish,
     free_port,
+    http_request_path,
     monitor_running,
     next_snapshot,
     next_upsert,
@@ -195,13 +196,9 @@ class SlowHttp:
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                request += chunk
-            path = request.split(b" ", 2)[1].decode()
+            path = await http_request_path(stream)
+            if path is None:
+                return
             with_length = "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n"
             if path.startswith("/trickle/"):
                 await stream.send_all(with_length.format(10**6).encode())
