@@ -562,52 +562,91 @@ def uwsgi_text(base: Path) -> str:
     return uwsgi_vassal(app)
 
 
-def uwsgi_on_demand_argv(uwsgi: str, vassals: Path, socks: Path, *extra: str) -> list[str]:
-    return [uwsgi, "--emperor", str(vassals), "--emperor-on-demand-directory", str(socks), *extra]
+@dataclass(frozen=True)
+class ArmedEmperor:
+    """One emperor over a directory of on-demand vassals, and how to wake them."""
+
+    label: str
+    #: The emperor's argv from (vassals, socks, stats), three paths in its directory.
+    argv_for: Callable[[Path, Path, Path], list[str]]
+    command: str
+    vassal_text: Callable[[Path], str]
+    #: A vassal's socket file in socks/, from its name without ``.ini``.
+    socket_name: Callable[[str], str]
+    payload: bytes
+    ok: Callable[[bytes], bool]
+
+    def start(
+        self, janitor: Janitor, prefix: str, count: int, progress: Callable[[str], None]
+    ) -> tuple[Path, Path, list[str], Path, Emperor, float]:
+        """A temporary directory with *count* vassals ``vNNNNN.ini`` of ``vassal_text(base)``
+        in ``vassals/`` and an empty ``socks/``, and the emperor started on it: (base,
+        socks, names, stats socket, emperor, ``time.monotonic()`` just before its start)."""
+        base = janitor.tempdir(prefix)
+        vassals, socks, stats = base / "vassals", base / "socks", base / "stats.sock"
+        vassals.mkdir()
+        socks.mkdir()
+        text = self.vassal_text(base)
+        names = [f"v{i:05d}" for i in range(count)]
+        for name in names:
+            (vassals / f"{name}.ini").write_text(text)
+        argv = self.argv_for(vassals, socks, stats)
+        progress(f"{self.label}: {count} on-demand vassals")
+        t0 = time.monotonic()
+        emperor = janitor.start(self.label, argv, base / "emperor.log", base)
+        return base, socks, names, stats, emperor, t0
 
 
-def armed_dir(
-    janitor: Janitor, prefix: str, count: int, vassal_text: Callable[[Path], str]
-) -> tuple[Path, Path, Path, list[str]]:
-    """A temporary directory with *count* vassals ``vNNNNN.ini`` of ``vassal_text(base)``
-    in ``vassals/`` and an empty ``socks/``: (base, vassals, socks, names)."""
-    base = janitor.tempdir(prefix)
-    vassals, socks = base / "vassals", base / "socks"
-    vassals.mkdir()
-    socks.mkdir()
-    text = vassal_text(base)
-    names = [f"v{i:05d}" for i in range(count)]
-    for name in names:
-        (vassals / f"{name}.ini").write_text(text)
-    return base, vassals, socks, names
+def trimperor_armed(extra: Sequence[str]) -> ArmedEmperor:
+    """trimperor with ``--stats`` and *extra*, on one-line-server vassals."""
+    return ArmedEmperor(
+        "trimperor",
+        lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
+        " ".join(["python -m trimperor DIR --stats STATS", *extra]),
+        native_text,
+        lambda name: f"{name}.sock",
+        b"",
+        _native_ok,
+    )
+
+
+def uwsgi_armed(uwsgi: str, with_stats: bool) -> ArmedEmperor:
+    """``uwsgi --emperor DIR --emperor-on-demand-directory SOCKS`` (and ``--emperor-stats``)."""
+    shown = "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS"
+
+    def argv(d: Path, socks: Path, stats: Path) -> list[str]:
+        extra = ["--emperor-stats", str(stats)] if with_stats else []
+        return [uwsgi, "--emperor", str(d), "--emperor-on-demand-directory", str(socks), *extra]
+
+    return ArmedEmperor(
+        "uwsgi --emperor",
+        argv,
+        shown + (" --emperor-stats STATS" if with_stats else ""),
+        uwsgi_text,
+        lambda name: f"{name}.socket",
+        HTTP_GET,
+        _http_ok,
+    )
 
 
 def _armed_run(
     janitor: Janitor,
-    label: str,
-    argv_for: Callable[[Path, Path, Path], list[str]],
-    command: str,
-    vassal_text: Callable[[Path], str],
-    socket_name: Callable[[str], str],
+    who: ArmedEmperor,
     count: int,
     idle: float,
     sample: int,
-    payload: bytes,
-    ok: Callable[[bytes], bool],
     use_stats: bool,
     words: Sequence[str],
     rng: random.Random,
     run: RunOptions,
 ) -> ArmedResult:
-    result = ArmedResult(label, command, count, sample=min(sample, count))
-    base, vassals, socks, names = armed_dir(
-        janitor, f"{label.split(maxsplit=1)[0]}-armed-", count, vassal_text
-    )
-    stats = base / "stats.sock"
+    label = who.label
+    result = ArmedResult(label, who.command, count, sample=min(sample, count))
+    prefix = f"{label.split(maxsplit=1)[0]}-armed-"
     progress = run.progress
-    progress(f"armed: {label}, {count} on-demand vassals")
-    t0 = time.monotonic()
-    emperor = janitor.start(label, argv_for(vassals, socks, stats), base / "emperor.log", base)
+    base, socks, names, stats, emperor, t0 = who.start(
+        janitor, prefix, count, lambda s: progress(f"armed: {s}")
+    )
     try:
         # -- every socket bound, every vassal armed ----------------------------------------
         # Armed = the emperor waits for the socket to become readable: its epoll
@@ -671,13 +710,13 @@ def _armed_run(
         chosen = rng.sample(names, result.sample)
         progress(f"  waking {len(chosen)} random vassals")
         for name in chosen:
-            path = socks / socket_name(name)
+            path = socks / who.socket_name(name)
             try:
-                ms, data = first_byte(path, payload)
+                ms, data = first_byte(path, who.payload)
             except OSError as exc:
                 result.sample_failures.append(f"{name}: {type(exc).__name__}: {exc}")
                 continue
-            if ok(data):
+            if who.ok(data):
                 result.sample_ms.append(ms)
             else:
                 result.sample_failures.append(f"{name}: unexpected answer {data[:60]!r}")
@@ -733,16 +772,10 @@ def measure_armed(
 
     ours = _armed_run(
         janitor,
-        "trimperor",
-        lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
-        " ".join(["python -m trimperor DIR --stats STATS", *extra]),
-        native_text,
-        lambda name: f"{name}.sock",
+        trimperor_armed(extra),
         count,
         idle,
         sample,
-        b"",
-        _native_ok,
         use_stats=True,
         words=TRIMPEROR_WORDS,
         rng=rng,
@@ -759,16 +792,10 @@ def measure_armed(
 
     theirs = _armed_run(
         janitor,
-        "uwsgi --emperor",
-        lambda d, socks, stats: uwsgi_on_demand_argv(uwsgi, d, socks),
-        "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS",
-        uwsgi_text,
-        lambda name: f"{name}.socket",
+        uwsgi_armed(uwsgi, with_stats=False),
         uwsgi_count,
         idle,
         sample,
-        HTTP_GET,
-        _http_ok,
         use_stats=False,
         words=UWSGI_WORDS,
         rng=rng,

@@ -52,21 +52,11 @@ from benchlib import (
     percentile,
     run_main,
     status_field_kib,
-    trimperor_command,
     uwsgi_binary,
     vassals_of,
     wait_until,
 )
-from ondemand import (
-    HTTP_GET,
-    _http_ok,
-    _native_ok,
-    armed_dir,
-    first_byte,
-    native_text,
-    uwsgi_on_demand_argv,
-    uwsgi_text,
-)
+from ondemand import ArmedEmperor, first_byte, trimperor_armed, uwsgi_armed
 
 __all__ = ["StatsResult", "main", "measure"]
 
@@ -121,26 +111,16 @@ def _wake(result: StatsResult, path: Path, payload: bytes, ok: Callable[[bytes],
 
 def _run(
     janitor: Janitor,
-    label: str,
-    argv: Callable[[Path, Path, Path], list[str]],
-    command: str,
-    vassal_text: Callable[[Path], str],
-    socket_name: Callable[[str], str],
+    who: ArmedEmperor,
     count: int,
     requests: int,
     wakes: int,
-    payload: bytes,
-    ok: Callable[[bytes], bool],
     rng: random.Random,
     run: RunOptions,
 ) -> StatsResult:
     progress = run.progress
-    result = StatsResult(label, command, count)
-    base, vassals, socks, names = armed_dir(janitor, "stats-", count, vassal_text)
-    stats = base / "stats.sock"
-    progress(f"{label}: {count} on-demand vassals")
-    t0 = time.monotonic()
-    emperor = janitor.start(label, argv(vassals, socks, stats), base / "emperor.log", base)
+    result = StatsResult(who.label, who.command, count)
+    base, socks, names, stats, emperor, t0 = who.start(janitor, "stats-", count, progress)
     try:
         polls: list[int] = []
         deadline = t0 + max(120.0, count * 0.03)
@@ -165,7 +145,7 @@ def _run(
         def wake_all(chosen: Sequence[str], into: list[float]) -> None:
             for name in chosen:
                 time.sleep(rng.uniform(0.0, 0.05))
-                into.append(_wake(result, socks / socket_name(name), payload, ok))
+                into.append(_wake(result, socks / who.socket_name(name), who.payload, who.ok))
                 # back to sleep (no process) before the next one
                 if not wait_until(lambda: not vassals_of(emperor.pid), 30.0, 0.005):
                     result.failures.append("a woken vassal did not go back to sleep")
@@ -211,21 +191,7 @@ def measure(
     extra = ["--log-level", "warning"]
 
     with Janitor() as janitor:
-        ours = _run(
-            janitor,
-            "trimperor",
-            lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
-            " ".join(["python -m trimperor DIR --stats STATS", *extra]),
-            native_text,
-            lambda name: f"{name}.sock",
-            count,
-            requests,
-            wakes,
-            b"",
-            _native_ok,
-            rng,
-            run,
-        )
+        ours = _run(janitor, trimperor_armed(extra), count, requests, wakes, rng, run)
         uwsgi = uwsgi_binary()
         if run.skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
             return ours, None
@@ -234,21 +200,7 @@ def measure(
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
         theirs = _run(
-            janitor,
-            "uwsgi --emperor",
-            lambda d, socks, stats: uwsgi_on_demand_argv(
-                uwsgi, d, socks, "--emperor-stats", str(stats)
-            ),
-            "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS --emperor-stats STATS",
-            uwsgi_text,
-            lambda name: f"{name}.socket",
-            uwsgi_count,
-            requests,
-            wakes,
-            HTTP_GET,
-            _http_ok,
-            rng,
-            run,
+            janitor, uwsgi_armed(uwsgi, with_stats=True), uwsgi_count, requests, wakes, rng, run
         )
         return ours, theirs
 
