@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -433,3 +434,14 @@ def trac_ini(port: int, env: Path, *extra: str) -> str:
         f"env = TRAC_ENV={env}\n"
         f"http-socket = 127.0.0.1:{port}\n"
     ) + "".join(f"{line}\n" for line in extra)
+
+
+def read_stats_document(path: Path) -> dict[str, Any]:
+    """The stats document an emperor serves on the unix socket *path* (blocking)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    doc: dict[str, Any] = json.loads(data)
+    return doc

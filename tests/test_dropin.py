@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import uuid
@@ -34,6 +33,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
     trac_ini,
     wait_for,
     write_atomic,
@@ -513,16 +513,7 @@ async def test_no_app_loaded_shows_in_stats_and_log(
     emperors.append(emperor)
     await wait_for(lambda: "vassal.no_app name=broken.xml" in emperor.text(), 30)
 
-    def read_stats() -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(stats))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        doc: dict[str, Any] = json.loads(data)
-        return doc
-
-    doc = await trio.to_thread.run_sync(read_stats)
+    doc = await trio.to_thread.run_sync(read_stats_document, stats)
     (vassal,) = doc["vassals"]
     assert vassal["id"] == "broken.xml" and vassal["no_app"] is True
     assert pid_alive(vassal["pid"])

@@ -394,16 +394,22 @@ async def test_polling_fallback_without_syncprov(caplog: pytest.LogCaptureFixtur
 # -- the emperor on a live directory --------------------------------------------------------
 
 
-@pytest.mark.integration
-async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
+async def emperor_running_a_and_b(
     tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
-) -> None:
+) -> tuple[EmperorProcess, int, int]:
+    """An emperor on *tree*, two plain vassals added: the emperor and their pids."""
     emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
     emperors.append(emperor)
     tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
     tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-    a = await new_pid(tmp_path / "a.pid")
-    b = await new_pid(tmp_path / "b.pid")
+    return emperor, await new_pid(tmp_path / "a.pid"), await new_pid(tmp_path / "b.pid")
+
+
+@pytest.mark.integration
+async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
+    tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
+) -> None:
+    emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
 
     tree.server.replace(
         tree.dn("a.ini"), {"trimperorConfig": [pidfile_vassal(tmp_path, "a", "#2")]}
@@ -580,12 +586,7 @@ async def test_slapd_stopped_for_30s_then_restarted(
     server = own_slapd()
     try:
         tree = Tree(server)
-        emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
-        emperors.append(emperor)
-        tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
-        tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-        a = await new_pid(tmp_path / "a.pid")
-        b = await new_pid(tmp_path / "b.pid")
+        emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
         server.stop()
         stopped = trio.current_time()
         # 30 s without the directory: nothing stops, the emperor keeps trying
