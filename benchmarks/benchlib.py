@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_RUN",
     "Emperor",
     "Janitor",
+    "Rounds",
     "RunOptions",
     "Summary",
     "SummaryOf",
@@ -61,7 +62,6 @@ __all__ = [
     "progress",
     "query_stats",
     "report_header",
-    "round_problems",
     "run_main",
     "sigterm_as_interrupt",
     "spawn_in_session",
@@ -148,18 +148,32 @@ def summary_row(what: str, s: Summary) -> str:
     return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
 
 
-def round_problems(
-    missed_up: int, missed_down: int, died_early: int, removed: str = "their removal"
-) -> list[str]:
-    """What went wrong in a benchmark's add/remove rounds, in words (empty if nothing)."""
-    problems = []
-    if missed_up:
-        problems.append(f"{missed_up} vassal(s) never started within the timeout")
-    if missed_down:
-        problems.append(f"{missed_down} vassal(s) never stopped within the timeout")
-    if died_early:
-        problems.append(f"{died_early} vassal(s) died before {removed}")
-    return problems
+@dataclass
+class Rounds:
+    """One emperor's add/remove rounds: durations in ms and what went wrong."""
+
+    label: str
+    command: str
+    rounds: int
+    up_ms: list[float] = field(default_factory=list)
+    down_ms: list[float] = field(default_factory=list)
+    missed_up: int = 0
+    missed_down: int = 0
+    died_early: int = 0
+    log_notes: list[str] = field(default_factory=list)
+    up = SummaryOf("up_ms")
+    down = SummaryOf("down_ms")
+
+    def problems(self, removed: str = "their removal") -> list[str]:
+        """What went wrong, in words (empty if nothing)."""
+        problems = []
+        if self.missed_up:
+            problems.append(f"{self.missed_up} vassal(s) never started within the timeout")
+        if self.missed_down:
+            problems.append(f"{self.missed_down} vassal(s) never stopped within the timeout")
+        if self.died_early:
+            problems.append(f"{self.died_early} vassal(s) died before {removed}")
+        return problems
 
 
 def verdict(value: float, target: float, missed: str = "MISSED") -> str:

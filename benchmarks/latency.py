@@ -31,7 +31,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -39,15 +39,14 @@ from benchlib import (
     DEFAULT_RUN,
     Emperor,
     Janitor,
+    Rounds,
     RunOptions,
-    SummaryOf,
     add_run_options,
     fmt,
     is_gone,
     print_log_notes,
     ratio,
     read_pid_file,
-    round_problems,
     run_main,
     summary_row,
     trimperor_command,
@@ -70,19 +69,8 @@ MAX_PHASE = 0.3
 UWSGI_MAX_PHASE = 3.0
 
 
-@dataclass
-class EmperorLatency:
-    label: str
-    command: str
-    rounds: int
-    up_ms: list[float] = field(default_factory=list)
-    down_ms: list[float] = field(default_factory=list)
-    missed_up: int = 0
-    missed_down: int = 0
-    died_early: int = 0
-    log_notes: list[str] = field(default_factory=list)
-    up = SummaryOf("up_ms")
-    down = SummaryOf("down_ms")
+class EmperorLatency(Rounds):
+    """One emperor's rounds (see :class:`benchlib.Rounds`)."""
 
 
 @dataclass
@@ -294,9 +282,7 @@ def render(result: LatencyResult) -> str:
         lines.append(summary_row(f"{r.label}, file removed → vassal gone", r.down))
     lines.append("")
     for r in runs:
-        problems = round_problems(
-            r.missed_up, r.missed_down, r.died_early, "their file was removed"
-        )
+        problems = r.problems("their file was removed")
         if problems:
             lines.append(f"**{r.label}**: " + "; ".join(problems) + ".")
     if result.uwsgi is not None:

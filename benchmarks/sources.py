@@ -97,6 +97,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from benchlib import (
     Emperor,
     Janitor,
+    Rounds,
     SummaryOf,
     add_run_options,
     fmt,
@@ -109,7 +110,6 @@ from benchlib import (
     ratio,
     read_pid_file,
     report_header,
-    round_problems,
     run_main,
     summary_row,
     trimperor_command,
@@ -164,23 +164,12 @@ UWSGI_SKIPS = {
 
 
 @dataclass
-class Run:
+class Run(Rounds):
     """One emperor on one source."""
 
-    label: str
-    command: str
-    rounds: int
-    up_ms: list[float] = field(default_factory=list)
-    down_ms: list[float] = field(default_factory=list)
     #: uWSGI only: removal until the vassal got the emperor's stop message.
     told_ms: list[float] = field(default_factory=list)
-    missed_up: int = 0
-    missed_down: int = 0
-    died_early: int = 0
     warmup_attempts: int = 0
-    log_notes: list[str] = field(default_factory=list)
-    up = SummaryOf("up_ms")
-    down = SummaryOf("down_ms")
     told = SummaryOf("told_ms")
 
 
@@ -824,7 +813,7 @@ def render(results: Sequence[SourceResult]) -> str:
                 )
         out.append("")
         for run in r.runs:
-            problems = round_problems(run.missed_up, run.missed_down, run.died_early)
+            problems = run.problems()
             if run.warmup_attempts > 1:
                 problems.append(f"the warm-up took {run.warmup_attempts} attempts")
             if problems:
