@@ -629,6 +629,20 @@ def uwsgi_armed(uwsgi: str, with_stats: bool) -> ArmedEmperor:
     )
 
 
+def uwsgi_for(count: int, run: RunOptions) -> str | None:
+    """The uwsgi binary to run *count* armed vassals with (None: uWSGI is skipped or
+    missing), the open-file soft limit raised for them: uWSGI's emperor does not raise
+    its own limit, it inherits ours."""
+    uwsgi = uwsgi_binary()
+    if run.skip_uwsgi or count <= 0 or uwsgi is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 100 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        run.progress(f"  raised the open-file soft limit from {soft} to {hard} for uWSGI")
+    return uwsgi
+
+
 def _armed_run(
     janitor: Janitor,
     who: ArmedEmperor,
@@ -763,7 +777,7 @@ def measure_armed(
     rng = random.Random(run.seed)
     progress = run.progress
     extra = ["--log-level", "warning", *run.trimperor_args]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < count + 100:
         progress(
             f"  warning: the hard open-file limit ({hard}) is below {count} vassals + 100: "
@@ -781,14 +795,9 @@ def measure_armed(
         rng=rng,
         run=run,
     )
-    uwsgi = uwsgi_binary()
-    if run.skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+    uwsgi = uwsgi_for(uwsgi_count, run)
+    if uwsgi is None:
         return ours, None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < uwsgi_count + 100 <= hard:
-        # uWSGI's emperor does not raise its own limit; it inherits ours.
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        progress(f"  raised the open-file soft limit from {soft} to {hard} for uWSGI")
 
     theirs = _armed_run(
         janitor,

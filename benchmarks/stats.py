@@ -31,7 +31,6 @@ import argparse
 import math
 import os
 import random
-import resource
 import socket
 import sys
 import threading
@@ -52,11 +51,10 @@ from benchlib import (
     percentile,
     run_main,
     status_field_kib,
-    uwsgi_binary,
     vassals_of,
     wait_until,
 )
-from ondemand import ArmedEmperor, first_byte, trimperor_armed, uwsgi_armed
+from ondemand import ArmedEmperor, first_byte, trimperor_armed, uwsgi_armed, uwsgi_for
 
 __all__ = ["StatsResult", "main", "measure"]
 
@@ -192,12 +190,9 @@ def measure(
 
     with Janitor() as janitor:
         ours = _run(janitor, trimperor_armed(extra), count, requests, wakes, rng, run)
-        uwsgi = uwsgi_binary()
-        if run.skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+        uwsgi = uwsgi_for(uwsgi_count, run)
+        if uwsgi is None:
             return ours, None
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < uwsgi_count + 100 <= hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
         theirs = _run(
             janitor, uwsgi_armed(uwsgi, with_stats=True), uwsgi_count, requests, wakes, rng, run
