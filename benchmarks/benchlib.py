@@ -689,7 +689,7 @@ class RunOptions:
         return cls(
             seed=getattr(args, "seed", None),
             skip_uwsgi=getattr(args, "skip_uwsgi", False),
-            trimperor_args=getattr(args, "trimperor_arg", ()),
+            trimperor_args=getattr(args, "trimperor_args", ()),
             progress=progress,
             keep_logs=getattr(args, "keep_logs", None),
         )
@@ -717,7 +717,12 @@ def add_run_options(
         p.add_argument("--skip-uwsgi", action="store_true", help=skip_uwsgi)
     if trimperor_arg is not None:
         p.add_argument(
-            "--trimperor-arg", action="append", default=[], metavar="ARG", help=trimperor_arg
+            "--trimperor-arg",
+            action="append",
+            default=[],
+            dest="trimperor_args",
+            metavar="ARG",
+            help=trimperor_arg,
         )
     p.add_argument("--keep-logs", type=Path, metavar="DIR", help=keep_logs)
     if json is not None:

@@ -89,7 +89,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -915,15 +915,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    opts = Options(
-        rounds=args.rounds,
-        poll_rounds=args.poll_rounds,
-        uwsgi_rounds=args.uwsgi_rounds,
-        skip_uwsgi=args.skip_uwsgi,
-        pg_admin_dsn=args.pg_admin_dsn,
-        mongo_python=args.mongo_python,
-        trimperor_args=args.trimperor_arg,
-    )
+    opts = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
     info = machine_info()
     binary = uwsgi_core()
     info["uwsgi"] = (
