@@ -9,7 +9,6 @@ partitions and session expiry go through :class:`tests.proxy.TcpProxy`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -39,6 +38,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
     running_monitor,
     system_user,
     versions,
@@ -585,17 +585,6 @@ async def test_an_unreachable_server_at_start_is_reported_and_awaited(tree: Tree
 # -- the emperor, end to end ---------------------------------------------------------------
 
 
-def _stats(path: Path) -> dict[str, Any]:
-    """The emperor's stats document, from its unix socket."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
 @integration
 async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: Path) -> None:
     stats = tmp_path / "stats.sock"
@@ -610,7 +599,7 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
         first_a, b = await new_pid(a_pid), await new_pid(b_pid)
         assert "source.bad_znode" in emperor.text()
         await wait_for(lambda: "stats.listening" in emperor.text())
-        (source,) = (await trio.to_thread.run_sync(_stats, stats))["sources"]
+        (source,) = (await trio.to_thread.run_sync(read_stats_document, stats))["sources"]
         assert (source["uri"], source["state"], source["vassals"]) == (tree.uri(), "connected", 2)
         assert source["session"].startswith("0x") and source["last_event"] > 0
 
