@@ -404,7 +404,7 @@ def wrapper_script(where: Path, name: str, target: Path) -> Path:
 async def test_emperor_wrapper_runs_uwsgi_vassals(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     wrapper = wrapper_script(tmp_path, "wrap", UWSGI)
@@ -502,7 +502,7 @@ def path_without_the_venv() -> str:
 async def test_the_default_binary_is_the_venvs_with_the_venv_off_path(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     port = free_port()

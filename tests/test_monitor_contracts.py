@@ -1,6 +1,6 @@
 """Every monitor keeps the Monitor contract, and every entry point names its extra.
 
-Needs every source's driver installed (``.[dev]`` pulls them all).
+Needs every source's driver installed (``.[all,ldap]``, as scripts/test and nox install).
 """
 
 from __future__ import annotations
