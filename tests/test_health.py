@@ -94,7 +94,8 @@ async def test_an_http_check_that_starts_failing_restarts_the_vassal(short_dir: 
             while await health_of(run, "web.ini") != "healthy":
                 await trio.sleep(0.05)
         rc_rows = await status(run)
-        assert rc_rows["web.ini"]["restarts"] >= 1 and rc_rows["web.ini"]["state"] == "running"
+        assert rc_rows["web.ini"]["restarts"] >= 1
+        assert rc_rows["web.ini"]["state"] == "running"
 
 
 async def test_a_health_command_and_the_unhealthy_state_in_status(short_dir: Path) -> None:
@@ -156,7 +157,8 @@ async def test_on_failure_hook_gets_name_status_and_last_lines(short_dir: Path) 
         env = json.loads(report.read_text())
         assert env["TRIMPEROR_VASSAL"] == "d.ini"
         assert env["TRIMPEROR_REASON"] == "exited"
-        assert env["TRIMPEROR_EXIT_CODE"] == "3" and env["TRIMPEROR_EXIT_SIGNAL"] == ""
+        assert env["TRIMPEROR_EXIT_CODE"] == "3"
+        assert env["TRIMPEROR_EXIT_SIGNAL"] == ""
         assert "d.ini| first words\nd.ini| last words" in env["TRIMPEROR_LOG"]
         # The hook's own output and failure are logged; the emperor goes on.
         await wait_for(lambda: "hook.failed name=d.ini: exit status 4" in run.emperor.text(), 20)
