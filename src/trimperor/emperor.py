@@ -488,10 +488,6 @@ class Emperor:
             self._parked[action.name] = action
             return
 
-        def resume() -> None:
-            assert self._vassals is not None
-            self._vassals.start_soon(self._run_supervisor, sup)
-
         sup = Supervisor(
             action.name,
             action.source,
@@ -505,12 +501,17 @@ class Emperor:
             notify_hub=self._notify_hub,
             observer=self._observe,
             armory=self._armory,
-            resume=resume,
+            resume=self._resume,
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
         self._configure_log(action.name, action.spec)
         self._notifier.status(self._status_line())
+        self._vassals.start_soon(self._run_supervisor, sup)
+
+    def _resume(self, sup: Supervisor) -> None:
+        """Run a dormant supervisor again (one method for all: no closure per vassal)."""
+        assert self._vassals is not None
         self._vassals.start_soon(self._run_supervisor, sup)
 
     async def _run_supervisor(self, sup: Supervisor) -> None:
