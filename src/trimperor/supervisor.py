@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import trio
@@ -88,6 +88,12 @@ _STAMPED: dict[int, str] = {
     ToEmperor.ACCEPTING: "last_accepting",
     ToEmperor.LOYAL: "last_loyal",
 }
+
+
+@lru_cache(maxsize=8)
+def _settings(policy: BackoffPolicy, graceful_shutdown: bool, curse_tolerance: float) -> Settings:
+    """One (frozen) Settings for every vassal that has the same."""
+    return Settings(policy, graceful_shutdown, curse_tolerance)
 
 
 def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
@@ -193,11 +199,7 @@ class Supervisor:
         self._machine = VassalMachine(
             version,
             spec,
-            Settings(
-                policy=policy,
-                graceful_shutdown=self._uwsgi.graceful_shutdown,
-                curse_tolerance=self._uwsgi.curse_tolerance,
-            ),
+            _settings(policy, self._uwsgi.graceful_shutdown, self._uwsgi.curse_tolerance),
             jitter=jitter,
         )
         self._channel: UwsgiChannel | None = None
