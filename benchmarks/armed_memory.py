@@ -15,6 +15,7 @@ tracemalloc costs memory and time of its own: read the RSS from ``--no-trace``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import sys
@@ -37,6 +38,14 @@ def rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
 
@@ -74,11 +83,20 @@ async def run(args: argparse.Namespace) -> None:
             gc.collect()
             after = rss_kib()
             print(f"vassals: {args.count}, all armed after {armed_after:.2f} s", file=sys.stderr)
+            print(f"peak RSS (VmHWM): {hwm_kib() / 1024:.1f} MiB", file=sys.stderr)
             print(
                 f"RSS: {before / 1024:.1f} MiB before the emperor, {after / 1024:.1f} MiB "
                 f"with all armed: {(after - before) * 1024 / max(args.count, 1):.0f} B a vassal",
                 file=sys.stderr,
             )
+            if args.trim:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                trimmed = rss_kib()
+                print(
+                    f"RSS after malloc_trim(0): {trimmed / 1024:.1f} MiB: "
+                    f"{(trimmed - before) * 1024 / max(args.count, 1):.0f} B a vassal",
+                    file=sys.stderr,
+                )
             if not args.no_trace:
                 snap = tracemalloc.take_snapshot()
                 stats = snap.compare_to(start, args.by)
@@ -110,6 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=1, help="frames kept per allocation (1)")
     p.add_argument("--freq", type=float, default=3.0, help="the monitor's rescan period (3)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds before measuring (2)")
+    p.add_argument("--trim", action="store_true", help="also the RSS after malloc_trim(0)")
     p.add_argument("--no-trace", action="store_true", help="RSS only, without tracemalloc")
     return p.parse_args(argv)
 

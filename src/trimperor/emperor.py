@@ -146,6 +146,9 @@ class Emperor:
         """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
         self.control_bound: dict[str, str] = {}
         # health checks and on-failure hooks (they run in the services nursery)
+        # One bound method each for every supervisor (not one object per vassal).
+        self._observer = self._observe
+        self._resumer = self._resume
         self._oversight = Oversight(
             self._sups, self._stopping, spawner, self._environ, self.hub, self._shutdown
         )
@@ -368,6 +371,7 @@ class Emperor:
                 self._parsed = {}
             for action in actions:
                 self._apply(action)
+            del event, docs, actions  # nothing of a large snapshot kept until the next event
             if self._fleet is not None:
                 self._fleet.set_catalogue(
                     {n: s.placement for n, s in self.registry.running().items()}
@@ -495,9 +499,9 @@ class Emperor:
             uwsgi=self._uwsgi,
             connections=self._connections,
             notify_hub=self._notify_hub,
-            observer=self._observe,
+            observer=self._observer,
             armory=self._armory,
-            resume=self._resume,
+            resume=self._resumer,
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
