@@ -114,15 +114,20 @@ async def test_a_dormant_vassal_holds_only_what_waking_it_needs(
     await source.send(Upsert(VassalDocument("a.ini", "fake://", "1", vassal(tmp_path / "a.sock"))))
     await wait_for(lambda: (s := emp.supervisor("a.ini")) is not None and s.dormant)
     sup = emp.supervisor("a.ini")
-    assert sup is not None and sup.snapshot().state == "armed"
+    assert sup is not None
+    assert sup.snapshot().state == "armed"
     machine = sup._machine
     held = list(sup._held.values())
     for record in (sup, machine, *held):
         assert not hasattr(record, "__dict__"), type(record).__name__
-    assert sup._inbox is None and sup._finished is None
-    assert not sup._procs and not sup._timers and not machine._timers
+    assert sup._inbox is None
+    assert sup._finished is None
+    assert not sup._procs
+    assert not sup._timers
+    assert not machine._timers
     desired = emp.registry.desired("a.ini")
-    assert desired is not None and sup.spec is desired.spec is machine.desired
+    assert desired is not None
+    assert sup.spec is desired.spec is machine.desired
     # It still wakes, and finishes when removed (its event made on demand).
     await fetch(tmp_path / "a.sock")
     await wait_for(lambda: sup.snapshot().wakes == 1)

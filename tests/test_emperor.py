@@ -313,7 +313,8 @@ async def test_changes_while_stopping_start_the_latest_configuration(
     assert new.plan.argv == ("app", "3")
     sup = world.emperor.supervisor("web.ini")
     desired = world.emperor.registry.desired("web.ini")
-    assert sup is not None and desired is not None
+    assert sup is not None
+    assert desired is not None
     assert sup.spec is desired.spec  # one owner: the registry's object, not a copy
     assert sup.version == "3"
     await settle()
