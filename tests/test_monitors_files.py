@@ -25,6 +25,7 @@ from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
 from trimperor.monitors import files
 from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
+from trimperor.monitors.inotify import Inotify
 
 EVENTS = MonitorOptions(freq=60)
 """Only inotify can deliver a change within the waiting bound."""
@@ -691,8 +692,7 @@ async def test_an_inotify_overflow_heals_with_a_rescan(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Events lost to a full kernel queue: the overflow itself triggers a rescan."""
-    with open("/proc/sys/fs/inotify/max_queued_events") as f:
-        limit = int(f.read())
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     if limit > 200_000:
         pytest.skip(f"max_queued_events is {limit}: too many events to overflow quickly")
     # Events about names that are no configuration: each alone pokes nothing.
@@ -716,7 +716,7 @@ async def test_an_inotify_overflow_heals_with_a_rescan(
 async def test_a_failing_watch_falls_back_to_rescans_every_freq(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def no_inotify() -> files.Inotify:
+    def no_inotify() -> Inotify:
         raise OSError(24, "inotify_init1: Too many open files")
 
     monkeypatch.setattr(files, "Inotify", no_inotify)
