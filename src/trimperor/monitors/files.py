@@ -12,12 +12,20 @@ Both monitors work the same way; they differ only in how they list candidates:
 A monitor runs two tasks. The *scanner* lists the candidates, stats them, reads
 the ones whose version changed, and sends a :class:`~trimperor.core.model.Snapshot`
 when the result differs from the last one it sent. The *watcher* follows the
-file system with inotify (:func:`watchfiles.awatch`) and pokes the scanner
-when something relevant happens; the scanner also rescans every ``freq``
-seconds without a poke, which heals missed events and is the only mechanism
-while nothing watchable exists. Every scan is a full, level-triggered rescan;
-an unchanged file is not read again (texts are cached by version), so a
-rescan costs one ``stat`` per candidate.
+file system with inotify (:mod:`trimperor.monitors.inotify`, waited on by
+Trio's event loop: a quiet watch costs no wake-up) and pokes the scanner as
+soon as something relevant happens, or the kernel's queue overflowed. Every
+scan is a full, level-triggered rescan; an unchanged file is not read again
+(texts are cached by version), so a rescan costs one ``stat`` per candidate.
+
+Without a poke, every ``freq`` seconds: while inotify watches a local file
+system, the scanner only looks at the targets of symbolic links (which no
+watch sees change) and rescans in full every ``_FULL_RESCAN_EVERY``-th time,
+the safety net; on a network file system (other hosts' changes are not
+reported), while nothing watchable exists, or while the watch cannot be set up,
+it rescans in full every time, as uWSGI polls. The watcher also checks every
+``freq`` seconds that it still watches the right directory (one replaced, a
+missing one that appeared).
 
 A directory that disappears counts as empty (its vassals stop) until it comes
 back; any other failure to scan sends a :class:`~trimperor.core.model.SourceProblem`
@@ -31,12 +39,10 @@ suffix, so that it changes again once the file becomes readable).
 A candidate that is not a regular file (a FIFO, a directory named ``x.ini``, a
 symbolic link loop or a dangling link) is skipped with one ``source.skipped``
 line, repeated only if it goes away and comes back. A file name that is not
-UTF-8 ends watchfiles' watch (it cannot report such a name); the watcher says
-so once (``source.watch_restarted``, with the cause) and watches again at
-once, and the new watch's rescan catches what the old one missed.
+UTF-8 is a candidate like any other (decoded with ``surrogateescape``).
 
-Limitations: a change to the *target* of a symlink is not watched (only the
-periodic rescan sees it), and a glob whose wildcards span directories watches
+Limitations: a change to the *target* of a symlink is not watched (the look
+every ``freq`` seconds sees it), and a glob whose wildcards span directories watches
 the fixed part of the pattern recursively, which costs one inotify watch per
 directory below it.
 """
