@@ -66,7 +66,7 @@ from trimperor.abc import MonitorOptions
 from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
 from trimperor.monitors import toolkit as kit
-from trimperor.monitors.inotify import ENDED, OVERFLOW, Inotify, is_remote
+from trimperor.monitors.inotify import ENDED, IN_ISDIR, OVERFLOW, Inotify, is_remote
 from trimperor.monitors.toolkit import (
     WatchingStatus,
     check_freq,
@@ -565,6 +565,7 @@ class _FileMonitor:
     ) -> None:
         """Watch *target* until it is no longer the right place to watch."""
         relevant = _relevance(pattern, self._options.extra_extensions)
+        depth = pattern.count(os.sep)  # that of the files the pattern names
         remote = await trio.to_thread.run_sync(is_remote, target.path, limiter=self._limiter)
         with Inotify() as watch:
             if target.recursive:
@@ -597,11 +598,17 @@ class _FileMonitor:
                             return
                     if self._pattern() != pattern:
                         return  # a relative glob pattern and a new working directory
-                    now = await trio.to_thread.run_sync(
-                        _watch_target, pattern, limiter=self._limiter
-                    )
-                    if now != target:
-                        return  # e.g. a missing directory appeared meanwhile
+                    # Only a change of a directory, or of a name on the way to the
+                    # files (or none for freq seconds) can move the place to watch;
+                    # a file's change goes straight to the scan.
+                    if batch is None or any(
+                        mask & IN_ISDIR or path.count(os.sep) < depth for path, mask in batch
+                    ):
+                        now = await trio.to_thread.run_sync(
+                            _watch_target, pattern, limiter=self._limiter
+                        )
+                        if now != target:
+                            return  # e.g. a missing directory appeared meanwhile
                     batch = None
                     # Every freq seconds, check that this is still the place to
                     # watch (the directory may have been replaced).

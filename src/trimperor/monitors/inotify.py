@@ -22,7 +22,7 @@ import struct
 
 import trio
 
-__all__ = ["ENDED", "OVERFLOW", "Inotify", "is_remote"]
+__all__ = ["ENDED", "IN_ISDIR", "OVERFLOW", "Inotify", "is_remote"]
 
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
