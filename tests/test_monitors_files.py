@@ -725,3 +725,25 @@ async def test_a_failing_watch_falls_back_to_rescans_every_freq(
         await wait_for(lambda: "source.watch_failed" in caplog.text)
         (tmp_path / "app.ini").write_text("x")
         await src.until_names("app.ini")
+
+
+async def test_a_directory_gone_as_it_is_watched_is_watched_again_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed between the look and inotify_add_watch: no wait for the next period."""
+    add = Inotify.add
+    failed = []
+
+    def vanishing(self: Inotify, path: str, *, root: bool = True) -> None:
+        if not failed:
+            failed.append(path)
+            raise FileNotFoundError(2, "inotify_add_watch: No such file or directory", path)
+        add(self, path, root=root)
+
+    monkeypatch.setattr(Inotify, "add", vanishing)
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        await wait_for(lambda: bool(failed))
+        # freq is a minute: only a watch set up again at once sees this
+        (tmp_path / "app.ini").write_text("x")
+        await src.until_names("app.ini")

@@ -86,6 +86,8 @@ _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 #: candidate) runs every this many ``freq`` periods; the other periods only
 #: look at the watched directory and at the targets of symbolic links.
 _FULL_RESCAN_EVERY = 20
+#: Seconds before watching again a directory that vanished as it was being watched.
+_REWATCH_DELAY = 0.01
 
 #: stat() errors that mean "this candidate is not a file": skip it.
 _NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
@@ -545,6 +547,10 @@ class _FileMonitor:
             try:
                 await self._watch(pattern, target, pokes)
             except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    # Gone between the look and the watch: look again at once.
+                    await trio.sleep(_REWATCH_DELAY)
+                    continue
                 # The rescan every freq seconds still works; try again later.
                 message = f"{type(exc).__name__}: {exc}"
                 if message != failure:
