@@ -732,7 +732,7 @@ async def test_a_directory_gone_as_it_is_watched_is_watched_again_at_once(
 ) -> None:
     """Removed between the look and inotify_add_watch: no wait for the next period."""
     add = Inotify.add
-    failed = []
+    failed: list[str] = []
 
     def vanishing(self: Inotify, path: str, *, root: bool = True) -> None:
         if not failed:
