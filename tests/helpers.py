@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -12,16 +13,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from tests.proxy import TcpProxy
-from trimperor.abc import Monitor
-from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, Upsert
+from trimperor.abc import Monitor, MonitorOptions
+from trimperor.core.model import Remove, Snapshot, SourceEvent, SourceProblem, Upsert
 from trimperor.monitors.toolkit import SourceStatus
 
 PYTHON = sys.executable
+
+if TYPE_CHECKING:
+    import pika
+
+M = TypeVar("M", bound=Monitor)
+
+#: The RabbitMQ the AMQP tests talk to (``scripts/services start``).
+AMQP_BROKER = ("127.0.0.1", 5672)
 
 
 @contextmanager
@@ -167,6 +176,24 @@ async def monitor_running(
         await nursery.start(monitor.run, send)
         yield recv
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_monitor(
+    make: Callable[[str, MonitorOptions], M], uri: str, **options: Any
+) -> AsyncIterator[tuple[M, trio.MemoryReceiveChannel[SourceEvent]]]:
+    """``make(uri, MonitorOptions(**options))`` running until the block ends; yields it
+    and the channel of its events."""
+    monitor = make(uri, MonitorOptions(**options))
+    async with monitor_running(monitor) as recv:
+        yield monitor, recv
+
+
+async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
+    """The next Upsert or Remove (nothing else may come first)."""
+    event = await next_event(recv)
+    assert isinstance(event, Upsert | Remove), event
+    return event
 
 
 async def next_event(recv: trio.MemoryReceiveChannel[SourceEvent]) -> SourceEvent:
@@ -338,3 +365,83 @@ async def emperor_follows_a_polled_source(
         finally:
             emperor.close()
         nursery.cancel_scope.cancel()
+
+
+#: The triggers of docs/sources/pg.md, for a table named {table}: keeps ts
+#: current and sends one NOTIFY {table} per statement that changes rows.
+PG_TRIGGERS = """
+CREATE FUNCTION {table}_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD THEN
+        RETURN NEW;
+    END IF;
+    NEW.ts := extract(epoch FROM clock_timestamp());
+    RETURN NEW;
+END $$;
+CREATE TRIGGER {table}_touch BEFORE INSERT OR UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {table}_touch();
+
+CREATE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{table}', TG_OP);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
+"""
+
+
+def amqp_connection() -> pika.BlockingConnection:
+    """A blocking connection to :data:`AMQP_BROKER` (close it)."""
+    import pika
+
+    return pika.BlockingConnection(pika.ConnectionParameters(*AMQP_BROKER))
+
+
+def _amqp_publish(exchange: str, body: bytes, key: str) -> None:
+    connection = amqp_connection()
+    try:
+        connection.channel().basic_publish(exchange, key, body)
+    finally:
+        connection.close()
+
+
+async def amqp_publish(exchange: str, body: bytes | str, key: str = "") -> None:
+    """Publish *body* to *exchange* with routing key *key*, from a worker thread."""
+    data = body.encode() if isinstance(body, str) else body
+    await trio.to_thread.run_sync(_amqp_publish, exchange, data, key)
+
+
+async def http_request_path(stream: trio.SocketStream) -> str | None:
+    """The path of the HTTP request read from *stream* (None if it closes first)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        request += chunk
+    return request.split(b" ", 2)[1].decode()
+
+
+def trac_ini(port: int, env: Path, *extra: str) -> str:
+    """A uWSGI vassal serving the Trac environment *env* on 127.0.0.1:*port*, two
+    workers, then the *extra* lines."""
+    return (
+        "[uwsgi]\n"
+        "master = true\n"
+        "processes = 2\n"
+        "module = trac.web.main:dispatch_request\n"
+        f"env = TRAC_ENV={env}\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+    ) + "".join(f"{line}\n" for line in extra)
+
+
+def read_stats_document(path: Path) -> dict[str, Any]:
+    """The stats document an emperor serves on the unix socket *path* (blocking)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    doc: dict[str, Any] = json.loads(data)
+    return doc

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
     wait_for,
     write_atomic,
 )
@@ -262,16 +262,7 @@ async def test_stats_on_a_unix_socket(
         lambda: "vassal.spawned" in emperor.text() and "stats.listening" in emperor.text()
     )
 
-    def fetch() -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(sock_path))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        result: dict[str, object] = json.loads(data)
-        return result
-
-    doc = await trio.to_thread.run_sync(fetch)
+    doc = await trio.to_thread.run_sync(read_stats_document, sock_path)
     assert doc["pid"] == emperor.proc.pid
     assert doc["emperor"] == [f"dir://{vassals}"]
     vassals_info = doc["vassals"]

@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,8 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
+    trac_ini,
     wait_for,
     write_atomic,
 )
@@ -87,14 +87,6 @@ async def wait_http(port: int, timeout: float = 60.0, path: str = "/") -> bytes:
         while (body := await trio.to_thread.run_sync(get)) is None:
             await trio.sleep(0.1)
     return body
-
-
-@pytest.fixture
-def emperors() -> Iterator[list[EmperorProcess]]:
-    started: list[EmperorProcess] = []
-    yield started
-    for e in started:
-        e.close()
 
 
 async def stop(emperor: EmperorProcess) -> None:
@@ -243,6 +235,20 @@ def test_the_default_binary_is_beside_the_interpreter(
 # -- the seed's command lines, --plugin included -----------------------------------------
 
 
+async def seed_runs_a(
+    tmp_path: Path, emperors: list[EmperorProcess], plugin: str, uri: str
+) -> EmperorProcess:
+    """The seed's ``--plugin PLUGIN --emperor URI --freq 0.5``, run until the vassal
+    ``a`` has started, then stopped."""
+    emperor = EmperorProcess(
+        ["--plugin", plugin, "--emperor", uri, "--freq", "0.5"], tmp_path / "emperor.log"
+    )
+    emperors.append(emperor)
+    await new_pid(tmp_path / "a.pid")
+    await stop(emperor)
+    return emperor
+
+
 @pytest.mark.integration
 async def test_seed_pg_command_line(tmp_path: Path, emperors: list[EmperorProcess]) -> None:
     table = f"vassals_{uuid.uuid4().hex[:10]}"
@@ -254,20 +260,8 @@ async def test_seed_pg_command_line(tmp_path: Path, emperors: list[EmperorProces
                 f"INSERT INTO {table} VALUES (%s, %s, 1)",
                 ("a.ini", pidfile_vassal(tmp_path, "a")),
             )
-            emperor = EmperorProcess(
-                [
-                    "--plugin",
-                    "emperor_pg",
-                    "--emperor",
-                    f"pg://{dsn};SELECT name,config,ts FROM {table}",
-                    "--freq",
-                    "0.5",
-                ],
-                tmp_path / "emperor.log",
-            )
-            emperors.append(emperor)
-            await new_pid(tmp_path / "a.pid")
-            await stop(emperor)
+            uri = f"pg://{dsn};SELECT name,config,ts FROM {table}"
+            emperor = await seed_runs_a(tmp_path, emperors, "emperor_pg", uri)
         finally:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     assert "plugin_ignored" not in emperor.text()
@@ -294,20 +288,8 @@ async def test_seed_mongodb_command_line(
                 {"name": "b.ini", "config": pidfile_vassal(tmp_path, "b"), "ts": now, "enabled": 0},
             ]
         )
-        emperor = EmperorProcess(
-            [
-                "--plugin",
-                "emperor_mongodb",
-                "--emperor",
-                f"mongodb://{host}:{port},emperor.{coll.name},{{enabled:1}}",
-                "--freq",
-                "0.5",
-            ],
-            tmp_path / "emperor.log",
-        )
-        emperors.append(emperor)
-        await new_pid(tmp_path / "a.pid")
-        await stop(emperor)
+        uri = f"mongodb://{host}:{port},emperor.{coll.name},{{enabled:1}}"
+        emperor = await seed_runs_a(tmp_path, emperors, "emperor_mongodb", uri)
         # The filter is applied: b.ini, read in the same query as a.ini, never started.
         assert "vassal.spawned name=a.ini" in emperor.text()
         assert "name=b.ini" not in emperor.text()
@@ -531,16 +513,7 @@ async def test_no_app_loaded_shows_in_stats_and_log(
     emperors.append(emperor)
     await wait_for(lambda: "vassal.no_app name=broken.xml" in emperor.text(), 30)
 
-    def read_stats() -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(stats))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        doc: dict[str, Any] = json.loads(data)
-        return doc
-
-    doc = await trio.to_thread.run_sync(read_stats)
+    doc = await trio.to_thread.run_sync(read_stats_document, stats)
     (vassal,) = doc["vassals"]
     assert vassal["id"] == "broken.xml" and vassal["no_app"] is True
     assert pid_alive(vassal["pid"])
@@ -565,17 +538,6 @@ def seed_werkzeug_xml(port: int) -> str:
         "    <processes>4</processes>\n"
         f"    <http-socket>127.0.0.1:{port}</http-socket>\n"
         "</uwsgi>\n"
-    )
-
-
-def seed_trac_ini(port: int, env: Path) -> str:
-    return (
-        "[uwsgi]\n"
-        "master = true\n"
-        "processes = 2\n"
-        "module = trac.web.main:dispatch_request\n"
-        f"env = TRAC_ENV={env}\n"
-        f"http-socket = 127.0.0.1:{port}\n"
     )
 
 
@@ -628,7 +590,7 @@ async def test_the_seeds_four_files_from_one_emperor(
     trac = await make_trac_env(tmp_path / "project001")
     ports = {name: free_port() for name in ("werkzeug", "trac", "rails", "django")}
     write_atomic(vassals / "werkzeug.xml", seed_werkzeug_xml(ports["werkzeug"]))
-    write_atomic(vassals / "trac.ini", seed_trac_ini(ports["trac"], trac))
+    write_atomic(vassals / "trac.ini", trac_ini(ports["trac"], trac))
     write_atomic(vassals / "rails.yml", seed_rails_yml(ports["rails"], rails))
     write_atomic(vassals / "django.ini", seed_django_ini(ports["django"], django))
 

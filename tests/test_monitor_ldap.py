@@ -16,8 +16,8 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from tests import slapd as sl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
-    next_event,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -230,19 +230,10 @@ def tree(server: sl.Slapd) -> Tree:
     return Tree(server)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = LdapMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    event = await next_event(recv)
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(LdapMonitor, uri, **options)
 
 
 # -- the monitor on a live directory --------------------------------------------------------
@@ -403,24 +394,22 @@ async def test_polling_fallback_without_syncprov(caplog: pytest.LogCaptureFixtur
 # -- the emperor on a live directory --------------------------------------------------------
 
 
-@pytest.fixture
-def emperors() -> Iterator[list[EmperorProcess]]:
-    started: list[EmperorProcess] = []
-    yield started
-    for e in started:
-        e.close()
+async def emperor_running_a_and_b(
+    tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
+) -> tuple[EmperorProcess, int, int]:
+    """An emperor on *tree*, two plain vassals added: the emperor and their pids."""
+    emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
+    emperors.append(emperor)
+    tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
+    tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
+    return emperor, await new_pid(tmp_path / "a.pid"), await new_pid(tmp_path / "b.pid")
 
 
 @pytest.mark.integration
 async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
     tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
-    emperors.append(emperor)
-    tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
-    tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-    a = await new_pid(tmp_path / "a.pid")
-    b = await new_pid(tmp_path / "b.pid")
+    emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
 
     tree.server.replace(
         tree.dn("a.ini"), {"trimperorConfig": [pidfile_vassal(tmp_path, "a", "#2")]}
@@ -597,12 +586,7 @@ async def test_slapd_stopped_for_30s_then_restarted(
     server = own_slapd()
     try:
         tree = Tree(server)
-        emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
-        emperors.append(emperor)
-        tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
-        tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-        a = await new_pid(tmp_path / "a.pid")
-        b = await new_pid(tmp_path / "b.pid")
+        emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
         server.stop()
         stopped = trio.current_time()
         # 30 s without the directory: nothing stops, the emperor keeps trying

@@ -9,7 +9,6 @@ partitions and session expiry go through :class:`tests.proxy.TcpProxy`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -18,7 +17,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,15 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -258,21 +259,10 @@ def tree(zk_server: ZkServer) -> Iterator[Tree]:
         _close(client)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = ZooMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    """The next Upsert or Remove (nothing else may come first)."""
-    with trio.fail_after(10):
-        event = await recv.receive()
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(ZooMonitor, uri, **options)
 
 
 # -- the monitor on its own -------------------------------------------------------------------
@@ -595,17 +585,6 @@ async def test_an_unreachable_server_at_start_is_reported_and_awaited(tree: Tree
 # -- the emperor, end to end ---------------------------------------------------------------
 
 
-def _stats(path: Path) -> dict[str, Any]:
-    """The emperor's stats document, from its unix socket."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
 @integration
 async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: Path) -> None:
     stats = tmp_path / "stats.sock"
@@ -620,7 +599,7 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
         first_a, b = await new_pid(a_pid), await new_pid(b_pid)
         assert "source.bad_znode" in emperor.text()
         await wait_for(lambda: "stats.listening" in emperor.text())
-        (source,) = (await trio.to_thread.run_sync(_stats, stats))["sources"]
+        (source,) = (await trio.to_thread.run_sync(read_stats_document, stats))["sources"]
         assert (source["uri"], source["state"], source["vassals"]) == (tree.uri(), "connected", 2)
         assert source["session"].startswith("0x") and source["last_event"] > 0
 

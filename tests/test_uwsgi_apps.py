@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, free_port, pid_alive, trac_ini, wait_for, write_atomic
 
 pytestmark = pytest.mark.integration
 
@@ -183,18 +183,6 @@ async def make_trac_env(env: Path) -> Path:
     return env
 
 
-def trac_ini(port: int, env: Path) -> str:
-    return (
-        "[uwsgi]\n"
-        "master = true\n"
-        "processes = 2\n"
-        "module = trac.web.main:dispatch_request\n"
-        f"env = TRAC_ENV={env}\n"
-        f"http-socket = 127.0.0.1:{port}\n"
-        "pidfile = %d%n.pid\n"
-    )
-
-
 # -- the scenario --------------------------------------------------------------------
 
 
@@ -273,4 +261,6 @@ async def test_django_ini_spawn_touch_crash_remove(tmp_path: Path, started: Vass
 async def test_trac_ini_spawn_touch_crash_remove(tmp_path: Path, started: Vassals) -> None:
     env = await make_trac_env(tmp_path / "project001")
     port = free_port()
-    await spawn_touch_crash_remove(tmp_path, started, "trac.ini", trac_ini(port, env), port)
+    await spawn_touch_crash_remove(
+        tmp_path, started, "trac.ini", trac_ini(port, env, "pidfile = %d%n.pid"), port
+    )
