@@ -107,7 +107,8 @@ def test_plugins_are_built_in_and_others_are_named(caplog: pytest.LogCaptureFixt
     assert "cli.plugin_builtin plugin=emperor_zeromq scheme=zmq" in lines
     assert "cli.plugin_builtin plugin=emperor_amqp scheme=amqp" in lines
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and warned[0].startswith("cli.plugin_ignored plugin=python3 ")
+    assert len(warned) == 1
+    assert warned[0].startswith("cli.plugin_ignored plugin=python3 ")
 
 
 def test_uwsgi_spellings_are_accepted() -> None:
@@ -194,7 +195,8 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
         in_own_dir=True,
     )
     spec = build_spec(doc, {})
-    assert isinstance(spec, UwsgiSpec) and spec.binary == "/usr/bin/uwsgi-core"
+    assert isinstance(spec, UwsgiSpec)
+    assert spec.binary == "/usr/bin/uwsgi-core"
     ini = VassalDocument(
         "a.ini",
         f"dir://{tmp_path}",
@@ -206,7 +208,8 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
     spec = build_spec(ini, {})
     assert isinstance(spec, UwsgiSpec)
     assert spec.binary == str(tmp_path / "bin" / "uwsgi")  # relative to the vassal's cwd
-    assert spec.attr("wrapper") == "/opt/w" and spec.attr("other") is None
+    assert spec.attr("wrapper") == "/opt/w"
+    assert spec.attr("other") is None
     # a new binary cannot be reloaded in place
     other = UwsgiSpec(spec.name, spec.path, spec.text, spec.cwd, binary="/x")
     assert other.launch_key() != spec.launch_key()
@@ -383,7 +386,7 @@ def wrapper_script(where: Path, name: str, target: Path) -> Path:
 async def test_emperor_wrapper_runs_uwsgi_vassals(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     wrapper = wrapper_script(tmp_path, "wrap", UWSGI)
@@ -463,7 +466,8 @@ async def test_nothing_runnable_is_one_clear_error(tmp_path: Path) -> None:
 
             await wait_for(failed)
             sup = emperor.supervisor("v.ini")
-            assert sup is not None and sup.last_error is not None
+            assert sup is not None
+            assert sup.last_error is not None
             assert f"tried {missing}, no-such-uwsgi" in sup.last_error
             emperor.shutdown()
 
@@ -480,7 +484,7 @@ def path_without_the_venv() -> str:
 async def test_the_default_binary_is_the_venvs_with_the_venv_off_path(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     port = free_port()
@@ -515,7 +519,8 @@ async def test_no_app_loaded_shows_in_stats_and_log(
 
     doc = await trio.to_thread.run_sync(read_stats_document, stats)
     (vassal,) = doc["vassals"]
-    assert vassal["id"] == "broken.xml" and vassal["no_app"] is True
+    assert vassal["id"] == "broken.xml"
+    assert vassal["no_app"] is True
     assert pid_alive(vassal["pid"])
     await stop(emperor)
 
@@ -655,7 +660,8 @@ async def test_an_unreachable_broker_says_why(tmp_path: Path) -> None:
     async with monitor_running(monitor):
         await wait_for(lambda: monitor.status.last_error is not None, 20)
     error = monitor.status.last_error
-    assert error is not None and error.startswith("AMQPConnectionError: ")
+    assert error is not None
+    assert error.startswith("AMQPConnectionError: ")
     assert "refused" in error.lower(), error
 
 
@@ -672,9 +678,11 @@ async def test_the_pg_retry_line_names_the_query_once(caplog: pytest.LogCaptureF
             await wait_for(lambda: monitor.status.attempt >= 3, 30)
     lines = [r.getMessage() for r in caplog.records if "source.retrying" in r.getMessage()]
     assert len(lines) >= 3
-    assert "SELECT" in lines[0] and "attempt=1" in lines[0]
+    assert "SELECT" in lines[0]
+    assert "attempt=1" in lines[0]
     for line in lines[1:]:
-        assert "SELECT" not in line and line.startswith("source.retrying uri=pg://127.0.0.1:")
+        assert "SELECT" not in line
+        assert line.startswith("source.retrying uri=pg://127.0.0.1:")
 
 
 def test_versions_read_as_mtime_and_size() -> None:

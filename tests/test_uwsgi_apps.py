@@ -148,7 +148,8 @@ async def make_django_project(where: Path, project: str) -> Path:
 def configure_django(package: Path) -> None:
     settings = package / "settings.py"
     text = settings.read_text()
-    assert "DEBUG = True" in text and "ALLOWED_HOSTS = []" in text
+    assert "DEBUG = True" in text
+    assert "ALLOWED_HOSTS = []" in text
     text = text.replace("DEBUG = True", "DEBUG = False").replace(
         "ALLOWED_HOSTS = []", 'ALLOWED_HOSTS = ["127.0.0.1", "localhost"]'
     )
