@@ -58,6 +58,7 @@ IO_MODULES = {
     "tempfile",
     "importlib",
     "watchfiles",
+    "inotify_simple",
     "psycopg",
     "pymongo",
     "pika",

@@ -25,7 +25,7 @@ from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
 from trimperor.monitors import files
 from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
-from trimperor.monitors.inotify import Inotify
+from trimperor.monitors.inotify import Inotify, fs_type, is_remote
 
 EVENTS = MonitorOptions(freq=60)
 """Only inotify can deliver a change within the waiting bound."""
@@ -89,9 +89,9 @@ def open_fds() -> set[int]:
 async def threads_settled(before: set[int]) -> None:
     """Wait until the file descriptors opened since *before* are closed.
 
-    watchfiles closes its inotify watcher synchronously, but its background
-    thread closes its epoll and eventfd descriptors a moment later, on its way
-    out; the leak check of ``conftest.py`` must not see them.
+    A file source's scans run in worker threads, which may still hold a
+    descriptor for a moment after the monitor returned; the leak check of
+    ``conftest.py`` must not see them.
     """
     with trio.fail_after(BOUND):
         while True:
@@ -747,3 +747,30 @@ async def test_a_directory_gone_as_it_is_watched_is_watched_again_at_once(
         # freq is a minute: only a watch set up again at once sees this
         (tmp_path / "app.ini").write_text("x")
         await src.until_names("app.ini")
+
+
+MOUNTINFO = [
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n",
+    "30 22 0:40 / /srv/shared rw shared:9 - nfs4 host:/export rw,vers=4.2\n",
+    "31 30 0:41 / /srv/shared/local\\040dir rw - tmpfs tmpfs rw\n",
+    "32 22 0:42 / /mnt/box rw - fuse.sshfs user@host: rw\n",
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/etc/vassals", "ext4"),
+        ("/srv/shared/vassals", "nfs4"),
+        ("/srv/shared", "nfs4"),
+        ("/srv/sharedother", "ext4"),  # a prefix of the name is not a mount above it
+        ("/srv/shared/local dir/v", "tmpfs"),  # an escaped space, the deeper mount wins
+        ("/mnt/box/v", "fuse.sshfs"),
+    ],
+)
+def test_the_file_system_of_a_path_is_the_deepest_mount_above_it(path: str, kind: str) -> None:
+    assert fs_type(path, MOUNTINFO) == kind
+
+
+def test_the_configuration_directory_of_the_tests_is_local(tmp_path: Path) -> None:
+    assert not is_remote(str(tmp_path))

@@ -614,7 +614,7 @@ async def test_idle_stats_clients_do_not_stop_an_answer() -> None:
 async def files_running(
     monitor: DirMonitor,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[SourceEvent]]:
-    """Run *monitor*; afterwards wait until watchfiles' thread closed its descriptors."""
+    """Run *monitor*; afterwards wait until its worker threads closed their descriptors."""
     before = set(os.listdir("/proc/self/fd"))
     async with monitor_running(monitor) as events:
         yield events

@@ -534,8 +534,6 @@ def _configure_logging(level: str) -> None:
     # Vassal output is what the operator asked to see, whatever the level.
     logging.getLogger("trimperor.vassal").setLevel(logging.INFO)
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
-    # watchfiles logs every change it sees at INFO; our monitors log what matters.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # pymongo logs its topology at DEBUG, and its fork hook repeats that in
     # every vassal's child before exec; keep --log-level debug about trimperor.
     logging.getLogger("pymongo").setLevel(logging.WARNING)
