@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,10 @@ def test_no_sequence_of_changes_leaves_a_stale_part(steps: list[tuple[str, Any, 
         trio.run(_changes, steps, Path(tmp), clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def _woken(sup: Supervisor) -> bool:
+    return sup.state.value != "armed"
+
+
 async def _changes(steps: list[tuple[str, Any, Any]], tmp: Path) -> None:
     source, spawner = FakeMonitor("fake://"), FakeSpawner()
     emperor = Emperor(
@@ -333,7 +338,7 @@ async def _changes(steps: list[tuple[str, Any, Any]], tmp: Path) -> None:
             elif what == "wake" and sup is not None and sup.state.value == "armed":
                 with socket.socket(socket.AF_UNIX) as client:
                     client.connect(str(tmp / f"{name}.sock"))
-                    await wait_for(lambda s=sup: s.state.value != "armed")
+                    await wait_for(partial(_woken, sup))
             elif what == "reload":
                 emperor.reload_all()
             elif what == "clear":
