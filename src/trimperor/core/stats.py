@@ -267,6 +267,8 @@ class DocumentCache:
         self._index: dict[str, int] = {}
         self._blocks: list[bytes | None] = []
         """Joined parts (with the separator before each one but the first); None: stale."""
+        self._snaps: list[VassalStats] = []
+        """The snapshots in document order (while no names came or went since arranged)."""
         self._vassals: tuple[VassalStats, ...] | None = ()
         self._backoff: dict[str, VassalStats] = {}
         """The vassals with a backoff (the document's ``blacklist``)."""
@@ -285,19 +287,25 @@ class DocumentCache:
         if hit is not None and (hit[0] is v or hit[0] == v):
             if hit[0] is not v:
                 self._parts[v.name] = (v, hit[1])
-                self._vassals = None
+                self._replace(v)
             return
         text = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
         self._parts[v.name] = (v, text)
-        self._vassals = None
         if v.backoff_attempt:
             self._backoff[v.name] = v
         else:
             self._backoff.pop(v.name, None)
         if hit is None:
             self._reorder = True
+            self._vassals = None
         elif not self._reorder:
             self._blocks[self._index[v.name] // self._block] = None
+            self._replace(v)
+
+    def _replace(self, v: VassalStats) -> None:
+        if not self._reorder:
+            self._snaps[self._index[v.name]] = v
+        self._vassals = None
 
     def drop(self, name: str) -> None:
         """The vassal *name* is gone."""
@@ -315,6 +323,7 @@ class DocumentCache:
             self._order = order
             self._index = {n: i for i, n in enumerate(order)}
             self._blocks = [None] * -(-len(order) // self._block)
+            self._snaps = [self._parts[n][0] for n in order]
             self._vassals = None
         self._reorder = False
 
@@ -332,7 +341,7 @@ class DocumentCache:
         """The snapshots, in document order (what :meth:`chunks` wants in its stats)."""
         self._arrange()
         if self._vassals is None:
-            self._vassals = tuple(self._parts[n][0] for n in self._order)
+            self._vassals = tuple(self._snaps)
         return self._vassals
 
     def chunks(self, stats: EmperorStats) -> list[bytes]:
