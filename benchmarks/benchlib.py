@@ -1,13 +1,20 @@
-"""Shared helpers for the benchmarks: statistics, /proc readings, and cleanup.
+"""Shared helpers for the benchmarks: statistics, /proc readings, cleanup, and main().
 
 Every emperor a benchmark starts is registered with a :class:`Janitor`, which
 on exit (normal, exception, Ctrl-C or SIGTERM) sends SIGTERM to the emperor's
 process group, SIGKILLs it if it lingers, kills any vassal pid the benchmark
 recorded that is still alive, and removes the temporary directories.
+
+A script's ``main()`` is its own options plus :func:`add_run_options` (the
+ones every emperor benchmark shares, read back with :meth:`RunOptions.of`),
+its measurement inside :func:`run_main` (SIGTERM is Ctrl-C, and an interrupt
+exits 130 once everything is cleaned up), and its report under
+:func:`report_header`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -15,6 +22,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -23,32 +31,47 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 __all__ = [
+    "DEFAULT_RUN",
     "Emperor",
     "Janitor",
+    "Rounds",
+    "RunOptions",
     "Summary",
+    "SummaryOf",
+    "add_run_options",
+    "argv0",
     "children",
     "cpu_ticks",
     "epoll_fds",
     "epoll_watches",
     "fd_limits",
+    "free_port",
+    "interrupts_deferred",
     "is_gone",
     "machine_info",
     "open_fds",
     "percentile",
+    "print_log_notes",
     "proc_state",
+    "progress",
     "query_stats",
+    "report_header",
+    "run_main",
     "sigterm_as_interrupt",
     "spawn_in_session",
     "status_field_kib",
+    "summary_row",
     "trimperor_command",
     "uwsgi_binary",
     "vassals_of",
+    "verdict",
+    "write_json",
 ]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -95,6 +118,20 @@ class Summary:
         )
 
 
+class SummaryOf:
+    """A read-only attribute: the :class:`Summary` of a list field of the same object.
+
+    ``up = SummaryOf("up_ms")`` in a result record makes ``result.up`` the order
+    statistics of ``result.up_ms``.
+    """
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, obj: object, owner: type | None = None) -> Summary:
+        return Summary.of(getattr(obj, self.field))
+
+
 def ratio(a: float, b: float) -> float:
     """a / b, or NaN when either is missing or b is not positive."""
     if math.isnan(a) or math.isnan(b) or b <= 0:
@@ -104,6 +141,46 @@ def ratio(a: float, b: float) -> float:
 
 def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summary_row(what: str, s: Summary) -> str:
+    """A markdown row: what, n, min, p50, p99, max (ms, one decimal)."""
+    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
+
+
+@dataclass
+class Rounds:
+    """One emperor's add/remove rounds: durations in ms and what went wrong."""
+
+    label: str
+    command: str
+    rounds: int
+    up_ms: list[float] = field(default_factory=list)
+    down_ms: list[float] = field(default_factory=list)
+    missed_up: int = 0
+    missed_down: int = 0
+    died_early: int = 0
+    log_notes: list[str] = field(default_factory=list)
+    up = SummaryOf("up_ms")
+    down = SummaryOf("down_ms")
+
+    def problems(self, removed: str = "their removal") -> list[str]:
+        """What went wrong, in words (empty if nothing)."""
+        problems = []
+        if self.missed_up:
+            problems.append(f"{self.missed_up} vassal(s) never started within the timeout")
+        if self.missed_down:
+            problems.append(f"{self.missed_down} vassal(s) never stopped within the timeout")
+        if self.died_early:
+            problems.append(f"{self.died_early} vassal(s) died before {removed}")
+        return problems
+
+
+def verdict(value: float, target: float, missed: str = "MISSED") -> str:
+    """Whether *value* is at most *target*: "met", *missed*, or "not measured" (NaN)."""
+    if math.isnan(value):
+        return "not measured"
+    return "met" if value <= target else missed
 
 
 # -- /proc ---------------------------------------------------------------------------
@@ -165,6 +242,15 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def argv0(pid: int) -> str | None:
+    """The program a process runs (the first word of its command line), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
 
 
 def read_pid_file(path: Path) -> int | None:
@@ -300,6 +386,15 @@ def spawn_in_session(
             os.close(fd)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago, for a server that must be
+    told its port on its command line (etcd, a ZeroMQ endpoint, a uWSGI http socket)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def query_stats(path: Path, timeout: float = 30.0) -> dict[str, Any]:
     """trimperor's stats document, read from its ``--stats`` unix socket."""
     chunks: list[bytes] = []
@@ -318,17 +413,27 @@ def query_stats(path: Path, timeout: float = 30.0) -> dict[str, Any]:
 class Emperor:
     """An emperor process in its own session, its output in a log file."""
 
-    def __init__(self, label: str, argv: Sequence[str], log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self,
+        label: str,
+        argv: Sequence[str],
+        log_path: Path,
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.label = label
         self.argv = list(argv)
         self.log_path = log_path
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=None if env is None else dict(env),
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,
             )
         self.pid = self.popen.pid
@@ -356,11 +461,20 @@ class Emperor:
         except OSError:
             return []
 
-    def terminate(self, grace: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL it after *grace* seconds; reap."""
+    def notes(self, words: Sequence[str]) -> tuple[int, list[str]]:
+        """How many lines its log has, and those that contain one of *words*."""
+        lines = self.log_lines()
+        return len(lines), [line for line in lines if any(w in line for w in words)]
+
+    def terminate(
+        self, grace: float = 15.0, sig: int | None = signal.SIGTERM, group: bool = True
+    ) -> None:
+        """Send *sig* to the process group (to the process alone unless *group*; no
+        signal at all with None), SIGKILL the group after *grace* seconds; reap."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGTERM)
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    (os.killpg if group else os.kill)(self.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=grace)
         # Whatever is left of the group (the emperor, or uWSGI vassals that share it).
@@ -376,6 +490,7 @@ class Janitor:
     def __init__(self) -> None:
         self._emperors: list[Emperor] = []
         self._pids: set[int] = set()
+        self._groups: set[int] = set()
         self._adopted: set[int] = set()
         self._dirs: list[Path] = []
 
@@ -396,13 +511,21 @@ class Janitor:
         return path
 
     def start(self, label: str, argv: Sequence[str], log_path: Path, cwd: Path) -> Emperor:
-        emperor = Emperor(label, argv, log_path, cwd)
+        return self.register(Emperor(label, argv, log_path, cwd))
+
+    def register(self, emperor: Emperor) -> Emperor:
+        """An :class:`Emperor` started by hand (any process leading its own session)."""
         self._emperors.append(emperor)
         return emperor
 
     def track(self, pids: Iterable[int]) -> None:
         """Vassal pids to kill at cleanup if they are still there."""
         self._pids.update(pids)
+
+    def track_group(self, pid: int) -> None:
+        """A vassal that leads its own process group (a uWSGI master under trimperor):
+        the whole group is killed at cleanup if it is still there."""
+        self._groups.add(pid)
 
     def adopt(self, pid: int) -> None:
         """A child of this process leading its own session (see :func:`spawn_in_session`)."""
@@ -435,11 +558,24 @@ class Janitor:
                 os.waitpid(pid, 0)
         self._adopted.clear()
 
-    def stop_emperor(self, emperor: Emperor) -> None:
-        emperor.terminate()
+    def stop_emperor(
+        self,
+        emperor: Emperor,
+        sig: int | None = signal.SIGTERM,
+        grace: float = 15.0,
+        group: bool = True,
+    ) -> None:
+        """Stop *emperor* (see :meth:`Emperor.terminate`) and the vassals tracked."""
+        emperor.terminate(grace, sig, group)
         self._kill_vassals()
         if emperor in self._emperors:
             self._emperors.remove(emperor)
+
+    def finish(self, emperor: Emperor, base: Path, keep_logs: Path | None, what: str) -> None:
+        """The end of one measured emperor: stop it, keep its log, remove its directory."""
+        self.stop_emperor(emperor)
+        keep_log(emperor, keep_logs, what)
+        self.remove_dir(base)
 
     def _kill_vassals(self) -> None:
         for pid in sorted(self._pids):
@@ -450,6 +586,11 @@ class Janitor:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
         self._pids.clear()
+        for pid in sorted(self._groups):
+            if not is_gone(pid) and "uwsgi" in _cmdline(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        self._groups.clear()
 
     def remove_dir(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
@@ -458,7 +599,7 @@ class Janitor:
 
     def cleanup(self) -> None:
         # Ctrl-C again while cleaning up should not leave processes behind.
-        with _interrupts_deferred():
+        with interrupts_deferred():
             self._kill_adopted()
             for emperor in reversed(self._emperors):
                 emperor.terminate()
@@ -477,7 +618,9 @@ def _kill_session(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done (then raise KeyboardInterrupt):
+    a second Ctrl-C during cleanup must not leave processes behind."""
     pending: list[int] = []
 
     def remember(signum: int, frame: FrameType | None) -> None:
@@ -512,6 +655,106 @@ def sigterm_as_interrupt() -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr (the report to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_log_notes(heading: str, notes: Sequence[str], limit: int = 20) -> None:
+    """The log lines worth a look, under *heading*, at most *limit* of them."""
+    if notes:
+        print(f"\n{heading}:")
+        for line in notes[:limit]:
+            print(f"    {line}")
+
+
+# -- main() ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What every emperor benchmark is told besides its sizes (see :func:`add_run_options`)."""
+
+    seed: int | None = None
+    skip_uwsgi: bool = False
+    trimperor_args: Sequence[str] = ()
+    progress: Callable[[str], None] = print
+    keep_logs: Path | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> RunOptions:
+        """The options :func:`add_run_options` added, as parsed; progress to stderr."""
+        return cls(
+            seed=getattr(args, "seed", None),
+            skip_uwsgi=getattr(args, "skip_uwsgi", False),
+            trimperor_args=getattr(args, "trimperor_args", ()),
+            progress=progress,
+            keep_logs=getattr(args, "keep_logs", None),
+        )
+
+
+#: The default of a ``run: RunOptions`` parameter: no seed, uWSGI too, progress printed.
+DEFAULT_RUN = RunOptions()
+
+
+def add_run_options(
+    p: argparse.ArgumentParser,
+    *,
+    seed: str | None = None,
+    skip_uwsgi: str | None = None,
+    trimperor_arg: str | None = None,
+    keep_logs: str = "copy the emperors' logs into DIR",
+    json: str | None = None,
+) -> None:
+    """The options the benchmarks share, each added when its help text is given:
+    ``--seed N``, ``--skip-uwsgi``, ``--trimperor-arg ARG`` (repeatable),
+    ``--keep-logs DIR`` (always) and ``--json FILE``."""
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=None, help=seed)
+    if skip_uwsgi is not None:
+        p.add_argument("--skip-uwsgi", action="store_true", help=skip_uwsgi)
+    if trimperor_arg is not None:
+        p.add_argument(
+            "--trimperor-arg",
+            action="append",
+            default=[],
+            dest="trimperor_args",
+            metavar="ARG",
+            help=trimperor_arg,
+        )
+    p.add_argument("--keep-logs", type=Path, metavar="DIR", help=keep_logs)
+    if json is not None:
+        p.add_argument("--json", type=Path, metavar="FILE", help=json)
+
+
+def run_main(body: Callable[[], int], cleaned: str = "was stopped") -> int:
+    """Run a benchmark's *body* with SIGTERM and SIGHUP as Ctrl-C; on an interrupt say
+    so and return 130 (the janitors in *body* have cleaned up by then)."""
+    sigterm_as_interrupt()
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"interrupted; everything started {cleaned}", file=sys.stderr)
+        return 130
+
+
+def report_header(
+    title: str, script: str, argv: Sequence[str] | None, info: Mapping[str, str]
+) -> list[str]:
+    """The top of a markdown report: its title, the machine table, the command."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    out = [f"# {title}", "", "| machine | |", "|---|---|"]
+    out += [f"| {k} | {v.splitlines()[0] if v else ''} |" for k, v in info.items()]
+    out += ["", f"Command: `python benchmarks/{script} {shlex.join(given)}`".rstrip()]
+    return out
+
+
+def write_json(path: Path | None, doc: object, indent: int = 1) -> None:
+    """Write *doc* as JSON to *path*, if a path is given."""
+    if path is not None:
+        path.write_text(json.dumps(doc, indent=indent) + "\n")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.001) -> bool:

@@ -33,7 +33,6 @@ Run: ``python benchmarks/control.py [--count 1000] [--status-runs 50] [--kills 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -50,8 +49,9 @@ from benchlib import (
     Summary,
     cpu_ticks,
     fmt,
-    sigterm_as_interrupt,
+    run_main,
     trimperor_command,
+    write_json,
 )
 from trimperor.control.hub import ControlClient, connect
 
@@ -257,14 +257,16 @@ def main() -> int:
     )
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args()
-    sigterm_as_interrupt()
-    with Janitor() as janitor:
-        result = trio.run(measure, args, janitor)
-    print(render(result))
-    if args.json:
+
+    def body() -> int:
+        with Janitor() as janitor:
+            result = trio.run(measure, args, janitor)
+        print(render(result))
         doc = {k: (v.__dict__ if isinstance(v, Summary) else v) for k, v in result.items()}
-        args.json.write_text(json.dumps(doc, indent=2))
-    return 0
+        write_json(args.json, doc, indent=2)
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -43,26 +43,28 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchlib import Emperor, Janitor, Summary, fmt, is_gone, machine_info, vassals_of
+from benchlib import (
+    Emperor,
+    Janitor,
+    Summary,
+    argv0,
+    free_port,
+    is_gone,
+    machine_info,
+    summary_row,
+    vassals_of,
+)
 from trimperor.core.placement import Node, Placement, owners
 
 PREFIX = "/bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def b64(data: str | bytes) -> str:
@@ -183,31 +185,23 @@ class Bench:
             emperor.terminate()
         self.emperors.clear()
 
-    def where(self) -> dict[str, set[str]]:
-        found: dict[str, set[str]] = {}
+    def _vassals(self) -> Iterator[tuple[str, str, int]]:
+        """(vassal name, node, pid) of every benchmark vassal the emperors run."""
         for node, emperor in self.emperors.items():
             for pid in vassals_of(emperor.pid):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        argv0 = f.read().split(b"\0")[0].decode(errors="replace")
-                except OSError:
-                    continue
-                if argv0.startswith("fleetbench-") and not is_gone(pid):
-                    found.setdefault(argv0.removeprefix("fleetbench-"), set()).add(node)
+                program = argv0(pid)
+                if program is not None and program.startswith("fleetbench-"):
+                    yield program.removeprefix("fleetbench-"), node, pid
+
+    def where(self) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for name, node, pid in self._vassals():
+            if not is_gone(pid):
+                found.setdefault(name, set()).add(node)
         return found
 
     def pids(self) -> dict[str, tuple[str, int]]:
-        found: dict[str, tuple[str, int]] = {}
-        for node, emperor in self.emperors.items():
-            for pid in vassals_of(emperor.pid):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        argv0 = f.read().split(b"\0")[0].decode(errors="replace")
-                except OSError:
-                    continue
-                if argv0.startswith("fleetbench-"):
-                    found[argv0.removeprefix("fleetbench-")] = (node, pid)
-        return found
+        return {name: (node, pid) for name, node, pid in self._vassals()}
 
     def wait(self, check: Callable[[], bool], timeout: float, step: float = 0.001) -> float:
         """Seconds until *check* holds; raises after *timeout*."""
@@ -378,10 +372,7 @@ def main() -> int:
                     **bench_put(bench, args.rounds, rnd),
                 }
                 for label, s in results.items():
-                    lines.append(
-                        f"| {label} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | "
-                        f"{fmt(s.p99)} | {fmt(s.maximum)} |"
-                    )
+                    lines.append(summary_row(label, s))
                 lines.append("")
             if "failover" in only:
                 print("failover ...", file=sys.stderr)
@@ -394,10 +385,7 @@ def main() -> int:
                     "|---|---:|---:|---:|---:|---:|",
                 ]
                 for label, s in (("first vassal running elsewhere", first), ("all of them", whole)):
-                    lines.append(
-                        f"| {label} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | "
-                        f"{fmt(s.p99)} | {fmt(s.maximum)} |"
-                    )
+                    lines.append(summary_row(label, s))
                 lines.append("")
             if "scale" in only:
                 print("scale ...", file=sys.stderr)

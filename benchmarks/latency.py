@@ -26,28 +26,32 @@ Run: ``python benchmarks/latency.py [--rounds 50] [--uwsgi-rounds 20]``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from benchlib import (
+    DEFAULT_RUN,
     Emperor,
     Janitor,
-    Summary,
+    Rounds,
+    RunOptions,
+    add_run_options,
     fmt,
     is_gone,
-    keep_log,
+    print_log_notes,
     ratio,
     read_pid_file,
-    sigterm_as_interrupt,
+    run_main,
+    summary_row,
     trimperor_command,
     uwsgi_binary,
+    verdict,
     wait_until,
 )
 
@@ -65,25 +69,8 @@ MAX_PHASE = 0.3
 UWSGI_MAX_PHASE = 3.0
 
 
-@dataclass
-class EmperorLatency:
-    label: str
-    command: str
-    rounds: int
-    up_ms: list[float] = field(default_factory=list)
-    down_ms: list[float] = field(default_factory=list)
-    missed_up: int = 0
-    missed_down: int = 0
-    died_early: int = 0
-    log_notes: list[str] = field(default_factory=list)
-
-    @property
-    def up(self) -> Summary:
-        return Summary.of(self.up_ms)
-
-    @property
-    def down(self) -> Summary:
-        return Summary.of(self.down_ms)
+class EmperorLatency(Rounds):
+    """One emperor's rounds (see :class:`benchlib.Rounds`)."""
 
 
 @dataclass
@@ -193,23 +180,24 @@ def _notes(emperor: Emperor, interesting: Sequence[str]) -> list[str]:
     return [line for line in emperor.log_lines() if any(w in line for w in interesting)]
 
 
-def measure_trimperor(
+def _measure_one(
     janitor: Janitor,
-    rounds: int,
+    result: EmperorLatency,
+    argv_for: Callable[[Path], list[str]],
+    vassal_for: Callable[[Path, Path], str],
+    timeout: float,
+    max_phase: float,
+    interesting: Sequence[str],
     rng: random.Random,
-    extra_args: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None = None,
+    run: RunOptions,
 ) -> EmperorLatency:
-    base = janitor.tempdir("trimperor-latency-")
-    vassals, marks = base / "vassals", base / "marks"
-    vassals.mkdir()
-    marks.mkdir()
-    argv = trimperor_command(str(vassals), *extra_args)
-    result = EmperorLatency(
-        "trimperor", " ".join(["python -m trimperor", "DIR", *extra_args]), rounds
-    )
-    emperor = janitor.start("trimperor", argv, base / "emperor.log", base)
+    """One emperor (started by ``argv_for(vassals)``, its vassal ``vassal_for(marks, run)``)."""
+    label = result.label.split(maxsplit=1)[0]
+    base = janitor.tempdir(f"{label}-latency-")
+    vassals, marks, rundir = base / "vassals", base / "marks", base / "run"
+    for d in (vassals, marks, rundir):
+        d.mkdir()
+    emperor = janitor.start(label, argv_for(vassals), base / "emperor.log", base)
     try:
         _rounds(
             emperor,
@@ -217,84 +205,69 @@ def measure_trimperor(
             result,
             vassals,
             marks,
-            native_vassal(marks),
-            TRIMPEROR_TIMEOUT,
-            MAX_PHASE,
+            vassal_for(marks, rundir),
+            timeout,
+            max_phase,
             rng,
-            progress,
+            run.progress,
         )
     finally:
-        result.log_notes += _notes(emperor, ("WARNING", "ERROR", "CRITICAL", "Traceback"))
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "latency")
-        janitor.remove_dir(base)
+        result.log_notes += _notes(emperor, interesting)
+        janitor.finish(emperor, base, run.keep_logs, "latency")
     return result
+
+
+def measure_trimperor(
+    janitor: Janitor, rounds: int, rng: random.Random, run: RunOptions
+) -> EmperorLatency:
+    extra = list(run.trimperor_args)
+    return _measure_one(
+        janitor,
+        EmperorLatency("trimperor", " ".join(["python -m trimperor", "DIR", *extra]), rounds),
+        lambda vassals: trimperor_command(str(vassals), *extra),
+        lambda marks, _: native_vassal(marks),
+        TRIMPEROR_TIMEOUT,
+        MAX_PHASE,
+        ("WARNING", "ERROR", "CRITICAL", "Traceback"),
+        rng,
+        run,
+    )
 
 
 def measure_uwsgi(
-    janitor: Janitor,
-    uwsgi: str,
-    rounds: int,
-    rng: random.Random,
-    progress: Callable[[str], None],
-    keep_logs: Path | None = None,
+    janitor: Janitor, uwsgi: str, rounds: int, rng: random.Random, run: RunOptions
 ) -> EmperorLatency:
-    base = janitor.tempdir("uwsgi-latency-")
-    vassals, marks, run = base / "vassals", base / "marks", base / "run"
-    for d in (vassals, marks, run):
-        d.mkdir()
-    argv = [uwsgi, "--emperor", str(vassals)]
-    result = EmperorLatency("uwsgi --emperor", "uwsgi --emperor DIR", rounds)
-    emperor = janitor.start("uwsgi", argv, base / "emperor.log", base)
-    try:
-        _rounds(
-            emperor,
-            janitor,
-            result,
-            vassals,
-            marks,
-            uwsgi_vassal(marks, run),
-            UWSGI_TIMEOUT,
-            UWSGI_MAX_PHASE,
-            rng,
-            progress,
-        )
-    finally:
-        result.log_notes += _notes(emperor, ("error", "ERROR", "DAMN"))
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "latency")
-        janitor.remove_dir(base)
-    return result
+    return _measure_one(
+        janitor,
+        EmperorLatency("uwsgi --emperor", "uwsgi --emperor DIR", rounds),
+        lambda vassals: [uwsgi, "--emperor", str(vassals)],
+        uwsgi_vassal,
+        UWSGI_TIMEOUT,
+        UWSGI_MAX_PHASE,
+        ("error", "ERROR", "DAMN"),
+        rng,
+        run,
+    )
 
 
 def measure(
-    rounds: int = 50,
-    uwsgi_rounds: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    rounds: int = 50, uwsgi_rounds: int = 20, run: RunOptions = DEFAULT_RUN
 ) -> LatencyResult:
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     with Janitor() as janitor:
-        progress(f"latency: trimperor, {rounds} rounds")
-        ours = measure_trimperor(janitor, rounds, rng, trimperor_args, progress, keep_logs)
+        run.progress(f"latency: trimperor, {rounds} rounds")
+        ours = measure_trimperor(janitor, rounds, rng, run)
         uwsgi = uwsgi_binary()
-        if skip_uwsgi or uwsgi_rounds <= 0:
+        if run.skip_uwsgi or uwsgi_rounds <= 0:
             return LatencyResult(ours, None, "skipped on request")
         if uwsgi is None:
             return LatencyResult(ours, None, "uwsgi is not installed")
-        progress(f"latency: uwsgi --emperor, {uwsgi_rounds} rounds")
-        theirs = measure_uwsgi(janitor, uwsgi, uwsgi_rounds, rng, progress, keep_logs)
+        run.progress(f"latency: uwsgi --emperor, {uwsgi_rounds} rounds")
+        theirs = measure_uwsgi(janitor, uwsgi, uwsgi_rounds, rng, run)
         return LatencyResult(ours, theirs)
 
 
 # -- output -------------------------------------------------------------------------------------
-
-
-def _row(what: str, s: Summary) -> str:
-    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
 
 
 def render(result: LatencyResult) -> str:
@@ -305,17 +278,11 @@ def render(result: LatencyResult) -> str:
     ]
     runs = [result.trimperor] + ([result.uwsgi] if result.uwsgi else [])
     for r in runs:
-        lines.append(_row(f"{r.label}, file added → vassal running", r.up))
-        lines.append(_row(f"{r.label}, file removed → vassal gone", r.down))
+        lines.append(summary_row(f"{r.label}, file added → vassal running", r.up))
+        lines.append(summary_row(f"{r.label}, file removed → vassal gone", r.down))
     lines.append("")
     for r in runs:
-        problems = []
-        if r.missed_up:
-            problems.append(f"{r.missed_up} vassal(s) never started within the timeout")
-        if r.missed_down:
-            problems.append(f"{r.missed_down} vassal(s) never stopped within the timeout")
-        if r.died_early:
-            problems.append(f"{r.died_early} vassal(s) died before their file was removed")
+        problems = r.problems("their file was removed")
         if problems:
             lines.append(f"**{r.label}**: " + "; ".join(problems) + ".")
     if result.uwsgi is not None:
@@ -333,15 +300,9 @@ def render(result: LatencyResult) -> str:
     lines.append("")
     lines.append(
         f"trimperor targets (file added → running): p50 ≤ 20 ms: {fmt(up.p50)} ms "
-        f"({_verdict(up.p50, 20)}); p99 ≤ 100 ms: {fmt(up.p99)} ms ({_verdict(up.p99, 100)})."
+        f"({verdict(up.p50, 20)}); p99 ≤ 100 ms: {fmt(up.p99)} ms ({verdict(up.p99, 100)})."
     )
     return "\n".join(lines)
-
-
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "MISSED"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -353,42 +314,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=20,
         help="uwsgi --emperor rounds, each takes 1-4 s (default 20; 0 skips uWSGI)",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for the random pauses")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument(
-        "--trimperor-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for trimperor, repeatable (e.g. --trimperor-arg=--log-level=debug)",
+    add_run_options(
+        p,
+        seed="seed for the random pauses",
+        skip_uwsgi="measure trimperor only",
+        trimperor_arg="extra argument for trimperor, repeatable "
+        "(e.g. --trimperor-arg=--log-level=debug)",
     )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
     return p.parse_args(argv)
+
+
+def print_notes(result: LatencyResult, what: str = "") -> None:
+    for r in (result.trimperor, result.uwsgi):
+        if r is not None:
+            print_log_notes(
+                f"{what}{r.label} log lines worth a look ({len(r.log_notes)})", r.log_notes
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-    try:
-        result = measure(
-            rounds=args.rounds,
-            uwsgi_rounds=args.uwsgi_rounds,
-            seed=args.seed,
-            skip_uwsgi=args.skip_uwsgi,
-            trimperor_args=args.trimperor_arg,
-            progress=lambda s: print(s, file=sys.stderr, flush=True),
-            keep_logs=args.keep_logs,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(result))
-    for r in (result.trimperor, result.uwsgi):
-        if r is not None and r.log_notes:
-            print(f"\n{r.label} log lines worth a look ({len(r.log_notes)}):")
-            for line in r.log_notes[:20]:
-                print(f"    {line}")
-    return 0
+
+    def body() -> int:
+        result = measure(args.rounds, args.uwsgi_rounds, RunOptions.of(args))
+        print(render(result))
+        print_notes(result)
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

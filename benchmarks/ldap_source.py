@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tests import slapd as sl  # noqa: E402
 
-from benchlib import Janitor, Summary, trimperor_command  # noqa: E402
+from benchlib import Janitor, Summary, progress, run_main, trimperor_command  # noqa: E402
 from trimperor.abc import MonitorOptions  # noqa: E402
 from trimperor.core.model import SourceEvent, Upsert  # noqa: E402
 from trimperor.monitors.ldap import LdapMonitor  # noqa: E402
@@ -91,6 +91,10 @@ def row(label: str, s: Summary) -> str:
 
 
 def main() -> int:
+    return run_main(_main)
+
+
+def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
@@ -131,7 +135,7 @@ def main() -> int:
                     ms = (started - t0) / 1e6
                     if n > args.warmup:
                         samples.append(ms)
-                    print(f"round {n}: {ms:.1f} ms", file=sys.stderr)
+                    progress(f"round {n}: {ms:.1f} ms")
             finally:
                 conn.unbind_s()
             emperor.popen.terminate()

@@ -165,14 +165,17 @@ async def measure(
     return list(results.values())
 
 
+#: Both clients alike: one server, no discovery, connect on the first read.
+CLIENT_OPTIONS: dict[str, Any] = {
+    "directConnection": True,
+    "serverSelectionTimeoutMS": TIMEOUT_MS,
+    "connectTimeoutMS": TIMEOUT_MS,
+    "connect": False,
+}
+
+
 async def thread_client(hosts: str) -> Client:
-    client: MongoClient[dict[str, Any]] = MongoClient(
-        hosts,
-        directConnection=True,
-        serverSelectionTimeoutMS=TIMEOUT_MS,
-        connectTimeoutMS=TIMEOUT_MS,
-        connect=False,
-    )
+    client: MongoClient[dict[str, Any]] = MongoClient(hosts, **CLIENT_OPTIONS)
     coll = client["bench"]["vassals"]
     limiter = trio.CapacityLimiter(1)
     finished = threading.Event()
@@ -195,13 +198,7 @@ async def thread_client(hosts: str) -> Client:
 
 
 async def asyncio_client(hosts: str) -> Client:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        hosts,
-        directConnection=True,
-        serverSelectionTimeoutMS=TIMEOUT_MS,
-        connectTimeoutMS=TIMEOUT_MS,
-        connect=False,
-    )
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(hosts, **CLIENT_OPTIONS)
     coll = client["bench"]["vassals"]
     finished = threading.Event()
 

@@ -80,13 +80,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
     CLK_TCK,
+    DEFAULT_RUN,
     Emperor,
     Janitor,
+    RunOptions,
+    add_run_options,
     cpu_ticks,
     epoll_fds,
     epoll_watches,
@@ -95,15 +99,17 @@ from benchlib import (
     keep_log,
     open_fds,
     percentile,
+    print_log_notes,
     query_stats,
     ratio,
-    sigterm_as_interrupt,
+    run_main,
     spawn_in_session,
     status_field,
     status_field_kib,
     trimperor_command,
     uwsgi_binary,
     vassals_of,
+    verdict,
     wait_until,
 )
 
@@ -366,9 +372,7 @@ def _wake_native(
     result: WakeResult,
     rounds: int,
     rng: random.Random,
-    trimperor_args: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
     background: int = 0,
 ) -> None:
     base = janitor.tempdir("trimperor-wake-")
@@ -381,7 +385,7 @@ def _wake_native(
     (vassals / "idle.ini").write_text(native_vassal(server, socks, once=False, idle=0.2))
     _background(vassals, native_vassal(server, socks, once=True), background)
     stats = base / "stats.sock"
-    extra = ["--stats", str(stats), "--log-level", "warning", *trimperor_args]
+    extra = ["--stats", str(stats), "--log-level", "warning", *run.trimperor_args]
     result.command_native = " ".join(["python -m trimperor DIR", *extra]).replace(
         str(stats), "STATS"
     )
@@ -396,11 +400,11 @@ def _wake_native(
     )
     try:
         if background:
-            progress(f"wake: waiting for {background} other vassals to be armed")
+            run.progress(f"wake: waiting for {background} other vassals to be armed")
             _wait_watched(emperor, background + 2)
         for name in ("exit0.ini", "idle.ini"):
             _wait_armed(emperor, stats, name)
-        progress(f"wake: one-line server, {rounds} rounds (own, exit 0, idle)")
+        run.progress(f"wake: one-line server, {rounds} rounds (own, exit 0, idle)")
         pids: list[int] = []
 
         def spawn_own() -> None:
@@ -423,13 +427,11 @@ def _wake_native(
                 series.measure(warmup, socks / f"{name}.sock", b"", _native_ok)
                 _wait_armed(emperor, stats, f"{name}.ini")
             if not warmup and (i % 10 == 0 or i == rounds):
-                progress(f"  {i}/{rounds} rounds")
+                run.progress(f"  {i}/{rounds} rounds")
     finally:
         listener.close()
         result.log_notes += _log_notes(emperor, TRIMPEROR_WORDS)
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "wake")
-        janitor.remove_dir(base)
+        janitor.finish(emperor, base, run.keep_logs, "wake")
 
 
 def _wake_uwsgi(
@@ -438,9 +440,7 @@ def _wake_uwsgi(
     uwsgi: str,
     rounds: int,
     rng: random.Random,
-    trimperor_args: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
     background: int = 0,
 ) -> None:
     base = janitor.tempdir("uwsgi-wake-")
@@ -476,7 +476,7 @@ def _wake_uwsgi(
             str(stats),
             "--log-level",
             "warning",
-            *trimperor_args,
+            *run.trimperor_args,
         ),
         base / "trimperor.log",
         base,
@@ -487,7 +487,7 @@ def _wake_uwsgi(
             theirs.check_alive()
             raise RuntimeError(f"uwsgi --emperor did not bind {u_sock} within 30 s")
         if background:
-            progress(f"wake: waiting for {background} other uWSGI vassals to be armed")
+            run.progress(f"wake: waiting for {background} other uWSGI vassals to be armed")
             if not wait_until(
                 lambda: len(os.listdir(u_socks)) > background, max(120.0, background * 0.03), 0.05
             ):
@@ -495,7 +495,7 @@ def _wake_uwsgi(
                 raise RuntimeError(f"uwsgi --emperor did not bind {background + 1} sockets")
             _wait_watched(ours, background + 1)
         _wait_armed(ours, stats, "app.ini")
-        progress(f"wake: uWSGI vassal, {rounds} rounds (own, uwsgi --emperor, trimperor)")
+        run.progress(f"wake: uWSGI vassal, {rounds} rounds (own, uwsgi --emperor, trimperor)")
         pids: list[int] = []
 
         def spawn_own() -> None:
@@ -520,7 +520,7 @@ def _wake_uwsgi(
             _wait_armed(ours, stats, "app.ini")
             _wait_childless(ours, 0.2)
             if not warmup and (i % 5 == 0 or i == rounds):
-                progress(f"  {i}/{rounds} rounds")
+                run.progress(f"  {i}/{rounds} rounds")
         result.uwsgi_measured = True
     finally:
         listener.close()
@@ -528,7 +528,7 @@ def _wake_uwsgi(
         result.log_notes += _log_notes(theirs, UWSGI_WORDS)
         for emperor in (ours, theirs):
             janitor.stop_emperor(emperor)
-            keep_log(emperor, keep_logs, "wake-uwsgi-vassal")
+            keep_log(emperor, run.keep_logs, "wake-uwsgi-vassal")
         janitor.remove_dir(base)
 
 
@@ -536,34 +536,20 @@ def measure_wake(
     janitor: Janitor,
     rounds: int = 30,
     uwsgi_rounds: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
     background: int = 0,
 ) -> WakeResult:
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     result = WakeResult(rounds=rounds, uwsgi_rounds=uwsgi_rounds, background=background)
     _raise_fd_limit(2 * background)
-    _wake_native(janitor, result, rounds, rng, trimperor_args, progress, keep_logs, background)
+    _wake_native(janitor, result, rounds, rng, run, background)
     uwsgi = uwsgi_binary()
-    if skip_uwsgi or uwsgi_rounds <= 0:
+    if run.skip_uwsgi or uwsgi_rounds <= 0:
         result.uwsgi_skipped = "skipped on request"
     elif uwsgi is None:
         result.uwsgi_skipped = "uwsgi is not installed"
     else:
-        _wake_uwsgi(
-            janitor,
-            result,
-            uwsgi,
-            uwsgi_rounds,
-            rng,
-            trimperor_args,
-            progress,
-            keep_logs,
-            background,
-        )
+        _wake_uwsgi(janitor, result, uwsgi, uwsgi_rounds, rng, run, background)
     return result
 
 
@@ -613,37 +599,119 @@ class ArmedResult:
     error: str = ""
 
 
+def native_text(base: Path) -> str:
+    """The one-line server's vassal for an armed directory *base* (writes the server)."""
+    server = base / "server.py"
+    server.write_text(SERVER)
+    return native_vassal(server, base / "socks", once=True)
+
+
+def uwsgi_text(base: Path) -> str:
+    """The uWSGI on-demand vassal for an armed directory *base* (writes the app)."""
+    app = base / "app.py"
+    app.write_text(WSGI_APP)
+    return uwsgi_vassal(app)
+
+
+@dataclass(frozen=True)
+class ArmedEmperor:
+    """One emperor over a directory of on-demand vassals, and how to wake them."""
+
+    label: str
+    #: The emperor's argv from (vassals, socks, stats), three paths in its directory.
+    argv_for: Callable[[Path, Path, Path], list[str]]
+    command: str
+    vassal_text: Callable[[Path], str]
+    #: A vassal's socket file in socks/, from its name without ``.ini``.
+    socket_name: Callable[[str], str]
+    payload: bytes
+    ok: Callable[[bytes], bool]
+
+    def start(
+        self, janitor: Janitor, prefix: str, count: int, progress: Callable[[str], None]
+    ) -> tuple[Path, Path, list[str], Path, Emperor, float]:
+        """A temporary directory with *count* vassals ``vNNNNN.ini`` of ``vassal_text(base)``
+        in ``vassals/`` and an empty ``socks/``, and the emperor started on it: (base,
+        socks, names, stats socket, emperor, ``time.monotonic()`` just before its start)."""
+        base = janitor.tempdir(prefix)
+        vassals, socks, stats = base / "vassals", base / "socks", base / "stats.sock"
+        vassals.mkdir()
+        socks.mkdir()
+        text = self.vassal_text(base)
+        names = [f"v{i:05d}" for i in range(count)]
+        for name in names:
+            (vassals / f"{name}.ini").write_text(text)
+        argv = self.argv_for(vassals, socks, stats)
+        progress(f"{self.label}: {count} on-demand vassals")
+        t0 = time.monotonic()
+        emperor = janitor.start(self.label, argv, base / "emperor.log", base)
+        return base, socks, names, stats, emperor, t0
+
+
+def trimperor_armed(extra: Sequence[str]) -> ArmedEmperor:
+    """trimperor with ``--stats`` and *extra*, on one-line-server vassals."""
+    return ArmedEmperor(
+        "trimperor",
+        lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
+        " ".join(["python -m trimperor DIR --stats STATS", *extra]),
+        native_text,
+        lambda name: f"{name}.sock",
+        b"",
+        _native_ok,
+    )
+
+
+def uwsgi_armed(uwsgi: str, with_stats: bool) -> ArmedEmperor:
+    """``uwsgi --emperor DIR --emperor-on-demand-directory SOCKS`` (and ``--emperor-stats``)."""
+    shown = "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS"
+
+    def argv(d: Path, socks: Path, stats: Path) -> list[str]:
+        extra = ["--emperor-stats", str(stats)] if with_stats else []
+        return [uwsgi, "--emperor", str(d), "--emperor-on-demand-directory", str(socks), *extra]
+
+    return ArmedEmperor(
+        "uwsgi --emperor",
+        argv,
+        shown + (" --emperor-stats STATS" if with_stats else ""),
+        uwsgi_text,
+        lambda name: f"{name}.socket",
+        HTTP_GET,
+        _http_ok,
+    )
+
+
+def uwsgi_for(count: int, run: RunOptions) -> str | None:
+    """The uwsgi binary to run *count* armed vassals with (None: uWSGI is skipped or
+    missing), the open-file soft limit raised for them: uWSGI's emperor does not raise
+    its own limit, it inherits ours."""
+    uwsgi = uwsgi_binary()
+    if run.skip_uwsgi or count <= 0 or uwsgi is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 100 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        run.progress(f"  raised the open-file soft limit from {soft} to {hard} for uWSGI")
+    return uwsgi
+
+
 def _armed_run(
     janitor: Janitor,
-    label: str,
-    argv_for: Callable[[Path, Path, Path], list[str]],
-    command: str,
-    vassal_text: Callable[[Path], str],
-    socket_name: Callable[[str], str],
+    who: ArmedEmperor,
     count: int,
     idle: float,
     sample: int,
-    payload: bytes,
-    ok: Callable[[bytes], bool],
     use_stats: bool,
     words: Sequence[str],
     rng: random.Random,
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> ArmedResult:
-    result = ArmedResult(label, command, count, sample=min(sample, count))
-    base = janitor.tempdir(f"{label.split(maxsplit=1)[0]}-armed-")
-    vassals, socks = base / "vassals", base / "socks"
-    vassals.mkdir()
-    socks.mkdir()
-    text = vassal_text(base)
-    names = [f"v{i:05d}" for i in range(count)]
-    for name in names:
-        (vassals / f"{name}.ini").write_text(text)
-    stats = base / "stats.sock"
-    progress(f"armed: {label}, {count} on-demand vassals")
-    t0 = time.monotonic()
-    emperor = janitor.start(label, argv_for(vassals, socks, stats), base / "emperor.log", base)
+    label = who.label
+    result = ArmedResult(label, who.command, count, sample=min(sample, count))
+    prefix = f"{label.split(maxsplit=1)[0]}-armed-"
+    progress = run.progress
+    base, socks, names, stats, emperor, t0 = who.start(
+        janitor, prefix, count, lambda s: progress(f"armed: {s}")
+    )
     try:
         # -- every socket bound, every vassal armed ----------------------------------------
         # Armed = the emperor waits for the socket to become readable: its epoll
@@ -707,13 +775,13 @@ def _armed_run(
         chosen = rng.sample(names, result.sample)
         progress(f"  waking {len(chosen)} random vassals")
         for name in chosen:
-            path = socks / socket_name(name)
+            path = socks / who.socket_name(name)
             try:
-                ms, data = first_byte(path, payload)
+                ms, data = first_byte(path, who.payload)
             except OSError as exc:
                 result.sample_failures.append(f"{name}: {type(exc).__name__}: {exc}")
                 continue
-            if ok(data):
+            if who.ok(data):
                 result.sample_ms.append(ms)
             else:
                 result.sample_failures.append(f"{name}: unexpected answer {data[:60]!r}")
@@ -745,12 +813,8 @@ def _armed_run(
         result.exit_status = emperor.popen.poll()
         return result
     finally:
-        lines = emperor.log_lines()
-        result.log_lines = len(lines)
-        result.log_notes = [ln for ln in lines if any(w in ln for w in words)]
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "armed")
-        janitor.remove_dir(base)
+        result.log_lines, result.log_notes = emperor.notes(words)
+        janitor.finish(emperor, base, run.keep_logs, "armed")
 
 
 def measure_armed(
@@ -759,81 +823,43 @@ def measure_armed(
     uwsgi_count: int = 10000,
     idle: float = 30.0,
     sample: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[ArmedResult, ArmedResult | None]:
-    rng = random.Random(seed)
-    extra = ["--log-level", "warning", *trimperor_args]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    rng = random.Random(run.seed)
+    progress = run.progress
+    extra = ["--log-level", "warning", *run.trimperor_args]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < count + 100:
         progress(
             f"  warning: the hard open-file limit ({hard}) is below {count} vassals + 100: "
             "trimperor (which raises its soft limit to the hard one) cannot bind them all"
         )
 
-    def native_text(base: Path) -> str:
-        server = base / "server.py"
-        server.write_text(SERVER)
-        return native_vassal(server, base / "socks", once=True)
-
     ours = _armed_run(
         janitor,
-        "trimperor",
-        lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
-        " ".join(["python -m trimperor DIR --stats STATS", *extra]),
-        native_text,
-        lambda name: f"{name}.sock",
+        trimperor_armed(extra),
         count,
         idle,
         sample,
-        b"",
-        _native_ok,
         use_stats=True,
         words=TRIMPEROR_WORDS,
         rng=rng,
-        progress=progress,
-        keep_logs=keep_logs,
+        run=run,
     )
-    uwsgi = uwsgi_binary()
-    if skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+    uwsgi = uwsgi_for(uwsgi_count, run)
+    if uwsgi is None:
         return ours, None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < uwsgi_count + 100 <= hard:
-        # uWSGI's emperor does not raise its own limit; it inherits ours.
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        progress(f"  raised the open-file soft limit from {soft} to {hard} for uWSGI")
-
-    def uwsgi_text(base: Path) -> str:
-        app = base / "app.py"
-        app.write_text(WSGI_APP)
-        return uwsgi_vassal(app)
 
     theirs = _armed_run(
         janitor,
-        "uwsgi --emperor",
-        lambda d, socks, stats: [
-            uwsgi,
-            "--emperor",
-            str(d),
-            "--emperor-on-demand-directory",
-            str(socks),
-        ],
-        "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS",
-        uwsgi_text,
-        lambda name: f"{name}.socket",
+        uwsgi_armed(uwsgi, with_stats=False),
         uwsgi_count,
         idle,
         sample,
-        HTTP_GET,
-        _http_ok,
         use_stats=False,
         words=UWSGI_WORDS,
         rng=rng,
-        progress=progress,
-        keep_logs=keep_logs,
+        run=run,
     )
     return ours, theirs
 
@@ -846,51 +872,23 @@ def measure(
     uwsgi_count: int = 10000,
     idle: float = 30.0,
     sample: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
     background: int = 0,
 ) -> tuple[WakeResult | None, tuple[ArmedResult, ArmedResult | None] | None]:
     """Both parts (or *only* ``wake`` or ``armed``); everything is cleaned up after."""
     wake = armed = None
     with Janitor() as janitor:
         if only in (None, "wake"):
-            wake = measure_wake(
-                janitor,
-                rounds,
-                uwsgi_rounds,
-                seed,
-                skip_uwsgi,
-                trimperor_args,
-                progress,
-                keep_logs,
-                background,
-            )
+            wake = measure_wake(janitor, rounds, uwsgi_rounds, run, background)
         if only in (None, "armed"):
-            armed = measure_armed(
-                janitor,
-                count,
-                uwsgi_count,
-                idle,
-                sample,
-                seed,
-                skip_uwsgi,
-                trimperor_args,
-                progress,
-                keep_logs,
-            )
+            armed = measure_armed(janitor, count, uwsgi_count, idle, sample, run)
     return wake, armed
 
 
 # -- output -------------------------------------------------------------------------------------
 
 
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "**missed**"
+_verdict = partial(verdict, missed="**missed**")
 
 
 def _series_row(what: str, s: WakeSeries) -> str:
@@ -1073,16 +1071,12 @@ def print_notes(
             print(f"\nwake: {len(failures)} failed measurement(s):")
             for label, failure in failures[:20]:
                 print(f"    {label}: {failure}")
-        if wake.log_notes:
-            print(f"\nwake: log lines worth a look ({len(wake.log_notes)}):")
-            for line in wake.log_notes[:20]:
-                print(f"    {line}")
-    if armed is not None:
-        for r in armed:
-            if r is not None and r.log_notes:
-                print(f"\narmed, {r.label} log: {len(r.log_notes)} of {r.log_lines} lines:")
-                for line in r.log_notes[:20]:
-                    print(f"    {line}")
+        print_log_notes(f"wake: log lines worth a look ({len(wake.log_notes)})", wake.log_notes)
+    for r in armed or ():
+        if r is not None:
+            print_log_notes(
+                f"armed, {r.label} log: {len(r.log_notes)} of {r.log_lines} lines", r.log_notes
+            )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1098,12 +1092,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle", type=float, default=30.0, help="idle window, seconds (30)")
     p.add_argument("--sample", type=int, default=20, help="armed vassals woken (20)")
-    p.add_argument("--seed", type=int, default=None, help="seed for pauses and the sample")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument(
-        "--trimperor-arg", action="append", default=[], metavar="ARG", help="extra argument"
+    add_run_options(
+        p,
+        seed="seed for pauses and the sample",
+        skip_uwsgi="measure trimperor only",
+        trimperor_arg="extra argument",
     )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
     p.add_argument(
         "--background",
         type=int,
@@ -1116,35 +1110,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    progress(f"open-file limit here: soft {soft}, hard {hard}")
-    try:
+    def body() -> int:
+        run = RunOptions.of(args)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        run.progress(f"open-file limit here: soft {soft}, hard {hard}")
         wake, armed = measure(
-            only=args.only,
-            rounds=args.rounds,
-            uwsgi_rounds=args.uwsgi_rounds,
-            count=args.count,
-            uwsgi_count=args.uwsgi_count,
-            idle=args.idle,
-            sample=args.sample,
-            seed=args.seed,
-            skip_uwsgi=args.skip_uwsgi,
-            trimperor_args=args.trimperor_arg,
-            progress=progress,
-            keep_logs=args.keep_logs,
-            background=args.background,
+            args.only,
+            args.rounds,
+            args.uwsgi_rounds,
+            args.count,
+            args.uwsgi_count,
+            args.idle,
+            args.sample,
+            run,
+            args.background,
         )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(wake, armed))
-    print_notes(wake, armed)
-    return 0
+        print(render(wake, armed))
+        print_notes(wake, armed)
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import trio
 
-from benchlib import machine_info, percentile
+from benchlib import Janitor, machine_info, percentile, run_main, trimperor_command, wait_until
 from trimperor.abc import LaunchPlan
 from trimperor.vassals.launcher import LauncherSpawner
 from trimperor.vassals.spawner import PosixSpawner
@@ -83,39 +80,43 @@ def marked(marker: str) -> list[int]:
     return found
 
 
-def kill_round(vassals: int) -> tuple[float, int]:
+def kill_round(janitor: Janitor, vassals: int) -> tuple[float, int]:
     """One emperor, SIGKILLed: seconds until its processes are gone, and survivors."""
-    tmp = Path(tempfile.mkdtemp(prefix="trimperor-bench-"))
+    tmp = janitor.tempdir("trimperor-bench-")
     marker = uuid.uuid4().hex
+    vassals_dir = tmp / "vassals"
+    vassals_dir.mkdir()
+    for i in range(vassals):
+        (vassals_dir / f"v{i}.ini").write_text(family(marker))
+    emperor = janitor.start(
+        "trimperor", trimperor_command(str(vassals_dir)), tmp / "emperor.log", tmp
+    )
     try:
-        for i in range(vassals):
-            (tmp / f"v{i}.ini").write_text(family(marker))
-        emperor = subprocess.Popen(
-            [sys.executable, "-m", "trimperor", str(tmp)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while len(marked(marker)) < 4 * vassals:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the vassals did not all start")
-            time.sleep(0.01)
+        if not wait_until(lambda: len(marked(marker)) >= 4 * vassals, 60, 0.01):
+            raise RuntimeError("the vassals did not all start")
         t = time.perf_counter()
-        emperor.kill()
-        emperor.wait()
-        while marked(marker) and time.perf_counter() - t < 10:
-            time.sleep(0.001)
+        emperor.popen.kill()
+        emperor.popen.wait()
+        wait_until(lambda: not marked(marker), 10)
         spent = time.perf_counter() - t
         left = marked(marker)
         for pid in left:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return spent, len(left)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for pid in marked(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        janitor.stop_emperor(emperor)
+        janitor.remove_dir(tmp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=200, help="spawns per spawner and size (200)")
     p.add_argument("--ballast-mb", type=int, default=300, help="the large emperor's extra MB (300)")
@@ -146,10 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n## Emperor SIGKILL -> every process gone ({args.vassals} vassals x 4 processes)\n")
     times, survivors = [], 0
-    for _ in range(args.kills):
-        spent, left = kill_round(args.vassals)
-        times.append(spent * 1000)
-        survivors += left
+    with Janitor() as janitor:
+        for _ in range(args.kills):
+            spent, left = kill_round(janitor, args.vassals)
+            times.append(spent * 1000)
+            survivors += left
     print("| runs | p50 (ms) | max (ms) | processes left |")
     print("|---|---|---|---|")
     print(f"| {args.kills} | {statistics.median(times):.0f} | {max(times):.0f} | {survivors} |")

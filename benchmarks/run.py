@@ -8,16 +8,14 @@ temporary directory removed on exit, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import latency
 import ondemand
 import scale
-from benchlib import machine_info, sigterm_as_interrupt
+from benchlib import RunOptions, add_run_options, machine_info, report_header, run_main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,61 +44,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=20, help="armed vassals woken (20)")
     p.add_argument("--skip-uwsgi", action="store_true", help="no uWSGI comparison at all")
     p.add_argument("--only", choices=["latency", "scale", "ondemand"], help="run one benchmark")
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
+    add_run_options(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
+    return run_main(lambda: _run(args, argv))
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
-    out: list[str] = ["# trimperor benchmarks", ""]
-    info = machine_info()
-    out += ["| machine | |", "|---|---|"]
-    out += [f"| {key} | {value.splitlines()[0] if value else ''} |" for key, value in info.items()]
-    out += ["", f"Command: `python benchmarks/run.py {shlex.join(sys.argv[1:])}`".rstrip()]
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    run = RunOptions.of(args)
+    out = report_header("trimperor benchmarks", "run.py", argv, machine_info())
     began = time.monotonic()
     lat: latency.LatencyResult | None = None
     sc: tuple[scale.ScaleResult, scale.ScaleResult | None] | None = None
     wake: ondemand.WakeResult | None = None
     armed: tuple[ondemand.ArmedResult, ondemand.ArmedResult | None] | None = None
-    try:
-        if args.only in (None, "latency"):
-            lat = latency.measure(
-                rounds=args.rounds,
-                uwsgi_rounds=args.uwsgi_rounds,
-                seed=args.seed,
-                skip_uwsgi=args.skip_uwsgi,
-                progress=progress,
-                keep_logs=args.keep_logs,
-            )
-        if args.only in (None, "scale"):
-            sc = scale.measure(
-                count=args.count,
-                idle=args.idle,
-                uwsgi_count=0 if args.skip_uwsgi else args.uwsgi_count,
-                progress=progress,
-                keep_logs=args.keep_logs,
-            )
-        if args.only in (None, "ondemand"):
-            wake, armed = ondemand.measure(
-                rounds=args.wake_rounds,
-                uwsgi_rounds=args.wake_uwsgi_rounds,
-                count=args.ondemand_count,
-                uwsgi_count=args.ondemand_uwsgi_count,
-                idle=args.idle,
-                sample=args.sample,
-                seed=args.seed,
-                skip_uwsgi=args.skip_uwsgi,
-                progress=progress,
-                keep_logs=args.keep_logs,
-            )
-    except KeyboardInterrupt:
-        progress("interrupted; everything started was stopped")
-        return 130
+    if args.only in (None, "latency"):
+        lat = latency.measure(args.rounds, args.uwsgi_rounds, run)
+    if args.only in (None, "scale"):
+        uwsgi_count = 0 if args.skip_uwsgi else args.uwsgi_count
+        sc = scale.measure(args.count, args.idle, uwsgi_count, run=run)
+    if args.only in (None, "ondemand"):
+        wake, armed = ondemand.measure(
+            None,
+            args.wake_rounds,
+            args.wake_uwsgi_rounds,
+            args.ondemand_count,
+            args.ondemand_uwsgi_count,
+            args.idle,
+            args.sample,
+            run,
+        )
     if lat is not None:
         out += ["", "## Reaction latency", "", latency.render(lat)]
     if sc is not None:
@@ -110,11 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += ["", f"Total time: {time.monotonic() - began:.0f} s."]
     print("\n".join(out))
     if lat is not None:
-        for r in (lat.trimperor, lat.uwsgi):
-            if r is not None and r.log_notes:
-                print(f"\nlatency, {r.label} log lines worth a look ({len(r.log_notes)}):")
-                for line in r.log_notes[:20]:
-                    print(f"    {line}")
+        latency.print_notes(lat, "latency, ")
     if sc is not None:
         scale.print_notes(list(sc))
     ondemand.print_notes(wake, armed)

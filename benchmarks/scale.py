@@ -37,20 +37,25 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from benchlib import (
     CLK_TCK,
+    DEFAULT_RUN,
     Janitor,
+    RunOptions,
+    add_run_options,
     fmt,
     is_gone,
-    keep_log,
+    print_log_notes,
     read_pid_file,
-    sigterm_as_interrupt,
+    run_main,
     status_field,
     status_field_kib,
     trimperor_command,
     uwsgi_binary,
+    verdict,
 )
 from benchlib import (
     cpu_ticks as _cpu_ticks,
@@ -118,15 +123,15 @@ def _run(
     start_timeout: float,
     stop_timeout: float,
     interesting: Sequence[str],
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> ScaleResult:
     result = ScaleResult(label, command, count)
     base = janitor.tempdir(f"{label.split(maxsplit=1)[0]}-scale-")
-    vassals, pids, run = base / "vassals", base / "pids", base / "run"
-    for d in (vassals, pids, run):
+    vassals, pids, rundir = base / "vassals", base / "pids", base / "run"
+    for d in (vassals, pids, rundir):
         d.mkdir()
-    text = vassal_text(pids, run)
+    text = vassal_text(pids, rundir)
+    progress = run.progress
     for i in range(count):
         (vassals / f"v{i:04d}.ini").write_text(text)
     progress(f"scale: {label}, {count} vassals")
@@ -203,12 +208,8 @@ def _run(
             )
         return result
     finally:
-        lines = emperor.log_lines()
-        result.log_lines = len(lines)
-        result.log_notes = [ln for ln in lines if any(w in ln for w in interesting)]
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "scale")
-        janitor.remove_dir(base)
+        result.log_lines, result.log_notes = emperor.notes(interesting)
+        janitor.finish(emperor, base, run.keep_logs, "scale")
 
 
 def measure(
@@ -216,12 +217,10 @@ def measure(
     idle: float = 30.0,
     uwsgi_count: int = 0,
     log_level: str = "warning",
-    trimperor_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[ScaleResult, ScaleResult | None]:
     with Janitor() as janitor:
-        extra = ["--log-level", log_level, *trimperor_args]
+        extra = ["--log-level", log_level, *run.trimperor_args]
         ours = _run(
             janitor,
             "trimperor",
@@ -233,8 +232,7 @@ def measure(
             start_timeout=max(60.0, count * 0.06),
             stop_timeout=60.0,
             interesting=("WARNING", "ERROR", "CRITICAL", "Traceback"),
-            progress=progress,
-            keep_logs=keep_logs,
+            run=run,
         )
         theirs = None
         uwsgi = uwsgi_binary()
@@ -250,8 +248,7 @@ def measure(
                 start_timeout=max(120.0, uwsgi_count * 0.5),
                 stop_timeout=max(120.0, uwsgi_count * 0.2),
                 interesting=("error", "ERROR", "DAMN"),
-                progress=progress,
-                keep_logs=keep_logs,
+                run=run,
             )
         return ours, theirs
 
@@ -274,10 +271,7 @@ def _mem(mib: float) -> str:
     return f"{fmt(mib)} MiB = {fmt(mib * MB_PER_MIB)} MB"
 
 
-def _verdict(value: float, target: float) -> str:
-    if math.isnan(value):
-        return "not measured"
-    return "met" if value <= target else "**missed**"
+_verdict = partial(verdict, missed="**missed**")
 
 
 def render(ours: ScaleResult, theirs: ScaleResult | None) -> str:
@@ -337,40 +331,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="uWSGI vassals for uwsgi --emperor (default 0: skipped; they are heavy)",
     )
     p.add_argument("--log-level", default="warning", help="trimperor's --log-level (warning)")
-    p.add_argument(
-        "--trimperor-arg", action="append", default=[], metavar="ARG", help="extra argument"
-    )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
+    add_run_options(p, trimperor_arg="extra argument")
     return p.parse_args(argv)
 
 
 def print_notes(results: Sequence[ScaleResult | None]) -> None:
     for r in results:
-        if r is not None and r.log_notes:
-            print(f"\n{r.label} log: {len(r.log_notes)} of {r.log_lines} lines worth a look:")
-            for line in r.log_notes[:20]:
-                print(f"    {line}")
+        if r is not None:
+            print_log_notes(
+                f"{r.label} log: {len(r.log_notes)} of {r.log_lines} lines worth a look",
+                r.log_notes,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-    try:
-        ours, theirs = measure(
-            count=args.count,
-            idle=args.idle,
-            uwsgi_count=args.uwsgi_count,
-            log_level=args.log_level,
-            trimperor_args=args.trimperor_arg,
-            progress=lambda s: print(s, file=sys.stderr, flush=True),
-            keep_logs=args.keep_logs,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(ours, theirs))
-    print_notes([ours, theirs])
-    return 0
+
+    def body() -> int:
+        run = RunOptions.of(args)
+        ours, theirs = measure(args.count, args.idle, args.uwsgi_count, args.log_level, run)
+        print(render(ours, theirs))
+        print_notes([ours, theirs])
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

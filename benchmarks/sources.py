@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import random
@@ -86,12 +85,11 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,18 +97,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 from benchlib import (
     Emperor,
     Janitor,
-    Summary,
-    _interrupts_deferred,
+    Rounds,
+    SummaryOf,
+    add_run_options,
     fmt,
+    free_port,
+    interrupts_deferred,
     is_gone,
     keep_log,
     machine_info,
+    progress,
     ratio,
     read_pid_file,
-    sigterm_as_interrupt,
+    report_header,
+    run_main,
+    summary_row,
     trimperor_command,
     wait_until,
+    write_json,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers import PG_TRIGGERS
 
 if TYPE_CHECKING:
     import psycopg
@@ -156,33 +164,13 @@ UWSGI_SKIPS = {
 
 
 @dataclass
-class Run:
+class Run(Rounds):
     """One emperor on one source."""
 
-    label: str
-    command: str
-    rounds: int
-    up_ms: list[float] = field(default_factory=list)
-    down_ms: list[float] = field(default_factory=list)
     #: uWSGI only: removal until the vassal got the emperor's stop message.
     told_ms: list[float] = field(default_factory=list)
-    missed_up: int = 0
-    missed_down: int = 0
-    died_early: int = 0
     warmup_attempts: int = 0
-    log_notes: list[str] = field(default_factory=list)
-
-    @property
-    def up(self) -> Summary:
-        return Summary.of(self.up_ms)
-
-    @property
-    def down(self) -> Summary:
-        return Summary.of(self.down_ms)
-
-    @property
-    def told(self) -> Summary:
-        return Summary.of(self.told_ms)
+    told = SummaryOf("told_ms")
 
 
 @dataclass
@@ -274,13 +262,6 @@ def uwsgi_argv(binary: str, plugin: str, uri: str) -> list[str]:
     return [binary, "--plugin", plugin, "--emperor", uri, "--emperor-freq", f"{FREQ:g}"]
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def hide(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
@@ -289,7 +270,7 @@ def guarded(fn: Callable[[], object]) -> Callable[[], None]:
     """*fn* as a cleanup callback: a Ctrl-C while it runs is held until it is done."""
 
     def run() -> None:
-        with _interrupts_deferred():
+        with interrupts_deferred():
             fn()
 
     return run
@@ -323,8 +304,9 @@ class PgTable:
         return t0
 
 
-#: docs/sources/pg.md's table and triggers, with names of the run's own.
-PG_SCHEMA = """
+#: docs/sources/pg.md's table (its triggers are tests.helpers.PG_TRIGGERS), with names
+#: of the run's own.
+PG_TABLE = """
 CREATE TABLE {t} (
     name   text PRIMARY KEY,
     config text NOT NULL,
@@ -333,23 +315,6 @@ CREATE TABLE {t} (
     gid    integer,
     socket text
 );
-CREATE FUNCTION {t}_touch() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD THEN
-        RETURN NEW;
-    END IF;
-    NEW.ts := extract(epoch FROM clock_timestamp());
-    RETURN NEW;
-END $$;
-CREATE TRIGGER {t}_touch BEFORE INSERT OR UPDATE ON {t}
-    FOR EACH ROW EXECUTE FUNCTION {t}_touch();
-CREATE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{t}', TG_OP);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER {t}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t}
-    FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify();
 GRANT SELECT ON {t} TO {role};
 """
 
@@ -390,7 +355,8 @@ def pg_setup(
     stack.callback(guarded(drop))
     admin.execute(f"CREATE ROLE {tag} LOGIN PASSWORD '{password}'")
     for t in tables.values():
-        admin.execute(PG_SCHEMA.format(t=t.table, role=tag))
+        admin.execute(PG_TABLE.format(t=t.table, role=tag))
+        admin.execute(PG_TRIGGERS.format(table=t.table).encode())
     params = conninfo_to_dict(admin_dsn)
     dsn = make_conninfo(
         "",
@@ -628,7 +594,7 @@ def setup_zmq(stack: contextlib.ExitStack, opts: Options) -> tuple[list[Contende
     binary, skipped = _uwsgi_for("zmq", "emperor_zeromq", opts)
     contenders = []
     for label in ["trimperor"] + (["uwsgi"] if binary else []):
-        endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(endpoint)
@@ -824,10 +790,6 @@ def measure(
 # -- output ------------------------------------------------------------------------------------
 
 
-def _row(what: str, s: Summary) -> str:
-    return f"| {what} | {s.n} | {fmt(s.minimum)} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.maximum)} |"
-
-
 def render(results: Sequence[SourceResult]) -> str:
     out: list[str] = []
     for r in results:
@@ -843,21 +805,15 @@ def render(results: Sequence[SourceResult]) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for run in r.runs:
-            out.append(_row(f"{run.label}: {r.change} → vassal running", run.up))
-            out.append(_row(f"{run.label}: removed → vassal gone", run.down))
+            out.append(summary_row(f"{run.label}: {r.change} → vassal running", run.up))
+            out.append(summary_row(f"{run.label}: removed → vassal gone", run.down))
             if run.told_ms:
                 out.append(
-                    _row(f"{run.label}: removed → stop message reached the vassal", run.told)
+                    summary_row(f"{run.label}: removed → stop message reached the vassal", run.told)
                 )
         out.append("")
         for run in r.runs:
-            problems = []
-            if run.missed_up:
-                problems.append(f"{run.missed_up} vassal(s) never started within the timeout")
-            if run.missed_down:
-                problems.append(f"{run.missed_down} vassal(s) never stopped within the timeout")
-            if run.died_early:
-                problems.append(f"{run.died_early} vassal(s) died before their removal")
+            problems = run.problems()
             if run.warmup_attempts > 1:
                 problems.append(f"the warm-up took {run.warmup_attempts} attempts")
             if problems:
@@ -930,8 +886,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--poll-rounds", type=int, default=40, help="trimperor rounds, polled sources (40)"
     )
     p.add_argument("--uwsgi-rounds", type=int, default=30, help="uWSGI rounds (30; 0 skips)")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument("--seed", type=int, default=None, help="seed for the random phases")
+    add_run_options(
+        p,
+        skip_uwsgi="measure trimperor only",
+        seed="seed for the random phases",
+        trimperor_arg="extra argument for trimperor, repeatable",
+        json="also write the raw samples as JSON",
+    )
     p.add_argument(
         "--pg-admin-dsn",
         default=os.environ.get("TRIMPEROR_BENCH_PG", DEFAULT_PG_ADMIN),
@@ -944,15 +905,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=ROOT / ".venv-mongo" / "bin" / "python",
         help="a Python with mongoeco[wire] (default: .venv-mongo/bin/python)",
     )
-    p.add_argument(
-        "--trimperor-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for trimperor, repeatable",
-    )
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the raw samples as JSON")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SOURCES]
@@ -963,48 +915,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    opts = Options(
-        rounds=args.rounds,
-        poll_rounds=args.poll_rounds,
-        uwsgi_rounds=args.uwsgi_rounds,
-        skip_uwsgi=args.skip_uwsgi,
-        pg_admin_dsn=args.pg_admin_dsn,
-        mongo_python=args.mongo_python,
-        trimperor_args=args.trimperor_arg,
-    )
+    opts = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
     info = machine_info()
     binary = uwsgi_core()
     info["uwsgi"] = (
         f"Debian uwsgi-core {uwsgi_version(binary)} ({binary})" if binary else "not installed"
     )
     began = time.monotonic()
-    try:
+
+    def body() -> int:
         results = measure(args.only, opts, args.seed, progress, args.keep_logs)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    given = list(sys.argv[1:] if argv is None else argv)
-    out = ["# trimperor benchmarks: remote sources", ""]
-    out += ["| machine | |", "|---|---|"]
-    out += [f"| {k} | {v.splitlines()[0] if v else ''} |" for k, v in info.items()]
-    out += [
-        "",
-        f"Command: `python benchmarks/sources.py {shlex.join(given)}`".rstrip(),
-        f"Wall time: {time.monotonic() - began:.0f} s.",
-        "",
-        render(results),
-    ]
-    print("\n".join(out))
-    if args.json:
-        args.json.write_text(
-            json.dumps({"machine": info, "results": [asdict(r) for r in results]}, indent=1)
-        )
-    return 0
+        out = report_header("trimperor benchmarks: remote sources", "sources.py", argv, info)
+        out += [f"Wall time: {time.monotonic() - began:.0f} s.", "", render(results)]
+        print("\n".join(out))
+        write_json(args.json, {"machine": info, "results": [asdict(r) for r in results]})
+        return 0
+
+    return run_main(body, "was stopped and removed")
 
 
 if __name__ == "__main__":

@@ -48,30 +48,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
+    DEFAULT_RUN,
     Janitor,
+    RunOptions,
+    add_run_options,
     epoll_fds,
     epoll_watches,
     fmt,
-    keep_log,
     machine_info,
     percentile,
-    sigterm_as_interrupt,
+    run_main,
     status_field_kib,
-    trimperor_command,
-    uwsgi_binary,
     vassals_of,
     wait_until,
 )
-from ondemand import (
-    HTTP_GET,
-    SERVER,
-    WSGI_APP,
-    _http_ok,
-    _native_ok,
-    first_byte,
-    native_vassal,
-    uwsgi_vassal,
-)
+from ondemand import ArmedEmperor, first_byte, trimperor_armed, uwsgi_armed, uwsgi_for
 
 __all__ = ["StatsResult", "main", "measure"]
 
@@ -126,33 +117,16 @@ def _wake(result: StatsResult, path: Path, payload: bytes, ok: Callable[[bytes],
 
 def _run(
     janitor: Janitor,
-    label: str,
-    argv: Callable[[Path, Path, Path], list[str]],
-    command: str,
-    vassal_text: Callable[[Path], str],
-    socket_name: Callable[[str], str],
+    who: ArmedEmperor,
     count: int,
     requests: int,
     wakes: int,
-    payload: bytes,
-    ok: Callable[[bytes], bool],
     rng: random.Random,
-    progress: Callable[[str], None],
-    keep_logs: Path | None,
+    run: RunOptions,
 ) -> StatsResult:
-    result = StatsResult(label, command, count)
-    base = janitor.tempdir("stats-")
-    vassals, socks = base / "vassals", base / "socks"
-    vassals.mkdir()
-    socks.mkdir()
-    text = vassal_text(base)
-    names = [f"v{i:05d}" for i in range(count)]
-    for name in names:
-        (vassals / f"{name}.ini").write_text(text)
-    stats = base / "stats.sock"
-    progress(f"{label}: {count} on-demand vassals")
-    t0 = time.monotonic()
-    emperor = janitor.start(label, argv(vassals, socks, stats), base / "emperor.log", base)
+    progress = run.progress
+    result = StatsResult(who.label, who.command, count)
+    base, socks, names, stats, emperor, t0 = who.start(janitor, "stats-", count, progress)
     try:
         polls: list[int] = []
         deadline = t0 + max(120.0, count * 0.03)
@@ -177,7 +151,7 @@ def _run(
         def wake_all(chosen: Sequence[str], into: list[float]) -> None:
             for name in chosen:
                 time.sleep(rng.uniform(0.0, 0.05))
-                into.append(_wake(result, socks / socket_name(name), payload, ok))
+                into.append(_wake(result, socks / who.socket_name(name), who.payload, who.ok))
                 # back to sleep (no process) before the next one
                 if not wait_until(lambda: not vassals_of(emperor.pid), 30.0, 0.005):
                     result.failures.append("a woken vassal did not go back to sleep")
@@ -209,9 +183,7 @@ def _run(
         emperor.check_alive()
         return result
     finally:
-        janitor.stop_emperor(emperor)
-        keep_log(emperor, keep_logs, "stats")
-        janitor.remove_dir(base)
+        janitor.finish(emperor, base, run.keep_logs, "stats")
 
 
 def measure(
@@ -219,71 +191,19 @@ def measure(
     uwsgi_count: int = 10000,
     requests: int = 30,
     wakes: int = 20,
-    seed: int | None = None,
-    skip_uwsgi: bool = False,
-    progress: Callable[[str], None] = print,
-    keep_logs: Path | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> tuple[StatsResult, StatsResult | None]:
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     extra = ["--log-level", "warning"]
 
-    def native_text(base: Path) -> str:
-        server = base / "server.py"
-        server.write_text(SERVER)
-        return native_vassal(server, base / "socks", once=True)
-
     with Janitor() as janitor:
-        ours = _run(
-            janitor,
-            "trimperor",
-            lambda d, socks, stats: trimperor_command(str(d), "--stats", str(stats), *extra),
-            " ".join(["python -m trimperor DIR --stats STATS", *extra]),
-            native_text,
-            lambda name: f"{name}.sock",
-            count,
-            requests,
-            wakes,
-            b"",
-            _native_ok,
-            rng,
-            progress,
-            keep_logs,
-        )
-        uwsgi = uwsgi_binary()
-        if skip_uwsgi or uwsgi_count <= 0 or uwsgi is None:
+        ours = _run(janitor, trimperor_armed(extra), count, requests, wakes, rng, run)
+        uwsgi = uwsgi_for(uwsgi_count, run)
+        if uwsgi is None:
             return ours, None
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < uwsgi_count + 100 <= hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-        def uwsgi_text(base: Path) -> str:
-            app = base / "app.py"
-            app.write_text(WSGI_APP)
-            return uwsgi_vassal(app)
 
         theirs = _run(
-            janitor,
-            "uwsgi --emperor",
-            lambda d, socks, stats: [
-                uwsgi,
-                "--emperor",
-                str(d),
-                "--emperor-on-demand-directory",
-                str(socks),
-                "--emperor-stats",
-                str(stats),
-            ],
-            "uwsgi --emperor DIR --emperor-on-demand-directory SOCKS --emperor-stats STATS",
-            uwsgi_text,
-            lambda name: f"{name}.socket",
-            uwsgi_count,
-            requests,
-            wakes,
-            HTTP_GET,
-            _http_ok,
-            rng,
-            progress,
-            keep_logs,
+            janitor, uwsgi_armed(uwsgi, with_stats=True), uwsgi_count, requests, wakes, rng, run
         )
         return ours, theirs
 
@@ -418,9 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--requests", type=int, default=30, help="warm stats requests (30)")
     p.add_argument("--wakes", type=int, default=20, help="wakes, quiet and under stats (20)")
-    p.add_argument("--seed", type=int, default=None, help="seed for the sample and pauses")
-    p.add_argument("--skip-uwsgi", action="store_true", help="measure trimperor only")
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs into DIR")
+    add_run_options(p, seed="seed for the sample and pauses", skip_uwsgi="measure trimperor only")
     p.add_argument(
         "--in-process", action="store_true", help="measure the build alone, in this process"
     )
@@ -429,31 +347,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    progress(f"machine: {machine_info()}")
-    if args.in_process:
-        print(in_process(args.count, args.requests, progress))
+    def body() -> int:
+        run = RunOptions.of(args)
+        run.progress(f"machine: {machine_info()}")
+        if args.in_process:
+            print(in_process(args.count, args.requests, run.progress))
+            return 0
+        ours, theirs = measure(args.count, args.uwsgi_count, args.requests, args.wakes, run)
+        print(render(ours, theirs))
         return 0
-    try:
-        ours, theirs = measure(
-            count=args.count,
-            uwsgi_count=args.uwsgi_count,
-            requests=args.requests,
-            wakes=args.wakes,
-            seed=args.seed,
-            skip_uwsgi=args.skip_uwsgi,
-            progress=progress,
-            keep_logs=args.keep_logs,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render(ours, theirs))
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

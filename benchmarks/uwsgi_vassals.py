@@ -48,25 +48,37 @@ temporary directory removed on exit, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
-import json
 import math
 import os
 import random
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from types import FrameType
+
+from benchlib import (
+    Emperor,
+    Janitor,
+    add_run_options,
+    fmt,
+    free_port,
+    is_gone,
+    keep_log,
+    percentile,
+    progress,
+    ratio,
+    run_main,
+    trimperor_command,
+    wait_until,
+    write_json,
+)
+from benchlib import uwsgi_binary as _uwsgi_binary
 
 __all__ = ["main"]
 
@@ -85,21 +97,6 @@ STARTUP = 1.0
 # -- statistics --------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (NumPy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def fmt(value: float, digits: int = 0) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 @dataclass
 class Series:
     """Durations of one kind, in milliseconds."""
@@ -116,7 +113,7 @@ class Series:
         if not v:
             return f"n/a | n/a | n/a | 0 (missed {self.missed})"
         missed = f" (missed {self.missed})" if self.missed else ""
-        return f"{fmt(min(v))} | **{fmt(self.p50)}** | {fmt(max(v))} | {len(v)}{missed}"
+        return f"{fmt(min(v), 0)} | **{fmt(self.p50, 0)}** | {fmt(max(v), 0)} | {len(v)}{missed}"
 
 
 @dataclass
@@ -167,25 +164,6 @@ def listening(port: int) -> bool:
     return False
 
 
-def pid_gone(pid: int) -> bool:
-    """No such process, or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return data[data.rfind(b")") + 2 :][:1] in (b"Z", b"X")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.001) -> bool:
-    deadline = time.perf_counter() + timeout
-    while not predicate():
-        if time.perf_counter() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 def time_until_200(port: int, since: float, timeout: float) -> float | None:
     """Seconds from *since* (a ``perf_counter`` value) until ``GET /`` answers 200,
     or None after *timeout*."""
@@ -202,114 +180,6 @@ def read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# -- cleanup -----------------------------------------------------------------------------------
-
-
-class Janitor:
-    """Everything this benchmark started: process groups, vassal pids, directories."""
-
-    def __init__(self) -> None:
-        self.popens: list[subprocess.Popen[bytes]] = []
-        self.groups: set[int] = set()
-        self.dirs: list[Path] = []
-
-    def tempdir(self, prefix: str) -> Path:
-        path = Path(tempfile.mkdtemp(prefix=prefix))
-        self.dirs.append(path)
-        return path
-
-    def start(
-        self,
-        argv: Sequence[str],
-        log: Path,
-        cwd: Path,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                pass_fds=tuple(pass_fds),
-                start_new_session=True,
-            )
-        self.popens.append(popen)
-        return popen
-
-    def track_group(self, pid: int) -> None:
-        """A vassal master that leads its own process group (trimperor's vassals)."""
-        self.groups.add(pid)
-
-    def stop(self, popen: subprocess.Popen[bytes], sig: int | None, grace: float = 15.0) -> None:
-        """Signal *popen* (or just wait for it, without *sig*), SIGKILL its process
-        group if it lingers; reap it."""
-        if popen.poll() is None:
-            if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    popen.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=grace)
-        # uwsgi --emperor's vassals share its group; so do a vassal's workers.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-        if popen in self.popens:
-            self.popens.remove(popen)
-
-    def cleanup(self) -> None:
-        with _interrupts_deferred():
-            for popen in list(self.popens):
-                self.stop(popen, signal.SIGTERM, grace=5.0)
-            for pid in self.groups:
-                if not pid_gone(pid) and b"uwsgi" in _cmdline(pid):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGKILL)
-            self.groups.clear()
-            for path in self.dirs:
-                shutil.rmtree(path, ignore_errors=True)
-            self.dirs.clear()
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """A second Ctrl-C during cleanup must not leave processes behind."""
-    pending: list[int] = []
-
-    def remember(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)
-
-    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        raise KeyboardInterrupt
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 # -- the vassal --------------------------------------------------------------------------------
@@ -329,10 +199,7 @@ def vassal_ini(port: int, run: Path) -> str:
 def uwsgi_binary(given: str | None) -> str:
     if given:
         return given
-    beside = Path(sys.executable).parent / "uwsgi"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("uwsgi")
+    found = _uwsgi_binary()
     if found is None:
         raise SystemExit("uwsgi not found: pip install uwsgi, or pass --uwsgi PATH")
     return found
@@ -360,19 +227,13 @@ def measure_own(
             env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
             env.pop("UWSGI_RELOADS", None)
             t0 = time.perf_counter()
-            popen = janitor.start(
-                [uwsgi, "--ini", str(conf)], log, base, env=env, pass_fds=[theirs.fileno()]
-            )
+            argv = [uwsgi, "--ini", str(conf)]
+            vassal = janitor.register(Emperor("uwsgi", argv, log, base, env, [theirs.fileno()]))
             theirs.close()
-            up = time_until_200(port, t0, UP_TIMEOUT)
-            t1 = time.perf_counter()
-            ours.send(b"\x00")
-            down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
-            t2 = time.perf_counter()
+            up, down = _boot_and_stop(janitor, vassal, t0, port, partial(ours.send, b"\x00"))
             if i:
                 _record(result.boot, up)
-                _record(result.stop, t2 - t1 if down_ok else None)
-            janitor.stop(popen, None, grace=DOWN_TIMEOUT)
+                _record(result.stop, down)
         finally:
             ours.close()
             theirs.close()
@@ -382,18 +243,29 @@ def measure_own(
     plain_rounds = max(1, rounds // 2)
     for i in range(plain_rounds + 1):
         t0 = time.perf_counter()
-        popen = janitor.start([uwsgi, "--ini", str(conf)], log, base)
-        up = time_until_200(port, t0, UP_TIMEOUT)
-        t1 = time.perf_counter()
-        popen.send_signal(signal.SIGINT)
-        down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
-        t2 = time.perf_counter()
+        vassal = janitor.start("uwsgi", [uwsgi, "--ini", str(conf)], log, base)
+        up, down = _boot_and_stop(
+            janitor, vassal, t0, port, partial(vassal.popen.send_signal, signal.SIGINT)
+        )
         if i:
             _record(result.plain_boot, up)
-            _record(result.sigint_stop, t2 - t1 if down_ok else None)
-        janitor.stop(popen, None, grace=DOWN_TIMEOUT)
+            _record(result.sigint_stop, down)
     progress(f"  vassal on its own (no emperor, SIGINT): {plain_rounds}/{plain_rounds}")
     return result
+
+
+def _boot_and_stop(
+    janitor: Janitor, vassal: Emperor, t0: float, port: int, stop: Callable[[], object]
+) -> tuple[float | None, float | None]:
+    """Seconds from *t0* (when *vassal* was started) until it answers 200, and from
+    ``stop()`` until nothing listens on *port* (None for a timeout); then reap it."""
+    up = time_until_200(port, t0, UP_TIMEOUT)
+    t1 = time.perf_counter()
+    stop()
+    down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
+    down = time.perf_counter() - t1 if down_ok else None
+    janitor.stop_emperor(vassal, None, DOWN_TIMEOUT)
+    return up, down
 
 
 def _record(series: Series, seconds: float | None) -> None:
@@ -427,12 +299,11 @@ def measure_emperor(
     text = vassal_ini(port, run)
     log = base / "emperor.log"
     result = EmperorRun(label, shown, rounds)
-    emperor = janitor.start(argv_for(vassals), log, base)
+    emperor: Emperor = janitor.start(label, argv_for(vassals), log, base)
     try:
         time.sleep(STARTUP)
         for i in range(rounds + 1):  # round 0 is the warm-up
-            if emperor.poll() is not None:
-                raise RuntimeError(f"{label} exited with {emperor.returncode}:\n{_tail(log)}")
+            emperor.check_alive()
             conf, tmp = vassals / "app.ini", vassals / ".app.ini.tmp"
             pidfile = run / "app.pid"
             pidfile.unlink(missing_ok=True)
@@ -451,7 +322,7 @@ def measure_emperor(
             conf.unlink()
             down_ok = wait_until(lambda: not listening(port), DOWN_TIMEOUT)
             t2 = time.perf_counter()
-            if pid is not None and not wait_until(partial(pid_gone, pid), DOWN_TIMEOUT):
+            if pid is not None and not wait_until(partial(is_gone, pid), DOWN_TIMEOUT):
                 result.notes.append(f"round {i}: master {pid} still alive after removal")
             if i:
                 _record(result.up, up)
@@ -459,21 +330,11 @@ def measure_emperor(
             if i and (i % 5 == 0 or i == rounds):
                 progress(f"  {label}: {i}/{rounds} rounds")
     finally:
-        janitor.stop(emperor, stop_signal)
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        janitor.stop_emperor(emperor, stop_signal, group=False)
         if label == "trimperor":
-            result.notes += [ln for ln in lines if " WARNING " in ln or " ERROR " in ln][:20]
-        if keep_logs is not None:
-            keep_logs.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, keep_logs / f"{label}-uwsgi-vassals.log")
+            result.notes += emperor.notes((" WARNING ", " ERROR "))[1][:20]
+        keep_log(emperor, keep_logs, "uwsgi-vassals")
     return result
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -506,8 +367,8 @@ def render(
     out.append("")
 
     if uwsgi_run is not None and trim is not None:
-        up_ratio = _ratio(uwsgi_run.up.p50, trim.up.p50)
-        down_ratio = _ratio(uwsgi_run.down.p50, trim.down.p50)
+        up_ratio = ratio(uwsgi_run.up.p50, trim.up.p50)
+        down_ratio = ratio(uwsgi_run.down.p50, trim.down.p50)
         out.append(
             f"p50 ratio uWSGI / trimperor: up **{fmt(up_ratio, 1)}x**, "
             f"down **{fmt(down_ratio, 1)}x**."
@@ -528,12 +389,6 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def _ratio(a: float, b: float) -> float:
-    if math.isnan(a) or math.isnan(b) or b <= 0:
-        return math.nan
-    return a / b
-
-
 def _verdict(extra_ms: float) -> str:
     if math.isnan(extra_ms):
         return "n/a"
@@ -552,10 +407,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--own-rounds", type=int, default=10, help="rounds of the vassal on its own (10)"
     )
     p.add_argument("--uwsgi", metavar="PATH", help="the uwsgi binary (default: the venv's)")
-    p.add_argument("--seed", type=int, help="seed for the random phases")
-    p.add_argument("--skip-uwsgi", action="store_true", help="do not run uwsgi --emperor")
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperors' logs here")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the raw figures here")
+    add_run_options(
+        p,
+        seed="seed for the random phases",
+        skip_uwsgi="do not run uwsgi --emperor",
+        keep_logs="copy the emperors' logs here",
+        json="also write the raw figures here",
+    )
     return p.parse_args(argv)
 
 
@@ -565,75 +423,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.uwsgi_rounds = args.trimperor_rounds = args.rounds
     uwsgi = uwsgi_binary(args.uwsgi)
     rng = random.Random(args.seed)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
     command = "python benchmarks/uwsgi_vassals.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    uwsgi_run = trim = None
-    own = None
-    janitor = Janitor()
-    try:
-        progress("the vassal on its own")
-        own = measure_own(janitor, uwsgi, args.own_rounds, progress)
-        progress("trimperor")
-        trim = measure_emperor(
-            janitor,
-            "trimperor",
-            lambda d: [
-                sys.executable,
-                "-m",
-                "trimperor",
-                str(d),
-                "--binary-path",
-                uwsgi,
-                "--log-level",
-                "warning",
-            ],
-            "python -m trimperor DIR --binary-path UWSGI --log-level warning",
-            signal.SIGTERM,
-            args.trimperor_rounds,
-            TRIMPEROR_PHASE,
-            rng,
-            progress,
-            args.keep_logs,
-            own_group=True,
-        )
-        if not args.skip_uwsgi:
-            progress("uwsgi --emperor")
-            uwsgi_run = measure_emperor(
+    def body() -> int:
+        uwsgi_run = None
+        with Janitor() as janitor:
+            progress("the vassal on its own")
+            own = measure_own(janitor, uwsgi, args.own_rounds, progress)
+            progress("trimperor")
+            trim = measure_emperor(
                 janitor,
-                "uwsgi",
-                lambda d: [uwsgi, "--emperor", str(d)],
-                "uwsgi --emperor DIR",
-                signal.SIGINT,
-                args.uwsgi_rounds,
-                UWSGI_PHASE,
+                "trimperor",
+                lambda d: trimperor_command(
+                    str(d), "--binary-path", uwsgi, "--log-level", "warning"
+                ),
+                "python -m trimperor DIR --binary-path UWSGI --log-level warning",
+                signal.SIGTERM,
+                args.trimperor_rounds,
+                TRIMPEROR_PHASE,
                 rng,
                 progress,
                 args.keep_logs,
-                own_group=False,
+                own_group=True,
             )
-    except KeyboardInterrupt:
-        progress("interrupted: cleaning up")
-        janitor.cleanup()
-        return 130
-    finally:
-        janitor.cleanup()
-    print(render(uwsgi_run, trim, own, command.strip()))
-    if args.json is not None:
+            if not args.skip_uwsgi:
+                progress("uwsgi --emperor")
+                uwsgi_run = measure_emperor(
+                    janitor,
+                    "uwsgi",
+                    lambda d: [uwsgi, "--emperor", str(d)],
+                    "uwsgi --emperor DIR",
+                    signal.SIGINT,
+                    args.uwsgi_rounds,
+                    UWSGI_PHASE,
+                    rng,
+                    progress,
+                    args.keep_logs,
+                    own_group=False,
+                )
+        print(render(uwsgi_run, trim, own, command.strip()))
         doc = {
             "command": command.strip(),
             "uwsgi": asdict(uwsgi_run) if uwsgi_run else None,
-            "trimperor": asdict(trim) if trim else None,
-            "own": asdict(own) if own else None,
+            "trimperor": asdict(trim),
+            "own": asdict(own),
         }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    return 0
+        write_json(args.json, doc, indent=2)
+        return 0
+
+    return run_main(body, "was stopped and removed")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import time
 from functools import partial
@@ -28,6 +27,7 @@ import zmq
 
 from benchlib import (
     Janitor,
+    free_port,
     percentile,
     query_stats,
     sigterm_as_interrupt,
@@ -37,13 +37,6 @@ from benchlib import (
 
 KINDS = ("bad-name", "unknown-destroy", "junk")
 CONFIG = b"[vassal]\ncommand = sleep 600\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def messages(kind: str, count: int, rng: random.Random) -> list[list[bytes]]:

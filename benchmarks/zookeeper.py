@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import random
 import shlex
 import sys
@@ -35,7 +33,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchlib import Janitor, fmt, machine_info, sigterm_as_interrupt, trimperor_command
+from benchlib import (
+    Janitor,
+    add_run_options,
+    fmt,
+    machine_info,
+    progress,
+    report_header,
+    run_main,
+    trimperor_command,
+    verdict,
+    write_json,
+)
 from sources import EVENT_PHASE, Contender, SourceResult, render, run_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,45 +104,28 @@ def measure(rounds: int, keep_logs: Path | None, progress: Any) -> SourceResult:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=50, help="rounds (50)")
-    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the emperor's log into DIR")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the raw samples as JSON")
+    add_run_options(
+        p, keep_logs="copy the emperor's log into DIR", json="also write the raw samples as JSON"
+    )
     args = p.parse_args(argv)
-    sigterm_as_interrupt()
-
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     info = machine_info()
     began = time.monotonic()
-    try:
+
+    def body() -> int:
         result = measure(args.rounds, args.keep_logs, progress)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    given = list(sys.argv[1:] if argv is None else argv)
-    out = ["# trimperor benchmarks: zoo://", ""]
-    out += ["| machine | |", "|---|---|"]
-    out += [f"| {k} | {v.splitlines()[0] if v else ''} |" for k, v in info.items()]
-    out += [
-        "",
-        f"Command: `python benchmarks/zookeeper.py {shlex.join(given)}`".rstrip(),
-        f"Wall time: {time.monotonic() - began:.0f} s.",
-        "",
-        render([result]),
-    ]
-    if result.runs:
-        up = result.runs[0].up
-        verdict = (
-            "not measured" if math.isnan(up.p50) else "met" if up.p50 <= TARGET_P50_MS else "MISSED"
-        )
-        out.append(
-            f"Target (znode created → vassal running, p50 ≤ {TARGET_P50_MS:.0f} ms): "
-            f"p50 {fmt(up.p50)} ms, p99 {fmt(up.p99)} ms ({verdict})."
-        )
-    print("\n".join(out))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "result": asdict(result)}, indent=1))
-    return 0
+        out = report_header("trimperor benchmarks: zoo://", "zookeeper.py", argv, info)
+        out += [f"Wall time: {time.monotonic() - began:.0f} s.", "", render([result])]
+        if result.runs:
+            up = result.runs[0].up
+            out.append(
+                f"Target (znode created → vassal running, p50 ≤ {TARGET_P50_MS:.0f} ms): "
+                f"p50 {fmt(up.p50)} ms, p99 {fmt(up.p99)} ms ({verdict(up.p50, TARGET_P50_MS)})."
+            )
+        print("\n".join(out))
+        write_json(args.json, {"machine": info, "result": asdict(result)})
+        return 0
+
+    return run_main(body, "was stopped and removed")
 
 
 if __name__ == "__main__":

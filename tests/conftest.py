@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import trio.testing
 
 from tests.etcd_server import EtcdServer
+from tests.helpers import EmperorProcess, amqp_connection
 
 
 def _children() -> set[int]:
@@ -59,3 +61,24 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def exchange() -> Iterator[str]:
+    """An AMQP exchange name of the test's own, deleted afterwards if it was declared."""
+    name = f"trimperor.test.{uuid.uuid4().hex[:12]}"
+    yield name
+    connection = amqp_connection()
+    try:
+        connection.channel().exchange_delete(name)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def emperors() -> Iterator[list[EmperorProcess]]:
+    """Emperor processes a test starts (append them); each is closed afterwards."""
+    started: list[EmperorProcess] = []
+    yield started
+    for e in started:
+        e.close()

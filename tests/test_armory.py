@@ -92,7 +92,8 @@ async def test_armed_vassals_cost_no_task_and_the_first_connection_wakes_one(
     target = sups()[7]
     pid = int(await fetch(tmp_path / "v7.sock"))
     snap = target.snapshot()
-    assert snap.wakes == 1 and snap.pid == pid
+    assert snap.wakes == 1
+    assert snap.pid == pid
     # The others were not woken.
     assert all(s.snapshot().wakes == 0 and s.dormant for s in sups() if s is not target)
     # Stopping a dormant vassal still works: it runs again to stop, and ends.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
     wait_for,
     write_atomic,
 )
@@ -71,12 +71,14 @@ def test_plugin_options_reach_each_plugin_s_own_options(tmp_path: Path) -> None:
     settings = cli.plugin_settings(args)
     assert settings["amqp"] == {"exchange": "fleet"}
     assert settings["files"] == {"on_demand_extension": None, "on_demand_directory": "od"}
-    assert settings["zmq"]["allow_remote"] is True and settings["zoo"] == {"auth_file": None}
+    assert settings["zmq"]["allow_remote"] is True
+    assert settings["zoo"] == {"auth_file": None}
     options = MonitorOptions(plugins=settings)
     amqp, files, zmq = cli.resolve_sources(
         ["amqp://127.0.0.1", str(tmp_path), "zmq://tcp://0.0.0.0:5999"], options
     )
-    assert isinstance(amqp, AmqpMonitor) and amqp._exchange == "fleet"
+    assert isinstance(amqp, AmqpMonitor)
+    assert amqp._exchange == "fleet"
     assert isinstance(files, DirMonitor)
     assert files._own.on_demand_directory == os.path.abspath("od")
     assert isinstance(zmq, ZmqMonitor)  # a remote bind allowed by --allow-remote-zmq
@@ -262,22 +264,15 @@ async def test_stats_on_a_unix_socket(
         lambda: "vassal.spawned" in emperor.text() and "stats.listening" in emperor.text()
     )
 
-    def fetch() -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(sock_path))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        result: dict[str, object] = json.loads(data)
-        return result
-
-    doc = await trio.to_thread.run_sync(fetch)
+    doc = await trio.to_thread.run_sync(read_stats_document, sock_path)
     assert doc["pid"] == emperor.proc.pid
     assert doc["emperor"] == [f"dir://{vassals}"]
     vassals_info = doc["vassals"]
-    assert isinstance(vassals_info, list) and len(vassals_info) == 1
+    assert isinstance(vassals_info, list)
+    assert len(vassals_info) == 1
     v = vassals_info[0]
-    assert v["name"] == "a.ini" and v["pid"] == read_pid(tmp_path / "a.pid")
+    assert v["name"] == "a.ini"
+    assert v["pid"] == read_pid(tmp_path / "a.pid")
     assert v["source"] == f"dir://{vassals}"
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0

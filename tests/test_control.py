@@ -129,23 +129,32 @@ async def test_ctl_status_table_json_and_unknown_names(short_dir: Path) -> None:
         assert rc == 0, err
         lines = out.splitlines()
         assert lines[0].split()[:5] == ["NAME", "KIND", "STATE", "PID", "UPTIME"]
-        assert "CPU%" in lines[0] and "RSS" in lines[0]
+        assert "CPU%" in lines[0]
+        assert "RSS" in lines[0]
         row = next(line for line in lines if line.startswith("a.ini"))
-        assert "native" in row and "running" in row and str(a) in row
+        assert "native" in row
+        assert "running" in row
+        assert str(a) in row
         assert "\033[" not in out  # no colour when not on a terminal
 
         rc, out, _ = await ctl(run, "status", "a.ini", "--json")
         assert rc == 0
         doc = json.loads(out)
         (only,) = doc["vassals"]
-        assert only["name"] == "a.ini" and only["pid"] == a and only["state"] == "running"
-        assert only["rss"] > 0 and only["cpu"] is not None and only["restarts"] == 0
+        assert only["name"] == "a.ini"
+        assert only["pid"] == a
+        assert only["state"] == "running"
+        assert only["rss"] > 0
+        assert only["cpu"] is not None
+        assert only["restarts"] == 0
         assert doc["sources"][0]["uri"].endswith("vassals")
 
         rc, _, err = await ctl(run, "status", "nope.ini")
-        assert rc == 1 and "no such vassal: nope.ini" in err
+        assert rc == 1
+        assert "no such vassal: nope.ini" in err
         rc, _, err = await ctl(run, "restart", "nope.ini")
-        assert rc == 1 and "nope.ini: no such vassal" in err
+        assert rc == 1
+        assert "nope.ini: no such vassal" in err
 
 
 @pytest.mark.integration
@@ -173,12 +182,15 @@ async def test_ctl_stop_holds_a_vassal_until_started_or_its_config_changes(
         assert run.emperor.text().count("vassal.spawned name=a.ini") == spawned
         assert read_pid(short_dir / "a.pid") == a
         rc, out, _ = await ctl(run, "status")
-        assert "stopped (ctl)" in out and "trimperor ctl start a.ini" in out
+        assert "stopped (ctl)" in out
+        assert "trimperor ctl start a.ini" in out
         rc, out, _ = await ctl(run, "stop", "a.ini")
-        assert rc == 0 and "already stopped" in out
+        assert rc == 0
+        assert "already stopped" in out
 
         rc, out, _ = await ctl(run, "start", "a.ini")
-        assert rc == 0 and "a.ini: starting" in out
+        assert rc == 0
+        assert "a.ini: starting" in out
         a2 = await new_pid(short_dir / "a.pid", a)
         assert (await wait_state(run, "a.ini", "running"))["held"] is False
 
@@ -191,14 +203,17 @@ async def test_ctl_stop_holds_a_vassal_until_started_or_its_config_changes(
 
         # --all
         rc, out, _ = await ctl(run, "stop", "--all")
-        assert rc == 0 and "a.ini: stopping" in out and "b.ini: stopping" in out
+        assert rc == 0
+        assert "a.ini: stopping" in out
+        assert "b.ini: stopping" in out
         await wait_for(lambda: not pid_alive(a3) and not pid_alive(b))
         rc, out, _ = await ctl(run, "start", "--all")
         assert rc == 0, out
         await new_pid(short_dir / "a.pid", a3)
         await new_pid(short_dir / "b.pid", b)
         rc, _, err = await ctl(run, "stop")
-        assert rc == 2 and "--all" in err
+        assert rc == 2
+        assert "--all" in err
 
         # Stopped, then its configuration removed: forgotten.
         await ctl(run, "stop", "b.ini")
@@ -229,16 +244,19 @@ async def test_ctl_restart_reload_and_signal(short_dir: Path) -> None:
         await wait_state(run, "a.ini", "running")
 
         rc, out, _ = await ctl(run, "restart", "a.ini")
-        assert rc == 0 and "a.ini: restarting" in out
+        assert rc == 0
+        assert "a.ini: restarting" in out
         a2 = await new_pid(short_dir / "a.pid", a)
         await wait_for(lambda: not pid_alive(a))
         assert (await wait_state(run, "a.ini", "running"))["restarts"] == 1
 
         # reload: a vassal with a reload signal gets it (same process) ...
         rc, out, _ = await ctl(run, "reload", "r.ini")
-        assert rc == 0 and "r.ini: reloading" in out
+        assert rc == 0
+        assert "r.ini: reloading" in out
         await wait_for(usr1.exists)
-        assert pid_alive(r) and read_pid(short_dir / "r.pid") == r
+        assert pid_alive(r)
+        assert read_pid(short_dir / "r.pid") == r
         # ... one without is restarted.
         rc, out, _ = await ctl(run, "reload", "a.ini")
         assert rc == 0
@@ -246,11 +264,13 @@ async def test_ctl_restart_reload_and_signal(short_dir: Path) -> None:
 
         usr1.unlink()
         rc, out, _ = await ctl(run, "signal", "USR1", "a.ini")
-        assert rc == 0 and "a.ini: sent SIGUSR1" in out
+        assert rc == 0
+        assert "a.ini: sent SIGUSR1" in out
         await wait_for(usr1.exists)
         assert pid_alive(a3)
         rc, _, err = await ctl(run, "signal", "NOPE", "a.ini")
-        assert rc == 1 and "unknown signal" in err
+        assert rc == 1
+        assert "unknown signal" in err
 
 
 @pytest.mark.integration
@@ -260,7 +280,8 @@ async def test_ctl_logs_are_timestamped_merged_and_followed(short_dir: Path) -> 
         await wait_for(lambda: "q.ini| line 3" in run.emperor.text())
         # Vassal output reaches the log whatever --log-level says, with time and name.
         first = next(ln for ln in run.emperor.text().splitlines() if "p.ini| line 0" in ln)
-        assert first[:4].isdigit() and first[4] == "-"
+        assert first[:4].isdigit()
+        assert first[4] == "-"
 
         rc, out, _ = await ctl(run, "logs", "-n", "5")
         assert rc == 0
@@ -272,7 +293,8 @@ async def test_ctl_logs_are_timestamped_merged_and_followed(short_dir: Path) -> 
 
         rc, out, _ = await ctl(run, "logs", "p.ini", "-n", "3")
         lines = out.splitlines()
-        assert len(lines) == 3 and all(" p.ini| line " in ln for ln in lines)
+        assert len(lines) == 3
+        assert all(" p.ini| line " in ln for ln in lines)
 
         # -f keeps printing new lines
         async with trio.open_nursery() as nursery:
@@ -294,7 +316,8 @@ async def test_ctl_logs_are_timestamped_merged_and_followed(short_dir: Path) -> 
                     for ln in done:
                         assert b" q.ini| line " in ln, ln
                         seen.append(int(ln.rsplit(b" ", 1)[1]))
-            assert seen == sorted(seen) and len(set(seen)) == len(seen)
+            assert seen == sorted(seen)
+            assert len(set(seen)) == len(seen)
             proc.terminate()
 
 
@@ -307,7 +330,8 @@ async def test_ctl_events_and_wait(short_dir: Path) -> None:
         assert rc == 0
         rc, out, _ = await ctl(run, "events")
         assert rc == 0
-        assert f"spawn a.ini pid={a}" in out and "state a.ini state=running" in out
+        assert f"spawn a.ini pid={a}" in out
+        assert "state a.ini state=running" in out
 
         async with connect(run.sock) as client:
             await client.request("subscribe")
@@ -317,7 +341,8 @@ async def test_ctl_events_and_wait(short_dir: Path) -> None:
                 while "spawn" not in seen:
                     ev = await client.next_event()
                     seen[ev["event"]] = ev
-            assert seen["exit"]["signal"] == "SIGKILL" and seen["exit"]["pid"] == a
+            assert seen["exit"]["signal"] == "SIGKILL"
+            assert seen["exit"]["pid"] == a
             assert seen["spawn"]["pid"] != a
 
             # wait --state stopped, answered by an event once it has subscribed
@@ -338,9 +363,11 @@ async def test_ctl_events_and_wait(short_dir: Path) -> None:
             assert result == [0]
 
         rc, _, err = await ctl(run, "wait", "a.ini", "--state", "armed", "--timeout", "0.5")
-        assert rc == 1 and "not armed" in err
+        assert rc == 1
+        assert "not armed" in err
         rc, _, err = await ctl(run, "wait", "nope.ini", "--timeout", "0.5")
-        assert rc == 1 and "nope.ini is no vassal (yet), not running" in err
+        assert rc == 1
+        assert "nope.ini is no vassal (yet), not running" in err
 
         # A vassal that appears while waiting (a deploy script's case).
         async with trio.open_nursery() as nursery:
@@ -368,7 +395,8 @@ async def test_ctl_without_an_emperor_exits_3(short_dir: Path) -> None:
         env={**os.environ, "TRIMPEROR_CONTROL": str(short_dir / "none.sock")},
     )
     assert proc.returncode == 3
-    assert b"cannot reach the emperor at" in proc.stderr and b"none.sock" in proc.stderr
+    assert b"cannot reach the emperor at" in proc.stderr
+    assert b"none.sock" in proc.stderr
 
 
 @pytest.mark.integration
@@ -413,27 +441,29 @@ async def test_api_bad_requests_get_error_replies(short_dir: Path) -> None:
         assert stat.S_IMODE(os.stat(run.sock).st_mode) == 0o600
         async with raw_ws(run.sock) as ws:
             reply = await ask(ws, "{not json")
-            assert reply["ok"] is False and "malformed message" in reply["error"]
+            assert reply["ok"] is False
+            assert "malformed message" in reply["error"]
             reply = await ask(ws, "[1, 2]")
-            assert reply["ok"] is False and "JSON object" in reply["error"]
+            assert reply["ok"] is False
+            assert "JSON object" in reply["error"]
             reply = await ask(ws, b"\x00\x01")
-            assert reply["ok"] is False and "binary" in reply["error"]
+            assert reply["ok"] is False
+            assert "binary" in reply["error"]
             reply = await ask(ws, json.dumps({"id": 7, "cmd": "explode"}))
-            assert (
-                reply
-                == {
-                    "ok": False,
-                    "id": 7,
-                    "error": reply["error"],
-                }
-                and "unknown command 'explode'" in reply["error"]
-            )
+            assert reply == {
+                "ok": False,
+                "id": 7,
+                "error": reply["error"],
+            }
+            assert "unknown command 'explode'" in reply["error"]
             reply = await ask(ws, json.dumps({"id": 8, "cmd": "stop", "names": "a.ini"}))
-            assert reply["ok"] is False and "list of strings" in reply["error"]
+            assert reply["ok"] is False
+            assert "list of strings" in reply["error"]
             reply = await ask(ws, json.dumps({"id": 9, "cmd": "logs", "n": -1}))
             assert reply["ok"] is False
             reply = await ask(ws, json.dumps({"id": 10, "cmd": "status"}))
-            assert reply["ok"] is True and reply["vassals"][0]["name"] == "a.ini"
+            assert reply["ok"] is True
+            assert reply["vassals"][0]["name"] == "a.ini"
         # A broken handshake, and plain HTTP: refused, nothing else.
         for head in (
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
@@ -501,14 +531,16 @@ async def test_fifty_subscribers_each_get_every_event(short_dir: Path) -> None:
             for _ in range(50):
                 await nursery.start(subscriber)
             rows = await status(run)
-            assert len(clients) == 50 and rows["a.ini"]["pid"] == a
+            assert len(clients) == 50
+            assert rows["a.ini"]["pid"] == a
             os.kill(a, signal.SIGKILL)
             with trio.fail_after(30):
                 while len(got) < 50:
                     await trio.sleep(0.05)
         assert len({ev["seq"] for ev in got}) == 1
         new = got[0]["pid"]
-        assert new != a and pid_alive(new)
+        assert new != a
+        assert pid_alive(new)
 
 
 # -- TCP: token and origin ----------------------------------------------------------------
@@ -577,7 +609,8 @@ async def test_tcp_control_needs_the_token_and_refuses_other_origins(short_dir: 
             check=False,
             env={**os.environ, **env},
         )
-        assert proc.returncode == 3 and b"refused" in proc.stderr
+        assert proc.returncode == 3
+        assert b"refused" in proc.stderr
         assert "control.refused surface=tcp reason=cross-origin" in emperor.text()
         assert token not in emperor.text()
         emperor.signal(signal.SIGTERM)
@@ -627,9 +660,13 @@ def test_status_table_marks_held_and_backoff() -> None:
         },
     ]
     table = status_table(rows, colour=True).splitlines()
-    assert "waiting (backoff 2)" in table[1] and "exit status 1" in table[1]
-    assert "stopped (ctl)" in table[2] and "trimperor ctl start b" in table[2]
-    assert "1h02m" in table[3] and "1.2" in table[3] and "3.0M" in table[3]
+    assert "waiting (backoff 2)" in table[1]
+    assert "exit status 1" in table[1]
+    assert "stopped (ctl)" in table[2]
+    assert "trimperor ctl start b" in table[2]
+    assert "1h02m" in table[3]
+    assert "1.2" in table[3]
+    assert "3.0M" in table[3]
     assert "\033[32m" in table[3]
 
 
@@ -680,7 +717,8 @@ async def test_prometheus_metrics(short_dir: Path) -> None:
         text = run.emperor.text()
         addr = text.split("metrics.listening addr=")[1].split()[0]
         head, body = await http_get(addr, "/metrics")
-        assert head.startswith("HTTP/1.1 200") and "text/plain; version=0.0.4" in head
+        assert head.startswith("HTTP/1.1 200")
+        assert "text/plain; version=0.0.4" in head
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body)
@@ -752,7 +790,8 @@ async def test_logs_dir_files_are_timestamped_and_rotated_by_size(short_dir: Pat
         for path in (log, logs / "p.ini.log.1", logs / "p.ini.log.2"):
             assert path.stat().st_size <= 2048
         lines = (logs / "p.ini.log.1").read_text().splitlines()
-        assert lines and all(" p.ini| line " in ln and ln[:4].isdigit() for ln in lines)
+        assert lines
+        assert all(" p.ini| line " in ln and ln[:4].isdigit() for ln in lines)
         numbers = [int(ln.rsplit(" ", 1)[1]) for ln in lines]
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # nothing lost
         assert "vassal.log_rotated name=p.ini" in run.emperor.text()
@@ -786,7 +825,8 @@ async def test_ctl_reads_large_replies(short_dir: Path) -> None:
         assert rc == 0, err
         lines = out.splitlines()
         assert len(lines) == 200  # a reply of about 600 kB, in a 64-bit-length frame
-        assert lines[0].split("| ")[1].startswith("0000x") and lines[-1].endswith("x" * 3000)
+        assert lines[0].split("| ")[1].startswith("0000x")
+        assert lines[-1].endswith("x" * 3000)
 
 
 def test_log_file_is_refused_in_tyrant_mode() -> None:
@@ -833,9 +873,11 @@ async def test_a_vassals_own_log_file_is_rotated_by_its_own_limits(short_dir: Pa
         await ctl(run, "stop", "p.ini")
         await wait_state(run, "p.ini", "stopped")
         assert not older.exists()
-        assert own.stat().st_size <= 1024 and backup.stat().st_size <= 1024
+        assert own.stat().st_size <= 1024
+        assert backup.stat().st_size <= 1024
         lines = backup.read_text().splitlines()
-        assert lines and all(" p.ini| line " in ln for ln in lines)
+        assert lines
+        assert all(" p.ini| line " in ln for ln in lines)
 
 
 @pytest.mark.parametrize(
@@ -900,10 +942,13 @@ def test_proc_sampler_reads_cpu_and_rss_of_a_process() -> None:
     sampler = ProcSampler()
     me = os.getpid()
     cpu, rss = sampler.sample([me])[me]
-    assert cpu is not None and rss is not None and rss > 1024 * 1024
+    assert cpu is not None
+    assert rss is not None
+    assert rss > 1024 * 1024
     spent = time.process_time() + 0.2
     while time.process_time() < spent:  # busy: 0.2 s of CPU, however long that takes
         pass
     cpu, _ = sampler.sample([me])[me]
-    assert cpu is not None and cpu > 0.0
+    assert cpu is not None
+    assert cpu > 0.0
     assert sampler.sample([2**22 + 12345]) == {2**22 + 12345: (None, None)}

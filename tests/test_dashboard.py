@@ -201,7 +201,8 @@ async def test_dashboard_in_chromium(short_dir: Path) -> None:
             browse, f"http://{addr}", short_dir, os.environ.get("TRIMPEROR_DASHBOARD_SCREENSHOT")
         )
         text = emperor.text()
-        assert "control.stop names=t.ini" in text and "control.restart names=a.ini" in text
+        assert "control.stop names=t.ini" in text
+        assert "control.restart names=a.ini" in text
         assert "control.refused surface=dashboard reason=wrong token" in text
         assert "control.refused surface=dashboard reason=cross-origin" in text
         assert TOKEN not in text
@@ -232,10 +233,12 @@ async def test_dashboard_refuses_other_origins_and_hosts(short_dir: Path) -> Non
         await wait_for(lambda: "surface=dashboard" in emperor.text(), 20)
         addr = emperor.text().split("surface=dashboard addr=")[1].split()[0]
         head, body = await http_get(addr, "/")
-        assert head.startswith("HTTP/1.1 200") and "<title>trimperor</title>" in body
+        assert head.startswith("HTTP/1.1 200")
+        assert "<title>trimperor</title>" in body
         assert "Content-Security-Policy" in head
         head, _ = await http_get(addr, "/app.js")
-        assert head.startswith("HTTP/1.1 200") and "text/javascript" in head
+        assert head.startswith("HTTP/1.1 200")
+        assert "text/javascript" in head
         head, _ = await http_get(addr, "/../pyproject.toml")
         assert head.startswith("HTTP/1.1 404")
         upgrade = (

@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,8 @@ from tests.helpers import (
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
+    trac_ini,
     wait_for,
     write_atomic,
 )
@@ -89,14 +89,6 @@ async def wait_http(port: int, timeout: float = 60.0, path: str = "/") -> bytes:
     return body
 
 
-@pytest.fixture
-def emperors() -> Iterator[list[EmperorProcess]]:
-    started: list[EmperorProcess] = []
-    yield started
-    for e in started:
-        e.close()
-
-
 async def stop(emperor: EmperorProcess) -> None:
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait(60) == 0, emperor.text()
@@ -115,7 +107,8 @@ def test_plugins_are_built_in_and_others_are_named(caplog: pytest.LogCaptureFixt
     assert "cli.plugin_builtin plugin=emperor_zeromq scheme=zmq" in lines
     assert "cli.plugin_builtin plugin=emperor_amqp scheme=amqp" in lines
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and warned[0].startswith("cli.plugin_ignored plugin=python3 ")
+    assert len(warned) == 1
+    assert warned[0].startswith("cli.plugin_ignored plugin=python3 ")
 
 
 def test_uwsgi_spellings_are_accepted() -> None:
@@ -202,7 +195,8 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
         in_own_dir=True,
     )
     spec = build_spec(doc, {})
-    assert isinstance(spec, UwsgiSpec) and spec.binary == "/usr/bin/uwsgi-core"
+    assert isinstance(spec, UwsgiSpec)
+    assert spec.binary == "/usr/bin/uwsgi-core"
     ini = VassalDocument(
         "a.ini",
         f"dir://{tmp_path}",
@@ -214,7 +208,8 @@ def test_binary_path_and_attributes_come_from_the_configuration(tmp_path: Path) 
     spec = build_spec(ini, {})
     assert isinstance(spec, UwsgiSpec)
     assert spec.binary == str(tmp_path / "bin" / "uwsgi")  # relative to the vassal's cwd
-    assert spec.attr("wrapper") == "/opt/w" and spec.attr("other") is None
+    assert spec.attr("wrapper") == "/opt/w"
+    assert spec.attr("other") is None
     # a new binary cannot be reloaded in place
     other = UwsgiSpec(spec.name, spec.path, spec.text, spec.cwd, binary="/x")
     assert other.launch_key() != spec.launch_key()
@@ -243,6 +238,20 @@ def test_the_default_binary_is_beside_the_interpreter(
 # -- the seed's command lines, --plugin included -----------------------------------------
 
 
+async def seed_runs_a(
+    tmp_path: Path, emperors: list[EmperorProcess], plugin: str, uri: str
+) -> EmperorProcess:
+    """The seed's ``--plugin PLUGIN --emperor URI --freq 0.5``, run until the vassal
+    ``a`` has started, then stopped."""
+    emperor = EmperorProcess(
+        ["--plugin", plugin, "--emperor", uri, "--freq", "0.5"], tmp_path / "emperor.log"
+    )
+    emperors.append(emperor)
+    await new_pid(tmp_path / "a.pid")
+    await stop(emperor)
+    return emperor
+
+
 @pytest.mark.integration
 async def test_seed_pg_command_line(tmp_path: Path, emperors: list[EmperorProcess]) -> None:
     table = f"vassals_{uuid.uuid4().hex[:10]}"
@@ -254,20 +263,8 @@ async def test_seed_pg_command_line(tmp_path: Path, emperors: list[EmperorProces
                 f"INSERT INTO {table} VALUES (%s, %s, 1)",
                 ("a.ini", pidfile_vassal(tmp_path, "a")),
             )
-            emperor = EmperorProcess(
-                [
-                    "--plugin",
-                    "emperor_pg",
-                    "--emperor",
-                    f"pg://{dsn};SELECT name,config,ts FROM {table}",
-                    "--freq",
-                    "0.5",
-                ],
-                tmp_path / "emperor.log",
-            )
-            emperors.append(emperor)
-            await new_pid(tmp_path / "a.pid")
-            await stop(emperor)
+            uri = f"pg://{dsn};SELECT name,config,ts FROM {table}"
+            emperor = await seed_runs_a(tmp_path, emperors, "emperor_pg", uri)
         finally:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     assert "plugin_ignored" not in emperor.text()
@@ -294,20 +291,8 @@ async def test_seed_mongodb_command_line(
                 {"name": "b.ini", "config": pidfile_vassal(tmp_path, "b"), "ts": now, "enabled": 0},
             ]
         )
-        emperor = EmperorProcess(
-            [
-                "--plugin",
-                "emperor_mongodb",
-                "--emperor",
-                f"mongodb://{host}:{port},emperor.{coll.name},{{enabled:1}}",
-                "--freq",
-                "0.5",
-            ],
-            tmp_path / "emperor.log",
-        )
-        emperors.append(emperor)
-        await new_pid(tmp_path / "a.pid")
-        await stop(emperor)
+        uri = f"mongodb://{host}:{port},emperor.{coll.name},{{enabled:1}}"
+        emperor = await seed_runs_a(tmp_path, emperors, "emperor_mongodb", uri)
         # The filter is applied: b.ini, read in the same query as a.ini, never started.
         assert "vassal.spawned name=a.ini" in emperor.text()
         assert "name=b.ini" not in emperor.text()
@@ -401,7 +386,7 @@ def wrapper_script(where: Path, name: str, target: Path) -> Path:
 async def test_emperor_wrapper_runs_uwsgi_vassals(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     wrapper = wrapper_script(tmp_path, "wrap", UWSGI)
@@ -481,7 +466,8 @@ async def test_nothing_runnable_is_one_clear_error(tmp_path: Path) -> None:
 
             await wait_for(failed)
             sup = emperor.supervisor("v.ini")
-            assert sup is not None and sup.last_error is not None
+            assert sup is not None
+            assert sup.last_error is not None
             assert f"tried {missing}, no-such-uwsgi" in sup.last_error
             emperor.shutdown()
 
@@ -498,7 +484,7 @@ def path_without_the_venv() -> str:
 async def test_the_default_binary_is_the_venvs_with_the_venv_off_path(
     tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    assert UWSGI.exists(), f"{UWSGI} is missing: pip install -e '.[dev]'"
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install --group test"
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     port = free_port()
@@ -531,18 +517,10 @@ async def test_no_app_loaded_shows_in_stats_and_log(
     emperors.append(emperor)
     await wait_for(lambda: "vassal.no_app name=broken.xml" in emperor.text(), 30)
 
-    def read_stats() -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(stats))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        doc: dict[str, Any] = json.loads(data)
-        return doc
-
-    doc = await trio.to_thread.run_sync(read_stats)
+    doc = await trio.to_thread.run_sync(read_stats_document, stats)
     (vassal,) = doc["vassals"]
-    assert vassal["id"] == "broken.xml" and vassal["no_app"] is True
+    assert vassal["id"] == "broken.xml"
+    assert vassal["no_app"] is True
     assert pid_alive(vassal["pid"])
     await stop(emperor)
 
@@ -565,17 +543,6 @@ def seed_werkzeug_xml(port: int) -> str:
         "    <processes>4</processes>\n"
         f"    <http-socket>127.0.0.1:{port}</http-socket>\n"
         "</uwsgi>\n"
-    )
-
-
-def seed_trac_ini(port: int, env: Path) -> str:
-    return (
-        "[uwsgi]\n"
-        "master = true\n"
-        "processes = 2\n"
-        "module = trac.web.main:dispatch_request\n"
-        f"env = TRAC_ENV={env}\n"
-        f"http-socket = 127.0.0.1:{port}\n"
     )
 
 
@@ -628,7 +595,7 @@ async def test_the_seeds_four_files_from_one_emperor(
     trac = await make_trac_env(tmp_path / "project001")
     ports = {name: free_port() for name in ("werkzeug", "trac", "rails", "django")}
     write_atomic(vassals / "werkzeug.xml", seed_werkzeug_xml(ports["werkzeug"]))
-    write_atomic(vassals / "trac.ini", seed_trac_ini(ports["trac"], trac))
+    write_atomic(vassals / "trac.ini", trac_ini(ports["trac"], trac))
     write_atomic(vassals / "rails.yml", seed_rails_yml(ports["rails"], rails))
     write_atomic(vassals / "django.ini", seed_django_ini(ports["django"], django))
 
@@ -693,7 +660,8 @@ async def test_an_unreachable_broker_says_why(tmp_path: Path) -> None:
     async with monitor_running(monitor):
         await wait_for(lambda: monitor.status.last_error is not None, 20)
     error = monitor.status.last_error
-    assert error is not None and error.startswith("AMQPConnectionError: ")
+    assert error is not None
+    assert error.startswith("AMQPConnectionError: ")
     assert "refused" in error.lower(), error
 
 
@@ -710,9 +678,11 @@ async def test_the_pg_retry_line_names_the_query_once(caplog: pytest.LogCaptureF
             await wait_for(lambda: monitor.status.attempt >= 3, 30)
     lines = [r.getMessage() for r in caplog.records if "source.retrying" in r.getMessage()]
     assert len(lines) >= 3
-    assert "SELECT" in lines[0] and "attempt=1" in lines[0]
+    assert "SELECT" in lines[0]
+    assert "attempt=1" in lines[0]
     for line in lines[1:]:
-        assert "SELECT" not in line and line.startswith("source.retrying uri=pg://127.0.0.1:")
+        assert "SELECT" not in line
+        assert line.startswith("source.retrying uri=pg://127.0.0.1:")
 
 
 def test_versions_read_as_mtime_and_size() -> None:

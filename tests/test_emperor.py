@@ -236,7 +236,9 @@ async def test_stats_json_over_tcp() -> None:
             "monitor",
             "respawns",
         ]
-        assert v["id"] == "web.ini" and v["monitor"] == "fake://a" and v["respawns"] == 0
+        assert v["id"] == "web.ini"
+        assert v["monitor"] == "fake://a"
+        assert v["respawns"] == 0
         for key in (
             "name",
             "source",

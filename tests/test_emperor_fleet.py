@@ -139,7 +139,8 @@ async def test_fencing_stops_placed_vassals_and_kills_the_stubborn(
     )
     world.fleet.move(fenced=True)
     await settle()
-    assert one.signals == [signal.SIGTERM] and one.returncode is None
+    assert one.signals == [signal.SIGTERM]
+    assert one.returncode is None
     world.fleet.kill_fenced()
     await settle()
     assert one.returncode == -signal.SIGKILL

@@ -36,7 +36,8 @@ def test_placement_1_needs_the_hash_and_the_claim() -> None:
     member(fleet)
     mine = [n for n in (f"v{i}.ini" for i in range(30)) if fleet.owners(n, Placement()) == ("a",)]
     theirs = [n for n in (f"v{i}.ini" for i in range(30)) if n not in mine]
-    assert mine and theirs
+    assert mine
+    assert theirs
     name = mine[0]
     assert not fleet.here(name, Placement())
     assert fleet.reason(name, Placement()) == "not claimed"
@@ -54,7 +55,8 @@ def test_fencing_stops_placed_vassals_and_keeps_all_by_default() -> None:
     everywhere, keep = Placement(None), Placement(on_partition="keep")
     name = next(n for n in (f"v{i}.ini" for i in range(30)) if fleet.owners(n, keep) == ("a",))
     fleet.claims[name] = ("a", 42)
-    assert fleet.here(name, Placement()) and fleet.here(name, keep)
+    assert fleet.here(name, Placement())
+    assert fleet.here(name, keep)
     fleet.fenced = True
     assert not fleet.here(name, Placement())
     assert fleet.reason(name, Placement()) == "fenced (no lease renewal)"
@@ -88,7 +90,8 @@ def test_stats_view() -> None:
     fleet = fleet_of("a", ["b"])
     member(fleet)
     snap = fleet.snapshot({"x.ini": Placement(None)})
-    assert snap.state == "member" and snap.lease == "2a"
+    assert snap.state == "member"
+    assert snap.lease == "2a"
     assert snap.placement == (("x.ini", ("a", "b")),)
     assert snap.here == ("x.ini",)
 
@@ -125,7 +128,8 @@ def test_the_stats_document_has_the_fleet() -> None:
         fleet=fleet.snapshot({"x.ini": Placement(None), "y.ini": Placement(node="b")}),
     )
     doc = json.loads(to_json(stats))["fleet"]
-    assert doc["node"] == "a" and doc["state"] == "member"
+    assert doc["node"] == "a"
+    assert doc["state"] == "member"
     assert [n["name"] for n in doc["nodes"]] == ["a", "b"]
     assert doc["placement"] == {"x.ini": ["a", "b"], "y.ini": ["b"]}
     assert doc["here"] == ["x.ini"]

@@ -170,7 +170,8 @@ class VassalModel(RuleBasedStateMachine):
                 self.check_escalation(how, rest)
             elif command.signum in RELOAD_SIGNALS:
                 spec = self.m.desired
-                assert isinstance(spec, NativeSpec) and spec.reload_signal == command.signum
+                assert isinstance(spec, NativeSpec)
+                assert spec.reload_signal == command.signum
                 assert not command.group
                 self.alive[command.proc] = expected_stop(spec)
             else:
@@ -193,7 +194,8 @@ class VassalModel(RuleBasedStateMachine):
             self.stale_arms.add(self.arm.arm)
             self.arm = None
         elif isinstance(command, StartTimer):
-            assert command.timer not in self.live_timers and command.timer not in self.dead_timers
+            assert command.timer not in self.live_timers
+            assert command.timer not in self.dead_timers
             assert command.at >= self.now
             if command.purpose == "start":
                 self.check_backoff(command.at - self.now)
@@ -333,8 +335,10 @@ class VassalModel(RuleBasedStateMachine):
     def asleep_means_no_process_and_every_socket_armed(self) -> None:
         if self.machine is None or self.m.state is not State.ARMED:
             return
-        assert not self.alive and self.pending is None
-        assert self.arm is not None and self.arm.spec.sockets == self.m.desired.sockets
+        assert not self.alive
+        assert self.pending is None
+        assert self.arm is not None
+        assert self.arm.spec.sockets == self.m.desired.sockets
         assert self.m.snapshot().sockets_state == "armed"
 
     @invariant()
@@ -351,7 +355,9 @@ class VassalModel(RuleBasedStateMachine):
         if self.machine is None:
             return
         if self.m.state is State.STOPPED:
-            assert self.finished and not self.alive and not self.live_timers
+            assert self.finished
+            assert not self.alive
+            assert not self.live_timers
             assert self.arm is None
         else:
             assert not self.finished
@@ -426,13 +432,15 @@ def test_an_exit_is_respawned_with_backoff_and_a_cancelled_start_never_fires() -
     spawned(machine, now=0.0)
     commands = run(machine, Exited(1, 1), 1.0)
     (start,) = [c for c in commands if isinstance(c, StartTimer)]
-    assert start.at == 1.0 + POLICY.throttle and machine.backoff.attempt == 1
+    assert start.at == 1.0 + POLICY.throttle
+    assert machine.backoff.attempt == 1
     commands = run(machine, Restart(), 1.1)  # a reload bypasses the backoff
     assert CancelTimer(start.timer) in commands
     assert [c for c in commands if isinstance(c, Spawn)]
     run(machine, Spawned(2, 11), 1.1)
     assert run(machine, TimerFired(start.timer), 1.5) == []
-    assert machine.restarts == 1 and machine.reloads == 1
+    assert machine.restarts == 1
+    assert machine.reloads == 1
 
 
 def test_on_demand_sleeps_wakes_and_does_not_count_wakes_as_restarts() -> None:
@@ -440,16 +448,19 @@ def test_on_demand_sleeps_wakes_and_does_not_count_wakes_as_restarts() -> None:
     (arm,) = [c for c in run(machine, Begin()) if isinstance(c, Arm)]
     assert machine.state is State.ARMED
     commands = run(machine, Wake(arm.arm), 1.0)
-    assert Disarm() in commands and [c for c in commands if isinstance(c, Spawn)]
+    assert Disarm() in commands
+    assert [c for c in commands if isinstance(c, Spawn)]
     run(machine, Spawned(1, 10), 1.0)
     run(machine, Idle(1), 9.0)
     assert machine.snapshot().state is State.SLEEPING
     commands = run(machine, Exited(1, 0), 9.5)
     (arm2,) = [c for c in commands if isinstance(c, Arm)]
-    assert machine.state is State.ARMED and machine.snapshot().sockets_state == "armed"
+    assert machine.state is State.ARMED
+    assert machine.snapshot().sockets_state == "armed"
     assert run(machine, Wake(arm.arm), 10.0) == []  # the old arming
     run(machine, Wake(arm2.arm), 10.0)
-    assert machine.wakes == 2 and machine.restarts == 0
+    assert machine.wakes == 2
+    assert machine.restarts == 0
 
 
 def test_news_while_a_spawn_is_pending_breaks_the_contract() -> None:

@@ -67,4 +67,5 @@ async def test_a_changed_stop_signal_reaches_only_the_new_process(tmp_path: Path
             await sup.finished.wait()
     assert (tmp_path / "new").read_text() == "SIGINT"
     assert sup.snapshot().state == "stopped"
-    assert sup.restarts == 1 and sup.reloads == 1
+    assert sup.restarts == 1
+    assert sup.reloads == 1

@@ -10,18 +10,20 @@ import importlib
 import logging
 import signal
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-import pika
 import pytest
 import trio
 
 from tests.helpers import (
+    AMQP_BROKER,
     EmperorProcess,
+    amqp_connection,
+    amqp_publish,
+    http_request_path,
     monitor_running,
     new_pid,
     next_event,
@@ -39,36 +41,8 @@ from trimperor.monitors.amqp import AmqpAddress, AmqpMonitor, parse_uri
 
 pytestmark = pytest.mark.integration
 
-BROKER = ("127.0.0.1", 5672)
+BROKER = AMQP_BROKER
 CONFIG = b"[vassal]\ncommand = sleep 1000\n"
-
-
-def _broker() -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.ConnectionParameters(*BROKER))
-
-
-@pytest.fixture
-def exchange() -> Iterator[str]:
-    name = f"trimperor.test.{uuid.uuid4().hex[:12]}"
-    yield name
-    connection = _broker()
-    try:
-        connection.channel().exchange_delete(name)
-    finally:
-        connection.close()
-
-
-def _publish(exchange: str, body: bytes, key: str) -> None:
-    connection = _broker()
-    try:
-        connection.channel().basic_publish(exchange, key, body)
-    finally:
-        connection.close()
-
-
-async def publish(exchange: str, body: bytes | str, key: str = "") -> None:
-    data = body.encode() if isinstance(body, str) else body
-    await trio.to_thread.run_sync(_publish, exchange, data, key)
 
 
 @asynccontextmanager
@@ -135,7 +109,7 @@ def test_password_is_redacted() -> None:
 async def test_publish_republish_empty_body(exchange: str) -> None:
     monitor = monitor_on(exchange)
     async with running(monitor) as events:
-        await publish(exchange, CONFIG, "app.ini")
+        await amqp_publish(exchange, CONFIG, "app.ini")
         first = await next_upsert(events)
         assert (first.doc.name, first.doc.text, first.doc.path) == (
             "app.ini",
@@ -144,11 +118,11 @@ async def test_publish_republish_empty_body(exchange: str) -> None:
         )
         assert first.doc.source == monitor.uri == "amqp://127.0.0.1"
 
-        await publish(exchange, CONFIG, "app.ini")  # the same message again: a reload
+        await amqp_publish(exchange, CONFIG, "app.ini")  # the same message again: a reload
         second = await next_upsert(events)
         assert second.doc.version != first.doc.version
 
-        await publish(exchange, b"", "app.ini")
+        await amqp_publish(exchange, b"", "app.ini")
         assert await next_event(events) == Remove(monitor.uri, "app.ini")
         assert monitor.owned == {}
 
@@ -156,7 +130,7 @@ async def test_publish_republish_empty_body(exchange: str) -> None:
 async def test_two_emperors_on_one_exchange_both_act(exchange: str) -> None:
     one, two = monitor_on(exchange), monitor_on(exchange)
     async with running(one) as events_one, running(two) as events_two:
-        await publish(exchange, CONFIG, "both.ini")
+        await amqp_publish(exchange, CONFIG, "both.ini")
         assert (await next_upsert(events_one)).doc.name == "both.ini"
         assert (await next_upsert(events_two)).doc.name == "both.ini"
 
@@ -180,8 +154,8 @@ async def test_malformed_messages_are_logged_and_ignored(
     monitor = monitor_on(exchange, max_config_size=100)
     async with running(monitor) as events:
         for key, body in bad:
-            await publish(exchange, body, key)
-        await publish(exchange, CONFIG, "good.ini")
+            await amqp_publish(exchange, body, key)
+        await amqp_publish(exchange, CONFIG, "good.ini")
         assert (await next_upsert(events)).doc.name == "good.ini"
     assert sum("source.bad_message" in m for m in messages(caplog)) == len(bad)
     assert monitor.status.state != "retrying"
@@ -195,30 +169,30 @@ async def test_path_bodies(exchange: str, tmp_path: Path) -> None:
     app.write_bytes(CONFIG)
     monitor = monitor_on(exchange, freq=0.05)
     async with running(monitor) as events:
-        await publish(exchange, f"{app}\n")
+        await amqp_publish(exchange, f"{app}\n")
         doc = (await next_upsert(events)).doc
         assert (doc.name, doc.path, doc.text) == ("app.ini", str(app), CONFIG.decode())
 
-        await publish(exchange, str(app))
+        await amqp_publish(exchange, str(app))
         assert (await next_upsert(events)).doc.version != doc.version
 
         # A message naming a missing file removes.
         app.unlink()
-        await publish(exchange, str(app))
+        await amqp_publish(exchange, str(app))
         assert await next_event(events) == Remove(monitor.uri, "app.ini")
 
         # So does deleting the file later, without a message.
         app.write_bytes(CONFIG)
-        await publish(exchange, str(app))
+        await amqp_publish(exchange, str(app))
         await next_upsert(events)
         app.unlink()
         assert await next_event(events) == Remove(monitor.uri, "app.ini")
 
         # Not a regular file: missing.
         (tmp_path / "dir.ini").mkdir()
-        await publish(exchange, str(tmp_path / "dir.ini"))
-        await publish(exchange, str(tmp_path / "never.ini"))
-        await publish(exchange, CONFIG, "sentinel.ini")
+        await amqp_publish(exchange, str(tmp_path / "dir.ini"))
+        await amqp_publish(exchange, str(tmp_path / "never.ini"))
+        await amqp_publish(exchange, CONFIG, "sentinel.ini")
         assert (await next_upsert(events)).doc.name == "sentinel.ini"
 
 
@@ -229,8 +203,8 @@ async def test_a_file_over_the_size_limit_is_ignored(
     big.write_bytes(CONFIG + b"#" * 200)
     monitor = monitor_on(exchange, max_config_size=100)
     async with running(monitor) as events:
-        await publish(exchange, str(big))
-        await publish(exchange, CONFIG, "sentinel.ini")
+        await amqp_publish(exchange, str(big))
+        await amqp_publish(exchange, CONFIG, "sentinel.ini")
         assert (await next_upsert(events)).doc.name == "sentinel.ini"
     assert any("over --max-config-size" in m for m in messages(caplog))
 
@@ -247,13 +221,9 @@ class TinyHttp:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                request += chunk
-            path = request.split(b" ", 2)[1].decode()
+            path = await http_request_path(stream)
+            if path is None:
+                return
             if path == "/hang/slow.ini":
                 await self.hang.wait()
                 return
@@ -278,22 +248,22 @@ async def test_url_bodies(
         listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
         base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         async with running(monitor) as events:
-            await publish(exchange, f"{base}/confs/web.ini")
+            await amqp_publish(exchange, f"{base}/confs/web.ini")
             doc = (await next_upsert(events)).doc
             assert (doc.name, doc.text, doc.path) == ("web.ini", CONFIG.decode(), None)
 
-            await publish(exchange, f"{base}/moved/web.ini")  # redirects are followed
+            await amqp_publish(exchange, f"{base}/moved/web.ini")  # redirects are followed
             assert (await next_upsert(events)).doc.version != doc.version
 
             # Timeouts and oversized answers change nothing; unknown names are not removed.
-            await publish(exchange, f"{base}/hang/slow.ini")
-            await publish(exchange, f"{base}/confs/big.ini")
-            await publish(exchange, f"{base}/confs/other.ini")
-            await publish(exchange, CONFIG, "sentinel.ini")
+            await amqp_publish(exchange, f"{base}/hang/slow.ini")
+            await amqp_publish(exchange, f"{base}/confs/big.ini")
+            await amqp_publish(exchange, f"{base}/confs/other.ini")
+            await amqp_publish(exchange, CONFIG, "sentinel.ini")
             assert (await next_upsert(events)).doc.name == "sentinel.ini"
 
             del http.pages["/confs/web.ini"]
-            await publish(exchange, f"{base}/confs/web.ini")
+            await amqp_publish(exchange, f"{base}/confs/web.ini")
             assert await next_event(events) == Remove(monitor.uri, "web.ini")
             # Fetches run concurrently: the hanging one ends at its deadline.
             await wait_for(
@@ -316,7 +286,7 @@ async def test_an_existing_exchange_with_other_flags_is_used(
     caplog.set_level(logging.INFO)
 
     def declare_durable() -> None:
-        connection = _broker()
+        connection = amqp_connection()
         try:
             connection.channel().exchange_declare(exchange, "fanout", durable=True)
         finally:
@@ -325,7 +295,7 @@ async def test_an_existing_exchange_with_other_flags_is_used(
     await trio.to_thread.run_sync(declare_durable)
     monitor = monitor_on(exchange)
     async with running(monitor) as events:
-        await publish(exchange, CONFIG, "app.ini")
+        await amqp_publish(exchange, CONFIG, "app.ini")
         assert (await next_upsert(events)).doc.name == "app.ini"
     assert any("source.exchange_exists" in m for m in messages(caplog))
 
@@ -339,18 +309,18 @@ async def test_outage_stops_nothing_and_the_monitor_reconnects(
         port = await nursery.start(proxy.run)
         monitor = monitor_on(exchange, f"amqp://guest:guest@127.0.0.1:{port}/")
         async with running(monitor) as events:
-            await publish(exchange, CONFIG, "app.ini")
+            await amqp_publish(exchange, CONFIG, "app.ini")
             await next_upsert(events)
 
             proxy.cut()
             await wait_for(lambda: monitor.status.state == "retrying")
             assert monitor.status.snapshot().last_error
             # Published while nobody listens: gone (no replay), and not a removal.
-            await publish(exchange, b"", "app.ini")
+            await amqp_publish(exchange, b"", "app.ini")
             proxy.restore()
             await wait_for(lambda: monitor.status.state == "connected")
 
-            await publish(exchange, CONFIG, "after.ini")
+            await amqp_publish(exchange, CONFIG, "after.ini")
             assert (await next_upsert(events)).doc.name == "after.ini"
             assert set(monitor.owned) == {"app.ini", "after.ini"}
         nursery.cancel_scope.cancel()
@@ -384,7 +354,7 @@ async def test_shutdown_while_a_message_waits_for_the_emperor(exchange: str) -> 
     monitor = monitor_on(exchange)
     with trio.fail_after(60):  # a bound: ending must not hang
         async with running(monitor, capacity=0) as recv:
-            await publish(exchange, CONFIG, "app.ini")
+            await amqp_publish(exchange, CONFIG, "app.ini")
             # the delivery has reached the handler, which now waits to hand it over
             await wait_for(lambda: recv.statistics().tasks_waiting_send == 1)
 
@@ -405,10 +375,10 @@ async def test_emperor_lifecycle_through_amqp_with_an_outage(exchange: str, tmp_
             config = pidfile_vassal(tmp_path, "app")
             pidfile = tmp_path / "app.pid"
 
-            await publish(exchange, config, "app.ini")
+            await amqp_publish(exchange, config, "app.ini")
             first = await new_pid(pidfile)
 
-            await publish(exchange, config, "app.ini")
+            await amqp_publish(exchange, config, "app.ini")
             second = await new_pid(pidfile, first)
 
             proxy.cut()
@@ -418,10 +388,10 @@ async def test_emperor_lifecycle_through_amqp_with_an_outage(exchange: str, tmp_
             await wait_for(lambda: emperor.text().count("source.subscribed") == 2)
             assert pid_alive(second)
 
-            await publish(exchange, config, "app.ini")
+            await amqp_publish(exchange, config, "app.ini")
             third = await new_pid(pidfile, second)
 
-            await publish(exchange, b"", "app.ini")
+            await amqp_publish(exchange, b"", "app.ini")
             await wait_for(lambda: not pid_alive(third))
             assert emperor.proc.poll() is None
 

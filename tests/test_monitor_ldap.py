@@ -16,8 +16,8 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from tests import slapd as sl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
-    next_event,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -68,8 +68,10 @@ def test_url_forms() -> None:
         "ou=vassals,dc=example,dc=org",
         "trimperorConfig",
     )
-    assert u.scope == 1 and u.filter == "(|(objectClass=uWSGIConfig)(trimperorConfig=*))"
-    assert u.bind_dn is None and u.sasl is None
+    assert u.scope == 1
+    assert u.filter == "(|(objectClass=uWSGIConfig)(trimperorConfig=*))"
+    assert u.bind_dn is None
+    assert u.sasl is None
     s = parse_url("ldaps://ldap.example.org/dc=x??sub?objectClass=device")
     assert (s.server, s.scope, s.filter) == ("ldaps://ldap.example.org", 2, "(objectClass=device)")
     i = parse_url("ldapi://%2Frun%2Fslapd%2Fldapi/dc=x?description?base??x-sasl=EXTERNAL")
@@ -230,19 +232,10 @@ def tree(server: sl.Slapd) -> Tree:
     return Tree(server)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = LdapMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    event = await next_event(recv)
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[LdapMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(LdapMonitor, uri, **options)
 
 
 # -- the monitor on a live directory --------------------------------------------------------
@@ -255,34 +248,40 @@ async def test_add_modify_rename_delete_both_shapes(tree: Tree) -> None:
     async with running(tree.url()) as (monitor, recv):
         snap = await next_snapshot(recv)
         assert sorted(versions(snap)) == ["a.ini", "b.ini"]
-        assert monitor.mode == "syncrepl" and monitor.status.state == "connected"
+        assert monitor.mode == "syncrepl"
+        assert monitor.status.state == "connected"
         assert monitor.status.snapshot().vassals == 2
         b = {d.name: d for d in snap.docs}["b.ini"]
         assert b.text == "[uwsgi]\nhttp-socket = 127.0.0.1:1\nmodule = m:app\n"
 
         tree.add_plain("c.ini", "[uwsgi]\nc = 1\n")
         added = await next_change(recv)
-        assert isinstance(added, Upsert) and added.doc.name == "c.ini"
+        assert isinstance(added, Upsert)
+        assert added.doc.name == "c.ini"
 
         old = versions(snap)["a.ini"]
         tree.server.replace(tree.dn("a.ini"), {"trimperorConfig": ["[uwsgi]\nx = 2\n"]})
         modified = await next_change(recv)
-        assert isinstance(modified, Upsert) and modified.doc.text == "[uwsgi]\nx = 2\n"
+        assert isinstance(modified, Upsert)
+        assert modified.doc.text == "[uwsgi]\nx = 2\n"
         assert modified.doc.version != old
 
         tree.server.replace(tree.dn("b"), {sl.uwsgi_attribute("module"): ["m:other"]})
         modified = await next_change(recv)
-        assert isinstance(modified, Upsert) and "module = m:other" in (modified.doc.text or "")
+        assert isinstance(modified, Upsert)
+        assert "module = m:other" in (modified.doc.text or "")
 
         tree.server.rename(tree.dn("a.ini"), "cn=a2.ini")
         assert await next_change(recv) == Remove(monitor.uri, "a.ini")
         renamed = await next_change(recv)
-        assert isinstance(renamed, Upsert) and renamed.doc.name == "a2.ini"
+        assert isinstance(renamed, Upsert)
+        assert renamed.doc.name == "a2.ini"
 
         tree.server.rename(tree.dn("b"), "cn=b2")
         assert await next_change(recv) == Remove(monitor.uri, "b.ini")
         renamed = await next_change(recv)
-        assert isinstance(renamed, Upsert) and renamed.doc.name == "b2.ini"
+        assert isinstance(renamed, Upsert)
+        assert renamed.doc.name == "b2.ini"
 
         tree.server.delete(tree.dn("c.ini"))
         tree.server.delete(tree.dn("b2"))
@@ -335,17 +334,20 @@ async def test_bad_input_is_logged_once_and_affects_nothing_else(
             tree.server.replace(tree.dn("good.ini"), {"trimperorConfig": ["y" * 300]})
             tree.add_plain("other.ini", "[uwsgi]\no = 1\n")
             event = await next_change(recv)
-            assert isinstance(event, Upsert) and event.doc.name == "other.ini"
+            assert isinstance(event, Upsert)
+            assert event.doc.name == "other.ini"
             tree.server.replace(tree.dn("good.ini"), {"trimperorConfig": ["z" * 300]})
             tree.server.replace(tree.dn("good.ini"), {"trimperorConfig": ["[uwsgi]\ng = 2\n"]})
             event = await next_change(recv)
-            assert isinstance(event, Upsert) and event.doc.text == "[uwsgi]\ng = 2\n"
+            assert isinstance(event, Upsert)
+            assert event.doc.text == "[uwsgi]\ng = 2\n"
     lines = [r.message for r in caplog.records if "source.bad_entry" in r.message]
     assert sum("name=noext " in m for m in lines) == 1
     assert sum("name=big.ini " in m for m in lines) == 1
     assert sum("name=nl.ini " in m and "line break" in m for m in lines) == 1
     kept = [m for m in lines if "name=good.ini" in m]
-    assert len(kept) == 1 and "keeping its last good configuration" in kept[0]
+    assert len(kept) == 1
+    assert "keeping its last good configuration" in kept[0]
     assert all("yyyy" not in m and "[uwsgi]" not in m for m in lines)  # no content logged
 
 
@@ -366,7 +368,8 @@ async def test_binds_simple_with_a_password_file_and_sasl_external(
             assert "INVALID_CREDENTIALS" in problem.message
             assert mon.status.state == "retrying"
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert sl.READER_PW not in text and "wrong-password" not in text
+    assert sl.READER_PW not in text
+    assert "wrong-password" not in text
     ldapi = tree.server.ldapi_url + "/" + tree.base + "????x-sasl=EXTERNAL"
     async with running(ldapi) as (_, recv):
         assert list(versions(await next_snapshot(recv))) == ["a.ini"]
@@ -403,24 +406,22 @@ async def test_polling_fallback_without_syncprov(caplog: pytest.LogCaptureFixtur
 # -- the emperor on a live directory --------------------------------------------------------
 
 
-@pytest.fixture
-def emperors() -> Iterator[list[EmperorProcess]]:
-    started: list[EmperorProcess] = []
-    yield started
-    for e in started:
-        e.close()
+async def emperor_running_a_and_b(
+    tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
+) -> tuple[EmperorProcess, int, int]:
+    """An emperor on *tree*, two plain vassals added: the emperor and their pids."""
+    emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
+    emperors.append(emperor)
+    tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
+    tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
+    return emperor, await new_pid(tmp_path / "a.pid"), await new_pid(tmp_path / "b.pid")
 
 
 @pytest.mark.integration
 async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
     tree: Tree, tmp_path: Path, emperors: list[EmperorProcess]
 ) -> None:
-    emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
-    emperors.append(emperor)
-    tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
-    tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-    a = await new_pid(tmp_path / "a.pid")
-    b = await new_pid(tmp_path / "b.pid")
+    emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
 
     tree.server.replace(
         tree.dn("a.ini"), {"trimperorConfig": [pidfile_vassal(tmp_path, "a", "#2")]}
@@ -441,7 +442,8 @@ async def test_emperor_runs_reloads_renames_and_stops_plain_vassals(
 
     tree.server.delete(tree.dn("b2.ini"))
     await wait_for(lambda: not pid_alive(b2))
-    assert pid_alive(a2) and pid_alive(b2) is False
+    assert pid_alive(a2)
+    assert pid_alive(b2) is False
     emperor.signal(signal.SIGTERM)
     assert await emperor.wait() == 0
     assert not pid_alive(a2)
@@ -597,18 +599,14 @@ async def test_slapd_stopped_for_30s_then_restarted(
     server = own_slapd()
     try:
         tree = Tree(server)
-        emperor = EmperorProcess([tree.url(), "--throttle", "50"], tmp_path / "e.log")
-        emperors.append(emperor)
-        tree.add_plain("a.ini", pidfile_vassal(tmp_path, "a"))
-        tree.add_plain("b.ini", pidfile_vassal(tmp_path, "b"))
-        a = await new_pid(tmp_path / "a.pid")
-        b = await new_pid(tmp_path / "b.pid")
+        emperor, a, b = await emperor_running_a_and_b(tree, tmp_path, emperors)
         server.stop()
         stopped = trio.current_time()
         # 30 s without the directory: nothing stops, the emperor keeps trying
         with trio.fail_after(60):
             while trio.current_time() - stopped < 30:
-                assert pid_alive(a) and pid_alive(b)
+                assert pid_alive(a)
+                assert pid_alive(b)
                 await trio.sleep(0.5)
         assert "source.retrying" in emperor.text()
         assert len(re.findall(r"source.retrying .*ldap://", emperor.text())) >= 10
@@ -617,7 +615,8 @@ async def test_slapd_stopped_for_30s_then_restarted(
         # a change made after the return is applied; nothing was restarted
         server.delete(tree.dn("b.ini"))
         await wait_for(lambda: not pid_alive(b))
-        assert pid_alive(a) and read_pid(tmp_path / "a.pid") == a
+        assert pid_alive(a)
+        assert read_pid(tmp_path / "a.pid") == a
         emperor.signal(signal.SIGTERM)
         assert await emperor.wait() == 0
     finally:
@@ -715,7 +714,8 @@ async def test_over_the_size_limit_is_reported_with_a_hint(tree: Tree, tmp_path:
         c.unbind_s()
     async with running(tree.url()) as (monitor, recv):
         problem = await next_problem(recv)
-        assert "SIZELIMIT_EXCEEDED" in problem.message and "olcLimits" in problem.message
+        assert "SIZELIMIT_EXCEEDED" in problem.message
+        assert "olcLimits" in problem.message
         assert monitor.status.state == "retrying"
     pw = tmp_path / "pw"
     pw.write_text(sl.ROOT_PW)

@@ -228,7 +228,8 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
             stdout=subprocess.PIPE,
             stderr=err,
         )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         readable, _, _ = select.select([proc.stdout], [], [], 60)
         line = proc.stdout.readline() if readable else b""
@@ -355,7 +356,8 @@ async def test_empty_config_means_a_file_in_the_working_directory(
         assert present.version.startswith("1000:")
         assert missing.name == "missing.ini"
         assert missing.text is None
-        assert missing.error is not None and "does not exist" in missing.error
+        assert missing.error is not None
+        assert "does not exist" in missing.error
 
         # The file changes, the document does not: a new version all the same.
         st = os.stat(tmp_path / "file.ini")

@@ -22,6 +22,7 @@ import trio
 from psycopg import sql
 
 from tests.helpers import (
+    PG_TRIGGERS,
     emperor_follows_a_polled_source,
     monitor_running,
     next_problem,
@@ -41,29 +42,6 @@ pytestmark = pytest.mark.integration
 
 HOST, PORT = "127.0.0.1", 5432
 DSN = f"host={HOST} port={PORT} user=postgres dbname=test"
-
-#: The trigger from docs/sources/pg.md, for a table named {table}: keeps ts
-#: current and sends one NOTIFY {table} per statement that changes rows.
-TRIGGER_SQL = """
-CREATE FUNCTION {table}_touch() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD THEN
-        RETURN NEW;
-    END IF;
-    NEW.ts := extract(epoch FROM clock_timestamp());
-    RETURN NEW;
-END $$;
-CREATE TRIGGER {table}_touch BEFORE INSERT OR UPDATE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {table}_touch();
-
-CREATE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{table}', TG_OP);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
-    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
-"""
 
 
 class Table:
@@ -237,7 +215,7 @@ async def test_a_postgresql_uri_as_dsn(table: Table) -> None:
 
 
 async def test_listen_reacts_without_waiting_for_freq(table: Table) -> None:
-    table.conn.execute(TRIGGER_SQL.format(table=table.name).encode())
+    table.conn.execute(PG_TRIGGERS.format(table=table.name).encode())
     table.insert("a.ini", "[vassal]\ncommand = a\n")
     async with running(table.uri(listen=True), freq=60) as (_, recv):
         first = await next_snapshot(recv)
@@ -406,7 +384,7 @@ async def test_cancel_during_a_slow_query_is_prompt_and_closes_the_connection(
 
 
 async def test_emperor_end_to_end_with_listen_and_an_outage(table: Table, tmp_path: Path) -> None:
-    table.conn.execute(TRIGGER_SQL.format(table=table.name).encode())
+    table.conn.execute(PG_TRIGGERS.format(table=table.name).encode())
 
     def add() -> None:
         table.insert("a.ini", pidfile_vassal(tmp_path, "a"))

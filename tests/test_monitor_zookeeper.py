@@ -9,7 +9,6 @@ partitions and session expiry go through :class:`tests.proxy.TcpProxy`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -18,7 +17,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,15 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from tests.helpers import (
     EmperorProcess,
     free_port,
-    monitor_running,
     new_pid,
+    next_change,
     next_problem,
     next_snapshot,
     pid_alive,
     pidfile_vassal,
     read_pid,
+    read_stats_document,
+    running_monitor,
     system_user,
     versions,
     wait_for,
@@ -108,7 +109,8 @@ def test_the_password_never_shows(tmp_path: Path) -> None:
     # Not percent-encoded, a '/' ends the host list: the error hides the password.
     with pytest.raises(UsageError) as error:
         ZooMonitor("zoo://admin:s3/cr@t@h1:1,h2/v", MonitorOptions())
-    assert "s3" not in str(error.value) and "zoo://***@h1:1,h2/v" in str(error.value)
+    assert "s3" not in str(error.value)
+    assert "zoo://***@h1:1,h2/v" in str(error.value)
     auth = tmp_path / "auth"
     auth.write_text("admin:s3cr3t\n")
     monitor = ZooMonitor("zoo://h/v", MonitorOptions(plugins={"zoo": {"auth_file": str(auth)}}))
@@ -258,21 +260,10 @@ def tree(zk_server: ZkServer) -> Iterator[Tree]:
         _close(client)
 
 
-@asynccontextmanager
-async def running(
+def running(
     uri: str, **options: Any
-) -> AsyncIterator[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
-    monitor = ZooMonitor(uri, MonitorOptions(**options))
-    async with monitor_running(monitor) as recv:
-        yield monitor, recv
-
-
-async def next_change(recv: trio.MemoryReceiveChannel[SourceEvent]) -> Upsert | Remove:
-    """The next Upsert or Remove (nothing else may come first)."""
-    with trio.fail_after(10):
-        event = await recv.receive()
-    assert isinstance(event, Upsert | Remove), event
-    return event
+) -> AbstractAsyncContextManager[tuple[ZooMonitor, trio.MemoryReceiveChannel[SourceEvent]]]:
+    return running_monitor(ZooMonitor, uri, **options)
 
 
 # -- the monitor on its own -------------------------------------------------------------------
@@ -291,7 +282,8 @@ async def test_create_change_delete(tree: Tree) -> None:
 
         status = monitor.status.snapshot()
         assert (status.state, status.vassals) == ("connected", 2)
-        assert status.session is not None and status.session.startswith("0x")
+        assert status.session is not None
+        assert status.session.startswith("0x")
         assert status.last_event is not None
 
         tree.put("a.ini", "[vassal]\ncommand = a2\n")
@@ -302,7 +294,8 @@ async def test_create_change_delete(tree: Tree) -> None:
 
         tree.put("c.json", '{"vassal": {"command": "c"}}')
         change = await next_change(recv)
-        assert isinstance(change, Upsert) and change.doc.name == "c.json"
+        assert isinstance(change, Upsert)
+        assert change.doc.name == "c.json"
 
         tree.delete("b.yaml")
         assert await next_change(recv) == Remove(monitor.uri, "b.yaml")
@@ -330,17 +323,20 @@ async def test_siblings_carry_socket_uid_and_gid(tree: Tree) -> None:
 
         tree.put("a.ini.socket", "127.0.0.1:9001")  # a new socket reloads
         change = await next_change(recv)
-        assert isinstance(change, Upsert) and change.doc.socket == "127.0.0.1:9001"
+        assert isinstance(change, Upsert)
+        assert change.doc.socket == "127.0.0.1:9001"
         tree.delete("a.ini.uid")
         change = await next_change(recv)
-        assert isinstance(change, Upsert) and change.doc.uid is None
+        assert isinstance(change, Upsert)
+        assert change.doc.uid is None
         assert change.doc.version == (
             f"{tree.mzxid('a.ini')}+socket@{tree.mzxid('a.ini.socket')}"
             f"+gid@{tree.mzxid('a.ini.gid')}"
         )
         tree.put("lone.ini", GOOD)  # the sibling counts once its vassal exists
         change = await next_change(recv)
-        assert isinstance(change, Upsert) and change.doc.socket == "127.0.0.1:1"
+        assert isinstance(change, Upsert)
+        assert change.doc.socket == "127.0.0.1:1"
 
 
 @integration
@@ -388,16 +384,19 @@ async def test_bad_input_is_logged_once_and_affects_nothing_else(
             # ...and other changes go on meanwhile.
             tree.put("other.ini", GOOD)
             change = await next_change(recv)
-            assert isinstance(change, Upsert) and change.doc.name == "other.ini"
+            assert isinstance(change, Upsert)
+            assert change.doc.name == "other.ini"
             # A fixed one comes back; the one that stays bad is not logged again.
             tree.put("good.ini", GOOD + "# fixed\n")
             tree.put("notes.txt", "y")
             change = await next_change(recv)
-            assert isinstance(change, Upsert) and change.doc.text == GOOD + "# fixed\n"
+            assert isinstance(change, Upsert)
+            assert change.doc.text == GOOD + "# fixed\n"
             tree.delete("big.ini")
             tree.put("big.ini", "[vassal]\ncommand = small\n")
             change = await next_change(recv)
-            assert isinstance(change, Upsert) and change.doc.name == "big.ini"
+            assert isinstance(change, Upsert)
+            assert change.doc.name == "big.ini"
             assert caplog.text.count("name=notes.txt") == 1
 
 
@@ -462,7 +461,8 @@ async def test_a_thousand_znodes(tree: Tree) -> None:
         assert snap.docs[999].text == "[vassal]\ncommand = v999\n"
         tree.put("v0500.ini", "[vassal]\ncommand = changed\n")
         change = await next_change(recv)
-        assert isinstance(change, Upsert) and change.doc.name == "v0500.ini"
+        assert isinstance(change, Upsert)
+        assert change.doc.name == "v0500.ini"
         tree.delete("v0001.ini")
         assert isinstance(await next_change(recv), Remove)
 
@@ -559,7 +559,8 @@ async def test_an_expired_session_is_followed_by_a_new_one_and_a_snapshot(
             # The new session watches again.
             tree.put("d.ini", GOOD)
             change = await next_change(recv)
-            assert isinstance(change, Upsert) and change.doc.name == "d.ini"
+            assert isinstance(change, Upsert)
+            assert change.doc.name == "d.ini"
         nursery.cancel_scope.cancel()
 
 
@@ -595,17 +596,6 @@ async def test_an_unreachable_server_at_start_is_reported_and_awaited(tree: Tree
 # -- the emperor, end to end ---------------------------------------------------------------
 
 
-def _stats(path: Path) -> dict[str, Any]:
-    """The emperor's stats document, from its unix socket."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
 @integration
 async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: Path) -> None:
     stats = tmp_path / "stats.sock"
@@ -620,9 +610,10 @@ async def test_emperor_creates_reloads_and_stops_vassals(tree: Tree, tmp_path: P
         first_a, b = await new_pid(a_pid), await new_pid(b_pid)
         assert "source.bad_znode" in emperor.text()
         await wait_for(lambda: "stats.listening" in emperor.text())
-        (source,) = (await trio.to_thread.run_sync(_stats, stats))["sources"]
+        (source,) = (await trio.to_thread.run_sync(read_stats_document, stats))["sources"]
         assert (source["uri"], source["state"], source["vassals"]) == (tree.uri(), "connected", 2)
-        assert source["session"].startswith("0x") and source["last_event"] > 0
+        assert source["session"].startswith("0x")
+        assert source["last_event"] > 0
 
         tree.put("a.ini", pidfile_vassal(tmp_path, "a", extra="# edited\n"))
         a = await new_pid(a_pid, first_a)
@@ -735,7 +726,8 @@ async def test_emperor_through_zookeeper_stopped_and_restarted(
         await wait_for(lambda: "source.suspended" in emperor.text())
         with trio.move_on_after(OUTAGE):
             while True:  # nothing stops while ZooKeeper is away
-                assert pid_alive(a) and pid_alive(b)
+                assert pid_alive(a)
+                assert pid_alive(b)
                 await trio.sleep(0.5)
         own_server.start()
         client = _client(own_server.hosts)
@@ -745,7 +737,8 @@ async def test_emperor_through_zookeeper_stopped_and_restarted(
         tree.put("c.ini", pidfile_vassal(tmp_path, "c"))
         await wait_for(lambda: not pid_alive(b), timeout=15)
         await new_pid(c_pid)
-        assert pid_alive(a) and read_pid(a_pid) == a
+        assert pid_alive(a)
+        assert read_pid(a_pid) == a
         assert "source.recovered" in emperor.text()
         emperor.signal(signal.SIGTERM)
         assert await emperor.wait() == 0

@@ -132,7 +132,9 @@ def test_keys() -> None:
         }
     )
     assert p == Placement(2, "web-*", (("disk", "ssd"), ("zone", "a")), "keep")
-    assert not p.fenced and Placement().fenced and not Placement(None).fenced
+    assert not p.fenced
+    assert Placement().fenced
+    assert not Placement(None).fenced
     assert Placement(None, on_partition="stop").fenced
 
 

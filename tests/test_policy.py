@@ -54,7 +54,8 @@ def test_next_start_is_never_in_the_past(
     for duration, jitter in runs:
         started, now = now, now + duration
         b = b.after_exit(policy, started, now, jitter)
-        assert b.next_start is not None and now <= b.next_start <= now + policy.max_throttle
+        assert b.next_start is not None
+        assert now <= b.next_start <= now + policy.max_throttle
         now = b.next_start
 
 

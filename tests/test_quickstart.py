@@ -7,25 +7,32 @@ bash, with this test's own virtualenv off ``PATH``; every port the README
 promises must answer HTTP 200; then Ctrl-C (SIGINT to the process group)
 must stop everything. pip installs from its usual index and may use its cache.
 
-The examples listen on fixed ports (8001-8004): if one is taken the test fails
-at once and names it, rather than waiting for an answer from someone else.
+The examples listen on fixed ports (8001-8004), which are the machine's, not
+the suite's: suites run side by side (two Pythons, two checkouts) take turns
+through a lock file in the temporary directory. If a port is still taken once
+the lock is held, the test fails at once and names it, rather than waiting for
+an answer from someone else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 import trio
+import trio.testing
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +97,28 @@ def port_busy(port: int) -> bool:
         return False
 
 
+#: Held while a quick start runs, by every suite on this machine.
+PORTS_LOCK = Path(tempfile.gettempdir()) / "trimperor-quickstart-ports.lock"
+
+
+@contextlib.asynccontextmanager
+async def examples_ports_held() -> AsyncIterator[None]:
+    """The lock on the examples' ports; waits while another suite's quick start runs."""
+    fd = os.open(PORTS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        # A bound, not a measurement: the other quick start may install and serve.
+        with trio.fail_after(INSTALL_AND_SERVE_TIMEOUT + 2 * STOP_TIMEOUT):
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def status(port: int) -> int | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
@@ -122,7 +151,11 @@ def test_the_readme_promises_the_ports_the_examples_use() -> None:
 
 
 async def test_the_quick_start_serves_every_port(tmp_path: Path) -> None:
-    ports = readme_ports()
+    async with examples_ports_held():
+        await quick_start_serves(readme_ports(), tmp_path)
+
+
+async def quick_start_serves(ports: list[int], tmp_path: Path) -> None:
     busy = [p for p in ports if port_busy(p)]
     assert not busy, (
         f"port(s) {busy} on 127.0.0.1 are in use by another process; the quick start "
@@ -165,3 +198,42 @@ async def test_the_quick_start_serves_every_port(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+async def test_a_second_quick_start_waits_for_the_first() -> None:
+    """Another process (another suite) holds the ports: this one waits, then enters."""
+    holder = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(PORTS_LOCK)!r}, os.O_RDWR | os.O_CREAT, 0o666)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert (await holder.stdout.receive_some()).startswith(b"held")
+        entered = trio.Event()
+
+        async def second() -> None:
+            async with examples_ports_held():
+                entered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()  # its first try has failed
+            assert not entered.is_set()
+            await holder.stdin.aclose()  # the holder exits, and its lock goes with it
+            with trio.fail_after(30):
+                await entered.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+        await holder.wait()
+        await holder.stdin.aclose()
+        await holder.stdout.aclose()

@@ -40,7 +40,8 @@ def test_new_changed_removed() -> None:
 def test_broken_new_file_starts_nothing_then_fixed_starts() -> None:
     reg: Registry[str] = Registry(parse)
     [notice] = reg.handle(Upsert(doc("x.ini", "broken")))
-    assert isinstance(notice, Notice) and notice.event == "config.invalid"
+    assert isinstance(notice, Notice)
+    assert notice.event == "config.invalid"
     assert "x.ini:1" in notice.message
     assert reg.handle(Upsert(doc("x.ini", "good", version="2"))) == [
         Start("x.ini", "a", "2", "good")
@@ -51,7 +52,8 @@ def test_running_vassal_keeps_last_good_config_when_file_breaks() -> None:
     reg: Registry[str] = Registry(parse)
     reg.handle(Upsert(doc("x.ini", "good")))
     [notice] = reg.handle(Upsert(doc("x.ini", "broken", version="2")))
-    assert isinstance(notice, Notice) and notice.event == "config.broken"
+    assert isinstance(notice, Notice)
+    assert notice.event == "config.broken"
     assert reg.running() == {"x.ini": "good"}
     assert reg.handle(Upsert(doc("x.ini", "better", version="3"))) == [
         Reload("x.ini", "a", "3", "better")
@@ -62,13 +64,15 @@ def test_unreadable_document_is_an_error_not_a_crash() -> None:
     reg: Registry[str] = Registry(parse)
     bad = VassalDocument("x.ini", "a", "1", None, error="Permission denied")
     [notice] = reg.handle(Upsert(bad))
-    assert isinstance(notice, Notice) and "Permission denied" in notice.message
+    assert isinstance(notice, Notice)
+    assert "Permission denied" in notice.message
 
 
 def test_unsupported_is_logged_and_left_alone() -> None:
     reg: Registry[str] = Registry(parse)
     [notice] = reg.handle(Upsert(doc("x.ini", "uwsgi")))
-    assert isinstance(notice, Notice) and notice.event == "vassal.unsupported"
+    assert isinstance(notice, Notice)
+    assert notice.event == "vassal.unsupported"
     assert reg.handle(Upsert(doc("x.ini", "uwsgi"))) == []
     assert reg.running() == {}
 
@@ -77,7 +81,8 @@ def test_first_source_keeps_the_name_until_released() -> None:
     reg: Registry[str] = Registry(parse)
     assert kinds(reg.handle(Upsert(doc("x.ini", "from-a")))) == ["Start"]
     [notice] = reg.handle(Upsert(doc("x.ini", "from-b", source="b")))
-    assert isinstance(notice, Notice) and notice.event == "vassal.name_taken"
+    assert isinstance(notice, Notice)
+    assert notice.event == "vassal.name_taken"
     assert reg.handle(Upsert(doc("x.ini", "from-b", version="2", source="b"))) == []
     assert reg.handle(Remove("b", "nothing.ini")) == []
     actions = reg.handle(Remove("a", "x.ini"))

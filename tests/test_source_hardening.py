@@ -24,7 +24,6 @@ from decimal import Decimal
 from functools import partial
 from pathlib import Path
 
-import pika
 import psycopg
 import pytest
 import trio
@@ -36,7 +35,9 @@ from zmq.utils.monitor import recv_monitor_message
 from tests.helpers import (
     PYTHON,
     EmperorProcess,
+    amqp_publish,
     free_port,
+    http_request_path,
     monitor_running,
     next_snapshot,
     next_upsert,
@@ -58,7 +59,6 @@ from trimperor.monitors.zeromq import ZmqMonitor
 
 USER = "trimperor-test-src"
 SECRET = "S3CRET-do-not-print"
-BROKER = ("127.0.0.1", 5672)
 
 
 # -- configuration values never appear in errors (no I/O) ------------------------------------
@@ -120,30 +120,6 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def exchange() -> Iterator[str]:
-    name = f"trimperor.test.{uuid.uuid4().hex[:12]}"
-    yield name
-    connection = pika.BlockingConnection(pika.ConnectionParameters(*BROKER))
-    try:
-        connection.channel().exchange_delete(name)
-    finally:
-        connection.close()
-
-
-def _publish(exchange: str, body: bytes, key: str) -> None:
-    connection = pika.BlockingConnection(pika.ConnectionParameters(*BROKER))
-    try:
-        connection.channel().basic_publish(exchange, key, body)
-    finally:
-        connection.close()
-
-
-async def publish(exchange: str, body: bytes | str, key: str = "") -> None:
-    data = body.encode() if isinstance(body, str) else body
-    await trio.to_thread.run_sync(_publish, exchange, data, key)
-
-
 REPORTING = "[vassal]\nchdir = /\ncommand = /bin/sh -c 'echo ids `id -u` `id -g`; exec sleep 600'\n"
 
 
@@ -175,7 +151,7 @@ async def test_tyrant_amqp_path_messages_read_only_the_owners_files(
     try:
         await wait_for(lambda: "source.subscribed" in emperor.text(), timeout=30)
         for path in (root_file, link, broken, good):
-            await publish(exchange, str(path))
+            await amqp_publish(exchange, str(path))
         found: list[re.Match[str]] = []
 
         def reported() -> bool:
@@ -196,7 +172,7 @@ async def test_tyrant_amqp_path_messages_read_only_the_owners_files(
         spawned = re.search(r"vassal.spawned name=good.ini pid=(\d+)", text)
         assert spawned is not None
         os.chown(good, 0, 0)
-        await publish(exchange, str(good))
+        await amqp_publish(exchange, str(good))
         await wait_for(lambda: "vassal.remove name=good.ini" in emperor.text())
     finally:
         emperor.close()
@@ -220,13 +196,9 @@ class SlowHttp:
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                request += chunk
-            path = request.split(b" ", 2)[1].decode()
+            path = await http_request_path(stream)
+            if path is None:
+                return
             with_length = "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n"
             if path.startswith("/trickle/"):
                 await stream.send_all(with_length.format(10**6).encode())
@@ -236,6 +208,24 @@ class SlowHttp:
             if path.startswith("/held/"):
                 await self.release.wait()
             await stream.send_all(with_length.format(len(self.body)).encode() + self.body)
+
+
+@asynccontextmanager
+async def amqp_with_http(
+    exchange: str, http: SlowHttp
+) -> AsyncIterator[tuple[AmqpMonitor, trio.MemoryReceiveChannel[SourceEvent], str]]:
+    """An AMQP monitor on *exchange*, connected, beside *http* on a port of its own:
+    yields the monitor, its events and the server's base URL."""
+    monitor = AmqpMonitor(
+        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
+    )
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
+        base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with monitor_running(monitor) as events:
+            await wait_for(lambda: monitor.status.state == "connected")
+            yield monitor, events, base
+        nursery.cancel_scope.cancel()
 
 
 CONFIG = b"[vassal]\ncommand = sleep 1000\n"
@@ -248,32 +238,24 @@ async def test_a_slow_url_does_not_block_later_messages(
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(amqp, "HTTP_TIMEOUT", 1.0)
     http = SlowHttp(CONFIG)
-    monitor = AmqpMonitor(
-        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
-    )
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
-        base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        async with monitor_running(monitor) as events:
-            await wait_for(lambda: monitor.status.state == "connected")
-            await publish(exchange, f"{base}/trickle/stuck.ini")
-            await publish(exchange, f"{base}/fast/quick.ini")
-            await publish(exchange, CONFIG, "keyed.ini")
-            names = {(await next_upsert(events)).doc.name for _ in range(2)}
-            assert names == {"quick.ini", "keyed.ini"}
-            # the stuck fetch is in the source's stats, and in the stats document
-            pending = monitor.status.snapshot().pending
-            assert [what for what, _ in pending] == [f"fetch {base}/trickle/stuck.ini"]
-            document = to_json(EmperorStats(1, "v", (monitor.status.snapshot(),), 0.0, ()))
-            assert "trickle/stuck.ini" in document
-            # ... until its total deadline ends it, changing nothing
-            await wait_for(lambda: not monitor.status.snapshot().pending)
-            log = [r.getMessage() for r in caplog.records if r.name == amqp.log.name]
-            assert any("source.http_failed" in m and "stuck.ini" in m for m in log)
-            assert "stuck.ini" not in monitor.owned
-            await publish(exchange, CONFIG, "after.ini")
-            assert (await next_upsert(events)).doc.name == "after.ini"
-        nursery.cancel_scope.cancel()
+    async with amqp_with_http(exchange, http) as (monitor, events, base):
+        await amqp_publish(exchange, f"{base}/trickle/stuck.ini")
+        await amqp_publish(exchange, f"{base}/fast/quick.ini")
+        await amqp_publish(exchange, CONFIG, "keyed.ini")
+        names = {(await next_upsert(events)).doc.name for _ in range(2)}
+        assert names == {"quick.ini", "keyed.ini"}
+        # the stuck fetch is in the source's stats, and in the stats document
+        pending = monitor.status.snapshot().pending
+        assert [what for what, _ in pending] == [f"fetch {base}/trickle/stuck.ini"]
+        document = to_json(EmperorStats(1, "v", (monitor.status.snapshot(),), 0.0, ()))
+        assert "trickle/stuck.ini" in document
+        # ... until its total deadline ends it, changing nothing
+        await wait_for(lambda: not monitor.status.snapshot().pending)
+        log = [r.getMessage() for r in caplog.records if r.name == amqp.log.name]
+        assert any("source.http_failed" in m and "stuck.ini" in m for m in log)
+        assert "stuck.ini" not in monitor.owned
+        await amqp_publish(exchange, CONFIG, "after.ini")
+        assert (await next_upsert(events)).doc.name == "after.ini"
 
 
 @pytest.mark.integration
@@ -282,24 +264,16 @@ async def test_a_fetch_overtaken_by_a_later_message_is_dropped(
 ) -> None:
     caplog.set_level(logging.INFO)
     http = SlowHttp(b"[vassal]\ncommand = old\n")
-    monitor = AmqpMonitor(
-        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
-    )
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
-        base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        async with monitor_running(monitor) as events:
-            await wait_for(lambda: monitor.status.state == "connected")
-            await publish(exchange, f"{base}/held/app.ini")
-            await wait_for(lambda: bool(monitor.status.snapshot().pending))
-            await publish(exchange, CONFIG, "app.ini")
-            assert (await next_upsert(events)).doc.text == CONFIG.decode()
-            http.release.set()
-            await wait_for(lambda: not monitor.status.snapshot().pending)
-            await publish(exchange, CONFIG, "sentinel.ini")
-            # nothing from the old fetch came in between
-            assert (await next_upsert(events)).doc.name == "sentinel.ini"
-        nursery.cancel_scope.cancel()
+    async with amqp_with_http(exchange, http) as (monitor, events, base):
+        await amqp_publish(exchange, f"{base}/held/app.ini")
+        await wait_for(lambda: bool(monitor.status.snapshot().pending))
+        await amqp_publish(exchange, CONFIG, "app.ini")
+        assert (await next_upsert(events)).doc.text == CONFIG.decode()
+        http.release.set()
+        await wait_for(lambda: not monitor.status.snapshot().pending)
+        await amqp_publish(exchange, CONFIG, "sentinel.ini")
+        # nothing from the old fetch came in between
+        assert (await next_upsert(events)).doc.name == "sentinel.ini"
     assert any("source.http_superseded" in r.getMessage() for r in caplog.records)
 
 
@@ -307,21 +281,13 @@ async def test_a_fetch_overtaken_by_a_later_message_is_dropped(
 async def test_fetches_are_bounded(exchange: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(amqp, "MAX_FETCHES", 2)
     http = SlowHttp(CONFIG)
-    monitor = AmqpMonitor(
-        "amqp://127.0.0.1", MonitorOptions(plugins={"amqp": {"exchange": exchange}})
-    )
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, http.handle, 0, host="127.0.0.1"))
-        base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        async with monitor_running(monitor) as events:
-            await wait_for(lambda: monitor.status.state == "connected")
-            for i in range(5):
-                await publish(exchange, f"{base}/held/h{i}.ini")
-            await wait_for(lambda: len(monitor.status.snapshot().pending) == 2)
-            http.release.set()
-            names = {(await next_upsert(events)).doc.name for _ in range(5)}
-            assert names == {f"h{i}.ini" for i in range(5)}
-        nursery.cancel_scope.cancel()
+    async with amqp_with_http(exchange, http) as (monitor, events, base):
+        for i in range(5):
+            await amqp_publish(exchange, f"{base}/held/h{i}.ini")
+        await wait_for(lambda: len(monitor.status.snapshot().pending) == 2)
+        http.release.set()
+        names = {(await next_upsert(events)).doc.name for _ in range(5)}
+        assert names == {f"h{i}.ini" for i in range(5)}
 
 
 # -- zmq and stats: loopback unless allowed ----------------------------------------------------
@@ -722,7 +688,8 @@ async def test_control_characters_in_names_are_escaped_in_the_log(tmp_path: Path
     assert b"evil\\nFAKE forged line.ini" in raw
     assert b"bad\\r\\x1b[2Jname.ini" in raw
     assert not any(line.startswith(b"FAKE") for line in raw.split(b"\n"))
-    assert b"\x1b" not in raw and b"\r" not in raw
+    assert b"\x1b" not in raw
+    assert b"\r" not in raw
 
 
 def test_the_escaping_filter() -> None:

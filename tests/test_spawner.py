@@ -125,7 +125,8 @@ async def test_vassal_dies_with_its_parent(tmp_path: Path) -> None:
     try:
         await wait_for(lambda: read_pid(pidfile) is not None)
         vassal = read_pid(pidfile)
-        assert vassal is not None and pid_alive(vassal)
+        assert vassal is not None
+        assert pid_alive(vassal)
         parent.kill()
         await parent.wait()
         await wait_for(lambda: not pid_alive(vassal))

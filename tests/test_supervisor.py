@@ -95,7 +95,8 @@ async def test_config_change_bypasses_backoff(
     for n in range(1, 5):
         (await spawner.wait_spawned(n)).exit(1)
     await settle()
-    assert sup.state is State.WAITING and sup.backoff.attempt == 4
+    assert sup.state is State.WAITING
+    assert sup.backoff.attempt == 4
     t0 = trio.current_time()
     sup.update("v2", spec(command=("app", "--fixed")))
     proc = await spawner.wait_spawned(5)

@@ -55,7 +55,8 @@ def test_native_uid_key_cannot_name_someone_else() -> None:
     with pytest.raises(Refused, match="uid 33 differs from the owner"):
         tyrant(NativeSpec("a.ini", ("x",), uid="33"), doc(1000, 1000), resolve)
     ok = tyrant(NativeSpec("a.ini", ("x",), uid="1000"), doc(1000, 1000), resolve)
-    assert isinstance(ok, NativeSpec) and ok.uid == "1000"
+    assert isinstance(ok, NativeSpec)
+    assert ok.uid == "1000"
 
 
 @pytest.fixture

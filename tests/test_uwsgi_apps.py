@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import EmperorProcess, free_port, pid_alive, wait_for, write_atomic
+from tests.helpers import EmperorProcess, free_port, pid_alive, trac_ini, wait_for, write_atomic
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,8 @@ async def make_django_project(where: Path, project: str) -> Path:
 def configure_django(package: Path) -> None:
     settings = package / "settings.py"
     text = settings.read_text()
-    assert "DEBUG = True" in text and "ALLOWED_HOSTS = []" in text
+    assert "DEBUG = True" in text
+    assert "ALLOWED_HOSTS = []" in text
     text = text.replace("DEBUG = True", "DEBUG = False").replace(
         "ALLOWED_HOSTS = []", 'ALLOWED_HOSTS = ["127.0.0.1", "localhost"]'
     )
@@ -181,18 +182,6 @@ async def make_trac_env(env: Path) -> Path:
     )
     assert (env / "VERSION").exists()
     return env
-
-
-def trac_ini(port: int, env: Path) -> str:
-    return (
-        "[uwsgi]\n"
-        "master = true\n"
-        "processes = 2\n"
-        "module = trac.web.main:dispatch_request\n"
-        f"env = TRAC_ENV={env}\n"
-        f"http-socket = 127.0.0.1:{port}\n"
-        "pidfile = %d%n.pid\n"
-    )
 
 
 # -- the scenario --------------------------------------------------------------------
@@ -273,4 +262,6 @@ async def test_django_ini_spawn_touch_crash_remove(tmp_path: Path, started: Vass
 async def test_trac_ini_spawn_touch_crash_remove(tmp_path: Path, started: Vassals) -> None:
     env = await make_trac_env(tmp_path / "project001")
     port = free_port()
-    await spawn_touch_crash_remove(tmp_path, started, "trac.ini", trac_ini(port, env), port)
+    await spawn_touch_crash_remove(
+        tmp_path, started, "trac.ini", trac_ini(port, env, "pidfile = %d%n.pid"), port
+    )

@@ -62,7 +62,8 @@ def test_flag_by_suffix() -> None:
     ]
     assert config_flag("a.conf", ("conf",)) == "--config"
     assert config_flag("a.txt") == "--inherit"
-    assert describe(26) == "heartbeat" and describe(99) == "unknown(99)"
+    assert describe(26) == "heartbeat"
+    assert describe(99) == "unknown(99)"
 
 
 def test_argv_order_and_names() -> None:
@@ -141,7 +142,8 @@ async def test_missed_heartbeat_restarts_the_vassal(tmp_path: Path) -> None:
             first = read_pid(pidfile)
             await wait_for(lambda: read_pid(pidfile) not in {None, first}, 20)
             sup = emperor.supervisor("v.ini")
-            assert sup is not None and sup.snapshot().last_exit_signal == "SIGKILL"
+            assert sup is not None
+            assert sup.snapshot().last_exit_signal == "SIGKILL"
             emperor.shutdown()
 
 
@@ -175,7 +177,8 @@ async def test_config_request_gets_the_current_config(tmp_path: Path) -> None:
             text = out.read_text()
             assert text.index("a=1") < text.index("a=2")
             sup = emperor.supervisor("v.ini")
-            assert sup is not None and sup.restarts == 0  # reloaded in place
+            assert sup is not None
+            assert sup.restarts == 0
             emperor.shutdown()
 
 

@@ -42,7 +42,9 @@ def test_defaults_and_shell_like_split() -> None:
     assert s.command == ("gunicorn", "-b", "127.0.0.1:80", "a b", "app:app")
     assert s.chdir == "/etc/vassals/sub"
     assert (s.stop_signal, s.stop_timeout, s.reload_signal) == (signal.SIGTERM, 10.0, None)
-    assert s.env == () and s.logto is None and s.uid is None
+    assert s.env == ()
+    assert s.logto is None
+    assert s.uid is None
 
 
 def test_every_key() -> None:
@@ -102,7 +104,8 @@ def test_the_working_directory_comes_from_the_caller() -> None:
     native = VassalDocument("n.ini", "pg://", "1", "[vassal]\ncommand = run %p\n")
     spec = build_spec(native, ENV, cwd="/srv")
     assert isinstance(spec, NativeSpec)
-    assert spec.command == ("run", "/srv/n.ini") and spec.chdir == "/srv"
+    assert spec.command == ("run", "/srv/n.ini")
+    assert spec.chdir == "/srv"
 
 
 def test_unreadable_is_a_config_error() -> None:
@@ -140,11 +143,14 @@ def test_a_socket_from_the_source_makes_a_native_vassal_on_demand() -> None:
     doc = VassalDocument("a.ini", "pg://", "1", "[vassal]\ncommand = x\n", socket="/run/a.sock")
     spec = build_spec(doc, ENV)
     assert isinstance(spec, NativeSpec)
-    assert spec.on_demand and [s.address for s in spec.sockets] == ["/run/a.sock"]
+    assert spec.on_demand
+    assert [s.address for s in spec.sockets] == ["/run/a.sock"]
     empty = build_spec(
         VassalDocument("a.ini", "pg://", "1", "[vassal]\ncommand = x\n", socket=""), ENV
     )
-    assert isinstance(empty, NativeSpec) and not empty.on_demand and empty.sockets == ()
+    assert isinstance(empty, NativeSpec)
+    assert not empty.on_demand
+    assert empty.sockets == ()
 
 
 @pytest.mark.parametrize(

@@ -503,15 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, sys.stdout, sys.stderr)
     except Unreachable as exc:
-        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        sys.stderr.write(f"trimperor ctl: {exc}\n")
         return EXIT_UNREACHABLE
     except BrokenPipeError:
         return 0
     except (TimeoutError, OSError) as exc:
-        print(f"trimperor ctl: the emperor did not answer: {exc}", file=sys.stderr)
+        sys.stderr.write(f"trimperor ctl: the emperor did not answer: {exc}\n")
         return EXIT_UNREACHABLE
     except UsageError as exc:
-        print(f"trimperor ctl: {exc}", file=sys.stderr)
+        sys.stderr.write(f"trimperor ctl: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

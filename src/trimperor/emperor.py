@@ -271,7 +271,7 @@ class Emperor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._started_at = trio.current_time()
-        self._wall_offset = time.time() - self._started_at
+        self._wall_offset = time.time() - self._started_at  # noqa: TID251 (stats epochs)
         log.info(
             "emperor.start pid=%s version=%s sources=%s",
             os.getpid(),
@@ -346,12 +346,11 @@ class Emperor:
             except Exception as exc:
                 if not status.started_called:
                     raise
-                log.error(
+                log.exception(
                     "source.crashed uri=%s error=%r restart_in=%ss",
                     monitor.uri,
                     exc,
                     self._retry,
-                    exc_info=True,
                 )
             if not status.started_called:
                 status.started()

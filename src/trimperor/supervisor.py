@@ -297,7 +297,7 @@ class Supervisor:
         first = not self._begun
         if first:
             self._begun = True
-            self._wall_offset = time.time() - trio.current_time()
+            self._wall_offset = time.time() - trio.current_time()  # noqa: TID251 (stats epochs)
             self._stamp("born", "last_mod")
         self.dormant = False
         try:
@@ -779,7 +779,8 @@ class Supervisor:
             deadline = seen + limit
             if trio.current_time() >= deadline:
                 log.warning(
-                    _MISSED[what] + " name=%s pid=%s limit=%ss action=sigkill_group",
+                    "%s name=%s pid=%s limit=%ss action=sigkill_group",
+                    _MISSED[what],
                     self.name,
                     proc.pid,
                     limit,

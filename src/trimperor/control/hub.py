@@ -122,8 +122,6 @@ class ProcSampler:
 
     def __init__(self) -> None:
         self._last: dict[int, tuple[float, float]] = {}  # pid -> (monotonic, cpu seconds)
-        with open("/proc/uptime") as f:
-            self._boot = time.time() - float(f.read().split()[0])
 
     def sample(self, pids: Iterable[int]) -> dict[int, tuple[float | None, int | None]]:
         now = time.monotonic()
@@ -150,8 +148,9 @@ class ProcSampler:
                 pct = 100.0 * (cpu - prev[1]) / (now - prev[0])
                 seen[pid] = (now, cpu)
             else:
-                started = self._boot + int(fields[19]) / _TICKS
-                pct = 100.0 * cpu / max(time.time() - started, 0.01)
+                # A process's start is counted from boot, as CLOCK_BOOTTIME is.
+                started = int(fields[19]) / _TICKS
+                pct = 100.0 * cpu / max(time.clock_gettime(time.CLOCK_BOOTTIME) - started, 0.01)
                 seen[pid] = prev if prev is not None else (now, cpu)
             out[pid] = (round(max(pct, 0.0), 1), rss)
         self._last.update(seen)  # a status of some vassals keeps the others' samples
@@ -168,7 +167,7 @@ def status_rows(
     vassals = [v for v in stats.vassals if not wanted or v.name in wanted]
     pids = [v.pid for v in vassals if v.pid is not None]
     usage = sampler.sample(pids) if sampler is not None else {}
-    now = time.time()
+    now = time.time()  # noqa: TID251 (uptime from the stats' Unix epochs)
     rows = []
     for v in vassals:
         cpu, rss = usage.get(v.pid, (None, None)) if v.pid is not None else (None, None)
@@ -291,7 +290,8 @@ class ControlHub:
 
     def emit(self, kind: str, name: str | None = None, **fields: Any) -> None:
         self._seq += 1
-        doc: dict[str, Any] = {"event": kind, "seq": self._seq, "time": time.time()}
+        # An event's time is a Unix timestamp for clients on other clocks.
+        doc: dict[str, Any] = {"event": kind, "seq": self._seq, "time": time.time()}  # noqa: TID251
         if name is not None:
             doc["name"] = name
         doc.update(fields)
