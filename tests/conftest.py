@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio.testing
@@ -25,6 +28,18 @@ def _children() -> set[int]:
 
 def _fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_control_socket() -> Iterator[None]:
+    """Emperors the tests start without ``--control`` listen on a socket of this
+    run's own, not on the machine's default (``/run/trimperor/control.sock`` as
+    root), where they would meet another suite's emperors or a real one."""
+    base = Path(tempfile.mkdtemp(prefix="trimp-ctl-"))
+    os.environ["TRIMPEROR_CONTROL"] = str(base / "control.sock")
+    yield
+    os.environ.pop("TRIMPEROR_CONTROL", None)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import trio
 
 from tests.helpers import wait_for
 from trimperor.abc import LaunchPlan
-from trimperor.core.model import Upsert, VassalDocument
+from trimperor.core.model import Remove, Upsert, VassalDocument
 from trimperor.core.policy import BackoffPolicy
 from trimperor.emperor import Emperor
 from trimperor.supervisor import Supervisor
@@ -103,6 +103,37 @@ async def test_armed_vassals_cost_no_task_and_the_first_connection_wakes_one(
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(str(tmp_path / "x.sock"))  # rebound to the new address, armed there
     await wait_for(lambda: other.snapshot().wakes == 1, timeout=30)
+
+
+async def test_a_dormant_vassal_holds_only_what_waking_it_needs(
+    emperor: tuple[Emperor, FakeMonitor], tmp_path: Path
+) -> None:
+    """10,000 armed vassals are 10,000 of these records: no instance dictionaries, no
+    inbox, no event, no process or timer table until the vassal first needs one."""
+    emp, source = emperor
+    await source.send(Upsert(VassalDocument("a.ini", "fake://", "1", vassal(tmp_path / "a.sock"))))
+    await wait_for(lambda: (s := emp.supervisor("a.ini")) is not None and s.dormant)
+    sup = emp.supervisor("a.ini")
+    assert sup is not None
+    assert sup.snapshot().state == "armed"
+    machine = sup._machine
+    held = list(sup._held.values())
+    for record in (sup, machine, *held):
+        assert not hasattr(record, "__dict__"), type(record).__name__
+    assert sup._inbox is None
+    assert sup._finished is None
+    assert not sup._procs
+    assert not sup._timers
+    assert not machine._timers
+    desired = emp.registry.desired("a.ini")
+    assert desired is not None
+    assert sup.spec is desired.spec is machine.desired
+    # It still wakes, and finishes when removed (its event made on demand).
+    await fetch(tmp_path / "a.sock")
+    await wait_for(lambda: sup.snapshot().wakes == 1)
+    await source.send(Remove("fake://", "a.ini"))
+    with trio.fail_after(30):
+        await sup.finished.wait()
 
 
 async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(

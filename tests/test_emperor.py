@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from trimperor.control.hub import ControlRequest
 from trimperor.core.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
 from trimperor.emperor import Emperor
 from trimperor.testing import FakeMonitor, FakeSpawner
@@ -294,3 +295,97 @@ async def test_large_snapshots_are_parsed_off_the_event_loop(
     args = sorted(p.plan.argv[1] for p in world.spawner.spawned)
     assert args == sorted(str(i) for i in range(40))
     assert "unknown key 'bogus'" in caplog.text
+
+
+async def test_changes_while_stopping_start_the_latest_configuration(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
+    await world.a.send(Upsert(doc("web.ini", arg="3", version="3")))
+    await settle()
+    assert len(world.spawner.spawned) == 1  # the old one is still within its stop timeout
+    new = await world.spawner.wait_spawned(2)
+    assert old.returncode == -signal.SIGKILL
+    assert new.plan.argv == ("app", "3")
+    sup = world.emperor.supervisor("web.ini")
+    desired = world.emperor.registry.desired("web.ini")
+    assert sup is not None
+    assert desired is not None
+    assert sup.spec is desired.spec  # one owner: the registry's object, not a copy
+    assert sup.version == "3"
+    await settle()
+    assert len(world.spawner.spawned) == 2
+
+
+async def test_removed_again_while_stopping_starts_nothing(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await old.wait()
+    await trio.sleep(30)
+    assert len(world.spawner.spawned) == 1
+    assert world.emperor.supervisor("web.ini") is None
+
+
+async def _control(emperor: Emperor, command: str, *names: str) -> dict[str, object]:
+    req = ControlRequest(command, names)
+    await emperor._submit_control(req)
+    await req.done.wait()
+    return req.result
+
+
+async def test_ctl_stop_then_start_while_stopping(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    assert (await _control(world.emperor, "stop", "web.ini"))["done"] == {"web.ini": "stopping"}
+    assert (await _control(world.emperor, "start", "web.ini"))["done"] == {"web.ini": "starting"}
+    await settle()
+    assert len(world.spawner.spawned) == 1  # the old one is still within its stop timeout
+    new = await world.spawner.wait_spawned(2)
+    assert old.returncode == -signal.SIGKILL
+    assert new.plan.argv == ("app", "1")
+    await trio.sleep(30)
+    assert world.spawner.alive() == [new]
+
+
+async def test_ctl_stop_then_source_removed_while_stopping(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    await _control(world.emperor, "stop", "web.ini")
+    await world.a.send(Remove("fake://a", "web.ini"))
+    await old.wait()
+    await trio.sleep(30)
+    assert len(world.spawner.spawned) == 1
+    assert world.emperor.control_snapshot().vassals == ()
+    # offered again: a new vassal, not held
+    await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
+    new = await world.spawner.wait_spawned(2)
+    assert new.plan.argv == ("app", "2")
+
+
+async def test_ctl_stopped_vassal_stays_stopped_after_its_old_process_ends(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    old = await world.spawner.wait_spawned(1)
+    await _control(world.emperor, "stop", "web.ini")
+    await old.wait()
+    await trio.sleep(30)
+    assert len(world.spawner.spawned) == 1
+    assert [v.held for v in world.emperor.control_snapshot().vassals] == [True]

@@ -215,7 +215,8 @@ async def test_a_second_quick_start_waits_for_the_first() -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    assert holder.stdin is not None and holder.stdout is not None
+    assert holder.stdin is not None
+    assert holder.stdout is not None
     try:
         assert (await holder.stdout.receive_some()).startswith(b"held")
         entered = trio.Event()

@@ -316,7 +316,7 @@ def test_a_remote_stats_address_needs_permission(addr: str) -> None:
     api.check_stats_address(addr, allow_remote=True)
     api.check_stats_address("127.0.0.1:9191", allow_remote=False)
     api.check_stats_address("localhost:9191", allow_remote=False)
-    api.check_stats_address("/run/trimperor.core.stats", allow_remote=False)
+    api.check_stats_address("/run/trimperor.stats", allow_remote=False)
 
 
 @pytest.mark.integration

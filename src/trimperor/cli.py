@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--control",
         metavar="ADDR",
         help="control socket for trimperor ctl: a unix socket path (default "
-        "/run/trimperor/control.sock as root, else $XDG_RUNTIME_DIR/trimperor.sock), "
+        "$TRIMPEROR_CONTROL, else /run/trimperor/control.sock as root, else "
+        "$XDG_RUNTIME_DIR/trimperor.sock), "
         "host:port (needs --control-token-file), or none",
     )
     g.add_argument(
@@ -547,7 +548,9 @@ def not_a_source(arg: str) -> bool:
 def control_options(args: argparse.Namespace) -> ControlOptions:
     token = read_token(args.control_token_file) if args.control_token_file else None
     explicit = args.control is not None
-    control = args.control if explicit else default_control_path()
+    # $TRIMPEROR_CONTROL, which ctl reads too, moves the default: where both meet.
+    default = os.environ.get("TRIMPEROR_CONTROL") or default_control_path()
+    control = args.control if explicit else default
     if control is not None and control.lower() in {"none", "off", ""}:
         control = None
     logs_dir = None

@@ -122,7 +122,10 @@ class Emperor:
         self._send, self._recv = trio.open_memory_channel[SourceEvent | ControlRequest](1024)
         self._sups: dict[str, Supervisor] = {}
         self._stopping: set[str] = set()
-        self._pending: dict[str, Start[VassalSpec]] = {}
+        """Vassals told to stop whose supervisor has not finished yet. Once it has, the
+        registry says whether the name should run again (its desired spec, the only copy)."""
+        self._respawning: set[str] = set()
+        """Vassals whose supervisor crashed, waiting to be started afresh."""
         self._vassals: trio.Nursery | None = None
         self._armory: Armory | None = None
         self._shutdown = trio.Event()
@@ -146,6 +149,9 @@ class Emperor:
         """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
         self.control_bound: dict[str, str] = {}
         # health checks and on-failure hooks (they run in the services nursery)
+        # One bound method each for every supervisor (not one object per vassal).
+        self._observer = self._observe
+        self._resumer = self._resume
         self._oversight = Oversight(
             self._sups, self._stopping, spawner, self._environ, self.hub, self._shutdown
         )
@@ -325,7 +331,6 @@ class Emperor:
                     self._notifier.send(STOPPING="1", STATUS="The Emperor is stopping")
                     if self._sups:
                         log.info("emperor.stopping vassals=%d", len(self._sups))
-                    self._pending.clear()
                     if self._fleet is not None:
                         self._fleet.leave()
                     for name, sup in self._sups.items():
@@ -382,6 +387,7 @@ class Emperor:
                 self._parsed = {}
             for action in actions:
                 self._apply(action)
+            del event, docs, actions  # nothing of a large snapshot kept until the next event
             if self._fleet is not None:
                 self._fleet.set_catalogue(
                     {n: s.placement for n, s in self.registry.running().items()}
@@ -433,17 +439,15 @@ class Emperor:
             )
         elif isinstance(action, Start):
             self._unhold(action.name, "its configuration changed")
-            if action.name in self._sups:
-                self._pending[action.name] = action  # starts when the old one is gone
-            else:
+            if action.name not in self._sups and action.name not in self._respawning:
                 self._start(action)
+            # else the old one is stopping: the registry's spec starts once it is gone
         elif isinstance(action, Reload):
             self._unhold(action.name, "its configuration changed")
-            start = Start(action.name, action.source, action.version, action.spec)
-            if action.name in self._stopping or action.name in self._pending:
-                self._pending[action.name] = start
+            if action.name in self._stopping or action.name in self._respawning:
+                pass  # starts with the registry's (new) spec once the old one is gone
             elif action.name not in self._sups:
-                self._start(start)
+                self._start(Start(action.name, action.source, action.version, action.spec))
             else:
                 shown = describe_version(action.version)  # mtime=... size=... for a file
                 if shown == action.version:
@@ -455,7 +459,6 @@ class Emperor:
         elif isinstance(action, Stop):
             if self._held.pop(action.name, None) is not None and action.name not in self._sups:
                 self.hub.forget(action.name)  # stopped by ctl, now removed: gone for good
-            self._pending.pop(action.name, None)
             self._parked.pop(action.name, None)
             sup = self._sups.get(action.name)
             if sup is not None and action.name not in self._stopping:
@@ -476,9 +479,7 @@ class Emperor:
         for name, start in list(self._parked.items()):
             if fleet.here(name, start.spec.placement):
                 del self._parked[name]
-                if name in self._sups:
-                    self._pending[name] = start
-                else:
+                if name not in self._sups and name not in self._respawning:
                     self._start(start)
         desired = self.registry.running()
         for name, sup in self._sups.items():
@@ -486,8 +487,7 @@ class Emperor:
             if name in self._stopping or spec is None or fleet.here(name, spec.placement):
                 continue
             log.info("vassal.not_here name=%s reason=%s", name, fleet.reason(name, spec.placement))
-            self._stopping.add(name)
-            self._pending.setdefault(name, Start(name, sup.source, sup.version, spec))
+            self._stopping.add(name)  # once stopped, parked again by _start
             sup.stop()
 
     def _fence_kill(self) -> None:
@@ -504,10 +504,6 @@ class Emperor:
             self._parked[action.name] = action
             return
 
-        def resume() -> None:
-            assert self._vassals is not None
-            self._vassals.start_soon(self._run_supervisor, sup)
-
         sup = Supervisor(
             action.name,
             action.source,
@@ -519,15 +515,20 @@ class Emperor:
             uwsgi=self._uwsgi,
             connections=self._connections,
             notify_hub=self._notify_hub,
-            observer=self._observe,
+            observer=self._observer,
             armory=self._armory,
-            resume=resume,
+            resume=self._resumer,
             changed=self._stats_changed,
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
         self._configure_log(action.name, action.spec)
         self._notifier.status(self._status_line())
+        self._vassals.start_soon(self._run_supervisor, sup)
+
+    def _resume(self, sup: Supervisor) -> None:
+        """Run a dormant supervisor again (one method for all: no closure per vassal)."""
+        assert self._vassals is not None
         self._vassals.start_soon(self._run_supervisor, sup)
 
     async def _run_supervisor(self, sup: Supervisor) -> None:
@@ -553,18 +554,27 @@ class Emperor:
             self._stopping.discard(sup.name)
             if self._fleet is not None:
                 self._fleet.wake()  # a claim this node held may go now
-            pending = self._pending.pop(sup.name, None)
-            if crashed and pending is None and not was_stopping and not self._shutdown.is_set():
-                # Reloads arriving meanwhile update the pending start.
-                self._pending[sup.name] = Start(sup.name, sup.source, sup.version, sup.spec)
-                await trio.sleep(self._retry)
-                pending = self._pending.pop(sup.name, None)
-            if pending is not None and not self._shutdown.is_set() and sup.name not in self._sups:
-                self._start(pending)
+            if crashed and not was_stopping and not self._shutdown.is_set():
+                # Reloads arriving meanwhile change the registry's spec, started below.
+                self._respawning.add(sup.name)
+                try:
+                    await trio.sleep(self._retry)
+                finally:
+                    self._respawning.discard(sup.name)
+            if (was_stopping or crashed) and not self._shutdown.is_set():
+                self._start_desired(sup.name)
             if sup.name in self._held:
                 self._held[sup.name] = held_stats(sup.snapshot())
             elif sup.name not in self._sups and self.registry.owner(sup.name) is None:
                 self.hub.forget(sup.name)
+
+    def _start_desired(self, name: str) -> None:
+        """Start *name* if the registry wants it running and nothing holds it back."""
+        if name in self._sups or name in self._held or name in self._respawning:
+            return
+        start = self.registry.desired(name)
+        if start is not None:
+            self._start(start)
 
     async def _watch_sources(self) -> None:
         """Publish every change of a source's state (connected, retrying, ...)."""
@@ -640,7 +650,6 @@ class Emperor:
             if name in self._held:
                 return "already stopped"
             assert sup is not None
-            self._pending.pop(name, None)
             self._held[name] = held_stats(sup.snapshot())
             if name not in self._stopping:
                 self._stopping.add(name)
@@ -652,10 +661,9 @@ class Emperor:
             if start is None:
                 return "!its configuration cannot run"
             del self._held[name]
-            if sup is not None:  # still stopping: start once it is gone
-                self._pending[name] = start
-            else:
+            if sup is None and name not in self._respawning:
                 self._start(start)
+            # else still stopping: the registry's spec starts once it is gone
             log.info("vassal.unheld name=%s: started by control", name)
             return "starting"
         if gone or sup is None:

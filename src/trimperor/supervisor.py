@@ -12,7 +12,6 @@ the machine through the same inbox. Everything runs in the vassal's nursery.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -20,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import trio
@@ -91,6 +90,12 @@ _STAMPED: dict[int, str] = {
 }
 
 
+@lru_cache(maxsize=8)
+def _settings(policy: BackoffPolicy, graceful_shutdown: bool, curse_tolerance: float) -> Settings:
+    """One (frozen) Settings for every vassal that has the same."""
+    return Settings(policy, graceful_shutdown, curse_tolerance)
+
+
 def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
     env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
     env.update(spec.env)
@@ -107,8 +112,60 @@ def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
     )
 
 
+#: Shared by every supervisor until it holds a process or a timer (never written to:
+#: the first entry replaces it with a dict of the supervisor's own).
+_NONE: Mapping[Any, Any] = {}
+
+
 class Supervisor:
-    """Keeps one vassal alive until told to stop. Create, then ``nursery.start(sup.run)``."""
+    """Keeps one vassal alive until told to stop. Create, then ``nursery.start(sup.run)``.
+
+    An armed vassal that was never woken is a record of its own fields only (slots, no
+    inbox, no event, no dict of processes or timers): those are made when first needed.
+    """
+
+    __slots__ = (
+        "_announced",
+        "_arm_id",
+        "_arm_scope",
+        "_armory",
+        "_begun",
+        "_changed",
+        "_channel",
+        "_connections",
+        "_done",
+        "_environ",
+        "_error",
+        "_finished",
+        "_first_accept_pending",
+        "_held",
+        "_inbox",
+        "_machine",
+        "_notify_hub",
+        "_nursery",
+        "_observer",
+        "_plan_for",
+        "_procs",
+        "_resume",
+        "_snap",
+        "_spawner",
+        "_timers",
+        "_times",
+        "_uwsgi",
+        "_wall_offset",
+        "accepting",
+        "dormant",
+        "first_accept",
+        "last_heartbeat",
+        "last_watchdog",
+        "loyal",
+        "name",
+        "no_app",
+        "notify_ready",
+        "notify_status",
+        "ready",
+        "source",
+    )
 
     def __init__(
         self,
@@ -127,7 +184,7 @@ class Supervisor:
         notify_hub: NotifyHub | None = None,
         observer: Callable[..., None] | None = None,
         armory: Armory | None = None,
-        resume: Callable[[], None] | None = None,
+        resume: Callable[[Supervisor], None] | None = None,
         changed: set[str] | None = None,
     ) -> None:
         # Change tracking first: every assignment below goes through __setattr__.
@@ -139,9 +196,6 @@ class Supervisor:
         self._observer = observer
         """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
         self.source = source
-        self.version = version
-        self.spec = spec
-        """The latest spec the emperor gave (the machine takes it in order from the inbox)."""
         self._spawner = spawner
         self._environ = environ
         self._plan_for = plan_for or native_plan
@@ -149,11 +203,7 @@ class Supervisor:
         self._machine = VassalMachine(
             version,
             spec,
-            Settings(
-                policy=policy,
-                graceful_shutdown=self._uwsgi.graceful_shutdown,
-                curse_tolerance=self._uwsgi.curse_tolerance,
-            ),
+            _settings(policy, self._uwsgi.graceful_shutdown, self._uwsgi.curse_tolerance),
             jitter=jitter,
         )
         self._channel: UwsgiChannel | None = None
@@ -164,17 +214,22 @@ class Supervisor:
         self.last_heartbeat: float | None = None
         self._times: dict[str, float] = {}
         """trio-clock times of events shown in stats: born, last_mod, last_ready, ..."""
-        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
-        self._procs: dict[int, Process] = {}
+        self._inbox: (
+            tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]] | None
+        ) = None
+        """Opened by the first event; dropped (empty) while dormant."""
+        self._procs: Mapping[int, Process] = _NONE
         """The live process by the machine's token (one at most)."""
-        self._timers: dict[int, trio.CancelScope] = {}
+        self._timers: Mapping[int, trio.CancelScope] = _NONE
         self._nursery: trio.Nursery | None = None
         self._wall_offset = 0.0
-        self.finished = trio.Event()
+        self._finished: trio.Event | None = None
+        self._done = False
         # on demand
         self._held: dict[SocketSpec, HeldSocket] = {}
         self._connections = connections or ConnectionTable()
         self._arm_scope: trio.CancelScope | None = None
+        self._arm_id = 0
         self.first_accept: float | None = None
         """Seconds from the waking connection to the vassal's first accept (TCP)."""
         # sd_notify
@@ -193,6 +248,25 @@ class Supervisor:
         self._first_accept_pending: tuple[HeldSocket, int, float] | None = None
 
     # -- the machine's state, read-only ---------------------------------------
+
+    @property
+    def spec(self) -> VassalSpec:
+        """The desired spec, as the machine holds it (the emperor's registry owns it: the
+        same object); a new one given to :meth:`update` shows once the machine took it."""
+        return self._machine.desired
+
+    @property
+    def version(self) -> str:
+        return self._machine.version
+
+    @property
+    def finished(self) -> trio.Event:
+        """Set once the vassal is finished (made on first use)."""
+        if self._finished is None:
+            self._finished = trio.Event()
+            if self._done:
+                self._finished.set()
+        return self._finished
 
     @property
     def state(self) -> State:
@@ -242,7 +316,6 @@ class Supervisor:
 
     def update(self, version: str, spec: VassalSpec) -> None:
         """A new configuration: restart, or send the reload signal if that is enough."""
-        self.version, self.spec = version, spec
         self._stamp("last_mod")
         self._post(Update(version, spec))
 
@@ -280,12 +353,19 @@ class Supervisor:
         self._post(Kill())
 
     def _post(self, event: Event) -> None:
-        # Already finished: its loop closed the receiving end, or run() its own.
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            self._send.send_nowait(event)
-            if self.dormant and self._resume is not None:
-                self.dormant = False
-                self._resume()
+        if self._done:
+            return  # finished: nothing reads the inbox any more
+        self._open_inbox()[0].send_nowait(event)
+        if self.dormant and self._resume is not None:
+            self.dormant = False
+            self._resume(self)
+
+    def _open_inbox(
+        self,
+    ) -> tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]]:
+        if self._inbox is None:
+            self._inbox = trio.open_memory_channel[Event](math.inf)
+        return self._inbox
 
     # -- the loop -----------------------------------------------------------
 
@@ -316,8 +396,9 @@ class Supervisor:
                     # Armed with work still running (a log pump draining): look again soon.
                     armed = self._armory is not None and self.state is State.ARMED
                     event: Event | None = None
+                    recv = self._open_inbox()[1]
                     with trio.move_on_after(0.05 if armed else math.inf):
-                        event = await self._recv.receive()
+                        event = await recv.receive()
                     if event is not None:
                         await self._feed(event)
                 nursery.cancel_scope.cancel()
@@ -328,12 +409,14 @@ class Supervisor:
             self._nursery = None
             if dormant:
                 self.dormant = True
+                self._inbox = None  # empty (see _can_sleep): the next event opens another
                 log.debug("vassal.dormant name=%s", self.name)
             else:
-                self._send.close()
+                self._done = True
                 await self._reap()
                 self._release()
-                self.finished.set()
+                if self._finished is not None:
+                    self._finished.set()
                 log.info("vassal.finished name=%s", self.name)
 
     def _can_sleep(self, nursery: trio.Nursery) -> bool:
@@ -342,7 +425,7 @@ class Supervisor:
             and self._resume is not None
             and self.state is State.ARMED
             and not nursery.child_tasks
-            and self._recv.statistics().current_buffer_used == 0
+            and (self._inbox is None or self._inbox[1].statistics().current_buffer_used == 0)
         )
 
     async def _reap(self) -> None:
@@ -351,11 +434,14 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 proc.signal_group(signal.SIGKILL)
                 await _close(proc)
-        self._procs.clear()
+        self._procs = _NONE
 
     def _release(self) -> None:
         """Release the inbox, the channel and the sockets."""
-        self._recv.close()
+        if self._inbox is not None:
+            self._inbox[0].close()
+            self._inbox[1].close()
+            self._inbox = None
         self._disarm()
         if self._channel is not None:
             self._channel.close()
@@ -397,8 +483,9 @@ class Supervisor:
         elif isinstance(command, StartTimer):
             self._start_timer(command)
         elif isinstance(command, CancelTimer):
-            scope = self._timers.pop(command.timer, None)
+            scope = self._timers.get(command.timer)
             if scope is not None:
+                self._forget_timer(command.timer)
                 scope.cancel()
         elif isinstance(command, Report):
             self._report(command)
@@ -407,15 +494,21 @@ class Supervisor:
 
     def _start_timer(self, command: StartTimer) -> None:
         assert self._nursery is not None
-        scope = self._timers[command.timer] = trio.CancelScope()
+        scope = trio.CancelScope()
+        self._timers = {**self._timers, command.timer: scope}
 
         async def timer() -> None:
             with scope:
                 await trio.sleep_until(command.at)
                 self._post(TimerFired(command.timer))
-            self._timers.pop(command.timer, None)
+            self._forget_timer(command.timer)
 
         self._nursery.start_soon(timer)
+
+    def _forget_timer(self, timer: int) -> None:
+        if timer in self._timers:
+            timers = {t: s for t, s in self._timers.items() if t != timer}
+            self._timers = timers if timers else _NONE
 
     def _report(self, report: Report) -> None:
         f = dict(report.fields)
@@ -537,7 +630,7 @@ class Supervisor:
             await self._feed(SpawnFailed(command.proc, str(exc)))
             return
         token = command.proc
-        self._procs[token] = proc
+        self._procs = {**self._procs, token: proc}
         self._error = None
         self.ready = self.accepting = self.loyal = self.no_app = self._announced = False
         self.last_heartbeat = self.last_watchdog = None
@@ -566,7 +659,9 @@ class Supervisor:
         self._post(Exited(token, proc.returncode))
 
     def _record_exit(self, token: int) -> None:
-        proc = self._procs.pop(token)
+        proc = self._procs[token]
+        procs = {t: p for t, p in self._procs.items() if t != token}
+        self._procs = procs if procs else _NONE
         rc = proc.returncode
         if self._channel is not None:
             self._channel.close()
@@ -663,8 +758,8 @@ class Supervisor:
             ",".join(h.spec.address for h in self._held.values()),
         )
         if self._armory is not None:
-            by_fd = {h.fd: h for h in self._held.values()}
-            self._armory.arm(self, by_fd, lambda fd: self._wake(by_fd[fd], arm_id))
+            self._arm_id = arm_id
+            self._armory.arm(self, [h.fd for h in self._held.values()], self._armory_wake)
             return
         scope = self._arm_scope = trio.CancelScope()
 
@@ -693,6 +788,12 @@ class Supervisor:
         if self._arm_scope is not None:
             self._arm_scope.cancel()
             self._arm_scope = None
+
+    def _armory_wake(self, fd: int) -> None:
+        for held in self._held.values():
+            if held.fd == fd:
+                self._wake(held, self._arm_id)
+                return
 
     def _wake(self, held: HeldSocket, arm_id: int) -> None:
         woke = trio.current_time()

@@ -247,7 +247,8 @@ class HealthWatch:
 class Supervised(Protocol):
     """What :class:`Oversight` needs of a vassal supervisor."""
 
-    spec: Any
+    @property
+    def spec(self) -> Any: ...
 
     @property
     def last_returncode(self) -> int | None: ...

@@ -25,7 +25,7 @@ spawn); :class:`Arm` may be answered by :class:`BindFailed` at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -350,8 +350,46 @@ class MachineSnapshot:
     """Live timers (started, not cancelled, not fired)."""
 
 
+#: No early death yet (frozen: one object for every machine).
+_NO_BACKOFF: Final = Backoff()
+#: The live timers of a machine that has none (shared; never written to).
+_NO_TIMERS: Mapping[int, str] = {}
+
+
 class VassalMachine:
     """One vassal's state and decisions. See the module docstring."""
+
+    __slots__ = (
+        "_arm",
+        "_armed",
+        "_begun",
+        "_jitter",
+        "_next_proc",
+        "_next_timer",
+        "_out",
+        "_pending",
+        "_proc",
+        "_settings",
+        "_spawned_once",
+        "_start_timer",
+        "_timers",
+        "_woken",
+        "backoff",
+        "backoff_delay",
+        "cursed",
+        "desired",
+        "last_error",
+        "last_returncode",
+        "last_run",
+        "last_wake",
+        "reloads",
+        "restarts",
+        "retired",
+        "sockets_state",
+        "state",
+        "version",
+        "wakes",
+    )
 
     def __init__(
         self,
@@ -366,7 +404,7 @@ class VassalMachine:
         self.version = version
         self.desired: VassalSpec = spec
         self.state = State.WAITING
-        self.backoff = Backoff()
+        self.backoff = _NO_BACKOFF
         self.backoff_delay = 0.0
         self.restarts = 0
         """Spawns after the first one, not counting on-demand wakes (``wakes``)."""
@@ -385,12 +423,13 @@ class VassalMachine:
         self._arm = 0
         self._armed = False
         self._next_timer = 0
-        self._timers: dict[int, str] = {}
+        self._timers: Mapping[int, str] = _NO_TIMERS
         self._start_timer: int | None = None
         self._spawned_once = False
         self._woken = False
         self._begun = False
-        self._out: list[Command] = []
+        self._out: list[Command] = _NO_COMMANDS
+        """The commands of the event being handled (a fresh list in :meth:`handle`)."""
 
     # -- reading -------------------------------------------------------------
 
@@ -447,7 +486,7 @@ class VassalMachine:
         if self._pending and not isinstance(event, (Spawned, SpawnFailed)):
             raise MachineError(f"{type(event).__name__} fed while a spawn is pending")
         self._handle(event, now)
-        out, self._out = self._out, []
+        out, self._out = self._out, _NO_COMMANDS
         return out
 
     def _handle(self, event: Event, now: float) -> None:
@@ -459,7 +498,8 @@ class VassalMachine:
             self._begun = True
             self._step(Ev.REARM if self.desired.on_demand else Ev.TIMER, now)
         elif isinstance(event, TimerFired):
-            purpose = self._timers.pop(event.timer, None)
+            purpose = self._timers.get(event.timer)
+            self._forget(event.timer)
             if purpose is None:
                 return  # cancelled or already fired
             if purpose == "start":
@@ -679,13 +719,19 @@ class VassalMachine:
 
     def _timer(self, at: float, purpose: str) -> int:
         self._next_timer += 1
-        self._timers[self._next_timer] = purpose
+        self._timers = {**self._timers, self._next_timer: purpose}
         self._emit(StartTimer(self._next_timer, at, purpose))
         return self._next_timer
 
     def _cancel(self, timer: int) -> None:
-        if self._timers.pop(timer, None) is not None:
+        if timer in self._timers:
+            self._forget(timer)
             self._emit(CancelTimer(timer))
+
+    def _forget(self, timer: int) -> None:
+        if timer in self._timers:
+            left = {t: p for t, p in self._timers.items() if t != timer}
+            self._timers = left if left else _NO_TIMERS
 
     def _cancel_start(self) -> None:
         if self._start_timer is not None:
@@ -697,6 +743,11 @@ class VassalMachine:
 
     def _report(self, event: str, **fields: object) -> None:
         self._out.append(Report(event, tuple(fields.items())))
+
+
+#: What ``_out`` is between events: shared, and never appended to (``handle`` makes a
+#: list of its own before feeding).
+_NO_COMMANDS: list[Command] = []
 
 
 def _in_place(old: VassalSpec, new: VassalSpec) -> bool:

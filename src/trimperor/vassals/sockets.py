@@ -47,6 +47,8 @@ _UNIX_CONNECTED = "03"
 class HeldSocket:
     """One bound, listening socket owned by the emperor."""
 
+    __slots__ = ("_creds", "sock", "spec", "state")
+
     def __init__(
         self, spec: SocketSpec, sock: socket.socket, creds: Credentials | None = None
     ) -> None:
