@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -147,3 +148,36 @@ async def test_many_spawns_at_once_through_the_launcher() -> None:
     finally:
         if spawner.launcher_pid is not None:
             os.kill(spawner.launcher_pid, signal.SIGKILL)
+
+
+async def test_a_vassal_holds_only_its_own_descriptors(tmp_path: Path) -> None:
+    """0, 1, 2 and the sockets at 3, 4: nothing of the launcher's or the emperor's."""
+    spawner = LauncherSpawner()
+    a, b = socket.socket(), socket.socket()
+    stray = os.open(os.devnull, os.O_RDONLY)  # inheritable, in the emperor
+    os.set_inheritable(stray, True)
+    try:
+        out = tmp_path / "fds"
+        proc = await spawner.spawn(
+            LaunchPlan(
+                name="t",
+                argv=("/bin/sh", "-c", f"ls /proc/$$/fd > {out}"),
+                cwd="/",
+                env=tuple(os.environ.items()),
+                logto=str(tmp_path / "log"),
+                listen_fds=(a.fileno(), b.fileno()),
+                listen_names=("a", "b"),
+            )
+        )
+        assert await proc.wait() == 0
+        # the shell's own descriptors: 0-4 inherited (ls's output goes to a new one)
+        fds = sorted(int(x) for x in out.read_text().split())
+        assert [fd for fd in fds if fd <= 4] == [0, 1, 2, 3, 4]
+        assert len([fd for fd in fds if fd > 4]) <= 1, fds
+        await proc.aclose()
+        assert spawner.launcher_pid is not None
+        os.kill(spawner.launcher_pid, signal.SIGKILL)
+    finally:
+        os.close(stray)
+        a.close()
+        b.close()

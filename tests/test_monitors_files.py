@@ -8,6 +8,7 @@ are only bounds on waiting.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument
 from trimperor.monitors import files
 from trimperor.monitors.files import DirMonitor, FileOptions, GlobMonitor
+from trimperor.monitors.inotify import Inotify
 
 EVENTS = MonitorOptions(freq=60)
 """Only inotify can deliver a change within the waiting bound."""
@@ -632,3 +634,116 @@ async def test_a_running_file_rewritten_in_place_keeps_its_last_version(tmp_path
             assert doc(snap, "app.ini") == first
             writer.write("command = new\n")
         snap = await src.until(lambda s: doc(s, "app.ini").text == "[vassal]\ncommand = new\n")
+
+
+# -- the safety net: a full rescan only now and then -------------------------------
+
+
+async def test_periodic_looks_do_not_rescan_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While inotify watches, a period without an event lists no file; a change
+    is still picked up at once, and the full rescan still comes, only rarely."""
+    (tmp_path / "app.ini").write_text("x")
+    monitor = DirMonitor(str(tmp_path), MonitorOptions(freq=0.01))
+    listed = looks = 0
+    candidates, links_changed = monitor._candidates, monitor._links_changed
+
+    def counting_candidates() -> list[tuple[str, str]]:
+        nonlocal listed
+        listed += 1
+        return candidates()
+
+    def counting_looks() -> bool:
+        nonlocal looks
+        looks += 1
+        return links_changed()
+
+    monkeypatch.setattr(monitor, "_candidates", counting_candidates)
+    monkeypatch.setattr(monitor, "_links_changed", counting_looks)
+    async with running(monitor) as src:
+        await src.until_names("app.ini")
+        await wait_for(lambda: looks >= 3)
+        listed_before, looks_before = listed, looks
+        await wait_for(lambda: looks >= looks_before + files._FULL_RESCAN_EVERY // 2)
+        # at most one full rescan in that many looks (the safety net's turn)
+        assert listed - listed_before <= 1
+        (tmp_path / "new.ini").write_text("y")
+        await src.until_names("app.ini", "new.ini")
+        # and the safety net still runs: the directory is listed again without an event
+        after = listed
+        await wait_for(lambda: listed > after, timeout=BOUND)
+
+
+async def test_a_dangling_link_whose_target_appears_is_picked_up(tmp_path: Path) -> None:
+    """The target is outside the watch: the periodic look at links sees it."""
+    vassals, elsewhere = tmp_path / "vassals", tmp_path / "elsewhere"
+    vassals.mkdir()
+    elsewhere.mkdir()
+    (vassals / "app.ini").symlink_to(elsewhere / "later.ini")
+    async with running(DirMonitor(str(vassals), MonitorOptions(freq=0.05))) as src:
+        await src.until_names()
+        (elsewhere / "later.ini").write_text("there")
+        snap = await src.until_names("app.ini")
+        assert doc(snap, "app.ini").text == "there"
+
+
+async def test_an_inotify_overflow_heals_with_a_rescan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events lost to a full kernel queue: the overflow itself triggers a rescan."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"max_queued_events is {limit}: too many events to overflow quickly")
+    # Events about names that are no configuration: each alone pokes nothing.
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a")
+    b.write_text("b")
+    caplog.set_level(logging.DEBUG, logger="trimperor.monitors.files")
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        await wait_for(lambda: "source.watching" in caplog.text)
+        # Blocking on purpose: Trio cannot read the queue meanwhile, so it overflows.
+        # Alternating names, so that the kernel cannot merge the events.
+        for i in range(limit // 2 + 10):
+            os.utime(a, ns=(i, i))
+            os.utime(b, ns=(i, i))
+        (tmp_path / "late.ini").write_text("late")  # its event is lost
+        await src.until_names("late.ini")
+    assert "source.overflow" in caplog.text
+
+
+async def test_a_failing_watch_falls_back_to_rescans_every_freq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_inotify() -> Inotify:
+        raise OSError(24, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(files, "Inotify", no_inotify)
+    async with running(DirMonitor(str(tmp_path), MonitorOptions(freq=0.05))) as src:
+        await src.until_names()
+        await wait_for(lambda: "source.watch_failed" in caplog.text)
+        (tmp_path / "app.ini").write_text("x")
+        await src.until_names("app.ini")
+
+
+async def test_a_directory_gone_as_it_is_watched_is_watched_again_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed between the look and inotify_add_watch: no wait for the next period."""
+    add = Inotify.add
+    failed: list[str] = []
+
+    def vanishing(self: Inotify, path: str, *, root: bool = True) -> None:
+        if not failed:
+            failed.append(path)
+            raise FileNotFoundError(2, "inotify_add_watch: No such file or directory", path)
+        add(self, path, root=root)
+
+    monkeypatch.setattr(Inotify, "add", vanishing)
+    async with running(DirMonitor(str(tmp_path), EVENTS)) as src:
+        await src.until_names()
+        await wait_for(lambda: bool(failed))
+        # freq is a minute: only a watch set up again at once sees this
+        (tmp_path / "app.ini").write_text("x")
+        await src.until_names("app.ini")

@@ -634,7 +634,9 @@ async def test_a_non_utf8_file_name_does_not_stop_the_watcher(
         bad = os.path.join(os.fsencode(tmp_path), b"\xff.ini")
         fd = os.open(bad, os.O_WRONLY | os.O_CREAT, 0o644)
         os.close(fd)
-        await wait_for(lambda: "source.watch_restarted" in caplog.text)
+        # the undecodable name is reported by inotify and is a candidate like any other
+        snap = await next_snapshot(events)
+        assert [d.name for d in snap.docs] == [os.fsdecode(b"\xff.ini")]
         (tmp_path / "good.ini").write_text("[vassal]\ncommand = sleep 1\n")
         with trio.fail_after(30):
             while True:
@@ -642,9 +644,8 @@ async def test_a_non_utf8_file_name_does_not_stop_the_watcher(
                 if "good.ini" in {d.name for d in snap.docs}:
                     break
     lines = [r.getMessage() for r in caplog.records if "watch" in r.getMessage()]
-    assert any("Unable to decode path" in m for m in lines), lines
-    assert not any("ExceptionGroup" in m for m in lines), lines
     assert not any("source.watch_failed" in m for m in lines), lines
+    assert not any("source.watch_restarted" in m for m in lines), lines
 
 
 @pytest.mark.integration

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=3.0,
         metavar="SECONDS",
-        help="full rescan interval, the safety net for missed events (default 3)",
+        help="how often a source is looked at without an event, the safety net for missed "
+        "events (default 3; watched directories: in full every 20th time)",
     )
     g.add_argument(
         "--nofollow",

@@ -12,12 +12,20 @@ Both monitors work the same way; they differ only in how they list candidates:
 A monitor runs two tasks. The *scanner* lists the candidates, stats them, reads
 the ones whose version changed, and sends a :class:`~trimperor.core.model.Snapshot`
 when the result differs from the last one it sent. The *watcher* follows the
-file system with inotify (:func:`watchfiles.awatch`) and pokes the scanner
-when something relevant happens; the scanner also rescans every ``freq``
-seconds without a poke, which heals missed events and is the only mechanism
-while nothing watchable exists. Every scan is a full, level-triggered rescan;
-an unchanged file is not read again (texts are cached by version), so a
-rescan costs one ``stat`` per candidate.
+file system with inotify (:mod:`trimperor.monitors.inotify`, waited on by
+Trio's event loop: a quiet watch costs no wake-up) and pokes the scanner as
+soon as something relevant happens, or the kernel's queue overflowed. Every
+scan is a full, level-triggered rescan; an unchanged file is not read again
+(texts are cached by version), so a rescan costs one ``stat`` per candidate.
+
+Without a poke, every ``freq`` seconds: while inotify watches a local file
+system, the scanner only looks at the targets of symbolic links (which no
+watch sees change) and rescans in full every ``_FULL_RESCAN_EVERY``-th time,
+the safety net; on a network file system (other hosts' changes are not
+reported), while nothing watchable exists, or while the watch cannot be set up,
+it rescans in full every time, as uWSGI polls. The watcher also checks every
+``freq`` seconds that it still watches the right directory (one replaced, a
+missing one that appeared).
 
 A directory that disappears counts as empty (its vassals stop) until it comes
 back; any other failure to scan sends a :class:`~trimperor.core.model.SourceProblem`
@@ -31,12 +39,10 @@ suffix, so that it changes again once the file becomes readable).
 A candidate that is not a regular file (a FIFO, a directory named ``x.ini``, a
 symbolic link loop or a dangling link) is skipped with one ``source.skipped``
 line, repeated only if it goes away and comes back. A file name that is not
-UTF-8 ends watchfiles' watch (it cannot report such a name); the watcher says
-so once (``source.watch_restarted``, with the cause) and watches again at
-once, and the new watch's rescan catches what the old one missed.
+UTF-8 is a candidate like any other (decoded with ``surrogateescape``).
 
-Limitations: a change to the *target* of a symlink is not watched (only the
-periodic rescan sees it), and a glob whose wildcards span directories watches
+Limitations: a change to the *target* of a symlink is not watched (the look
+every ``freq`` seconds sees it), and a glob whose wildcards span directories watches
 the fixed part of the pattern recursively, which costs one inotify watch per
 directory below it.
 """
@@ -52,17 +58,15 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable
-from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import cast
 
 import trio
-from watchfiles import Change, awatch
 
 from trimperor.abc import MonitorOptions
 from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
 from trimperor.monitors import toolkit as kit
+from trimperor.monitors.inotify import ENDED, IN_ISDIR, OVERFLOW, Inotify, is_remote
 from trimperor.monitors.toolkit import (
     WatchingStatus,
     check_freq,
@@ -75,17 +79,15 @@ __all__ = ["DirMonitor", "GlobMonitor"]
 
 log = logging.getLogger(__name__)
 
-#: How long the inotify thread sleeps between looks at its queue (ms). Wake-ups
-#: while idle cost little CPU; a change is reported after one or two steps.
-_STEP_MS = 5
-#: The longest a burst of changes is collected before the scanner is poked (ms).
-_DEBOUNCE_MS = 200
-
 #: How often a file that is open for writing is looked at again (seconds).
 _WRITTEN_RECHECK = 0.05
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
-#: Seconds between a watch ended by an undecodable file name and the next one.
-_REWATCH_DELAY = 0.05
+#: While inotify watches a local directory, the full rescan (a ``stat`` of every
+#: candidate) runs every this many ``freq`` periods; the other periods only
+#: look at the watched directory and at the targets of symbolic links.
+_FULL_RESCAN_EVERY = 20
+#: Seconds before watching again a directory that vanished as it was being watched.
+_REWATCH_DELAY = 0.01
 
 #: stat() errors that mean "this candidate is not a file": skip it.
 _NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
@@ -102,6 +104,14 @@ def _version(st: os.stat_result) -> str:
     # The owner is part of the version: in tyrant mode it decides the user the
     # vassal runs as, so a chown must be acted on like an edit.
     return f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}:{st.st_uid}:{st.st_gid}"
+
+
+def _target_version(path: str) -> str:
+    """The version of what the symbolic link *path* points to, "" if nothing; blocking."""
+    try:
+        return _version(os.stat(path))
+    except OSError:
+        return ""
 
 
 def _load(
@@ -212,18 +222,6 @@ def _skip_reason(path: str, follow_symlinks: bool) -> str | None:
         if test(st.st_mode):
             return f"{what}, not a regular file"
     return None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first exception inside (nested) exception groups: the actual cause."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _undecodable_name(exc: BaseException) -> bool:
-    """watchfiles gave up on a file name that is not UTF-8."""
-    return type(exc).__name__ == "WatchfilesRustInternalError" and "decode" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,8 +377,8 @@ def _watch_target(pattern: str) -> _WatchTarget | None:
         path, recursive = parent, False
 
 
-def _relevance(pattern: str, extra_extensions: Iterable[str]) -> Callable[[Change, str], bool]:
-    """A watchfiles filter: does a change at this path matter to *pattern*?
+def _relevance(pattern: str, extra_extensions: Iterable[str]) -> Callable[[str], bool]:
+    """Does a change at this path matter to *pattern*?
 
     It does if the path matches the pattern's leading components (a directory
     on the way to the configurations, created or removed), or the whole pattern
@@ -390,7 +388,7 @@ def _relevance(pattern: str, extra_extensions: Iterable[str]) -> Callable[[Chang
     want = pattern.split(os.sep)
     extra = tuple(extra_extensions)
 
-    def relevant(change: Change, path: str) -> bool:
+    def relevant(path: str) -> bool:
         got = path.split(os.sep)
         if len(got) > len(want):
             return False
@@ -399,43 +397,6 @@ def _relevance(pattern: str, extra_extensions: Iterable[str]) -> Callable[[Chang
         return len(got) < len(want) or is_valid_name(got[-1], extra)
 
     return relevant
-
-
-class _WatchProbe:
-    """The ``stop_event`` handed to watchfiles, which also checks the new watch.
-
-    The inotify thread asks :meth:`is_set` on every step. The first question
-    means the watch is established: the probe then calls *on_live* in Trio (so
-    the scanner rescans, catching what happened before) and checks, still in
-    the thread, that *target* is still the right place to watch (a missing
-    directory may have appeared meanwhile); if not, it stops the watch. A
-    cancelled Trio task also stops it, within one step rather than at the
-    watch's timeout.
-    """
-
-    def __init__(self, pattern: str, target: _WatchTarget, on_live: Callable[[], None]) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._pattern = pattern
-        self._target = target
-        self._on_live: Callable[[], None] | None = on_live
-        self._stopped = False
-
-    def is_set(self) -> bool:
-        if self._on_live is not None:
-            on_live, self._on_live = self._on_live, None
-            self._token.run_sync_soon(on_live)
-            if _watch_target(self._pattern) != self._target:
-                self._stopped = True
-        if self._stopped:
-            return True
-        try:
-            trio.from_thread.check_cancelled()
-        except trio.Cancelled:
-            return True
-        return False
-
-    def set(self) -> None:
-        self._stopped = True
 
 
 # -- the monitors ------------------------------------------------------------------
@@ -461,6 +422,12 @@ class _FileMonitor:
         """Files that were open for writing at the last scan (not read yet)."""
         #: Candidates skipped at the last scan, and why (each is logged once).
         self._skipped: dict[str, str] = {}
+        #: Whether inotify watches the source on a local file system (then a
+        #: full rescan is only the occasional safety net).
+        self._watched = False
+        #: Symbolic links among the candidates at the last scan, and the
+        #: version of their target then ("" if it could not be followed).
+        self._links: dict[str, str] = {}
 
     @property
     def status(self) -> WatchingStatus:
@@ -485,6 +452,8 @@ class _FileMonitor:
         docs: dict[str, VassalDocument] = {}
         busy: set[str] = set()
         skipped: dict[str, str] = {}
+        links: dict[str, str] = {}
+        follow = self._options.follow_symlinks
         for name, path in self._candidates():
             doc = _load(
                 name,
@@ -497,6 +466,12 @@ class _FileMonitor:
                 busy=busy,
             )
             if doc is not None:
+                if follow:
+                    if doc is cache.get(name):  # unchanged: so is whether it is a link
+                        if path in self._links:
+                            links[path] = self._links[path]
+                    elif os.path.islink(path):
+                        links[path] = _target_version(path)
                 if self._in_own_dir and not doc.in_own_dir:
                     doc = replace(doc, in_own_dir=True)
                 docs[name] = doc if name in busy else _with_socket(doc, self._own)
@@ -505,10 +480,13 @@ class _FileMonitor:
                 continue  # open for writing, and new: not there yet
             reason = _skip_reason(path, self._options.follow_symlinks)
             if reason is not None:
+                if follow and "symbolic link" in reason:
+                    links[path] = _target_version(path)
                 skipped[path] = reason
                 if self._skipped.get(path) != reason:
                     log.warning("source.skipped uri=%s path=%s reason=%s", self.uri, path, reason)
         self._skipped = skipped
+        self._links = links
         for name in sorted(busy - self._written):
             log.info(
                 "source.incomplete uri=%s name=%s reason=open for writing; read once closed",
@@ -532,13 +510,30 @@ class _FileMonitor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_forever, pokes_send)
                 task_status.started()
+                quiet = 0  # freq periods since the last full rescan
                 while True:
-                    # A writer's close is no inotify event that watchfiles reports:
-                    # while a file is open for writing, look again soon.
+                    # A file open for writing is looked at again soon: its writer
+                    # may close it through a path no watch sees (a symlink's target).
                     wait = _WRITTEN_RECHECK if self._written else self._options.freq
+                    poked = False
                     with trio.move_on_after(wait):
                         await pokes_recv.receive()
+                        poked = True
+                    if not (poked or self._written or not self._watched):
+                        # inotify sees every change here but those to the targets
+                        # of symbolic links: look at those, and rescan in full only
+                        # now and then (the safety net).
+                        quiet += 1
+                        if quiet < _FULL_RESCAN_EVERY and not await trio.to_thread.run_sync(
+                            self._links_changed, limiter=self._limiter
+                        ):
+                            continue
+                    quiet = 0
                     await scanner.rescan()
+
+    def _links_changed(self) -> bool:
+        """Whether a symbolic link's target changed since the last scan; blocking."""
+        return any(_target_version(path) != v for path, v in self._links.items())
 
     async def _watch_forever(self, pokes: trio.MemorySendChannel[None]) -> None:
         """Follow the file system and poke the scanner; survives every failure."""
@@ -551,21 +546,13 @@ class _FileMonitor:
                 continue
             try:
                 await self._watch(pattern, target, pokes)
-            except Exception as exc:
-                cause = _leaf(exc)  # watchfiles wraps it in its task groups
-                message = f"{type(cause).__name__}: {cause}"
-                if _undecodable_name(cause):
-                    if message != failure:
-                        log.warning(
-                            "source.watch_restarted uri=%s path=%s error=%s; watching again",
-                            self.uri,
-                            target.path,
-                            message,
-                        )
-                        failure = message
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    # Gone between the look and the watch: look again at once.
                     await trio.sleep(_REWATCH_DELAY)
                     continue
-                # The periodic rescan still works; try again later.
+                # The rescan every freq seconds still works; try again later.
+                message = f"{type(exc).__name__}: {exc}"
                 if message != failure:
                     log.warning(
                         "source.watch_failed uri=%s path=%s error=%s; polling every %ss",
@@ -583,40 +570,58 @@ class _FileMonitor:
         self, pattern: str, target: _WatchTarget, pokes: trio.MemorySendChannel[None]
     ) -> None:
         """Watch *target* until it is no longer the right place to watch."""
-
-        def live() -> None:
+        relevant = _relevance(pattern, self._options.extra_extensions)
+        depth = pattern.count(os.sep)  # that of the files the pattern names
+        remote = await trio.to_thread.run_sync(is_remote, target.path, limiter=self._limiter)
+        with Inotify() as watch:
+            if target.recursive:
+                await trio.to_thread.run_sync(watch.add_tree, target.path, limiter=self._limiter)
+            else:
+                watch.add(target.path)
             log.debug(
-                "source.watching uri=%s path=%s recursive=%s",
+                "source.watching uri=%s path=%s recursive=%s remote=%s",
                 self.uri,
                 target.path,
                 target.recursive,
+                remote,
             )
-            poke(pokes)
-
-        probe = _WatchProbe(pattern, target, live)
-        batches = awatch(
-            target.path,
-            watch_filter=_relevance(pattern, self._options.extra_extensions),
-            debounce=_DEBOUNCE_MS,
-            step=_STEP_MS,
-            # watchfiles only calls is_set() and set() on its stop event.
-            stop_event=cast("trio.Event", probe),
-            # Wake up every freq seconds anyway, to notice a replaced directory.
-            rust_timeout=max(1, round(self._options.freq * 1000)),
-            yield_on_timeout=True,
-            recursive=target.recursive,
-            ignore_permission_denied=True,
-        )
-        async with aclosing(batches):
-            async for changes in batches:
-                if changes:
-                    log.debug("source.changed uri=%s changes=%d", self.uri, len(changes))
-                    poke(pokes)
-                if self._pattern() != pattern:
-                    return  # a relative glob pattern and a new working directory
-                now = await trio.to_thread.run_sync(_watch_target, pattern, limiter=self._limiter)
-                if now != target:
-                    return
+            # On a network file system other hosts' changes are not reported:
+            # the full rescan every freq seconds stays.
+            self._watched = not remote
+            poke(pokes)  # what changed before the watch existed
+            batch: list[tuple[str, int]] | None = None
+            try:
+                while True:
+                    if batch is not None:
+                        if any(path == OVERFLOW for path, _ in batch):
+                            log.info("source.overflow uri=%s action=rescan", self.uri)
+                            poke(pokes)
+                        elif any(relevant(path) for path, _ in batch):
+                            log.debug("source.changed uri=%s changes=%d", self.uri, len(batch))
+                            poke(pokes)
+                        if any(mask == ENDED for _, mask in batch):
+                            poke(pokes)
+                            return
+                    if self._pattern() != pattern:
+                        return  # a relative glob pattern and a new working directory
+                    # Only a change of a directory, or of a name on the way to the
+                    # files (or none for freq seconds) can move the place to watch;
+                    # a file's change goes straight to the scan.
+                    if batch is None or any(
+                        mask & IN_ISDIR or path.count(os.sep) < depth for path, mask in batch
+                    ):
+                        now = await trio.to_thread.run_sync(
+                            _watch_target, pattern, limiter=self._limiter
+                        )
+                        if now != target:
+                            return  # e.g. a missing directory appeared meanwhile
+                    batch = None
+                    # Every freq seconds, check that this is still the place to
+                    # watch (the directory may have been replaced).
+                    with trio.move_on_after(self._options.freq):
+                        batch = await watch.changes(recursive=target.recursive)
+            finally:
+                self._watched = False
 
 
 class _Scanner:

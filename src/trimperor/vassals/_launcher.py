@@ -51,6 +51,9 @@ MAX_FDS = 64
 SWEEP_FOR = 1.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_close_range = getattr(_libc, "close_range", None)  # glibc 2.34 and later
+if _close_range is not None:
+    _close_range.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 
 
 def prctl(option: int, value: int) -> None:
@@ -130,10 +133,7 @@ def _child(req: dict[str, Any], fds: list[int], errw: int, launcher: int) -> Non
         env["LISTEN_PID"] = str(os.getpid())
     if req.get("nofile") is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, tuple(req["nofile"]))
-    for fd in _open_fds():
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    _close_all_but(keep)
     argv = req["argv"]
     try:
         os.execvpe(argv[0], argv, env)
@@ -141,6 +141,24 @@ def _child(req: dict[str, Any], fds: list[int], errw: int, launcher: int) -> Non
         _fail(errw, f"program {argv[0]!r} not found")
     except OSError as exc:
         _fail(errw, f"cannot run {argv[0]!r}: {exc.strerror}")
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor not in *keep*: ``close_range(2)`` between them where
+    the kernel has it (no listing of /proc/self/fd), else one by one."""
+    if _close_range is not None:
+        low = 0
+        for fd in sorted(keep):
+            if fd > low and _close_range(low, fd - 1, 0) != 0:
+                break
+            low = fd + 1
+        else:
+            if _close_range(low, 0xFFFFFFFF, 0) == 0:
+                return
+    for fd in _open_fds():  # Linux < 5.9
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _open_fds() -> list[int]:
