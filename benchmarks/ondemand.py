@@ -19,6 +19,12 @@ Each on-demand measurement is connect → first byte of the answer while the
 vassal is armed (no process; the stats say ``armed``); the wake overhead is
 its p50 minus the own p50 (issue 3's target: ≤ 5 ms).
 
+``--background N`` adds N other on-demand vassals of the same kind to the
+vassal directory (``bgNNNNN.ini``), left armed the whole time; the rounds
+begin once the emperors hold all their sockets (trimperor: watched by its
+epoll instance; uWSGI's emperor: bound). Issue 8's target: the wake at
+10,000 armed costs ≤ 5 ms more than with one.
+
 The same is done with a uWSGI vassal (``protocol = http``, a three-line WSGI
 application, ``master``, one worker, ``idle = 1``, ``die-on-idle``): started
 directly with the socket on fd 0 (as uWSGI's emperor passes it), under
@@ -55,7 +61,7 @@ again" is the count of its ``back to "on demand" mode`` log lines).
 
 Run: ``python benchmarks/ondemand.py [--only wake|armed] [--rounds 30]
 [--uwsgi-rounds 20] [--count 10000] [--uwsgi-count 10000] [--idle 30]
-[--sample 20]``. Progress goes to stderr, a markdown report to stdout; every
+[--sample 20] [--background N]``. Progress goes to stderr, a markdown report to stdout; every
 process started is stopped and every temporary directory removed on exit, on
 Ctrl-C and on SIGTERM.
 """
@@ -288,6 +294,8 @@ class WakeResult:
     uwsgi_skipped: str = ""
     uwsgi_rounds: int = 0
     rounds: int = 0
+    background: int = 0
+    """Other on-demand vassals armed meanwhile (``--background``)."""
     log_notes: list[str] = field(default_factory=list)
 
 
@@ -333,12 +341,39 @@ TRIMPEROR_WORDS = ("WARNING", "ERROR", "CRITICAL", "Traceback")
 UWSGI_WORDS = ("error", "DAMN", "throttling", "NO MERCY", "unable")
 
 
+def _background(vassals: Path, text: str, count: int) -> None:
+    """*count* other vassals (``bgNNNNN.ini``) of the same text, to stay armed."""
+    for i in range(count):
+        (vassals / f"bg{i:05d}.ini").write_text(text)
+
+
+def _wait_watched(emperor: Emperor, count: int) -> None:
+    """Until trimperor's epoll instance watches *count* sockets (it arms them lazily)."""
+    polls: list[int] = []
+
+    def watched() -> bool:
+        nonlocal polls
+        polls = polls or epoll_fds(emperor.pid)
+        return epoll_watches(emperor.pid, polls) >= count
+
+    if not wait_until(watched, max(120.0, count * 0.03), 0.05):
+        emperor.check_alive()
+        raise RuntimeError(f"{emperor.label}: fewer than {count} sockets armed in time")
+
+
+def _raise_fd_limit(count: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 100 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _wake_native(
     janitor: Janitor,
     result: WakeResult,
     rounds: int,
     rng: random.Random,
     run: RunOptions,
+    background: int = 0,
 ) -> None:
     base = janitor.tempdir("trimperor-wake-")
     vassals, socks = base / "vassals", base / "socks"
@@ -348,6 +383,7 @@ def _wake_native(
     server.write_text(SERVER)
     (vassals / "exit0.ini").write_text(native_vassal(server, socks, once=True))
     (vassals / "idle.ini").write_text(native_vassal(server, socks, once=False, idle=0.2))
+    _background(vassals, native_vassal(server, socks, once=True), background)
     stats = base / "stats.sock"
     extra = ["--stats", str(stats), "--log-level", "warning", *run.trimperor_args]
     result.command_native = " ".join(["python -m trimperor DIR", *extra]).replace(
@@ -363,6 +399,9 @@ def _wake_native(
         "trimperor", trimperor_command(str(vassals), *extra), base / "e.log", base
     )
     try:
+        if background:
+            run.progress(f"wake: waiting for {background} other vassals to be armed")
+            _wait_watched(emperor, background + 2)
         for name in ("exit0.ini", "idle.ini"):
             _wait_armed(emperor, stats, name)
         run.progress(f"wake: one-line server, {rounds} rounds (own, exit 0, idle)")
@@ -402,6 +441,7 @@ def _wake_uwsgi(
     rounds: int,
     rng: random.Random,
     run: RunOptions,
+    background: int = 0,
 ) -> None:
     base = janitor.tempdir("uwsgi-wake-")
     vassals, u_socks, t_socks = base / "vassals", base / "uwsgi-socks", base / "trimperor-socks"
@@ -411,6 +451,7 @@ def _wake_uwsgi(
     app.write_text(WSGI_APP)
     ini = vassals / "app.ini"
     ini.write_text(uwsgi_vassal(app))
+    _background(vassals, uwsgi_vassal(app), background)
     stats = base / "stats.sock"
     own_path = base / "own.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -445,6 +486,14 @@ def _wake_uwsgi(
         if not wait_until(u_sock.exists, 30, 0.01):
             theirs.check_alive()
             raise RuntimeError(f"uwsgi --emperor did not bind {u_sock} within 30 s")
+        if background:
+            run.progress(f"wake: waiting for {background} other uWSGI vassals to be armed")
+            if not wait_until(
+                lambda: len(os.listdir(u_socks)) > background, max(120.0, background * 0.03), 0.05
+            ):
+                theirs.check_alive()
+                raise RuntimeError(f"uwsgi --emperor did not bind {background + 1} sockets")
+            _wait_watched(ours, background + 1)
         _wait_armed(ours, stats, "app.ini")
         run.progress(f"wake: uWSGI vassal, {rounds} rounds (own, uwsgi --emperor, trimperor)")
         pids: list[int] = []
@@ -488,17 +537,19 @@ def measure_wake(
     rounds: int = 30,
     uwsgi_rounds: int = 20,
     run: RunOptions = DEFAULT_RUN,
+    background: int = 0,
 ) -> WakeResult:
     rng = random.Random(run.seed)
-    result = WakeResult(rounds=rounds, uwsgi_rounds=uwsgi_rounds)
-    _wake_native(janitor, result, rounds, rng, run)
+    result = WakeResult(rounds=rounds, uwsgi_rounds=uwsgi_rounds, background=background)
+    _raise_fd_limit(2 * background)
+    _wake_native(janitor, result, rounds, rng, run, background)
     uwsgi = uwsgi_binary()
     if run.skip_uwsgi or uwsgi_rounds <= 0:
         result.uwsgi_skipped = "skipped on request"
     elif uwsgi is None:
         result.uwsgi_skipped = "uwsgi is not installed"
     else:
-        _wake_uwsgi(janitor, result, uwsgi, uwsgi_rounds, rng, run)
+        _wake_uwsgi(janitor, result, uwsgi, uwsgi_rounds, rng, run, background)
     return result
 
 
@@ -822,12 +873,13 @@ def measure(
     idle: float = 30.0,
     sample: int = 20,
     run: RunOptions = DEFAULT_RUN,
+    background: int = 0,
 ) -> tuple[WakeResult | None, tuple[ArmedResult, ArmedResult | None] | None]:
     """Both parts (or *only* ``wake`` or ``armed``); everything is cleaned up after."""
     wake = armed = None
     with Janitor() as janitor:
         if only in (None, "wake"):
-            wake = measure_wake(janitor, rounds, uwsgi_rounds, run)
+            wake = measure_wake(janitor, rounds, uwsgi_rounds, run, background)
         if only in (None, "armed"):
             armed = measure_armed(janitor, count, uwsgi_count, idle, sample, run)
     return wake, armed
@@ -851,8 +903,9 @@ def render_wake(r: WakeResult) -> str:
         "| server, how it starts | n | min ms | p50 ms | p90 ms | max ms | failed |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    among = f", among {r.background:,} other armed vassals" if r.background else ""
     lines = [
-        f"One-line Python server (`python -I -S server.py`), {r.rounds} rounds, "
+        f"One-line Python server (`python -I -S server.py`), {r.rounds} rounds{among}, "
         "connect → first byte of the answer:",
         "",
         *head,
@@ -876,7 +929,7 @@ def render_wake(r: WakeResult) -> str:
     lines += [
         "",
         f"uWSGI vassal (`protocol = http`, one worker, `idle = 1`, `die-on-idle`), "
-        f"{r.uwsgi_rounds} rounds, connect → first byte of the answer to `GET /`:",
+        f"{r.uwsgi_rounds} rounds{among}, connect → first byte of the answer to `GET /`:",
         "",
         *head,
         _series_row("`uwsgi --ini`, started directly, socket on fd 0 (own)", r.uwsgi_own),
@@ -1045,6 +1098,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         skip_uwsgi="measure trimperor only",
         trimperor_arg="extra argument",
     )
+    p.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wake: N other on-demand vassals armed meanwhile (0)",
+    )
     return p.parse_args(argv)
 
 
@@ -1064,6 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.idle,
             args.sample,
             run,
+            args.background,
         )
         print(render(wake, armed))
         print_notes(wake, armed)

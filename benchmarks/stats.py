@@ -14,6 +14,13 @@ watched (the emperor's epoll instance, as in ``ondemand.py``):
   client thread asks for the stats document in a loop (the documents served
   meanwhile and their times are recorded too).
 
+``--in-process`` measures the build alone instead, in this process: an
+``Emperor`` with the test suite's fake spawner and ``--count`` armed on-demand
+vassals on real unix sockets makes the document its stats server sends
+(``stats_chunks``, or ``stats_document`` where there is none) ``--requests``
+times after the first, while a task records the longest gap between two of
+its turns (how long the event loop was held).
+
 The same is done with ``--uwsgi-count`` uWSGI vassals (``ondemand.py``'s HTTP
 vassal) under ``uwsgi --emperor DIR --emperor-on-demand-directory SOCKS
 --emperor-stats SOCK2``, whose stats server answers the same way (one JSON
@@ -31,6 +38,7 @@ import argparse
 import math
 import os
 import random
+import resource
 import socket
 import sys
 import threading
@@ -200,6 +208,74 @@ def measure(
         return ours, theirs
 
 
+def in_process(count: int, requests: int, progress: Callable[[str], None]) -> str:
+    """The document's build in this process (``--in-process``): a markdown table."""
+    import tempfile
+
+    import trio
+    import trio.lowlevel
+
+    from trimperor.core.model import Upsert, VassalDocument
+    from trimperor.emperor import Emperor
+    from trimperor.testing import FakeMonitor, FakeSpawner
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 100 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows: list[tuple[str, float, float, int]] = []
+
+    async def run(base: str) -> None:
+        source, spawner = FakeMonitor("fake://"), FakeSpawner()
+        emperor = Emperor([source], spawner=spawner, environ={"HOME": "/"})
+        make = getattr(emperor, "stats_chunks", emperor.stats_document)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(emperor.run)
+            for i in range(count):
+                text = f"[vassal]\ncommand = app\nsocket = {base}/v{i:05d}.sock\non-demand = true\n"
+                doc = VassalDocument(f"v{i:05d}.ini", "fake://", "1", text, path=f"/srv/v{i}")
+                await source.send(Upsert(doc))
+            while sum(s.state.value == "armed" for s in emperor._sups.values()) < count:
+                await trio.sleep(0.1)
+            progress(f"in process: {count} armed; documents")
+            gap = 0.0
+
+            async def ticker() -> None:
+                nonlocal gap
+                last = time.perf_counter()
+                while True:
+                    await trio.lowlevel.checkpoint()
+                    now = time.perf_counter()
+                    gap, last = max(gap, now - last), now
+
+            nursery.start_soon(ticker)
+            for k in range(requests + 1):
+                await trio.sleep(0.05)
+                gap = 0.0
+                t0 = time.perf_counter()
+                data = await make()
+                ms = (time.perf_counter() - t0) * 1000
+                size = len(data) if isinstance(data, bytes) else sum(map(len, data))
+                rows.append(("first" if k == 0 else f"next {k}", ms, gap * 1000, size))
+            emperor.shutdown()
+            nursery.cancel_scope.cancel()
+
+    with tempfile.TemporaryDirectory() as base:
+        trio.run(run, base)
+    nexts = [r[1] for r in rows[1:]]
+    stalls = [r[2] for r in rows[1:]]
+    lines = [
+        f"In process, {count:,} armed, document of {rows[0][3]:,} bytes:",
+        "",
+        "| document | time ms | longest event-loop stall ms |",
+        "|---|---:|---:|",
+        f"| the first | {fmt(rows[0][1])} | {fmt(rows[0][2])} |",
+        f"| the next {len(nexts)}, p50 (min-max) | {fmt(percentile(nexts, 50))} "
+        f"({fmt(min(nexts))}-{fmt(max(nexts))}) | {fmt(percentile(stalls, 50))} "
+        f"({fmt(min(stalls))}-{fmt(max(stalls))}) |",
+    ]
+    return "\n".join(lines)
+
+
 def _series(values: Sequence[float]) -> str:
     ok = [v for v in values if not math.isnan(v)]
     if not ok:
@@ -263,6 +339,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=30, help="warm stats requests (30)")
     p.add_argument("--wakes", type=int, default=20, help="wakes, quiet and under stats (20)")
     add_run_options(p, seed="seed for the sample and pauses", skip_uwsgi="measure trimperor only")
+    p.add_argument(
+        "--in-process", action="store_true", help="measure the build alone, in this process"
+    )
     return p.parse_args(argv)
 
 
@@ -272,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         run = RunOptions.of(args)
         run.progress(f"machine: {machine_info()}")
+        if args.in_process:
+            print(in_process(args.count, args.requests, run.progress))
+            return 0
         ours, theirs = measure(args.count, args.uwsgi_count, args.requests, args.wakes, run)
         print(render(ours, theirs))
         return 0

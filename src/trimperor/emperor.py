@@ -34,7 +34,7 @@ from trimperor.core.errors import ConfigError, Refused, SpawnError
 from trimperor.core.model import SourceEvent, VassalDocument, describe_version
 from trimperor.core.policy import BackoffPolicy
 from trimperor.core.reconcile import Action, Notice, Registry, Reload, Start, Stop
-from trimperor.core.stats import DocumentCache, EmperorStats, SourceStats, VassalStats, assemble
+from trimperor.core.stats import DocumentCache, EmperorStats, SourceStats, VassalStats
 from trimperor.core.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
 from trimperor.supervisor import Supervisor
 from trimperor.vassals.armory import Armory
@@ -136,6 +136,9 @@ class Emperor:
         self._wall_offset = 0.0
         self.stats_bound: Any = None
         self._stats_cache = DocumentCache()
+        self._stats_changed: set[str] = set()
+        self._stats_lock = trio.Lock()  # one patching of the kept document at a time
+        """Vassals whose part of the stats document may be out of date (they say so)."""
         # --cluster: starts of vassals placed on other nodes wait here.
         self._fleet = fleet
         self._parked: dict[str, Start[VassalSpec]] = {}
@@ -213,36 +216,50 @@ class Emperor:
         return self._emperor_stats(tuple(self._sups[n].snapshot() for n in sorted(self._sups)))
 
     async def stats_document(self) -> bytes:
-        """The stats document (``--stats``), made without holding up the event loop.
+        """The stats document (``--stats``), as one byte string."""
+        return b"".join(await self.stats_chunks())
 
-        The vassals' snapshots and their JSON parts (kept until a vassal changes)
-        are taken a slice of :data:`STATS_SLICE` seconds at a time, so a wake or
-        a reload waits for one slice at most; the parts are joined in a worker
-        thread. A vassal added or removed meanwhile may be missing or still shown.
+    async def stats_chunks(self) -> list[bytes]:
+        """The stats document in pieces, made without holding up the event loop.
+
+        The document is kept between requests (:class:`~trimperor.core.stats.DocumentCache`)
+        and patched with the vassals that changed since: each supervisor puts its
+        name in :attr:`_stats_changed` when something it shows changes, so the
+        others are not even asked. The patching yields to the event loop every
+        :data:`STATS_SLICE` seconds (it matters for the first document, when
+        every vassal's JSON is made), and a vassal changing meanwhile is taken
+        up by the next document.
         """
-        cache = self._stats_cache
-        vassals: list[VassalStats] = []
-        parts: list[bytes] = []
+        async with self._stats_lock:
+            return await self._patch_stats()
+
+    async def _patch_stats(self) -> list[bytes]:
+        cache, changed = self._stats_cache, self._stats_changed
         until = trio.current_time() + STATS_SLICE
-        for i, name in enumerate(sorted(self._sups)):
-            sup = self._sups.get(name)
-            if sup is not None:
-                v = sup.snapshot()
-                vassals.append(v)
-                parts.append(cache.part(v))
-            if i % 32 == 31 and trio.current_time() > until:
+        for i, name in enumerate(list(changed)):
+            if name in changed:
+                changed.discard(name)
+                sup = self._sups.get(name)
+                if sup is None:
+                    cache.drop(name)
+                else:
+                    cache.put(sup.snapshot())
+            if i % 16 == 15 and trio.current_time() > until:
                 await trio.lowlevel.checkpoint()
                 until = trio.current_time() + STATS_SLICE
-        cache.prune(self._sups)
-        stats = self._emperor_stats(tuple(vassals))
-        return await trio.to_thread.run_sync(assemble, stats, parts)
+        for i in cache.stale():
+            cache.join(i)
+            if trio.current_time() > until:
+                await trio.lowlevel.checkpoint()
+                until = trio.current_time() + STATS_SLICE
+        return cache.chunks(self._emperor_stats(cache.vassals()))
 
     def _emperor_stats(self, vassals: tuple[VassalStats, ...]) -> EmperorStats:
         now = trio.current_time()
         return EmperorStats(
             pid=os.getpid(),
             version=__version__,
-            sources=tuple(_source_stats(m, len(self.registry.names(m.uri))) for m in self.monitors),
+            sources=tuple(_source_stats(m, self.registry.count(m.uri)) for m in self.monitors),
             uptime=now - self._started_at,
             vassals=vassals,
             uid=os.getuid(),
@@ -301,7 +318,7 @@ class Emperor:
                             await sources.start(self._run_monitor, monitor)
                         if self._stats_address is not None:
                             self.stats_bound = await sources.start(
-                                partial(serve_stats, document=self.stats_document),
+                                partial(serve_stats, document=self.stats_chunks),
                                 self._stats_address,
                                 self.snapshot,
                             )
@@ -501,6 +518,7 @@ class Emperor:
             observer=self._observer,
             armory=self._armory,
             resume=self._resumer,
+            changed=self._stats_changed,
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)
@@ -527,6 +545,7 @@ class Emperor:
                 return  # noqa: B012 - dormant: run() returned, no exception to lose
             if self._sups.get(sup.name) is sup:
                 del self._sups[sup.name]
+                self._stats_changed.add(sup.name)
                 if not self._shutdown.is_set():
                     self._notifier.status(self._status_line())
             if sup.retired and sup.name not in self._stopping:

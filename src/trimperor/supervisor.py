@@ -130,7 +130,7 @@ class Supervisor:
         "_arm_scope",
         "_armory",
         "_begun",
-        "_changes",
+        "_changed",
         "_channel",
         "_connections",
         "_done",
@@ -147,7 +147,7 @@ class Supervisor:
         "_plan_for",
         "_procs",
         "_resume",
-        "_snapshot_cache",
+        "_snap",
         "_spawner",
         "_timers",
         "_times",
@@ -185,10 +185,14 @@ class Supervisor:
         observer: Callable[..., None] | None = None,
         armory: Armory | None = None,
         resume: Callable[[Supervisor], None] | None = None,
+        changed: set[str] | None = None,
     ) -> None:
-        object.__setattr__(self, "_changes", 0)
-        object.__setattr__(self, "_snapshot_cache", None)
+        # Change tracking first: every assignment below goes through __setattr__.
+        object.__setattr__(self, "_snap", None)
+        object.__setattr__(self, "_changed", changed)
         self.name = name
+        if changed is not None:
+            changed.add(name)
         self._observer = observer
         """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
         self.source = source
@@ -312,7 +316,7 @@ class Supervisor:
 
     def update(self, version: str, spec: VassalSpec) -> None:
         """A new configuration: restart, or send the reload signal if that is enough."""
-        self._times["last_mod"] = trio.current_time()
+        self._stamp("last_mod")
         self._post(Update(version, spec))
 
     def reload(self) -> None:
@@ -374,7 +378,7 @@ class Supervisor:
         if first:
             self._begun = True
             self._wall_offset = time.time() - trio.current_time()  # noqa: TID251 (stats epochs)
-            self._times["born"] = self._times["last_mod"] = trio.current_time()
+            self._stamp("born", "last_mod")
         self.dormant = False
         try:
             async with trio.open_nursery() as nursery:
@@ -445,12 +449,15 @@ class Supervisor:
         for held in self._held.values():
             held.close()
         self._held.clear()
+        self._touch()
 
     async def _feed(self, event: Event) -> None:
         """One event into the machine; carry out its commands in order."""
         if isinstance(event, Exited) and event.proc == self._machine.proc:
             self._record_exit(event.proc)
-        for command in self._machine.handle(event, trio.current_time()):
+        commands = self._machine.handle(event, trio.current_time())
+        self._touch()
+        for command in commands:
             await self._do(command)
 
     async def _do(self, command: Command) -> None:
@@ -533,8 +540,7 @@ class Supervisor:
             log.info("vassal.asleep name=%s reason=exited sockets=armed", self.name)
         elif event == "idle":
             log.info("vassal.idle name=%s action=sleep", self.name)
-            for held in self._held.values():
-                held.state = "sleeping"
+            self._sockets_are("sleeping")
         elif event == "stopping":
             if "message" in f:
                 log.info(
@@ -555,7 +561,7 @@ class Supervisor:
                     f["timeout"],
                 )
             if self.state is State.STOPPING:
-                self._times["cursed"] = trio.current_time()
+                self._stamp("cursed")
         elif event == "stop_timeout":
             log.warning(
                 "vassal.stop_timeout name=%s pid=%s action=sigkill_group", self.name, f["pid"]
@@ -629,8 +635,7 @@ class Supervisor:
         self.ready = self.accepting = self.loyal = self.no_app = self._announced = False
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
-        for held in self._held.values():
-            held.state = "handed over"
+        self._sockets_are("handed over")
         if self._notify_hub is not None and isinstance(spec, NativeSpec):
             self._notify_hub.register(proc.pid, partial(self._on_notify, token, proc))
         if spec.idle is not None and self._held:
@@ -639,7 +644,7 @@ class Supervisor:
             channel.spawned()
             self._channel = channel
             self._nursery.start_soon(self._converse, token, channel, proc)
-        self._times.pop("cursed", None)
+        self._stamp("cursed", forget=True)
         log.info("vassal.spawned name=%s pid=%s kind=%s", self.name, proc.pid, spec.kind)
         self._emit("spawn", pid=proc.pid)
         self._nursery.start_soon(self._wait, token, proc)
@@ -683,7 +688,7 @@ class Supervisor:
             if proc is not self._proc:
                 return
             if byte in _STAMPED:
-                self._times[_STAMPED[byte]] = trio.current_time()
+                self._stamp(_STAMPED[byte])
             if byte == ToEmperor.READY:
                 self.ready = True
                 if self.no_app:
@@ -727,6 +732,7 @@ class Supervisor:
     def _bind_sockets(self, spec: VassalSpec) -> bool:
         """Hold exactly the sockets of *spec*; False (and logged) on failure."""
         wanted = set(spec.sockets)
+        self._touch()  # the held sockets are shown in stats
         for sock in list(self._held):
             if sock not in wanted:
                 log.info("socket.closed name=%s address=%s", self.name, sock.address)
@@ -745,8 +751,7 @@ class Supervisor:
     def _arm(self, arm_id: int) -> None:
         """Wait for the first connection on any held socket, without accepting it."""
         self._disarm()
-        for held in self._held.values():
-            held.state = "armed"
+        self._sockets_are("armed")
         log.info(
             "vassal.armed name=%s sockets=%s",
             self.name,
@@ -919,38 +924,48 @@ class Supervisor:
 
     # -- observation ---------------------------------------------------------
 
-    _snapshot_cache: (
-        tuple[int, MachineSnapshot, dict[str, float], list[tuple[str, str]], VassalStats] | None
-    )
-    _changes: int
-    """Bumped by every attribute assignment: with ``_times`` and the held sockets'
-    states (changed in place), it covers every input of :meth:`snapshot`."""
+    # Change tracking. ``_snap`` is the vassal's current snapshot, or None once
+    # something it shows may have changed; the change that clears it puts the
+    # vassal's name in ``_changed`` (the emperor's set of vassals whose part of
+    # the stats document must be made again). Every attribute assignment counts
+    # (``__setattr__``); what changes in place (the machine, ``_times``, the held
+    # sockets and their states) calls :meth:`_touch` itself.
+    _snap: VassalStats | None
+    _changed: set[str] | None
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
-        if name != "_snapshot_cache":
-            object.__setattr__(self, "_changes", self._changes + 1)
+        if self._snap is not None:
+            self._touch()
+
+    def _touch(self) -> None:
+        """Something shown in stats may have changed."""
+        if self._snap is not None:
+            object.__setattr__(self, "_snap", None)
+            if self._changed is not None:
+                self._changed.add(self.name)
+
+    def _stamp(self, *keys: str, forget: bool = False) -> None:
+        """Record (or forget) the trio-clock time of events shown in stats: now."""
+        now = trio.current_time()
+        for key in keys:
+            if forget:
+                self._times.pop(key, None)
+            else:
+                self._times[key] = now
+        self._touch()
+
+    def _sockets_are(self, state: str) -> None:
+        for held in self._held.values():
+            held.state = state
+        self._touch()
 
     def snapshot(self) -> VassalStats:
-        """The vassal's frozen stats; the same object again while nothing it shows changed.
-
-        Unchanged (the machine's snapshot equal, no attribute of ours assigned, no
-        time stamped, no socket's state changed since the last call) costs a few
-        comparisons, and the stats document then reuses the vassal's JSON.
-        """
-        m = self._machine.snapshot()
-        cached = self._snapshot_cache
-        sockets = [(h.spec.address, h.state) for h in self._held.values()]
-        if (
-            cached is not None
-            and cached[0] == self._changes
-            and cached[1] == m
-            and cached[2] == self._times
-            and cached[3] == sockets
-        ):
-            return cached[4]
-        snap = self._make_snapshot(m)
-        self._snapshot_cache = (self._changes, m, dict(self._times), sockets, snap)
+        """The vassal's frozen stats; the same object again while nothing it shows changed."""
+        snap = self._snap
+        if snap is None:
+            snap = self._make_snapshot()
+            object.__setattr__(self, "_snap", snap)
         return snap
 
     def _make_snapshot(self, m: MachineSnapshot | None = None) -> VassalStats:

@@ -11,8 +11,10 @@ cost a bounded amount of memory and never delay the others by more than that.
 While more than :data:`FRESH_CLIENTS` clients are being served, a document
 made less than :data:`MAX_AGE` seconds ago is handed out again rather than
 made anew, so a crowd of clients costs one document per ``MAX_AGE``. Clients
-that ask while a document is being made share it. Each vassal's JSON is kept
-until its snapshot changes (:class:`~trimperor.core.stats.DocumentCache`).
+that ask while a document is being made share it. The document is kept
+between requests and patched where vassals changed
+(:class:`~trimperor.core.stats.DocumentCache`); it is sent in the pieces it is
+kept in, never joined into one copy.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import socket
 import stat
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -120,19 +122,20 @@ async def serve_stats(
     addr: str,
     snapshot: Callable[[], EmperorStats],
     *,
-    document: Callable[[], Awaitable[bytes]] | None = None,
+    document: Callable[[], Awaitable[bytes | Sequence[bytes]]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the stats document on *addr* until cancelled.
 
-    *document* makes it (the emperor's :meth:`~trimperor.emperor.Emperor.stats_document`,
-    which keeps the event loop free meanwhile); without it, it is made from
-    *snapshot*, reusing each unchanged vassal's JSON.
+    *document* makes it, as bytes or in pieces (the emperor's
+    :meth:`~trimperor.emperor.Emperor.stats_chunks`, which keeps the event loop
+    free meanwhile); without it, it is made from *snapshot*, reusing each
+    unchanged vassal's JSON.
     """
     if document is None:
         cache = DocumentCache()
 
-        async def from_snapshot() -> bytes:
+        async def from_snapshot() -> bytes | Sequence[bytes]:
             return cache.encode(snapshot())
 
         document = from_snapshot
@@ -146,11 +149,11 @@ async def serve_stats(
     clients: OrderedDict[int, trio.CancelScope] = OrderedDict()
     counter = iter(range(1, 1 << 62))
     dropped = 0
-    made: tuple[float, bytes] | None = None
-    # The document being made, if any: its event, and its bytes once made.
-    making: tuple[trio.Event, list[bytes]] | None = None
+    made: tuple[float, Sequence[bytes]] | None = None
+    # The document being made, if any: its event, and its pieces once made.
+    making: tuple[trio.Event, list[Sequence[bytes]]] | None = None
 
-    async def current() -> bytes:
+    async def current() -> Sequence[bytes]:
         """A document made for this client, or shared with the clients asking meanwhile."""
         nonlocal made, making
         while True:
@@ -168,6 +171,8 @@ async def serve_stats(
         try:
             begun = trio.current_time()
             data = await make()
+            if isinstance(data, bytes):
+                data = (data,)
             result.append(data)
             made = (begun, data)
             return data
@@ -195,7 +200,8 @@ async def serve_stats(
             try:
                 async with stream:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_all(await current())
+                        for piece in await current():
+                            await stream.send_all(piece)
             finally:
                 clients.pop(key, None)
         if scope.cancelled_caught:

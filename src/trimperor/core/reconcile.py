@@ -113,6 +113,10 @@ class Registry(Generic[S]):
     def names(self, source: str) -> frozenset[str]:
         return frozenset(self._offers.get(source, ()))
 
+    def count(self, source: str) -> int:
+        """How many vassals *source* offers (``len(names(source))``, without the copy)."""
+        return len(self._offers.get(source, ()))
+
     def to_parse(self, event: SourceEvent) -> list[VassalDocument]:
         """The documents :meth:`handle` would parse for *event* (new versions).
 

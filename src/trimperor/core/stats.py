@@ -6,8 +6,9 @@ The stats server serialises these; it never sees a live object.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 from trimperor.core.model import describe_version
 
@@ -17,7 +18,6 @@ __all__ = [
     "FleetStats",
     "SourceStats",
     "VassalStats",
-    "assemble",
     "document",
     "to_json",
 ]
@@ -187,8 +187,10 @@ def _head(stats: EmperorStats) -> dict[str, object]:
     }
 
 
-def _tail(stats: EmperorStats) -> dict[str, object]:
-    """The document's keys after ``vassals``."""
+def _tail(
+    stats: EmperorStats, in_backoff: Iterable[VassalStats] | None = None
+) -> dict[str, object]:
+    """The document's keys after ``vassals`` (*in_backoff*: those of them with a backoff)."""
     doc: dict[str, object] = {
         "blacklist": [
             {
@@ -198,7 +200,7 @@ def _tail(stats: EmperorStats) -> dict[str, object]:
                 "first_attempt": _secs(v.born),
                 "last_attempt": _secs(v.last_run),
             }
-            for v in stats.vassals
+            for v in (stats.vassals if in_backoff is None else in_backoff)
             if v.backoff_attempt
         ],
         "uptime": round(stats.uptime, 3),
@@ -236,50 +238,130 @@ def to_json(stats: EmperorStats) -> str:
     return json.dumps(document(stats), indent=2) + "\n"
 
 
-class DocumentCache:
-    """The stats document, made from each vassal's JSON kept until its snapshot changes.
+#: Vassals per block: the document's vassals are kept as joined runs of this many parts.
+BLOCK = 128
 
-    :meth:`encode` gives exactly :func:`to_json`'s text, as bytes. A vassal's
-    part is made again only when its snapshot differs from the one it was made
-    from (the same object, as a supervisor hands out while nothing changed, is
-    the cheapest test), so a document for 10,000 vassals of which a few
-    changed costs little more than joining them. The emperor makes the parts
-    on the event loop a slice at a time (:meth:`part`) and joins them in a
-    worker thread (:func:`assemble`).
+
+class DocumentCache:
+    """The stats document, kept between requests and patched where vassals changed.
+
+    It holds each vassal's snapshot and JSON part (the very text :func:`to_json`
+    puts in the document), in name order, and the joined text of each run of
+    :data:`BLOCK` parts. :meth:`put` and :meth:`drop` are told about the
+    vassals that changed (the emperor learns it from the supervisors, without
+    asking the others); a part is made again only when its snapshot differs
+    from the one it was made from, and only the blocks holding changed parts
+    are joined again. :meth:`chunks` then gives the document as a few dozen
+    byte strings (the head, the blocks, the tail): a document for 10,000
+    vassals of which a few changed costs those few parts and no copy of the
+    rest. :meth:`encode` makes it from a whole :class:`EmperorStats` and gives
+    exactly :func:`to_json`'s text, as bytes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block: int = BLOCK) -> None:
+        self._block = block
         self._parts: dict[str, tuple[VassalStats, bytes]] = {}
-
-    def part(self, v: VassalStats) -> bytes:
-        """One vassal's JSON, indented as the document holds it."""
-        hit = self._parts.get(v.name)
-        if hit is not None and (hit[0] is v or hit[0] == v):
-            return hit[1]
-        text = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
-        self._parts[v.name] = (v, text)
-        return text
+        self._order: list[str] = []
+        """The names in document order; re-sorted when names come or go."""
+        self._reorder = False
+        self._index: dict[str, int] = {}
+        self._blocks: list[bytes | None] = []
+        """Joined parts (with the separator before each one but the first); None: stale."""
+        self._snaps: list[VassalStats] = []
+        """The snapshots in document order (while no names came or went since arranged)."""
+        self._vassals: tuple[VassalStats, ...] | None = ()
+        self._backoff: dict[str, VassalStats] = {}
+        """The vassals with a backoff (the document's ``blacklist``)."""
 
     def __len__(self) -> int:
         return len(self._parts)
 
-    def prune(self, names: Collection[str]) -> None:
-        """Forget the parts of vassals gone (once they are more than those kept)."""
-        if len(self._parts) > 2 * len(names) + 64:
-            self._parts = {n: p for n, p in self._parts.items() if n in names}
+    def part(self, name: str) -> bytes | None:
+        """The JSON part kept for the vassal *name*."""
+        hit = self._parts.get(name)
+        return hit[1] if hit is not None else None
+
+    def put(self, v: VassalStats) -> None:
+        """*v* is the vassal's snapshot now (it is new, or it may have changed)."""
+        hit = self._parts.get(v.name)
+        if hit is not None and (hit[0] is v or hit[0] == v):
+            if hit[0] is not v:
+                self._parts[v.name] = (v, hit[1])
+                self._replace(v)
+            return
+        text = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
+        self._parts[v.name] = (v, text)
+        if v.backoff_attempt:
+            self._backoff[v.name] = v
+        else:
+            self._backoff.pop(v.name, None)
+        if hit is None:
+            self._reorder = True
+            self._vassals = None
+        elif not self._reorder:
+            self._blocks[self._index[v.name] // self._block] = None
+            self._replace(v)
+
+    def _replace(self, v: VassalStats) -> None:
+        if not self._reorder:
+            self._snaps[self._index[v.name]] = v
+        self._vassals = None
+
+    def drop(self, name: str) -> None:
+        """The vassal *name* is gone."""
+        self._backoff.pop(name, None)
+        if self._parts.pop(name, None) is not None:
+            self._reorder = True
+            self._vassals = None
+
+    def _arrange(self, order: list[str] | None = None) -> None:
+        if order is None:
+            if not self._reorder:
+                return
+            order = sorted(self._parts)
+        if self._reorder or order != self._order:
+            self._order = order
+            self._index = {n: i for i, n in enumerate(order)}
+            self._blocks = [None] * -(-len(order) // self._block)
+            self._snaps = [self._parts[n][0] for n in order]
+            self._vassals = None
+        self._reorder = False
+
+    def stale(self) -> list[int]:
+        """The blocks to join again before :meth:`chunks` (:meth:`join` each)."""
+        self._arrange()
+        return [i for i, b in enumerate(self._blocks) if b is None]
+
+    def join(self, i: int) -> None:
+        size = self._block
+        parts = [self._parts[n][1] for n in self._order[i * size : (i + 1) * size]]
+        self._blocks[i] = (b"" if i == 0 else b",\n    ") + b",\n    ".join(parts)
+
+    def vassals(self) -> tuple[VassalStats, ...]:
+        """The snapshots, in document order (what :meth:`chunks` wants in its stats)."""
+        self._arrange()
+        if self._vassals is None:
+            self._vassals = tuple(self._snaps)
+        return self._vassals
+
+    def chunks(self, stats: EmperorStats) -> list[bytes]:
+        """The document, in pieces; *stats* holds :meth:`vassals` (its head and tail differ)."""
+        for i in self.stale():
+            self.join(i)
+        head = json.dumps(_head(stats), indent=2).encode()  # b"{\n  ...\n}"
+        in_backoff = [self._backoff[n] for n in sorted(self._backoff, key=self._index.__getitem__)]
+        tail = json.dumps(_tail(stats, in_backoff), indent=2).encode()
+        if not self._order:
+            return [head[:-2], b',\n  "vassals": [],\n', tail[2:], b"\n"]
+        blocks = cast("list[bytes]", self._blocks)
+        return [head[:-2], b',\n  "vassals": [\n    ', *blocks, b"\n  ],\n", tail[2:], b"\n"]
 
     def encode(self, stats: EmperorStats) -> bytes:
-        parts = [self.part(v) for v in stats.vassals]
-        self.prune({v.name for v in stats.vassals})
-        return assemble(stats, parts)
-
-
-def assemble(stats: EmperorStats, parts: Sequence[bytes]) -> bytes:
-    """The document from its vassals' parts (:meth:`DocumentCache.part`, in order).
-
-    Reads only frozen values: safe in a worker thread.
-    """
-    vassals = b"[\n    " + b",\n    ".join(parts) + b"\n  ]" if parts else b"[]"
-    head = json.dumps(_head(stats), indent=2).encode()  # b"{\n  ...\n}"
-    tail = json.dumps(_tail(stats), indent=2).encode()
-    return b"".join((head[:-2], b',\n  "vassals": ', vassals, b",\n", tail[2:], b"\n"))
+        """The document for *stats*, whatever the cache held before."""
+        names = [v.name for v in stats.vassals]
+        for gone in set(self._parts).difference(names):
+            self.drop(gone)
+        for v in stats.vassals:
+            self.put(v)
+        self._arrange(names)
+        return b"".join(self.chunks(stats))
