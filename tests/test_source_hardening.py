@@ -578,6 +578,38 @@ async def test_a_slow_stats_reader_is_dropped(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.integration
+async def test_a_document_slower_to_make_than_the_send_timeout_is_still_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The send timeout is the client's time to read, not the emperor's time to make the
+    document (the first one of 10,000 vassals takes about a second on a busy host)."""
+    monkeypatch.setattr(api, "SEND_TIMEOUT", 0.2)
+    stats = _big_stats()
+    wanted = to_json(stats).encode()
+    made = trio.Event()
+
+    async def slow_document() -> bytes:
+        await trio.sleep(0.5)  # longer than SEND_TIMEOUT: the build being measured
+        made.set()
+        return wanted
+
+    async with trio.open_nursery() as nursery:
+        shown = await nursery.start(
+            partial(api.serve_stats, document=slow_document), "127.0.0.1:0", lambda: stats
+        )
+        port = int(shown.rpartition(":")[2])
+        with trio.fail_after(60):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                data = bytearray()
+                while chunk := await stream.receive_some(1 << 16):
+                    data += chunk
+        assert made.is_set()
+        assert bytes(data) == wanted
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.integration
 async def test_idle_stats_clients_do_not_stop_an_answer() -> None:
     stats = _big_stats()
     size = len(to_json(stats).encode())

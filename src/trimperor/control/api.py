@@ -6,7 +6,7 @@ unless ``--allow-remote-stats`` is given (:func:`check_stats_address`).
 
 At most :data:`MAX_CLIENTS` connections are served at a time: a new one
 beyond that closes the oldest. A client has :data:`SEND_TIMEOUT` seconds in
-total to take the document, or it is dropped. Idle or slow clients therefore
+total to take the document once it is made, or it is dropped. Idle or slow clients therefore
 cost a bounded amount of memory and never delay the others by more than that.
 While more than :data:`FRESH_CLIENTS` clients are being served, a document
 made less than :data:`MAX_AGE` seconds ago is handed out again rather than
@@ -195,12 +195,17 @@ async def serve_stats(
                     dropped,
                     MAX_CLIENTS,
                 )
-        with trio.move_on_after(SEND_TIMEOUT) as scope:
+        with trio.CancelScope() as scope:
             clients[key] = scope
             try:
                 async with stream:
+                    pieces = await current()
+                    # The client's time starts once its document is made: making it
+                    # is the emperor's work (long for the first document of many
+                    # vassals on a busy host), taking it is the client's.
+                    scope.deadline = trio.current_time() + SEND_TIMEOUT
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        for piece in await current():
+                        for piece in pieces:
                             await stream.send_all(piece)
             finally:
                 clients.pop(key, None)
