@@ -16,7 +16,7 @@ import trio
 
 from tests.helpers import wait_for
 from trimperor.abc import LaunchPlan
-from trimperor.core.model import Remove, Upsert, VassalDocument
+from trimperor.core.model import Remove, Snapshot, Upsert, VassalDocument
 from trimperor.core.policy import BackoffPolicy
 from trimperor.emperor import Emperor
 from trimperor.supervisor import Supervisor
@@ -103,6 +103,41 @@ async def test_armed_vassals_cost_no_task_and_the_first_connection_wakes_one(
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(str(tmp_path / "x.sock"))  # rebound to the new address, armed there
     await wait_for(lambda: other.snapshot().wakes == 1, timeout=30)
+
+
+class _Spawned(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def test_a_snapshot_of_on_demand_vassals_starts_no_task_for_them(
+    emperor: tuple[Emperor, FakeMonitor], tmp_path: Path
+) -> None:
+    """They are armed as the snapshot is taken: not one short-lived task per vassal
+    (10,000 of those at once left the emperor's memory fragmented: +38 MB of RSS)."""
+    emp, source = emperor
+    docs = tuple(
+        VassalDocument(f"s{i}.ini", "fake://", "1", vassal(tmp_path / f"s{i}.sock"))
+        for i in range(COUNT)
+    )
+    spawned = _Spawned()
+    trio.lowlevel.add_instrument(spawned)
+    try:
+        await source.send(Snapshot("fake://", docs))
+
+        def sups() -> list[Supervisor]:
+            return [s for i in range(COUNT) if (s := emp.supervisor(f"s{i}.ini")) is not None]
+
+        await wait_for(lambda: len(sups()) == COUNT and all(s.dormant for s in sups()))
+    finally:
+        trio.lowlevel.remove_instrument(spawned)
+    assert all(s.snapshot().state == "armed" for s in sups())
+    assert spawned.count < COUNT // 5, spawned.count
+    # And they wake as before.
+    assert int(await fetch(tmp_path / "s3.sock")) == sups()[3].snapshot().pid
 
 
 async def test_a_dormant_vassal_holds_only_what_waking_it_needs(

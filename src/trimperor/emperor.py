@@ -524,7 +524,8 @@ class Emperor:
         self._oversight.ensure(action.name)
         self._configure_log(action.name, action.spec)
         self._notifier.status(self._status_line())
-        self._vassals.start_soon(self._run_supervisor, sup)
+        if not sup.begin_armed():
+            self._vassals.start_soon(self._run_supervisor, sup)
 
     def _resume(self, sup: Supervisor) -> None:
         """Run a dormant supervisor again (one method for all: no closure per vassal)."""

@@ -17,7 +17,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache, partial
 from typing import Any
@@ -133,6 +133,7 @@ class Supervisor:
         "_changed",
         "_channel",
         "_connections",
+        "_deferred",
         "_done",
         "_environ",
         "_error",
@@ -245,6 +246,8 @@ class Supervisor:
         self.dormant = False
         """Armed with no task: the armory waits on its sockets."""
         self._begun = False
+        self._deferred: Sequence[Command] = ()
+        """Commands of the first step that :meth:`begin_armed` left to :meth:`run`."""
         self._first_accept_pending: tuple[HeldSocket, int, float] | None = None
 
     # -- the machine's state, read-only ---------------------------------------
@@ -369,6 +372,53 @@ class Supervisor:
 
     # -- the loop -----------------------------------------------------------
 
+    def begin_armed(self) -> bool:
+        """Take the first step of an on-demand vassal now, without a task.
+
+        With an armory, a sleeping vassal is a record: its sockets are bound
+        and armed here, and no task is started (10,000 of them started at once
+        would only live until they went dormant, and leave the memory they
+        took fragmented). False, having done nothing, when the vassal is not
+        on demand; :meth:`run` takes the first step then. Commands that need a
+        task (a failed bind's backoff timer) are left to :meth:`run`, which
+        ``resume()`` starts.
+        """
+        if (
+            self._begun
+            or self._armory is None
+            or self._resume is None
+            or not self._machine.desired.on_demand
+        ):
+            return False
+        self._begin()
+        self.dormant = True
+        commands = self._machine.handle(Begin(), trio.current_time())
+        self._touch()
+        for i, command in enumerate(commands):
+            if isinstance(command, Report):
+                self._report(command)
+            elif isinstance(command, Arm):
+                self._disarm()
+                if self._bind_sockets(command.spec):
+                    self._arm(command.arm)
+                else:
+                    self._deferred = commands[i + 1 :]
+                    self._post(BindFailed(command.arm, self._error or "cannot bind"))
+                    return True
+            else:  # needs a task: run() carries out the rest
+                self._deferred = commands[i:]
+                self.dormant = False
+                assert self._resume is not None
+                self._resume(self)
+                return True
+        log.debug("vassal.dormant name=%s", self.name)
+        return True
+
+    def _begin(self) -> None:
+        self._begun = True
+        self._wall_offset = time.time() - trio.current_time()  # noqa: TID251 (stats epochs)
+        self._stamp("born", "last_mod")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until the vassal is finished; or, with an armory, until it is armed
         and has nothing else to do: then it is :attr:`dormant`, a record with
@@ -376,9 +426,7 @@ class Supervisor:
         dormant = False
         first = not self._begun
         if first:
-            self._begun = True
-            self._wall_offset = time.time() - trio.current_time()  # noqa: TID251 (stats epochs)
-            self._stamp("born", "last_mod")
+            self._begin()
         self.dormant = False
         try:
             async with trio.open_nursery() as nursery:
@@ -389,6 +437,9 @@ class Supervisor:
                     self._first_accept_pending = None
                 if first:
                     await self._feed(Begin())
+                deferred, self._deferred = self._deferred, ()
+                for command in deferred:
+                    await self._do(command)
                 while not self._machine.finished:
                     if self._can_sleep(nursery):
                         dormant = True
