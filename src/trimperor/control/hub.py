@@ -27,20 +27,19 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import (
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
 from trimperor.control.api import parse_address
 from trimperor.control.vassallogs import LogFiles
 from trimperor.core.errors import TrimperorError
 from trimperor.core.stats import EmperorStats, VassalStats
+
+if TYPE_CHECKING:
+    # Imported where a connection is made: an emperor nobody talks to does
+    # not carry the WebSocket library (3 MB of RSS).
+    from trio_websocket import WebSocketConnection
 
 __all__ = [
     "COMMANDS",
@@ -409,6 +408,8 @@ class ControlRefused(TrimperorError):
 @asynccontextmanager
 async def connect(address: str, token: str | None = None) -> AsyncIterator[ControlClient]:
     """``async with connect("/run/trimperor/control.sock") as client: ...``"""
+    from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
+
     where = parse_address(address)
     headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
     if isinstance(where, tuple):

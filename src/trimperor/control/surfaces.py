@@ -21,15 +21,9 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
 
 from trimperor.control.hub import (
     COMMANDS,
@@ -46,6 +40,11 @@ from trimperor.control.hub import (
 )
 from trimperor.core.errors import UsageError
 from trimperor.core.stats import EmperorStats
+
+if TYPE_CHECKING:
+    # The WebSocket library is imported by the first upgrade request: an emperor
+    # nobody talks to does not carry it (3 MB of RSS).
+    from trio_websocket import WebSocketConnection, WebSocketRequest
 
 __all__ = ["ControlServer", "serve_surfaces"]
 
@@ -196,7 +195,13 @@ class ControlServer:
             if not upgrade:
                 await _respond(stream, "426 Upgrade Required", b"a WebSocket endpoint\n")
                 return
-            request: WebSocketRequest | None = None
+            await self._upgrade(surface, stream, head)
+
+    async def _upgrade(self, surface: _Surface, stream: trio.abc.Stream, head: _Head) -> None:
+        from trio_websocket import ConnectionClosed, wrap_server_stream
+
+        request: WebSocketRequest | None = None
+        try:
             async with trio.open_nursery() as nursery:
                 # A handshake wsproto rejects is answered 400 and never becomes a request.
                 with trio.move_on_after(HEAD_TIMEOUT):
@@ -219,6 +224,8 @@ class ControlServer:
                         with trio.move_on_after(2):
                             await ws.aclose()
                 nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            pass  # the client went away
 
     def _refusal(self, surface: _Surface, request: WebSocketRequest) -> tuple[int, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
@@ -241,6 +248,8 @@ class ControlServer:
         return None
 
     async def _session(self, ws: WebSocketConnection, surface: _Surface) -> None:
+        from trio_websocket import ConnectionClosed
+
         client = _Client(surface.kind, self.hub.queue_size)
         self.hub._add(client)
         log.debug("control.client_connected surface=%s clients=%d", surface.kind, self.hub.clients)
@@ -521,7 +530,7 @@ def _bind_handler(
     async def handler(stream: trio.SocketStream) -> None:
         try:
             await server.handle(surface, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("control.connection_failed surface=%s", surface.kind)
