@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ pytestmark = pytest.mark.integration
 
 
 AnySpawner = PosixSpawner | LauncherSpawner
+#: The bits of signals 32 and 33 in /proc/PID/status masks.
+GLIBC_INTERNAL = (1 << 31) | (1 << 32)
 
 
 @pytest.fixture(params=["posix", "launcher"])
@@ -65,6 +68,62 @@ async def test_missing_program_and_cwd_are_spawn_errors(
         await spawner.spawn(plan("/nonexistent/program"))
     with pytest.raises(SpawnError, match="working directory"):
         await spawner.spawn(plan(PYTHON, "-c", "pass", cwd=str(tmp_path / "nope")))
+
+
+async def test_a_program_looked_up_in_path_that_cannot_run_is_a_spawn_error(
+    tmp_path: Path, spawner: AnySpawner
+) -> None:
+    script = tmp_path / "app"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)  # not executable
+    env = (("PATH", f"{tmp_path}:/usr/bin:/bin"),)
+    with pytest.raises(SpawnError, match="'app': Permission denied"):
+        await spawner.spawn(LaunchPlan("t", ("app",), "/", env))
+    with pytest.raises(SpawnError, match="program 'no-such-app' not found"):
+        await spawner.spawn(LaunchPlan("t", ("no-such-app",), "/", env))
+
+
+async def test_sockets_are_handed_over_as_systemd_does(spawner: AnySpawner) -> None:
+    """LISTEN_PID is the vassal's own pid, the command line is the vassal's own,
+    and no signal is left ignored or blocked by the emperor or the launcher."""
+    script = (
+        'echo "$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES"; '
+        "tr '\\0' ' ' < /proc/$$/cmdline; echo; "
+        # grep's own masks, inherited through the shell (which blocks every
+        # signal for a moment around each fork: its own are not the vassal's)
+        "exec grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    )
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        proc = await spawner.spawn(
+            LaunchPlan(
+                "t",
+                ("sh", "-c", script),
+                "/",
+                (("PATH", "/usr/bin:/bin"),),
+                listen_fds=(listener.fileno(),),
+                listen_names=("web",),
+            )
+        )
+        assert proc.output is not None
+        data = b""
+        async with proc.output:
+            while chunk := await proc.output.receive_some():
+                data += chunk
+        assert await proc.wait() == 0
+    lines = data.decode().splitlines()
+    assert lines[0] == f"{proc.pid} {proc.pid} 1 web"
+    program, rest = lines[1].split(" ", 1)
+    assert program.rpartition("/")[2] == "sh"
+    assert rest.startswith('-c echo "$LISTEN_PID')
+    masks = dict(line.split(":\t") for line in lines[2:])
+    assert int(masks["SigBlk"], 16) == 0
+    # glibc's posix_spawn leaves its two internal signals (32, 33: thread
+    # cancellation and set*id) ignored; every glibc program installs its own
+    # handlers for them as it starts. No signal a program can name is ignored.
+    assert int(masks["SigIgn"], 16) & ~GLIBC_INTERNAL == 0, masks["SigIgn"]
+    await proc.aclose()
 
 
 async def test_each_vassal_leads_its_own_group_and_grandchildren_die_with_it(

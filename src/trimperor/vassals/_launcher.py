@@ -11,12 +11,18 @@ its child instead of init's, and nothing can slip away:
   environment) are killed before the exit is reported;
 * when the emperor dies, however it dies, its end of the socket closes and
   the launcher kills every descendant, reaps them, and exits;
-* when the launcher dies, its vassals die with it (their parent-death
-  signal), and the emperor starts a new one.
+* when the launcher dies, the emperor kills every process it knew (and, as
+  the next subreaper up, every orphan that comes to it), and starts a new one.
+  A vassal forked by the launcher (one that changes user) also has the
+  parent-death signal.
 
-Forking from this small process costs the same whatever the emperor's size,
-and no library's at-fork hook runs in the child. Standard library only, no
-trimperor imports: it must start fast and stay small.
+Vassals are spawned with ``posix_spawn`` (vfork and exec, no Python in the
+child: 0.2 ms against 2 ms for a fork of this process), their descriptors
+placed by file actions; ``LISTEN_PID`` is set by ``/bin/sh`` exec'ing the
+program in its own place. A vassal that changes user is forked, and set up in
+Python. Either way the cost does not depend on the emperor's size, and no
+library's at-fork hook runs. Standard library only, no trimperor imports: it
+must start fast and stay small.
 
 Messages are JSON, one per datagram, with file descriptors alongside:
 ``{"op": "spawn", "id": N, ...}`` is answered by ``{"op": "spawned", "id": N,
@@ -222,10 +228,72 @@ def _kill(pid: int, pgid: bool = True) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+#: Sets ``LISTEN_PID`` to the shell's pid and execs the program as that process
+#: (``$0`` is the program, as given: the shell looks it up in the vassal's PATH).
+_SET_LISTEN_PID = 'export LISTEN_PID=$$; exec "$0" "$@"'
+#: Reset to their default action in the child (we ignore SIGINT, SIGTERM, ...;
+#: Python ignores SIGPIPE and SIGXFSZ).
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+class _Refused(Exception):
+    """A spawn that cannot be done; the message is the vassal's error."""
+
+
+def _targets(req: dict[str, Any]) -> list[tuple[int, int]]:
+    """(index of a received descriptor, its number in the child), 0-2 included."""
+    out = req["stdout"]
+    err = req["stderr"] if req.get("stderr") is not None else out
+    targets = [(out, 1), (err, 2)]
+    if req.get("stdin") is not None:
+        targets.insert(0, (req["stdin"], 0))
+    targets += [(index, target) for index, target in req.get("pass", [])]
+    targets += [(index, 3 + position) for position, index in enumerate(req.get("listen", []))]
+    return targets
+
+
+def _spawnable(req: dict[str, Any]) -> bool:
+    """Whether ``posix_spawn`` can do all this spawn needs (else: fork)."""
+    if req.get("uid") is not None or req.get("gid") is not None or req.get("logto") is not None:
+        return False  # a change of user, and what is opened as that user
+    if req.get("stdout") is None:
+        return False
+    nofile = req.get("nofile")
+    if nofile is not None:
+        # File actions run under the vassal's limit: each target must fit in it,
+        # and the launcher must be able to take its own limit back afterwards.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if any(target >= nofile[0] for _, target in _targets(req)):
+            return False
+        if nofile[1] < hard and os.geteuid() != 0:
+            return False
+    return True
+
+
+def _program(name: str, env: dict[str, str]) -> str:
+    """The file *name* runs, looked up as ``execvpe`` does (in *env*'s PATH)."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = env.get("PATH", os.defpath)
+        candidates = [os.path.join(d or ".", name) for d in path.split(os.pathsep)]
+    denied = False
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    if denied:
+        raise _Refused(f"cannot run {name!r}: {os.strerror(errno.EACCES)}")
+    raise _Refused(f"program {name!r} not found")
+
+
 class Launcher:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.me = os.getpid()
+        self.home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.leaders: dict[int, str] = {}  # pid -> tag
         self.sweeps: dict[str, float] = {}  # tag -> until (monotonic)
         self.swept = 0.0
@@ -235,6 +303,77 @@ class Launcher:
             self.sock.sendmsg([json.dumps(message).encode()])
 
     def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
+        if _spawnable(req):
+            self.spawn_vfork(req, fds)
+        else:
+            self.spawn_fork(req, fds)
+
+    def spawn_vfork(self, req: dict[str, Any], fds: list[int]) -> None:
+        """``posix_spawn`` (vfork and exec): no Python runs in the child.
+
+        Forking this process costs page-table copies and a copy-on-write fault
+        for every page the child's Python touches: 2 ms a spawn, against 0.2 ms
+        here. The descriptors are placed by file actions, from duplicates above
+        every target (so no action overwrites another's source); every other
+        descriptor of ours closes on exec. The working directory and the
+        open-file limit are the launcher's own for the moment of the spawn.
+        """
+        ident = req["id"]
+        targets = _targets(req)
+        base = max(1000, *(target for _, target in targets))
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base + 1) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        actions: list[tuple[Any, ...]] = []
+        if req.get("stdin") is None:
+            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        actions += [(os.POSIX_SPAWN_DUP2, high[index], target) for index, target in targets]
+        argv, env, cwd = req["argv"], dict(req["env"]), req["cwd"]
+        nofile = req.get("nofile")
+        try:
+            try:
+                os.chdir(cwd)
+            except FileNotFoundError:
+                raise _Refused(f"working directory {cwd!r} does not exist") from None
+            except OSError:
+                raise _Refused(f"working directory {cwd!r} cannot be entered") from None
+            program = _program(argv[0], env)
+            if req.get("listen"):
+                # LISTEN_PID is the vassal's own pid, known only in the child: a
+                # shell sets it and execs the program in its place (same pid).
+                path, args = "/bin/sh", ["sh", "-c", _SET_LISTEN_PID, *argv]
+            else:
+                path, args = program, argv
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, tuple(nofile))
+            try:
+                pid = os.posix_spawn(
+                    path,
+                    args,
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigmask=(),
+                    setsigdef=_DEFAULT_SIGNALS,
+                )
+            except OSError as exc:
+                raise _Refused(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+            finally:
+                if nofile is not None:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+        except _Refused as exc:
+            self.send({"op": "failed", "id": ident, "error": str(exc)})
+            return
+        finally:
+            os.fchdir(self.home)
+            for fd in high:
+                os.close(fd)
+        self.leaders[pid] = req["env"].get(TAG, "")
+        self.send({"op": "spawned", "id": ident, "pid": pid})
+
+    def spawn_fork(self, req: dict[str, Any], fds: list[int]) -> None:
+        """Fork, and set the child up in Python: to change its user, or when the
+        open-file limit or a descriptor's number rules ``posix_spawn`` out."""
         errr, errw = os.pipe()  # both close on exec
         try:
             pid = os.fork()
@@ -338,7 +477,9 @@ class Launcher:
                 fds = array.array("i")
                 try:
                     data, ancdata, _, _ = self.sock.recvmsg(
-                        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+                        MAX_MESSAGE,
+                        socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+                        socket.MSG_CMSG_CLOEXEC,  # none may leak into a vassal
                     )
                 except OSError:
                     data = b""
