@@ -152,7 +152,7 @@ async def test_a_dormant_vassal_holds_only_what_waking_it_needs(
     assert sup is not None
     assert sup.snapshot().state == "armed"
     machine = sup._machine
-    held = list(sup._held.values())
+    held = list(sup._held)
     for record in (sup, machine, *held):
         assert not hasattr(record, "__dict__"), type(record).__name__
     assert sup._inbox is None

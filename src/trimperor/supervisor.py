@@ -63,7 +63,7 @@ from trimperor.core.machine import (
 from trimperor.core.policy import Backoff, BackoffPolicy
 from trimperor.core.stats import VassalStats
 from trimperor.core.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
-from trimperor.core.vassalspec import NativeSpec, SocketSpec, UwsgiSpec, VassalSpec
+from trimperor.core.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
 from trimperor.vassals.armory import Armory
 from trimperor.vassals.notify import NotifyHub
 from trimperor.vassals.sockets import ConnectionTable, HeldSocket, bind
@@ -227,7 +227,8 @@ class Supervisor:
         self._finished: trio.Event | None = None
         self._done = False
         # on demand
-        self._held: dict[SocketSpec, HeldSocket] = {}
+        self._held: tuple[HeldSocket, ...] = ()
+        """The sockets held for the vassal, in no particular order."""
         self._connections = connections or ConnectionTable()
         self._arm_scope: trio.CancelScope | None = None
         self._arm_id = 0
@@ -497,9 +498,9 @@ class Supervisor:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        for held in self._held.values():
+        for held in self._held:
             held.close()
-        self._held.clear()
+        self._held = ()
         self._touch()
 
     async def _feed(self, event: Event) -> None:
@@ -655,7 +656,8 @@ class Supervisor:
         try:
             if not self._bind_sockets(spec):
                 raise SpawnError(self._error or "cannot bind the sockets")
-            fds = tuple(self._held[s].fd for s in spec.sockets)
+            by_spec = {h.spec: h.fd for h in self._held}
+            fds = tuple(by_spec[s] for s in spec.sockets)
             if isinstance(spec, UwsgiSpec):
                 channel = UwsgiChannel(
                     spec, self._uwsgi, self._environ, stdin_fd=fds[0] if fds else None
@@ -784,15 +786,19 @@ class Supervisor:
         """Hold exactly the sockets of *spec*; False (and logged) on failure."""
         wanted = set(spec.sockets)
         self._touch()  # the held sockets are shown in stats
-        for sock in list(self._held):
-            if sock not in wanted:
-                log.info("socket.closed name=%s address=%s", self.name, sock.address)
-                self._held.pop(sock).close()
+        kept = []
+        for held in self._held:
+            if held.spec in wanted:
+                kept.append(held)
+            else:
+                log.info("socket.closed name=%s address=%s", self.name, held.spec.address)
+                held.close()
+        self._held = tuple(kept)
         for sock in spec.sockets:
-            if sock in self._held:
+            if any(held.spec == sock for held in self._held):
                 continue
             try:
-                self._held[sock] = bind(sock, spec.uid, spec.gid, as_user=spec.tyrant)
+                self._held = (*self._held, bind(sock, spec.uid, spec.gid, as_user=spec.tyrant))
             except SpawnError as exc:
                 self._error = str(exc)
                 log.error("vassal.bind_failed name=%s error=%s", self.name, exc)
@@ -806,11 +812,11 @@ class Supervisor:
         log.info(
             "vassal.armed name=%s sockets=%s",
             self.name,
-            ",".join(h.spec.address for h in self._held.values()),
+            ",".join(h.spec.address for h in self._held),
         )
         if self._armory is not None:
             self._arm_id = arm_id
-            self._armory.arm(self, [h.fd for h in self._held.values()], self._armory_wake)
+            self._armory.arm(self, [h.fd for h in self._held])
             return
         scope = self._arm_scope = trio.CancelScope()
 
@@ -828,7 +834,7 @@ class Supervisor:
         async def arm() -> None:
             with scope:
                 async with trio.open_nursery() as nursery:
-                    for held in list(self._held.values()):
+                    for held in list(self._held):
                         nursery.start_soon(wait_for_connection, held)
 
         self._nursery.start_soon(arm)
@@ -840,8 +846,9 @@ class Supervisor:
             self._arm_scope.cancel()
             self._arm_scope = None
 
-    def _armory_wake(self, fd: int) -> None:
-        for held in self._held.values():
+    def armory_wake(self, fd: int) -> None:
+        """The armory saw a connection on *fd*: wake."""
+        for held in self._held:
             if held.fd == fd:
                 self._wake(held, self._arm_id)
                 return
@@ -871,14 +878,14 @@ class Supervisor:
         step = min(1.0, idle / 4)
         quiet_since: float | None = None
         arrivals = self._connections.arrivals
-        for held in self._held.values():
+        for held in self._held:
             arrivals.watch(held)
         arrived: int | None = None
         while proc is self._proc and self.state in _UP:
-            open_now = sum(self._connections.connections(h) for h in self._held.values())
-            open_now += sum(h.pending() or 0 for h in self._held.values())
+            open_now = sum(self._connections.connections(h) for h in self._held)
+            open_now += sum(h.pending() or 0 for h in self._held)
             # Connections that came and went since the last look count too.
-            counts = [arrivals.count(h) for h in self._held.values()]
+            counts = [arrivals.count(h) for h in self._held]
             seen = None if None in counts else sum(c or 0 for c in counts)
             fresh = seen is not None and seen != arrived
             arrived = seen
@@ -1007,7 +1014,7 @@ class Supervisor:
         self._touch()
 
     def _sockets_are(self, state: str) -> None:
-        for held in self._held.values():
+        for held in self._held:
             held.state = state
         self._touch()
 
@@ -1057,7 +1064,7 @@ class Supervisor:
             uid=self.spec.uid,
             gid=self.spec.gid,
             on_demand=",".join(s.address for s in self.spec.sockets) if self.spec.on_demand else "",
-            sockets=tuple((h.spec.address, h.state) for h in self._held.values()),
+            sockets=tuple((h.spec.address, h.state) for h in self._held),
             wakes=m.wakes,
             last_wake=m.last_wake + self._wall_offset if m.last_wake is not None else None,
             first_accept=self.first_accept,

@@ -113,7 +113,11 @@ def parse_placement(get_all: Callable[[str], tuple[str, ...]], where: str) -> Pl
     partition = (one("on-partition") or "").lower() or None
     if partition not in {None, "stop", "keep"}:
         raise ConfigError(f"{where}: on-partition {partition!r} is not stop or keep")
-    return Placement(copies, node, tuple(sorted(set(labels))), partition)
+    placement = Placement(copies, node, tuple(sorted(set(labels))), partition)
+    return _ANYWHERE if placement == _ANYWHERE else placement  # one object for most vassals
+
+
+_ANYWHERE = Placement()
 
 
 def matches(placement: Placement, node: Node) -> bool:

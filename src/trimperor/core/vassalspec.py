@@ -324,7 +324,15 @@ def _seconds(value: str, where: str) -> float:
         raise ConfigError(f"{where}: the value is not a number of seconds") from None
     if not seconds >= 0 or seconds == float("inf"):
         raise ConfigError(f"{where}: the value is not a number of seconds")
+    if len(_SAME_SECONDS) < _SAME_SECONDS_MAX:
+        seconds = _SAME_SECONDS.setdefault(seconds, seconds)
     return seconds
+
+
+#: One float object per distinct value of seconds (10,000 vassals with
+#: ``stop-timeout = 5`` share one), up to this many values.
+_SAME_SECONDS: dict[float, float] = {}
+_SAME_SECONDS_MAX = 4096
 
 
 def _absolute(path: str, cwd: str) -> str:
