@@ -219,7 +219,7 @@ class Emperor:
         """The stats document (``--stats``), as one byte string."""
         return b"".join(await self.stats_chunks())
 
-    async def stats_chunks(self) -> list[bytes]:
+    async def stats_chunks(self) -> Iterable[bytes]:
         """The stats document in pieces, made without holding up the event loop.
 
         The document is kept between requests (:class:`~trimperor.core.stats.DocumentCache`)
@@ -233,7 +233,7 @@ class Emperor:
         async with self._stats_lock:
             return await self._patch_stats()
 
-    async def _patch_stats(self) -> list[bytes]:
+    async def _patch_stats(self) -> Iterable[bytes]:
         cache, changed = self._stats_cache, self._stats_changed
         until = trio.current_time() + STATS_SLICE
         for i, name in enumerate(list(changed)):
@@ -247,11 +247,7 @@ class Emperor:
             if i % 16 == 15 and trio.current_time() > until:
                 await trio.lowlevel.checkpoint()
                 until = trio.current_time() + STATS_SLICE
-        for i in cache.stale():
-            cache.join(i)
-            if trio.current_time() > until:
-                await trio.lowlevel.checkpoint()
-                until = trio.current_time() + STATS_SLICE
+        cache.arrange()
         return cache.chunks(self._emperor_stats(cache.vassals()))
 
     def _emperor_stats(self, vassals: tuple[VassalStats, ...]) -> EmperorStats:

@@ -26,7 +26,7 @@ import os
 import socket
 import stat
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -122,7 +122,7 @@ async def serve_stats(
     addr: str,
     snapshot: Callable[[], EmperorStats],
     *,
-    document: Callable[[], Awaitable[bytes | Sequence[bytes]]] | None = None,
+    document: Callable[[], Awaitable[bytes | Iterable[bytes]]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the stats document on *addr* until cancelled.
@@ -135,7 +135,7 @@ async def serve_stats(
     if document is None:
         cache = DocumentCache()
 
-        async def from_snapshot() -> bytes | Sequence[bytes]:
+        async def from_snapshot() -> bytes | Iterable[bytes]:
             return cache.encode(snapshot())
 
         document = from_snapshot
@@ -149,11 +149,11 @@ async def serve_stats(
     clients: OrderedDict[int, trio.CancelScope] = OrderedDict()
     counter = iter(range(1, 1 << 62))
     dropped = 0
-    made: tuple[float, Sequence[bytes]] | None = None
+    made: tuple[float, Iterable[bytes]] | None = None
     # The document being made, if any: its event, and its pieces once made.
-    making: tuple[trio.Event, list[Sequence[bytes]]] | None = None
+    making: tuple[trio.Event, list[Iterable[bytes]]] | None = None
 
-    async def current() -> Sequence[bytes]:
+    async def current() -> Iterable[bytes]:
         """A document made for this client, or shared with the clients asking meanwhile."""
         nonlocal made, making
         while True:

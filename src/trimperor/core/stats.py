@@ -6,9 +6,8 @@ The stats server serialises these; it never sees a live object.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import cast
 
 from trimperor.core.model import describe_version
 
@@ -238,24 +237,45 @@ def to_json(stats: EmperorStats) -> str:
     return json.dumps(document(stats), indent=2) + "\n"
 
 
-#: Vassals per block: the document's vassals are kept as joined runs of this many parts.
+#: Vassals per piece: :meth:`DocumentCache.chunks` joins this many parts at a time.
 BLOCK = 128
+_SEP = b",\n    "
+
+
+class Pieces:
+    """A stats document as byte strings, its runs of vassals joined as they are
+    iterated (each time: several clients may be sent the same document)."""
+
+    __slots__ = ("_block", "_head", "_parts", "_tail")
+
+    def __init__(self, head: bytes, parts: list[bytes], tail: bytes, block: int) -> None:
+        self._head, self._parts, self._tail, self._block = head, parts, tail, block
+
+    def __iter__(self) -> Iterator[bytes]:
+        head, parts, tail = self._head, self._parts, self._tail
+        if not parts:
+            yield from (head[:-2], b',\n  "vassals": [],\n', tail[2:], b"\n")
+            return
+        yield head[:-2]
+        yield b',\n  "vassals": [\n    '
+        for i in range(0, len(parts), self._block):
+            yield (b"" if i == 0 else _SEP) + _SEP.join(parts[i : i + self._block])
+        yield from (b"\n  ],\n", tail[2:], b"\n")
 
 
 class DocumentCache:
     """The stats document, kept between requests and patched where vassals changed.
 
     It holds each vassal's snapshot and JSON part (the very text :func:`to_json`
-    puts in the document), in name order, and the joined text of each run of
-    :data:`BLOCK` parts. :meth:`put` and :meth:`drop` are told about the
-    vassals that changed (the emperor learns it from the supervisors, without
-    asking the others); a part is made again only when its snapshot differs
-    from the one it was made from, and only the blocks holding changed parts
-    are joined again. :meth:`chunks` then gives the document as a few dozen
-    byte strings (the head, the blocks, the tail): a document for 10,000
-    vassals of which a few changed costs those few parts and no copy of the
-    rest. :meth:`encode` makes it from a whole :class:`EmperorStats` and gives
-    exactly :func:`to_json`'s text, as bytes.
+    puts in the document), in name order. :meth:`put` and :meth:`drop` are
+    told about the vassals that changed (the emperor learns it from the
+    supervisors, without asking the others); a part is made again only when
+    its snapshot differs from the one it was made from. :meth:`chunks` then
+    gives the document as a few dozen byte strings (the head, runs of
+    :data:`BLOCK` parts joined as they are sent, the tail): a document for
+    10,000 vassals of which a few changed costs those few parts, and the
+    document is never kept whole. :meth:`encode` makes it from a whole
+    :class:`EmperorStats` and gives exactly :func:`to_json`'s text, as bytes.
     """
 
     def __init__(self, block: int = BLOCK) -> None:
@@ -265,8 +285,6 @@ class DocumentCache:
         """The names in document order; re-sorted when names come or go."""
         self._reorder = False
         self._index: dict[str, int] = {}
-        self._blocks: list[bytes | None] = []
-        """Joined parts (with the separator before each one but the first); None: stale."""
         self._snaps: list[VassalStats] = []
         """The snapshots in document order (while no names came or went since arranged)."""
         self._vassals: tuple[VassalStats, ...] | None = ()
@@ -299,7 +317,6 @@ class DocumentCache:
             self._reorder = True
             self._vassals = None
         elif not self._reorder:
-            self._blocks[self._index[v.name] // self._block] = None
             self._replace(v)
 
     def _replace(self, v: VassalStats) -> None:
@@ -322,20 +339,13 @@ class DocumentCache:
         if self._reorder or order != self._order:
             self._order = order
             self._index = {n: i for i, n in enumerate(order)}
-            self._blocks = [None] * -(-len(order) // self._block)
             self._snaps = [self._parts[n][0] for n in order]
             self._vassals = None
         self._reorder = False
 
-    def stale(self) -> list[int]:
-        """The blocks to join again before :meth:`chunks` (:meth:`join` each)."""
+    def arrange(self) -> None:
+        """Put the parts in document order, if names came or went since."""
         self._arrange()
-        return [i for i, b in enumerate(self._blocks) if b is None]
-
-    def join(self, i: int) -> None:
-        size = self._block
-        parts = [self._parts[n][1] for n in self._order[i * size : (i + 1) * size]]
-        self._blocks[i] = (b"" if i == 0 else b",\n    ") + b",\n    ".join(parts)
 
     def vassals(self) -> tuple[VassalStats, ...]:
         """The snapshots, in document order (what :meth:`chunks` wants in its stats)."""
@@ -344,17 +354,19 @@ class DocumentCache:
             self._vassals = tuple(self._snaps)
         return self._vassals
 
-    def chunks(self, stats: EmperorStats) -> list[bytes]:
-        """The document, in pieces; *stats* holds :meth:`vassals` (its head and tail differ)."""
-        for i in self.stale():
-            self.join(i)
+    def chunks(self, stats: EmperorStats) -> Pieces:
+        """The document, in pieces; *stats* holds :meth:`vassals` (its head and tail differ).
+
+        The parts are taken now (changes meanwhile are the next document's);
+        runs of :data:`BLOCK` of them are joined as the pieces are iterated, so
+        the cache holds the parts once and never the whole document (10,000
+        vassals: 12 MB less).
+        """
+        self._arrange()
         head = json.dumps(_head(stats), indent=2).encode()  # b"{\n  ...\n}"
         in_backoff = [self._backoff[n] for n in sorted(self._backoff, key=self._index.__getitem__)]
         tail = json.dumps(_tail(stats, in_backoff), indent=2).encode()
-        if not self._order:
-            return [head[:-2], b',\n  "vassals": [],\n', tail[2:], b"\n"]
-        blocks = cast("list[bytes]", self._blocks)
-        return [head[:-2], b',\n  "vassals": [\n    ', *blocks, b"\n  ],\n", tail[2:], b"\n"]
+        return Pieces(head, [self._parts[n][1] for n in self._order], tail, self._block)
 
     def encode(self, stats: EmperorStats) -> bytes:
         """The document for *stats*, whatever the cache held before."""
