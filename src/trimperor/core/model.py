@@ -42,9 +42,16 @@ def is_valid_name(name: str, extra_extensions: Iterable[str] = ()) -> bool:
     The match is on the end of the name and case-sensitive; editor leftovers
     such as ``app.ini~`` or ``.app.ini.swp`` therefore do not match.
     """
-    if not name or len(os.fsencode(name)) >= MAX_NAME_BYTES:
+    if not name:
         return False
-    endings = VALID_EXTENSIONS + tuple(normalize_extension(e) for e in extra_extensions)
+    # A character is at most 4 bytes encoded: most names need no encoding to tell
+    # (the directory monitors ask this of every file, every rescan).
+    if len(name) * 4 >= MAX_NAME_BYTES and len(os.fsencode(name)) >= MAX_NAME_BYTES:
+        return False
+    endings = VALID_EXTENSIONS
+    extra = tuple(extra_extensions)
+    if extra:
+        endings += tuple(map(normalize_extension, extra))
     return name.endswith(endings)
 
 

@@ -329,6 +329,7 @@ def _seconds(value: str, where: str) -> float:
     return seconds
 
 
+_KINDS = {"simple": "simple", "notify": "notify"}
 #: One float object per distinct value of seconds (10,000 vassals with
 #: ``stop-timeout = 5`` share one), up to this many values.
 _SAME_SECONDS: dict[float, float] = {}
@@ -398,8 +399,8 @@ def native_spec(
     if idle is not None and not sockets:
         raise ConfigError(f"{name}: idle needs a socket (it counts the socket's connections)")
     watchdog = _seconds(watchdog_raw, f"{name}: watchdog") if watchdog_raw else None
-    kind = (one("type") or "simple").strip().lower()
-    if kind not in {"simple", "notify"}:
+    kind = _KINDS.get((one("type") or "simple").strip().lower())  # one string for all
+    if kind is None:
         raise ConfigError(f"{name}: type: the value is not simple or notify")
     if (idle is not None and idle <= 0) or (watchdog is not None and watchdog <= 0):
         raise ConfigError(f"{name}: idle and watchdog must be more than 0 seconds")
