@@ -139,9 +139,11 @@ class Emperor:
         self._stats_changed: set[str] = set()
         self._stats_lock = trio.Lock()  # one patching of the kept document at a time
         """Vassals whose part of the stats document may be out of date (they say so)."""
-        # --cluster: starts of vassals placed on other nodes wait here.
+        # --cluster: the names of vassals placed on other nodes.
         self._fleet = fleet
-        self._parked: dict[str, Start[VassalSpec]] = {}
+        self._parked: set[str] = set()
+        """Vassals the registry wants running that are placed on other nodes (their
+        spec is the registry's: :meth:`Registry.desired` when they are placed here)."""
         # control surfaces (trimperor ctl, dashboard, metrics)
         self._control = control
         self.hub = ControlHub(log_files=_log_files(control))
@@ -455,7 +457,7 @@ class Emperor:
         elif isinstance(action, Stop):
             if self._held.pop(action.name, None) is not None and action.name not in self._sups:
                 self.hub.forget(action.name)  # stopped by ctl, now removed: gone for good
-            self._parked.pop(action.name, None)
+            self._parked.discard(action.name)
             sup = self._sups.get(action.name)
             if sup is not None and action.name not in self._stopping:
                 log.info("vassal.remove name=%s", action.name)
@@ -472,9 +474,12 @@ class Emperor:
         fleet = self._fleet
         if fleet is None or self._shutdown.is_set():
             return
-        for name, start in list(self._parked.items()):
-            if fleet.here(name, start.spec.placement):
-                del self._parked[name]
+        for name in list(self._parked):
+            start = self.registry.desired(name)
+            if start is None:
+                self._parked.discard(name)  # no longer wanted (a Stop is on its way)
+            elif fleet.here(name, start.spec.placement):
+                self._parked.discard(name)
                 if name not in self._sups and name not in self._respawning:
                     self._start(start)
         desired = self.registry.running()
@@ -497,7 +502,7 @@ class Emperor:
     def _start(self, action: Start[VassalSpec]) -> None:
         assert self._vassals is not None
         if self._fleet is not None and not self._fleet.here(action.name, action.spec.placement):
-            self._parked[action.name] = action
+            self._parked.add(action.name)
             return
 
         sup = Supervisor(
