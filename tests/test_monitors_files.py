@@ -590,6 +590,29 @@ def test_on_demand_socket_discovery(tmp_path: Path) -> None:
     assert _with_socket(doc, FileOptions(on_demand_extension=".sock")) is doc
 
 
+@pytest.mark.parametrize("setting", ["on_demand_directory", "on_demand_extension"])
+def test_a_rescan_reads_no_unchanged_file_with_on_demand_sockets(
+    tmp_path: Path, setting: str
+) -> None:
+    """The socket is part of the version sent; the rescan still knows the file
+    it read (same text object: not read again), and reads again a changed one."""
+    for name in ("a.ini", "b.ini"):
+        (tmp_path / name).write_text("[uwsgi]\nmaster = true\n")
+        (tmp_path / f"{name}.sock").write_text(f"/run/{name}.sock\n")
+    value = str(tmp_path / "od") if setting == "on_demand_directory" else ".sock"
+    options = MonitorOptions(freq=1, plugins={"files": {setting: value}})
+    monitor = DirMonitor(str(tmp_path), options)
+    first, cache = monitor._scan({})
+    assert all(d.socket for d in first)
+    again, cache = monitor._scan(cache)
+    assert again == first
+    assert all(a.text is f.text for a, f in zip(again, first, strict=True))
+    (tmp_path / "b.ini").write_text("[uwsgi]\nmaster = false\n")
+    changed, cache = monitor._scan(cache)
+    assert changed[0].text is first[0].text
+    assert changed[1].text == "[uwsgi]\nmaster = false\n"
+
+
 async def test_file_over_the_size_limit_is_not_read(tmp_path: Path) -> None:
     big = tmp_path / "big.ini"
     big.write_text("[vassal]\ncommand = x\n" + "; padding\n" * 200)

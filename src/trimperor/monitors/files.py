@@ -450,6 +450,8 @@ class _FileMonitor:
     ) -> tuple[tuple[VassalDocument, ...], dict[str, VassalDocument]]:
         """Everything the source offers now, and the new cache; blocking."""
         docs: dict[str, VassalDocument] = {}
+        loaded: dict[str, VassalDocument] = {}
+        """As read (the cache): without the on-demand socket, which is looked up anew."""
         busy: set[str] = set()
         skipped: dict[str, str] = {}
         links: dict[str, str] = {}
@@ -474,7 +476,12 @@ class _FileMonitor:
                         links[path] = _target_version(path)
                 if self._in_own_dir and not doc.in_own_dir:
                     doc = replace(doc, in_own_dir=True)
-                docs[name] = doc if name in busy else _with_socket(doc, self._own)
+                if name in busy and doc.socket is not None:
+                    docs[name] = doc  # the document sent before, standing in: as it was
+                    continue
+                if doc.error is None and name not in busy:
+                    loaded[name] = doc
+                docs[name] = _with_socket(doc, self._own)
                 continue
             if name in busy:
                 continue  # open for writing, and new: not there yet
@@ -494,8 +501,7 @@ class _FileMonitor:
                 name,
             )
         self._written = busy
-        fresh = {name: doc for name, doc in docs.items() if doc.error is None}
-        return tuple(docs[name] for name in sorted(docs)), fresh
+        return tuple(docs[name] for name in sorted(docs)), loaded
 
     async def run(self, send: kit.EventSink, *, task_status: kit.Started = kit.IGNORED) -> None:
         """Send a snapshot now and whenever the files change; closes *send* on return.
