@@ -155,6 +155,9 @@ async def test_ctl_status_table_json_and_unknown_names(short_dir: Path) -> None:
         rc, _, err = await ctl(run, "restart", "nope.ini")
         assert rc == 1
         assert "nope.ini: no such vassal" in err
+        # A client that says goodbye and goes is no error of the emperor's.
+        assert "control.connection_failed" not in run.emperor.text()
+        assert "Traceback" not in run.emperor.text()
 
 
 @pytest.mark.integration

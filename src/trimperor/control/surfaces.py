@@ -224,8 +224,8 @@ class ControlServer:
                         with trio.move_on_after(2):
                             await ws.aclose()
                 nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass  # the client went away
+        except* ConnectionClosed:
+            pass  # the client went away (raised inside the nursery: in a group)
 
     def _refusal(self, surface: _Surface, request: WebSocketRequest) -> tuple[int, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
@@ -261,8 +261,8 @@ class ControlServer:
                         message = await ws.get_message()
                         reply = await self._answer(client, message)
                         client.offer(json.dumps(reply))
-        except ConnectionClosed:
-            pass
+        except* ConnectionClosed:
+            pass  # the client closed: the end of its session (in the nursery's group)
         finally:
             self.hub._remove(client)
             if client.dropped:
@@ -530,9 +530,9 @@ def _bind_handler(
     async def handler(stream: trio.SocketStream) -> None:
         try:
             await server.handle(surface, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away mid-answer
+        except* Exception:
             log.exception("control.connection_failed surface=%s", surface.kind)
 
     return handler
