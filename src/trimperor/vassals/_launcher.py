@@ -265,7 +265,7 @@ def _spawnable(req: dict[str, Any]) -> bool:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         if any(target >= nofile[0] for _, target in _targets(req)):
             return False
-        if nofile[1] < hard and os.geteuid() != 0:
+        if nofile[1] != hard and os.geteuid() != 0:
             return False
     return True
 
@@ -320,8 +320,16 @@ class Launcher:
         """
         ident = req["id"]
         targets = _targets(req)
-        base = max(1000, *(target for _, target in targets))
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base + 1) for fd in fds]
+        above = 1 + max(target for _, target in targets)
+        high: list[int] = []
+        try:
+            for fd in fds:
+                high.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))
+        except OSError as exc:  # out of descriptors
+            for fd in (*high, *fds):
+                os.close(fd)
+            self.send({"op": "failed", "id": ident, "error": f"cannot place: {exc.strerror}"})
+            return
         for fd in fds:
             os.close(fd)
         actions: list[tuple[Any, ...]] = []
