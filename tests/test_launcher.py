@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import uuid
@@ -127,6 +128,33 @@ async def test_the_launcher_works_when_its_socket_is_above_fd_1024() -> None:
     finally:
         for fd in [*filler, null]:
             os.close(fd)
+
+
+async def test_the_launcher_hands_sockets_over_at_a_low_open_file_limit() -> None:
+    """Descriptors are placed from just above the highest target, not from 1000 up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    listener = socket.socket()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the launcher inherits it
+    spawner = LauncherSpawner()
+    try:
+        with trio.fail_after(30):
+            proc = await spawner.spawn(
+                LaunchPlan(
+                    "t",
+                    ("/bin/sh", "-c", 'test "$LISTEN_PID" = $$ && test -S /proc/self/fd/3'),
+                    "/",
+                    tuple(os.environ.items()),
+                    logto="/dev/null",
+                    listen_fds=(listener.fileno(),),
+                    listen_names=("t",),
+                )
+            )
+            assert await proc.wait() == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        listener.close()
+        if spawner.launcher_pid is not None:
+            os.kill(spawner.launcher_pid, signal.SIGKILL)
 
 
 async def test_many_spawns_at_once_through_the_launcher() -> None:
