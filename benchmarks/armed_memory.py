@@ -27,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from benchlib import status_field_kib
 from trimperor.abc import MonitorOptions
 from trimperor.core.lifecycle import State
 from trimperor.emperor import Emperor
@@ -35,19 +36,11 @@ from trimperor.testing import FakeSpawner
 
 
 def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return status_field_kib(os.getpid(), "VmRSS")
 
 
 def hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return status_field_kib(os.getpid(), "VmHWM")
 
 
 def write_vassals(base: Path, count: int) -> Path:

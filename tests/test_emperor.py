@@ -17,7 +17,7 @@ import trio.testing
 from trimperor.control.hub import ControlRequest
 from trimperor.core.model import Remove, Snapshot, SourceProblem, Upsert, VassalDocument
 from trimperor.emperor import Emperor
-from trimperor.testing import FakeMonitor, FakeSpawner
+from trimperor.testing import FakeMonitor, FakeProcess, FakeSpawner
 from trimperor.vassals.uwsgi import default_binary
 
 NATIVE = "[vassal]\ncommand = app {arg}\n"
@@ -47,6 +47,13 @@ async def world() -> AsyncIterator[World]:
 
 async def settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
+
+
+async def stubborn_web(world: World) -> FakeProcess:
+    """web.ini running, and deaf to SIGTERM: its stop lasts until the stop timeout."""
+    world.spawner.ignore = {signal.SIGTERM}
+    await world.a.send(Upsert(doc("web.ini")))
+    return await world.spawner.wait_spawned(1)
 
 
 async def test_spawn_reload_remove(world: World) -> None:
@@ -131,9 +138,7 @@ async def test_source_problem_touches_nothing(world: World) -> None:
 async def test_readd_while_stopping_waits_for_the_old_process(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     await world.a.send(Remove("fake://a", "web.ini"))
     await settle()
     await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
@@ -300,9 +305,7 @@ async def test_large_snapshots_are_parsed_off_the_event_loop(
 async def test_changes_while_stopping_start_the_latest_configuration(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     await world.a.send(Remove("fake://a", "web.ini"))
     await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
     await world.a.send(Upsert(doc("web.ini", arg="3", version="3")))
@@ -324,9 +327,7 @@ async def test_changes_while_stopping_start_the_latest_configuration(
 async def test_removed_again_while_stopping_starts_nothing(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     await world.a.send(Remove("fake://a", "web.ini"))
     await world.a.send(Upsert(doc("web.ini", arg="2", version="2")))
     await world.a.send(Remove("fake://a", "web.ini"))
@@ -346,9 +347,7 @@ async def _control(emperor: Emperor, command: str, *names: str) -> dict[str, obj
 async def test_ctl_stop_then_start_while_stopping(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     assert (await _control(world.emperor, "stop", "web.ini"))["done"] == {"web.ini": "stopping"}
     assert (await _control(world.emperor, "start", "web.ini"))["done"] == {"web.ini": "starting"}
     await settle()
@@ -363,9 +362,7 @@ async def test_ctl_stop_then_start_while_stopping(
 async def test_ctl_stop_then_source_removed_while_stopping(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     await _control(world.emperor, "stop", "web.ini")
     await world.a.send(Remove("fake://a", "web.ini"))
     await old.wait()
@@ -381,9 +378,7 @@ async def test_ctl_stop_then_source_removed_while_stopping(
 async def test_ctl_stopped_vassal_stays_stopped_after_its_old_process_ends(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    world.spawner.ignore = {signal.SIGTERM}
-    await world.a.send(Upsert(doc("web.ini")))
-    old = await world.spawner.wait_spawned(1)
+    old = await stubborn_web(world)
     await _control(world.emperor, "stop", "web.ini")
     await old.wait()
     await trio.sleep(30)

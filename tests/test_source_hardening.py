@@ -577,6 +577,17 @@ async def test_a_slow_stats_reader_is_dropped(monkeypatch: pytest.MonkeyPatch) -
         nursery.cancel_scope.cancel()
 
 
+async def _read_until_closed(port: int) -> bytes:
+    """Everything the server on 127.0.0.1:*port* sends on one connection."""
+    with trio.fail_after(60):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            data = bytearray()
+            while chunk := await stream.receive_some(1 << 16):
+                data += chunk
+    return bytes(data)
+
+
 @pytest.mark.integration
 async def test_a_document_slower_to_make_than_the_send_timeout_is_still_sent(
     monkeypatch: pytest.MonkeyPatch,
@@ -598,14 +609,9 @@ async def test_a_document_slower_to_make_than_the_send_timeout_is_still_sent(
             partial(api.serve_stats, document=slow_document), "127.0.0.1:0", lambda: stats
         )
         port = int(shown.rpartition(":")[2])
-        with trio.fail_after(60):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                data = bytearray()
-                while chunk := await stream.receive_some(1 << 16):
-                    data += chunk
+        data = await _read_until_closed(port)
         assert made.is_set()
-        assert bytes(data) == wanted
+        assert data == wanted
         nursery.cancel_scope.cancel()
 
 
@@ -626,12 +632,7 @@ async def test_idle_stats_clients_do_not_stop_an_answer() -> None:
                 idle.append(sock)  # connected, never reads
             # the server keeps at most MAX_CLIENTS of them; the oldest were closed
             await wait_for(lambda: established(port) <= api.MAX_CLIENTS, timeout=30)
-            with trio.fail_after(60):
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                async with stream:
-                    data = bytearray()
-                    while chunk := await stream.receive_some(1 << 16):
-                        data += chunk
+            data = await _read_until_closed(port)
             assert len(data) == size
         finally:
             for sock in idle:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.helpers import PYTHON, pid_alive, read_pid, wait_for
-from trimperor.abc import LaunchPlan
+from trimperor.abc import LaunchPlan, Process
 from trimperor.core.errors import SpawnError
 from trimperor.vassals.launcher import LauncherSpawner
 from trimperor.vassals.spawner import PosixSpawner, resolve_ids
@@ -31,6 +31,16 @@ def spawner(request: pytest.FixtureRequest) -> AnySpawner:
     return PosixSpawner() if request.param == "posix" else LauncherSpawner()
 
 
+async def read_output(proc: Process) -> bytes:
+    """Everything the process writes to its stdout pipe, until it closes it."""
+    assert proc.output is not None
+    data = b""
+    async with proc.output:
+        while chunk := await proc.output.receive_some():
+            data += chunk
+    return data
+
+
 def plan(*argv: str, cwd: str = "/", logto: str | None = None) -> LaunchPlan:
     return LaunchPlan(name="t", argv=argv, cwd=cwd, env=tuple(os.environ.items()), logto=logto)
 
@@ -40,10 +50,7 @@ async def test_output_is_captured_and_exit_code_reported(
 ) -> None:
     proc = await spawner.spawn(plan(PYTHON, "-c", "print('hello'); raise SystemExit(3)"))
     assert proc.output is not None
-    data = b""
-    async with proc.output:
-        while chunk := await proc.output.receive_some():
-            data += chunk
+    data = await read_output(proc)
     assert await proc.wait() == 3
     assert data == b"hello\n"
     await proc.aclose()
@@ -106,11 +113,7 @@ async def test_sockets_are_handed_over_as_systemd_does(spawner: AnySpawner) -> N
                 listen_names=("web",),
             )
         )
-        assert proc.output is not None
-        data = b""
-        async with proc.output:
-            while chunk := await proc.output.receive_some():
-                data += chunk
+        data = await read_output(proc)
         assert await proc.wait() == 0
     lines = data.decode().splitlines()
     assert lines[0] == f"{proc.pid} {proc.pid} 1 web"
@@ -171,7 +174,7 @@ async def test_vassal_dies_with_its_parent(tmp_path: Path) -> None:
     pidfile = tmp_path / "vassal.pid"
     code = (
         "import os, sys, trio\n"
-        "from trimperor.abc import LaunchPlan\n"
+        "from trimperor.abc import LaunchPlan, Process\n"
         "from trimperor.vassals.spawner import PosixSpawner\n"
         "async def main():\n"
         f"    p = await PosixSpawner().spawn(LaunchPlan('v', ({PYTHON!r}, '-c', "

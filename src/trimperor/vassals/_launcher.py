@@ -252,7 +252,7 @@ def _targets(req: dict[str, Any]) -> list[tuple[int, int]]:
     return targets
 
 
-def _spawnable(req: dict[str, Any]) -> bool:
+def _spawnable(req: dict[str, Any], targets: list[tuple[int, int]]) -> bool:
     """Whether ``posix_spawn`` can do all this spawn needs (else: fork)."""
     if req.get("uid") is not None or req.get("gid") is not None or req.get("logto") is not None:
         return False  # a change of user, and what is opened as that user
@@ -263,7 +263,7 @@ def _spawnable(req: dict[str, Any]) -> bool:
         # File actions run under the vassal's limit: each target must fit in it,
         # and the launcher must be able to take its own limit back afterwards.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if any(target >= nofile[0] for _, target in _targets(req)):
+        if any(target >= nofile[0] for _, target in targets):
             return False
         if nofile[1] != hard and os.geteuid() != 0:
             return False
@@ -303,12 +303,15 @@ class Launcher:
             self.sock.sendmsg([json.dumps(message).encode()])
 
     def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
-        if _spawnable(req):
-            self.spawn_vfork(req, fds)
+        targets = _targets(req)
+        if _spawnable(req, targets):
+            self.spawn_vfork(req, fds, targets)
         else:
             self.spawn_fork(req, fds)
 
-    def spawn_vfork(self, req: dict[str, Any], fds: list[int]) -> None:
+    def spawn_vfork(
+        self, req: dict[str, Any], fds: list[int], targets: list[tuple[int, int]]
+    ) -> None:
         """``posix_spawn`` (vfork and exec): no Python runs in the child.
 
         Forking this process costs page-table copies and a copy-on-write fault
@@ -319,7 +322,6 @@ class Launcher:
         open-file limit are the launcher's own for the moment of the spawn.
         """
         ident = req["id"]
-        targets = _targets(req)
         above = 1 + max(target for _, target in targets)
         high: list[int] = []
         try:
