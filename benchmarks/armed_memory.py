@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace) -> None:
                     file=sys.stderr,
                 )
                 for s in stats[: args.top]:
-                    frame = s.traceback[0]
+                    frame = s.traceback[-1]
                     where = f"{frame.filename.rsplit('/src/', 1)[-1]}:{frame.lineno}"
                     if args.by == "filename":
                         where = frame.filename.rsplit("/src/", 1)[-1]

@@ -12,13 +12,14 @@ fails after it started is logged and restarted; it never takes the emperor down.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: Characters of configuration text the inbox parses on the event loop itself.
 _PARSE_HERE_MAX = 16 * 1024
+#: After an event that parsed or acted on this many vassals, the C heap's free
+#: pages go back to the system (what parsing a large snapshot left behind).
+_TRIM_AFTER = 256
 
 #: Seconds of work the stats document takes from the event loop before letting others run.
 STATS_SLICE = 0.0005
@@ -87,6 +91,26 @@ def _log_files(control: ControlOptions | None) -> LogFiles:
 
 def _source_stats(monitor: Monitor, owned: int) -> SourceStats:
     return replace(monitor.status.snapshot(), vassals=owned)
+
+
+@cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_free_memory() -> None:
+    """Give the free pages of the C heap back to the system; blocking (a thread).
+
+    Python frees the objects of a parsed snapshot, but the allocator keeps their
+    pages: 10,000 armed vassals are about 2 MB smaller in RSS after this.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Emperor:
@@ -385,7 +409,10 @@ class Emperor:
                 self._parsed = {}
             for action in actions:
                 self._apply(action)
+            large = len(docs) + len(actions) >= _TRIM_AFTER
             del event, docs, actions  # nothing of a large snapshot kept until the next event
+            if large:
+                await trio.to_thread.run_sync(_return_free_memory)
             if self._fleet is not None:
                 self._fleet.set_catalogue(
                     {n: s.placement for n, s in self.registry.running().items()}

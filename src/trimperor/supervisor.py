@@ -96,6 +96,91 @@ def _settings(policy: BackoffPolicy, graceful_shutdown: bool, curse_tolerance: f
     return Settings(policy, graceful_shutdown, curse_tolerance)
 
 
+class _Shared:
+    """What every supervisor of one emperor refers to: one record, not ten fields each."""
+
+    __slots__ = (
+        "armory",
+        "changed",
+        "connections",
+        "environ",
+        "notify_hub",
+        "observer",
+        "plan_for",
+        "resume",
+        "spawner",
+        "uwsgi",
+    )
+
+    def __init__(
+        self,
+        spawner: Spawner,
+        environ: Mapping[str, str],
+        plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan],
+        uwsgi: UwsgiOptions,
+        connections: ConnectionTable,
+        notify_hub: NotifyHub | None,
+        observer: Callable[..., None] | None,
+        armory: Armory | None,
+        resume: Callable[[Supervisor], None] | None,
+        changed: set[str] | None,
+    ) -> None:
+        self.spawner = spawner
+        self.environ = environ
+        self.plan_for = plan_for
+        self.uwsgi = uwsgi
+        self.connections = connections
+        self.notify_hub = notify_hub
+        self.observer = observer
+        """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
+        self.armory = armory
+        self.resume = resume
+        """Runs :meth:`Supervisor.run` again (in the emperor's nursery) for a dormant vassal."""
+        self.changed = changed
+
+
+_last_shared: list[tuple[tuple[object, ...], _Shared]] = []
+
+
+def _context(
+    spawner: Spawner,
+    environ: Mapping[str, str],
+    plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan],
+    uwsgi: UwsgiOptions | None,
+    connections: ConnectionTable | None,
+    notify_hub: NotifyHub | None,
+    observer: Callable[..., None] | None,
+    armory: Armory | None,
+    resume: Callable[[Supervisor], None] | None,
+    changed: set[str] | None,
+) -> _Shared:
+    """The record for these arguments: the last one made if they are the same objects.
+
+    An emperor passes the same objects for every vassal, so they share one record.
+    Missing options and connection tables are made anew for each (never shared).
+    """
+    key = (spawner, environ, plan_for, uwsgi, connections, notify_hub, observer, armory, resume)
+    if uwsgi is not None and connections is not None and _last_shared:
+        last_key, last = _last_shared[0]
+        if last.changed is changed and all(a is b for a, b in zip(key, last_key, strict=True)):
+            return last
+    shared = _Shared(
+        spawner,
+        environ,
+        plan_for,
+        uwsgi or UwsgiOptions(),
+        connections or ConnectionTable(),
+        notify_hub,
+        observer,
+        armory,
+        resume,
+        changed,
+    )
+    if uwsgi is not None and connections is not None:
+        _last_shared[:] = [(key, shared)]
+    return shared
+
+
 def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
     env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
     env.update(spec.env)
@@ -128,31 +213,22 @@ class Supervisor:
         "_announced",
         "_arm_id",
         "_arm_scope",
-        "_armory",
         "_begun",
-        "_changed",
         "_channel",
-        "_connections",
+        "_ctx",
         "_deferred",
         "_done",
-        "_environ",
         "_error",
         "_finished",
         "_first_accept_pending",
         "_held",
         "_inbox",
         "_machine",
-        "_notify_hub",
         "_nursery",
-        "_observer",
-        "_plan_for",
         "_procs",
-        "_resume",
         "_snap",
-        "_spawner",
         "_timers",
         "_times",
-        "_uwsgi",
         "_wall_offset",
         "accepting",
         "dormant",
@@ -190,21 +266,30 @@ class Supervisor:
     ) -> None:
         # Change tracking first: every assignment below goes through __setattr__.
         object.__setattr__(self, "_snap", None)
-        object.__setattr__(self, "_changed", changed)
+        object.__setattr__(
+            self,
+            "_ctx",
+            _context(
+                spawner,
+                environ,
+                plan_for or native_plan,
+                uwsgi,
+                connections,
+                notify_hub,
+                observer,
+                armory,
+                resume,
+                changed,
+            ),
+        )
         self.name = name
         if changed is not None:
             changed.add(name)
-        self._observer = observer
-        """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
         self.source = source
-        self._spawner = spawner
-        self._environ = environ
-        self._plan_for = plan_for or native_plan
-        self._uwsgi = uwsgi or UwsgiOptions()
         self._machine = VassalMachine(
             version,
             spec,
-            _settings(policy, self._uwsgi.graceful_shutdown, self._uwsgi.curse_tolerance),
+            _settings(policy, self._ctx.uwsgi.graceful_shutdown, self._ctx.uwsgi.curse_tolerance),
             jitter=jitter,
         )
         self._channel: UwsgiChannel | None = None
@@ -229,21 +314,16 @@ class Supervisor:
         # on demand
         self._held: tuple[HeldSocket, ...] = ()
         """The sockets held for the vassal, in no particular order."""
-        self._connections = connections or ConnectionTable()
         self._arm_scope: trio.CancelScope | None = None
         self._arm_id = 0
         self.first_accept: float | None = None
         """Seconds from the waking connection to the vassal's first accept (TCP)."""
         # sd_notify
-        self._notify_hub = notify_hub
         self.notify_ready = False
         self.notify_status: str | None = None
         self.last_watchdog: float | None = None
         self._error: str | None = None
         """An error the driver saw that the machine does not (config refused)."""
-        self._armory = armory
-        self._resume = resume
-        """Runs :meth:`run` again (in the emperor's nursery) for a dormant vassal."""
         self.dormant = False
         """Armed with no task: the armory waits on its sockets."""
         self._begun = False
@@ -347,9 +427,9 @@ class Supervisor:
         return True
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        if self._observer is not None:
+        if self._ctx.observer is not None:
             try:
-                self._observer(kind, self.name, **fields)
+                self._ctx.observer(kind, self.name, **fields)
             except Exception:  # an observer's bug must not touch the vassal
                 log.exception("vassal.observer_failed name=%s event=%s", self.name, kind)
 
@@ -360,9 +440,9 @@ class Supervisor:
         if self._done:
             return  # finished: nothing reads the inbox any more
         self._open_inbox()[0].send_nowait(event)
-        if self.dormant and self._resume is not None:
+        if self.dormant and self._ctx.resume is not None:
             self.dormant = False
-            self._resume(self)
+            self._ctx.resume(self)
 
     def _open_inbox(
         self,
@@ -386,8 +466,8 @@ class Supervisor:
         """
         if (
             self._begun
-            or self._armory is None
-            or self._resume is None
+            or self._ctx.armory is None
+            or self._ctx.resume is None
             or not self._machine.desired.on_demand
         ):
             return False
@@ -409,8 +489,8 @@ class Supervisor:
             else:  # needs a task: run() carries out the rest
                 self._deferred = commands[i:]
                 self.dormant = False
-                assert self._resume is not None
-                self._resume(self)
+                assert self._ctx.resume is not None
+                self._ctx.resume(self)
                 return True
         log.debug("vassal.dormant name=%s", self.name)
         return True
@@ -446,7 +526,7 @@ class Supervisor:
                         dormant = True
                         break
                     # Armed with work still running (a log pump draining): look again soon.
-                    armed = self._armory is not None and self.state is State.ARMED
+                    armed = self._ctx.armory is not None and self.state is State.ARMED
                     event: Event | None = None
                     recv = self._open_inbox()[1]
                     with trio.move_on_after(0.05 if armed else math.inf):
@@ -473,8 +553,8 @@ class Supervisor:
 
     def _can_sleep(self, nursery: trio.Nursery) -> bool:
         return (
-            self._armory is not None
-            and self._resume is not None
+            self._ctx.armory is not None
+            and self._ctx.resume is not None
             and self.state is State.ARMED
             and not nursery.child_tasks
             and (self._inbox is None or self._inbox[1].statistics().current_buffer_used == 0)
@@ -660,14 +740,14 @@ class Supervisor:
             fds = tuple(by_spec[s] for s in spec.sockets)
             if isinstance(spec, UwsgiSpec):
                 channel = UwsgiChannel(
-                    spec, self._uwsgi, self._environ, stdin_fd=fds[0] if fds else None
+                    spec, self._ctx.uwsgi, self._ctx.environ, stdin_fd=fds[0] if fds else None
                 )
                 plan = channel.plan
             else:
-                plan = self._plan_for(spec, self._environ)
+                plan = self._ctx.plan_for(spec, self._ctx.environ)
                 env = dict(plan.env)
-                if self._notify_hub is not None:
-                    env["NOTIFY_SOCKET"] = self._notify_hub.address
+                if self._ctx.notify_hub is not None:
+                    env["NOTIFY_SOCKET"] = self._ctx.notify_hub.address
                 if spec.watchdog is not None:
                     env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
                 plan = replace(
@@ -676,7 +756,7 @@ class Supervisor:
                     listen_fds=fds,
                     listen_names=tuple(s.fd_name for s in spec.sockets),
                 )
-            proc = await self._spawner.spawn(plan)
+            proc = await self._ctx.spawner.spawn(plan)
         except (SpawnError, OSError) as exc:
             if channel is not None:
                 channel.close()
@@ -689,8 +769,8 @@ class Supervisor:
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
         self._sockets_are("handed over")
-        if self._notify_hub is not None and isinstance(spec, NativeSpec):
-            self._notify_hub.register(proc.pid, partial(self._on_notify, token, proc))
+        if self._ctx.notify_hub is not None and isinstance(spec, NativeSpec):
+            self._ctx.notify_hub.register(proc.pid, partial(self._on_notify, token, proc))
         if spec.idle is not None and self._held:
             self._nursery.start_soon(self._watch_idle, token, proc, spec.idle)
         if channel is not None:
@@ -719,8 +799,8 @@ class Supervisor:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self._notify_hub is not None:
-            self._notify_hub.unregister(proc.pid)
+        if self._ctx.notify_hub is not None:
+            self._ctx.notify_hub.unregister(proc.pid)
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
         self._emit(
@@ -766,7 +846,7 @@ class Supervisor:
                 if first:
                     assert self._nursery is not None
                     self._nursery.start_soon(
-                        self._watch_deadline, proc, "heartbeat", self._uwsgi.required_heartbeat
+                        self._watch_deadline, proc, "heartbeat", self._ctx.uwsgi.required_heartbeat
                     )
             elif byte == ToEmperor.IDLE:
                 if channel.spec.on_demand:
@@ -814,9 +894,9 @@ class Supervisor:
             self.name,
             ",".join(h.spec.address for h in self._held),
         )
-        if self._armory is not None:
+        if self._ctx.armory is not None:
             self._arm_id = arm_id
-            self._armory.arm(self, [h.fd for h in self._held])
+            self._ctx.armory.arm(self, [h.fd for h in self._held])
             return
         scope = self._arm_scope = trio.CancelScope()
 
@@ -840,8 +920,8 @@ class Supervisor:
         self._nursery.start_soon(arm)
 
     def _disarm(self) -> None:
-        if self._armory is not None:
-            self._armory.disarm(self)
+        if self._ctx.armory is not None:
+            self._ctx.armory.disarm(self)
         if self._arm_scope is not None:
             self._arm_scope.cancel()
             self._arm_scope = None
@@ -877,12 +957,12 @@ class Supervisor:
         """Put the vassal to sleep after *idle* seconds without a client connection."""
         step = min(1.0, idle / 4)
         quiet_since: float | None = None
-        arrivals = self._connections.arrivals
+        arrivals = self._ctx.connections.arrivals
         for held in self._held:
             arrivals.watch(held)
         arrived: int | None = None
         while proc is self._proc and self.state in _UP:
-            open_now = sum(self._connections.connections(h) for h in self._held)
+            open_now = sum(self._ctx.connections.connections(h) for h in self._held)
             open_now += sum(h.pending() or 0 for h in self._held)
             # Connections that came and went since the last look count too.
             counts = [arrivals.count(h) for h in self._held]
@@ -989,7 +1069,7 @@ class Supervisor:
     # (``__setattr__``); what changes in place (the machine, ``_times``, the held
     # sockets and their states) calls :meth:`_touch` itself.
     _snap: VassalStats | None
-    _changed: set[str] | None
+    _ctx: _Shared
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -1000,8 +1080,8 @@ class Supervisor:
         """Something shown in stats may have changed."""
         if self._snap is not None:
             object.__setattr__(self, "_snap", None)
-            if self._changed is not None:
-                self._changed.add(self.name)
+            if self._ctx.changed is not None:
+                self._ctx.changed.add(self.name)
 
     def _stamp(self, *keys: str, forget: bool = False) -> None:
         """Record (or forget) the trio-clock time of events shown in stats: now."""

@@ -19,6 +19,7 @@ from trimperor.core.configfile import Options, Section, parse
 from trimperor.core.errors import ConfigError, Refused
 from trimperor.core.model import VassalDocument
 from trimperor.core.placement import FLEET_KEYS, Placement, parse_placement
+from trimperor.core.shared import share, share_all
 from trimperor.core.uwsgi_protocol import MAX_CONFIG_BYTES
 
 __all__ = [
@@ -364,11 +365,11 @@ def native_spec(
         raise ConfigError(f"{name}: the vassal section needs a command")
     if len(commands) == 1:
         try:
-            argv = tuple(shlex.split(commands[0]))
+            argv = share_all(shlex.split(commands[0]))
         except ValueError as exc:
             raise ConfigError(f"{name}: command: {exc}") from None
     else:
-        argv = tuple(commands)  # a list in YAML/JSON, or repeated keys: argv as given
+        argv = share_all(commands)  # a list in YAML/JSON, or repeated keys: argv as given
 
     env: list[tuple[str, str]] = []
     for raw in section.get_all("env"):
@@ -376,7 +377,7 @@ def native_spec(
         key, sep, value = item.partition("=")
         if not sep or not key or "\0" in item:
             raise ConfigError(f"{name}: env: an entry is not KEY=VALUE")
-        env.append((key, value))
+        env.append((share(key), share(value)))
 
     default_dir = os.path.dirname(_absolute(doc.path, cwd)) if doc.path else cwd
     chdir = one("chdir") or default_dir

@@ -65,6 +65,7 @@ import trio
 from trimperor.abc import MonitorOptions
 from trimperor.core.errors import SourceError, UsageError
 from trimperor.core.model import Snapshot, SourceEvent, SourceProblem, VassalDocument, is_valid_name
+from trimperor.core.shared import share
 from trimperor.monitors import toolkit as kit
 from trimperor.monitors.inotify import ENDED, IN_ISDIR, OVERFLOW, Inotify, is_remote
 from trimperor.monitors.toolkit import (
@@ -124,6 +125,7 @@ def _load(
     tyrant: bool = False,
     max_size: int | None = None,
     busy: set[str] | None = None,
+    in_own_dir: bool = False,
 ) -> VassalDocument | None:
     """The document for one candidate, or None if it is not a (readable) file.
 
@@ -188,10 +190,11 @@ def _load(
         name=name,
         source=source,
         version=version,
-        text=data.decode("utf-8", errors="replace"),
+        text=share(data.decode("utf-8", errors="replace")),
         path=path,
         uid=st.st_uid,
         gid=st.st_gid,
+        in_own_dir=in_own_dir,
     )
 
 
@@ -466,6 +469,7 @@ class _FileMonitor:
                 tyrant=self._options.tyrant,
                 max_size=self._options.max_config_size,
                 busy=busy,
+                in_own_dir=self._in_own_dir,
             )
             if doc is not None:
                 if follow:
