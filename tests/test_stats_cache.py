@@ -16,7 +16,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from trimperor.core.stats import (
     SourceStats,
     VassalStats,
     to_json,
+    vassal_doc,
+    vassal_part,
 )
 from trimperor.emperor import Emperor
 from trimperor.supervisor import Supervisor
@@ -157,6 +159,61 @@ async def check(emperor: Emperor) -> dict[str, Any]:
 
 def by_name(content: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in content["vassals"]}
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ['\0"sockets": 0\0', '"sockets": 0', "\u2028", "\\", '"']
+)
+_TIME = st.none() | st.floats(allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=_TEXT,
+    status=st.none() | _TEXT,
+    error=st.none() | _TEXT,
+    sockets=st.lists(st.tuples(_TEXT, _TEXT), max_size=3),
+    born=_TIME,
+    wakes=st.integers(),
+    uid=st.none() | st.sampled_from(["0", "1000", "www-data"]),
+)
+def test_a_vassal_part_is_exactly_the_indented_json(
+    name: str,
+    status: str | None,
+    error: str | None,
+    sockets: list[tuple[str, str]],
+    born: float | None,
+    wakes: int,
+    uid: str | None,
+) -> None:
+    """The C-encoder part is byte for byte ``json.dumps(..., indent=2)``, indented into
+    ``vassals``, whatever the strings hold (NULs, quotes, the place holder itself)."""
+    v = vassal_stats(
+        name,
+        notify_status=status,
+        last_error=error,
+        sockets=tuple(sockets),
+        born=born,
+        wakes=wakes,
+        uid=uid,
+    )
+    reference = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
+    assert vassal_part(v) == reference
+
+
+def test_a_vassal_document_has_uwsgi_keys_then_every_other_field() -> None:
+    """uWSGI's keys first (with uWSGI's values), then each other field once, in order."""
+    v = vassal_stats("a.ini", uid="33", wakes=2)
+    doc = vassal_doc(v)
+    uwsgi = list(doc)[: list(doc).index("respawns") + 1]
+    assert uwsgi[:3] == ["id", "pid", "born"]
+    assert doc["uid"] == 33
+    assert doc["respawns"] == v.restarts
+    others = [f.name for f in fields(VassalStats) if f.name not in uwsgi]
+    assert list(doc)[len(uwsgi) :] == [*others, "config_version_text"]
+    for key in others:
+        if key != "sockets":
+            assert doc[key] == getattr(v, key)
 
 
 async def test_emperor_document_follows_every_state_change(

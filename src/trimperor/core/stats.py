@@ -6,6 +6,7 @@ The stats server serialises these; it never sees a live object.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 
@@ -139,6 +140,34 @@ def _id(value: str | None) -> int:
 
 
 _VASSAL_FIELDS = tuple(f.name for f in fields(VassalStats))
+#: uWSGI's keys that are also fields (given uWSGI's values), then the other fields
+#: in their order, read in one call (the fields are flat: no copy needed, as asdict's).
+_UWSGI_KEYS = frozenset(
+    [
+        "id",
+        "pid",
+        "born",
+        "last_mod",
+        "last_heartbeat",
+        "loyal",
+        "ready",
+        "accepting",
+        "last_loyal",
+        "last_ready",
+        "last_accepting",
+        "first_run",
+        "last_run",
+        "cursed",
+        "zerg",
+        "on_demand",
+        "uid",
+        "gid",
+        "monitor",
+        "respawns",
+    ]
+)
+_OTHER_FIELDS = tuple(k for k in _VASSAL_FIELDS if k not in _UWSGI_KEYS)
+_other_fields = operator.attrgetter(*_OTHER_FIELDS)
 
 
 def vassal_doc(v: VassalStats) -> dict[str, object]:
@@ -165,11 +194,56 @@ def vassal_doc(v: VassalStats) -> dict[str, object]:
         "monitor": v.source,
         "respawns": v.restarts,
     }
-    for key in _VASSAL_FIELDS:  # the fields are flat: no copy needed (asdict's)
-        doc.setdefault(key, getattr(v, key))
+    doc.update(zip(_OTHER_FIELDS, _other_fields(v), strict=True))
     doc["config_version_text"] = describe_version(v.config_version)
     doc["sockets"] = [{"address": a, "state": st} for a, st in v.sockets]
     return doc
+
+
+#: Encodes a dict of scalars on one line, its items separated by a NUL: JSON
+#: escapes every control character inside strings, so each NUL is a separator.
+#: The C encoder does it; ``indent`` would take the pure-Python one, ~10x slower.
+_FLAT = json.JSONEncoder(separators=("\0", ": "))
+_SOCKETS = '\0"sockets": 0\0'
+"""The ``sockets`` item's place holder (the key appears once, and a quote inside a
+string is escaped, so nothing else encodes to this)."""
+
+
+def _flat_lines(d: dict[str, object], pad: str) -> str:
+    """*d*'s items, one per line at *pad* (``indent=2``'s text between the braces)."""
+    return pad + _FLAT.encode(d)[1:-1].replace("\0", "," + pad)
+
+
+def vassal_part(v: VassalStats) -> bytes:
+    """The vassal's part of the document: ``json.dumps(vassal_doc(v), indent=2)``
+    with every line but the first 4 spaces in (its place in ``vassals``), exactly,
+    made by the C encoder (the first document at 10,000 vassals makes 10,000)."""
+    doc = vassal_doc(v)
+    sockets = doc["sockets"]
+    assert isinstance(sockets, list)
+    doc["sockets"] = 0
+    before, _, after = _FLAT.encode(doc)[1:-1].partition(_SOCKETS)
+    pad = "\n      "
+    if sockets:
+        items = ",\n        ".join(
+            "{" + _flat_lines(s, "\n          ") + "\n        }" for s in sockets
+        )
+        listed = "[\n        " + items + "\n      ]"
+    else:
+        listed = "[]"
+    sep = "," + pad
+    text = (
+        "{"
+        + pad
+        + before.replace("\0", sep)
+        + sep
+        + '"sockets": '
+        + listed
+        + sep
+        + after.replace("\0", sep)
+        + "\n    }"
+    )
+    return text.encode()
 
 
 def _head(stats: EmperorStats) -> dict[str, object]:
@@ -307,7 +381,7 @@ class DocumentCache:
                 self._parts[v.name] = (v, hit[1])
                 self._replace(v)
             return
-        text = json.dumps(vassal_doc(v), indent=2).replace("\n", "\n    ").encode()
+        text = vassal_part(v)
         self._parts[v.name] = (v, text)
         if v.backoff_attempt:
             self._backoff[v.name] = v
