@@ -15,9 +15,11 @@ import pytest
 import trio
 
 from tests.helpers import wait_for
+from trimperor import emperor as emperor_module
 from trimperor.abc import LaunchPlan
 from trimperor.core.model import Remove, Snapshot, Upsert, VassalDocument
 from trimperor.core.policy import BackoffPolicy
+from trimperor.core.vassalspec import NativeSpec
 from trimperor.emperor import Emperor
 from trimperor.supervisor import Supervisor
 from trimperor.testing import FakeMonitor
@@ -171,6 +173,33 @@ async def test_a_dormant_vassal_holds_only_what_waking_it_needs(
         await sup.finished.wait()
 
 
+async def test_vassals_from_one_template_share_what_they_have_in_common(
+    emperor: tuple[Emperor, FakeMonitor], tmp_path: Path
+) -> None:
+    """One record of the emperor's collaborators, one argument vector, one text: what
+    makes 10,000 armed vassals fit in the emperor's memory target."""
+    emp, source = emperor
+    text = vassal(tmp_path / "%n.sock")
+    docs = tuple(VassalDocument(f"t{i}.ini", "fake://", "1", "".join(list(text))) for i in range(3))
+    await source.send(Snapshot("fake://", docs))
+
+    def sups() -> list[Supervisor]:
+        return [s for i in range(3) if (s := emp.supervisor(f"t{i}.ini")) is not None]
+
+    await wait_for(lambda: len(sups()) == 3 and all(s.dormant for s in sups()))
+    first, *others = sups()
+    for other in others:
+        assert isinstance(other.spec, NativeSpec)
+        assert isinstance(first.spec, NativeSpec)
+        assert other._ctx is first._ctx
+        assert other.spec.command is first.spec.command
+        assert other.spec.sockets[0].address != first.spec.sockets[0].address
+    # A supervisor made on its own (no connection table given) has its own record.
+    alone = Supervisor("x.ini", "fake://", "1", first.spec, PosixSpawner(), BackoffPolicy(), {})
+    assert alone._ctx is not first._ctx
+    assert alone._ctx.connections is not first._ctx.connections
+
+
 async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(
     tmp_path: Path,
 ) -> None:
@@ -192,3 +221,29 @@ async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_large_batch_gives_the_free_heap_back(
+    emperor: tuple[Emperor, FakeMonitor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a snapshot that started hundreds of vassals the emperor returns the C
+    heap's free pages (glibc's malloc_trim); after a single change it does not."""
+    emp, source = emperor
+    calls: list[None] = []
+    monkeypatch.setattr(emperor_module, "_return_free_memory", lambda: calls.append(None))
+    await source.send(Upsert(VassalDocument("one.ini", "fake://", "1", vassal(tmp_path / "o"))))
+    await wait_for(lambda: (s := emp.supervisor("one.ini")) is not None and s.dormant)
+    assert calls == []
+    count = emperor_module._TRIM_AFTER
+    docs = tuple(
+        VassalDocument(f"b{i}.ini", "fake://", "1", vassal(tmp_path / f"b{i}.sock"))
+        for i in range(count)
+    )
+    await source.send(Snapshot("fake://", docs))
+    await wait_for(lambda: len(calls) == 1)
+    assert all(emp.supervisor(f"b{i}.ini") is not None for i in range(count))
+    # The real one runs here (glibc) and changes nothing a vassal holds.
+    emperor_module._malloc_trim.cache_clear()
+    monkeypatch.undo()
+    emperor_module._return_free_memory()
+    assert int(await fetch(tmp_path / "b3.sock")) > 0
