@@ -22,12 +22,12 @@ import trio
 
 from trimperor import __version__
 from trimperor.abc import Monitor, MonitorFactory, MonitorOptions
+from trimperor.control.address import default_control_path, read_token
 from trimperor.control.api import check_stats_address
 from trimperor.control.hub import ControlOptions
 from trimperor.core.configfile import parse
 from trimperor.core.errors import MissingExtraError, SourceError, TrimperorError, UsageError
 from trimperor.core.policy import BackoffPolicy
-from trimperor.ctl import default_control_path, read_token
 from trimperor.emperor import Emperor
 from trimperor.monitors.files import DirMonitor, GlobMonitor
 from trimperor.monitors.toolkit import GROUP, load_factory

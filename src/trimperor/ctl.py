@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from trimperor.control.address import default_control_path, read_token
 from trimperor.core.errors import TrimperorError, UsageError
 
 __all__ = ["CtlClient", "build_parser", "connect", "default_control_path", "main", "read_token"]
@@ -221,29 +222,6 @@ def split_address(addr: str) -> tuple[str, int] | str:
     if not port.isdigit():
         raise UsageError(f"bad address {addr!r}: port must be a number")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def default_control_path() -> str:
-    """``/run/trimperor/control.sock`` as root, else ``$XDG_RUNTIME_DIR/trimperor.sock``
-    (``/tmp/trimperor-UID/control.sock`` without it)."""
-    uid = os.getuid()
-    if uid == 0:
-        return "/run/trimperor/control.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "trimperor.sock")
-    return f"/tmp/trimperor-{uid}/control.sock"
-
-
-def read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(4096).strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise UsageError(f"token file {path}: the token must be at least 16 characters")
-    return token
 
 
 # -- output --------------------------------------------------------------------

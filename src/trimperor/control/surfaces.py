@@ -20,7 +20,6 @@ import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -125,6 +124,8 @@ def _static(path: str) -> tuple[bytes, str] | None:
     if entry is None:
         return None
     name, ctype = entry
+    from importlib import resources  # only the dashboard's pages need it
+
     return resources.files("trimperor.control").joinpath("dashboard", name).read_bytes(), ctype
 
 

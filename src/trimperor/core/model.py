@@ -10,7 +10,6 @@ heals at the next snapshot, and a source that cannot be reached sends nothing
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 from collections.abc import Iterable
@@ -91,6 +90,8 @@ def describe_version(version: str) -> str:
     if m is None:
         return version
     mtime_ns, _, size, _, _, rest = m.groups()
+    import datetime  # here: only stats need it, and it costs half a MB of RSS
+
     try:
         when = datetime.datetime.fromtimestamp(int(mtime_ns) / 1e9, datetime.UTC)
     except (OverflowError, OSError, ValueError):

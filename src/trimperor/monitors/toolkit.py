@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
-import decimal
 import importlib
 import itertools
 import logging
 import math
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -181,8 +181,11 @@ def parse_id(value: object, what: str, *, digits: bool = False) -> int | None:
         return None
     if digits and isinstance(value, str) and value.strip().isdigit():
         return int(value)
+    # A Decimal (from a database driver) can only be one if something imported decimal.
+    decimal = sys.modules.get("decimal")
+    numbers = (int, float, decimal.Decimal) if decimal is not None else (int, float)
     if (
-        isinstance(value, int | decimal.Decimal | float)
+        isinstance(value, numbers)
         and not isinstance(value, bool)
         and math.isfinite(value)
         and value == int(value)
