@@ -332,14 +332,12 @@ async def test_uwsgi_vassal_on_fd_0_goes_back_to_on_demand(world: World, tmp_pat
 async def test_notify_from_a_child_of_the_vassal_is_attributed(
     world: World, tmp_path: Path
 ) -> None:
-    """One NOTIFY_SOCKET for all vassals: the sender's process group names the vassal."""
+    """A worker of a ``type = notify`` vassal speaks for it (its own NOTIFY_SOCKET)."""
     script = tmp_path / "send.py"
     script.write_text(
         "import os, socket\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.sendto(b'READY=1\\nSTATUS=from a worker', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
-        # The sender is named by its process group, which can only be looked up
-        # while it lives (systemd's NotifyAccess has the same limit): stay a while.
         "import time; time.sleep(5)\n"
     )
     gate = tmp_path / "gate"
@@ -353,6 +351,56 @@ async def test_notify_from_a_child_of_the_vassal_is_attributed(
     await wait_for(lambda: state(sup) == "running")
     assert sup.snapshot().notify_ready
     assert sup.snapshot().notify_status == "from a worker"
+
+
+def notify_script(
+    path: Path, message: bytes, *, setsid: bool = False, uid: int | None = None
+) -> Path:
+    """A helper that sends *message* to NOTIFY_SOCKET and exits at once."""
+    path.write_text(
+        "import os, socket\n"
+        + ("os.setsid()\n" if setsid else "")
+        + (f"os.setgid({uid}); os.setuid({uid})\n" if uid is not None else "")
+        + "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        + f"s.sendto({message!r}, '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
+        + f"print('sent by uid', os.getuid(), {message!r}, flush=True)\n"
+    )
+    return path
+
+
+async def test_notify_from_a_short_lived_helper_in_its_own_session_is_attributed(
+    world: World, tmp_path: Path
+) -> None:
+    """``systemd-notify --ready`` from a script: the helper has exited (and was in a
+    session of its own) by the time its message is read. A shared socket that names
+    the sender by its process group cannot tell whose it was; the vassal's own can."""
+    helper = notify_script(tmp_path / "ready.py", b"READY=1\nSTATUS=from a helper", setsid=True)
+    text = (
+        "[vassal]\ntype = notify\ncommand = /bin/sh -c "
+        f"'{sys.executable} {helper}; exec sleep 600'\n"
+    )
+    sup = await world.put("h.ini", text)
+    await wait_for(lambda: state(sup) == "running")
+    assert sup.snapshot().notify_ready
+    assert sup.snapshot().notify_status == "from a helper"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sends as another user: needs root")
+async def test_a_vassals_notify_socket_ignores_other_users(world: World, tmp_path: Path) -> None:
+    """The socket's abstract name is visible to every local user: only the vassal's user
+    (or the emperor's) is heard. A message from nobody changes nothing."""
+    foreign = notify_script(tmp_path / "foreign.py", b"READY=1\nSTATUS=foreign", uid=65534)
+    own = notify_script(tmp_path / "own.py", b"STATUS=own")
+    text = (
+        "[vassal]\ntype = notify\ncommand = /bin/sh -c "
+        f"'{sys.executable} {foreign}; {sys.executable} {own}; exec sleep 600'\n"
+    )
+    sup = await world.put("f.ini", text)
+    await wait_for(lambda: sup.snapshot().notify_status == "own")  # after the foreign one
+    lines = [d["line"] for d in world.emperor.hub.logs(["f.ini"], 20)]
+    assert any("sent by uid 65534" in line for line in lines), lines
+    assert not sup.snapshot().notify_ready
+    assert state(sup) == "starting"
 
 
 NAIVE = Path(__file__).with_name("naive_server.py")

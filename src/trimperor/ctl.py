@@ -7,9 +7,7 @@ timed out), 2 for a usage error, 3 when no emperor answers.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -19,6 +17,19 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from trimperor.control.address import default_control_path, read_token
 from trimperor.core.errors import TrimperorError, UsageError
@@ -32,120 +43,79 @@ class Unreachable(TrimperorError):
     pass
 
 
-_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
-_MAX_HEAD = 64 * 1024
 _MAX_MESSAGE = 256 * 1024 * 1024
-
-
-def _mask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    if not n:
-        return b""
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+_MAX_REFUSAL = 64 * 1024
 
 
 class CtlClient:
-    """One blocking WebSocket client connection to the emperor (RFC 6455).
+    """One blocking WebSocket client connection to the emperor.
 
-    ``trimperor ctl`` runs once and exits: a few dozen lines over a plain
-    socket start faster than any WebSocket library (see
-    :func:`trimperor.control.hub.connect` for the trio client).
+    ``trimperor ctl`` runs once and exits, so it needs no event loop: wsproto (the
+    sans-I/O WebSocket protocol trio-websocket is built on) is driven over a plain
+    blocking socket (see :func:`trimperor.control.hub.connect` for the trio client).
     """
 
     def __init__(self, sock: socket.socket, host: str, headers: list[tuple[bytes, bytes]]):
         self._sock = sock
-        self._buf = b""
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        self._pending: deque[Event] = deque()
         self._next = 0
         self._events: deque[dict[str, Any]] = deque()
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            "GET / HTTP/1.1",
-            f"Host: {host}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            *(f"{k.decode()}: {v.decode()}" for k, v in headers),
-        ]
-        self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        while b"\r\n\r\n" not in self._buf:
-            if len(self._buf) > _MAX_HEAD:
-                raise Unreachable("sent an oversized answer")
-            self._fill()
-        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
-        status, *fields = head.decode("latin-1").split("\r\n")
-        found = {}
-        for line in fields:
-            name, _, value = line.partition(":")
-            found[name.strip().lower()] = value.strip()
-        parts = status.split(" ", 2)
-        code = parts[1] if len(parts) > 1 else "?"
-        if code != "101":
-            length = int(found.get("content-length", "0") or 0)
-            while len(self._buf) < min(length, _MAX_HEAD):
-                try:
-                    self._fill()
-                except Unreachable:
+        self._sock.sendall(self._ws.send(Request(host=host, target="/", extra_headers=headers)))
+        refused: RejectConnection | None = None
+        body = bytearray()
+        while True:
+            event = self._event()
+            if isinstance(event, AcceptConnection):
+                return
+            if isinstance(event, RejectConnection):
+                refused = event
+                if not event.has_body:
                     break
-            body = self._buf[:length].decode(errors="replace").strip()
-            raise Unreachable(f"refused: {body or code}")
-        accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
-        if found.get("sec-websocket-accept") != accept:
-            raise Unreachable("answered with a bad WebSocket handshake")
+            elif isinstance(event, RejectData):
+                body += event.data[: _MAX_REFUSAL - len(body)]
+                if event.body_finished:
+                    break
+        text = body.decode(errors="replace").strip()
+        code = refused.status_code if refused is not None else "?"
+        raise Unreachable(f"refused: {text or code}")
 
-    def _fill(self) -> None:
-        data = self._sock.recv(1 << 20)
-        if not data:
-            raise Unreachable("the emperor closed the connection")
-        self._buf += data
-
-    def _take(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            self._fill()
-        data, self._buf = self._buf[:n], self._buf[n:]
-        return data
-
-    def _send(self, opcode: int, payload: bytes) -> None:
-        n = len(payload)
-        if n < 126:
-            head = bytes([0x80 | opcode, 0x80 | n])
-        elif n < 1 << 16:
-            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-        key = os.urandom(4)
-        self._sock.sendall(head + key + _mask(payload, key))
+    def _event(self) -> Event:
+        """The next protocol event, reading from the socket as needed."""
+        while not self._pending:
+            try:
+                data = self._sock.recv(1 << 20)
+            except TimeoutError:
+                raise  # next_event's own timeout
+            except OSError as exc:
+                raise Unreachable(f"lost the connection: {exc.strerror or exc}") from None
+            try:
+                self._ws.receive_data(data or None)
+                self._pending.extend(self._ws.events())
+            except RemoteProtocolError as exc:
+                raise Unreachable(f"answered with a bad WebSocket stream: {exc}") from None
+            if not data and not self._pending:
+                raise Unreachable("the emperor closed the connection")
+        return self._pending.popleft()
 
     def _message(self) -> str:
-        parts: list[bytes] = []
+        parts: list[str] = []
         size = 0
         while True:
-            b0, b1 = self._take(2)
-            opcode, n = b0 & 0x0F, b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(self._take(2), "big")
-            elif n == 127:
-                n = int.from_bytes(self._take(8), "big")
-            key = self._take(4) if b1 & 0x80 else b""
-            size += n
-            if size > _MAX_MESSAGE:
-                raise Unreachable("sent an oversized message")
-            payload = self._take(n)
-            if key:
-                payload = _mask(payload, key)
-            if opcode == 0x8:  # close
-                with contextlib.suppress(OSError):
-                    self._send(0x8, payload[:2])
+            event = self._event()
+            if isinstance(event, TextMessage):
+                size += len(event.data)
+                if size > _MAX_MESSAGE:
+                    raise Unreachable("sent an oversized message")
+                parts.append(event.data)
+                if event.message_finished:
+                    return "".join(parts)
+            elif isinstance(event, Ping):
+                self._sock.sendall(self._ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                with contextlib.suppress(OSError, LocalProtocolError):
+                    self._sock.sendall(self._ws.send(event.response()))
                 raise Unreachable("the emperor closed the connection")
-            if opcode == 0x9:  # ping
-                self._send(0xA, payload)
-                continue
-            if opcode == 0xA:  # pong
-                continue
-            parts.append(payload)
-            if b0 & 0x80:
-                return b"".join(parts).decode()
 
     def _receive(self) -> dict[str, Any]:
         doc = json.loads(self._message())
@@ -155,7 +125,8 @@ class CtlClient:
     def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
         self._next += 1
         rid = self._next
-        self._send(0x1, json.dumps({"id": rid, "cmd": cmd, **fields}).encode())
+        message = TextMessage(json.dumps({"id": rid, "cmd": cmd, **fields}))
+        self._sock.sendall(self._ws.send(message))
         while True:
             doc = self._receive()
             if "event" in doc:
@@ -176,8 +147,8 @@ class CtlClient:
             self._sock.settimeout(REQUEST_TIMEOUT)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._send(0x8, (1000).to_bytes(2, "big"))
+        with contextlib.suppress(OSError, LocalProtocolError):
+            self._sock.sendall(self._ws.send(CloseConnection(code=1000)))
         self._sock.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -65,8 +66,9 @@ from trimperor.core.stats import VassalStats
 from trimperor.core.uwsgi_protocol import EXILE_CODE, ToEmperor, ToVassal, describe
 from trimperor.core.vassalspec import NativeSpec, UwsgiSpec, VassalSpec
 from trimperor.vassals.armory import Armory
-from trimperor.vassals.notify import NotifyHub
+from trimperor.vassals.notify import NotifyHub, PrivateNotify
 from trimperor.vassals.sockets import ConnectionTable, HeldSocket, bind
+from trimperor.vassals.spawner import resolve_ids
 from trimperor.vassals.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
 
 __all__ = ["Supervisor", "native_plan"]
@@ -221,6 +223,7 @@ class Supervisor:
         "_error",
         "_finished",
         "_first_accept_pending",
+        "_hearing",
         "_held",
         "_inbox",
         "_machine",
@@ -330,6 +333,8 @@ class Supervisor:
         self._deferred: Sequence[Command] = ()
         """Commands of the first step that :meth:`begin_armed` left to :meth:`run`."""
         self._first_accept_pending: tuple[HeldSocket, int, float] | None = None
+        self._hearing: trio.CancelScope | None = None
+        """``type = notify``: the live process's own NOTIFY_SOCKET, heard until it exits."""
 
     # -- the machine's state, read-only ---------------------------------------
 
@@ -733,6 +738,7 @@ class Supervisor:
         assert self._nursery is not None
         spec = command.spec
         channel = None
+        private = None
         try:
             if not self._bind_sockets(spec):
                 raise SpawnError(self._error or "cannot bind the sockets")
@@ -746,7 +752,10 @@ class Supervisor:
             else:
                 plan = self._ctx.plan_for(spec, self._ctx.environ)
                 env = dict(plan.env)
-                if self._ctx.notify_hub is not None:
+                if self._ctx.notify_hub is not None and spec.type == "notify":
+                    private = await PrivateNotify.open()
+                    env["NOTIFY_SOCKET"] = private.address
+                elif self._ctx.notify_hub is not None:
                     env["NOTIFY_SOCKET"] = self._ctx.notify_hub.address
                 if spec.watchdog is not None:
                     env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
@@ -760,6 +769,8 @@ class Supervisor:
         except (SpawnError, OSError) as exc:
             if channel is not None:
                 channel.close()
+            if private is not None:
+                private.close()
             await self._feed(SpawnFailed(command.proc, str(exc)))
             return
         token = command.proc
@@ -769,7 +780,11 @@ class Supervisor:
         self.last_heartbeat = self.last_watchdog = None
         self.notify_ready, self.notify_status = False, None
         self._sockets_are("handed over")
-        if self._ctx.notify_hub is not None and isinstance(spec, NativeSpec):
+        if private is not None:
+            assert isinstance(spec, NativeSpec)
+            self._hearing = trio.CancelScope()
+            self._nursery.start_soon(self._hear, self._hearing, private, spec, token, proc)
+        elif self._ctx.notify_hub is not None and isinstance(spec, NativeSpec):
             self._ctx.notify_hub.register(proc.pid, partial(self._on_notify, token, proc))
         if spec.idle is not None and self._held:
             self._nursery.start_soon(self._watch_idle, token, proc, spec.idle)
@@ -801,6 +816,9 @@ class Supervisor:
             self._channel = None
         if self._ctx.notify_hub is not None:
             self._ctx.notify_hub.unregister(proc.pid)
+        if self._hearing is not None:
+            self._hearing.cancel()
+            self._hearing = None
         how = f"signal={signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code={rc}"
         log.info("vassal.exited name=%s pid=%s %s", self.name, proc.pid, how)
         self._emit(
@@ -981,8 +999,30 @@ class Supervisor:
 
     # -- sd_notify ----------------------------------------------------------------
 
+    async def _hear(
+        self,
+        scope: trio.CancelScope,
+        private: PrivateNotify,
+        spec: NativeSpec,
+        token: int,
+        proc: Process,
+    ) -> None:
+        """The process's own NOTIFY_SOCKET, until it exits: any sender running as the
+        vassal's user (or the emperor's) speaks for it."""
+        with scope, private:
+            uid = os.getuid()
+            if spec.uid is not None:
+                try:  # a user name may be looked up in a directory service: not here
+                    found = await trio.to_thread.run_sync(resolve_ids, spec.uid, None)
+                except SpawnError:
+                    found = (None, None, None)  # gone since the spawn: the emperor's only
+                uid = found[0] if found[0] is not None else uid
+            uids = frozenset({os.getuid(), uid})
+            await private.run(partial(self._on_notify, token, proc), uids)
+
     def _on_notify(self, token: int, proc: Process, fields: dict[str, str]) -> None:
-        """A message on the shared NOTIFY_SOCKET from this vassal's process group."""
+        """A message on the shared NOTIFY_SOCKET from this vassal's process group,
+        or on the process's own (``type = notify``) from any of its processes."""
         if proc is not self._proc:
             return
         if fields.get("READY") == "1" and not self.notify_ready:

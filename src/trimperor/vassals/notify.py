@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 from collections.abc import Callable, Mapping
 
 import trio
 
-__all__ = ["Notifier", "NotifyHub", "parse_message"]
+__all__ = ["Notifier", "NotifyHub", "PrivateNotify", "parse_message"]
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,68 @@ class NotifyHub:
         return handler
 
 
-def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+class PrivateNotify:
+    """A ``NOTIFY_SOCKET`` of one vassal process's own (``type = notify``).
+
+    Every datagram on it is that vassal's, whichever of its processes sent it:
+    a helper that says ``READY=1`` and exits at once (``systemd-notify``), or a
+    worker in a session of its own. The shared socket knows a sender only by its
+    process or process group, which a process that has already exited no longer
+    has. The abstract name is random but visible (``/proc/net/unix``), so only
+    senders running as the vassal's user or the emperor's are heard.
+    """
+
+    def __init__(self) -> None:
+        self._sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.address = ""
+
+    @classmethod
+    async def open(cls) -> PrivateNotify:
+        private = cls()
+        name = f"trimperor/{os.getpid()}/notify/{secrets.token_hex(8)}"
+        try:
+            await private._sock.bind("\0" + name)
+        except BaseException:
+            private.close()
+            raise
+        private.address = "@" + name
+        return private
+
+    async def run(self, handler: Callable[[dict[str, str]], None], uids: frozenset[int]) -> None:
+        """Hand each message from a sender running as one of *uids* to *handler*."""
+        while True:
+            data, ancdata, _, _ = await self._sock.recvmsg(
+                4096, socket.CMSG_SPACE(_CREDENTIALS.size)
+            )
+            creds = _credentials(ancdata)
+            if creds is None or creds[1] not in uids:
+                log.debug("notify.foreign_sender pid=%s", creds[0] if creds else None)
+                continue
+            handler(parse_message(data))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> PrivateNotify:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _credentials(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
+    """The sender's (pid, uid, gid), as the kernel attached them."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            pid, _, _ = _CREDENTIALS.unpack_from(data)
-            return int(pid)
+            pid, uid, gid = _CREDENTIALS.unpack_from(data)
+            return int(pid), int(uid), int(gid)
     return None
+
+
+def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    creds = _credentials(ancdata)
+    return creds[0] if creds is not None else None
 
 
 def parse_message(data: bytes) -> dict[str, str]:
