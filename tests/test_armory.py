@@ -194,10 +194,6 @@ async def test_vassals_from_one_template_share_what_they_have_in_common(
         assert other._ctx is first._ctx
         assert other.spec.command is first.spec.command
         assert other.spec.sockets[0].address != first.spec.sockets[0].address
-    # A supervisor made on its own (no connection table given) has its own record.
-    alone = Supervisor("x.ini", "fake://", "1", first.spec, PosixSpawner(), BackoffPolicy(), {})
-    assert alone._ctx is not first._ctx
-    assert alone._ctx.connections is not first._ctx.connections
 
 
 async def test_a_launcher_started_by_an_emperor_holding_many_sockets_works(

@@ -707,14 +707,15 @@ async def test_throttle_level_is_milliseconds(autojump_clock: trio.testing.MockC
     from trimperor.core.policy import BackoffPolicy
     from trimperor.core.stats import EmperorStats, to_json
     from trimperor.core.vassalspec import NativeSpec
-    from trimperor.supervisor import Supervisor
+    from trimperor.supervisor import Supervisor, SupervisorContext
     from trimperor.testing import FakeSpawner
 
     spawner = FakeSpawner()
     spawner.fail_with = "program 'app' not found"
     policy = BackoffPolicy(throttle=1.0, max_throttle=8.0)
     spec = NativeSpec(name="app.ini", command=("app",))
-    sup = Supervisor("app.ini", "fake://", "v1", spec, spawner, policy, {}, jitter=lambda: 0.0)
+    context = SupervisorContext(spawner, {})
+    sup = Supervisor("app.ini", "fake://", "v1", spec, context, policy, jitter=lambda: 0.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(3.5)  # attempts at 0, 1 and 3: the next waits 4 s

@@ -13,7 +13,7 @@ import trio
 from tests.helpers import wait_for
 from trimperor.core.policy import BackoffPolicy
 from trimperor.core.vassalspec import NativeSpec
-from trimperor.supervisor import Supervisor
+from trimperor.supervisor import Supervisor, SupervisorContext
 from trimperor.vassals.spawner import PosixSpawner
 
 pytestmark = pytest.mark.integration
@@ -52,9 +52,8 @@ async def test_a_changed_stop_signal_reaches_only_the_new_process(tmp_path: Path
         "fake://",
         "v1",
         trap(tmp_path, "old", signal.SIGQUIT),
-        PosixSpawner(),
+        SupervisorContext(PosixSpawner(), {}),
         BackoffPolicy(throttle=0.05),
-        {},
     )
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

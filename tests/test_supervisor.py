@@ -13,7 +13,7 @@ import trio.testing
 from trimperor.core.lifecycle import State
 from trimperor.core.policy import BackoffPolicy
 from trimperor.core.vassalspec import NativeSpec
-from trimperor.supervisor import Supervisor
+from trimperor.supervisor import Supervisor, SupervisorContext
 from trimperor.testing import FakeSpawner
 
 POLICY = BackoffPolicy(throttle=1.0, max_throttle=8.0, loyal_after=10.0)
@@ -28,7 +28,15 @@ def spec(**kw: object) -> NativeSpec:
 @pytest.fixture
 async def running() -> AsyncIterator[tuple[Supervisor, FakeSpawner]]:
     spawner = FakeSpawner()
-    sup = Supervisor("app.ini", "fake://", "v1", spec(), spawner, POLICY, {}, jitter=lambda: 0.0)
+    sup = Supervisor(
+        "app.ini",
+        "fake://",
+        "v1",
+        spec(),
+        SupervisorContext(spawner, {}),
+        POLICY,
+        jitter=lambda: 0.0,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         yield sup, spawner
@@ -124,7 +132,7 @@ async def test_reload_restarts_gracefully(
 async def test_reload_signal_when_only_touched(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
     s = spec(reload_signal=signal.SIGHUP)
-    sup = Supervisor("app.ini", "fake://", "v1", s, spawner, POLICY, {})
+    sup = Supervisor("app.ini", "fake://", "v1", s, SupervisorContext(spawner, {}), POLICY)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         proc = await spawner.wait_spawned(1)
@@ -145,7 +153,9 @@ async def test_stop_escalates_to_sigkill_after_timeout(
 ) -> None:
     spawner = FakeSpawner()
     spawner.ignore = {signal.SIGTERM}
-    sup = Supervisor("app.ini", "fake://", "v1", spec(stop_timeout=7.0), spawner, POLICY, {})
+    sup = Supervisor(
+        "app.ini", "fake://", "v1", spec(stop_timeout=7.0), SupervisorContext(spawner, {}), POLICY
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         proc = await spawner.wait_spawned(1)
@@ -161,7 +171,7 @@ async def test_stop_escalates_to_sigkill_after_timeout(
 async def test_custom_stop_signal_and_quick_exit(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
     s = spec(stop_signal=signal.SIGQUIT)
-    sup = Supervisor("app.ini", "fake://", "v1", s, spawner, POLICY, {})
+    sup = Supervisor("app.ini", "fake://", "v1", s, SupervisorContext(spawner, {}), POLICY)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         proc = await spawner.wait_spawned(1)
@@ -175,7 +185,9 @@ async def test_custom_stop_signal_and_quick_exit(autojump_clock: trio.testing.Mo
 async def test_spawn_failure_backs_off_and_recovers(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
     spawner.fail_with = "program 'app' not found"
-    sup = Supervisor("app.ini", "fake://", "v1", spec(), spawner, POLICY, {}, jitter=lambda: 0)
+    sup = Supervisor(
+        "app.ini", "fake://", "v1", spec(), SupervisorContext(spawner, {}), POLICY, jitter=lambda: 0
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(3.5)  # attempts at 0, 1 and 3
@@ -192,7 +204,7 @@ async def test_spawn_failure_backs_off_and_recovers(autojump_clock: trio.testing
 
 async def test_stop_while_waiting_finishes_at_once(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
-    sup = Supervisor("app.ini", "fake://", "v1", spec(), spawner, POLICY, {})
+    sup = Supervisor("app.ini", "fake://", "v1", spec(), SupervisorContext(spawner, {}), POLICY)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         (await spawner.wait_spawned(1)).exit(3)
@@ -205,7 +217,9 @@ async def test_stop_while_waiting_finishes_at_once(autojump_clock: trio.testing.
 async def test_kill_during_slow_stop(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
     spawner.ignore = {signal.SIGTERM}
-    sup = Supervisor("app.ini", "fake://", "v1", spec(stop_timeout=60), spawner, POLICY, {})
+    sup = Supervisor(
+        "app.ini", "fake://", "v1", spec(stop_timeout=60), SupervisorContext(spawner, {}), POLICY
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         proc = await spawner.wait_spawned(1)
@@ -219,7 +233,7 @@ async def test_kill_during_slow_stop(autojump_clock: trio.testing.MockClock) -> 
 
 async def test_cancellation_kills_the_process(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
-    sup = Supervisor("app.ini", "fake://", "v1", spec(), spawner, POLICY, {})
+    sup = Supervisor("app.ini", "fake://", "v1", spec(), SupervisorContext(spawner, {}), POLICY)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         proc = await spawner.wait_spawned(1)
@@ -232,7 +246,12 @@ async def test_the_old_process_is_stopped_with_the_settings_it_was_started_with(
 ) -> None:
     spawner = FakeSpawner()
     sup = Supervisor(
-        "app.ini", "fake://", "v1", spec(stop_signal=signal.SIGQUIT), spawner, POLICY, {}
+        "app.ini",
+        "fake://",
+        "v1",
+        spec(stop_signal=signal.SIGQUIT),
+        SupervisorContext(spawner, {}),
+        POLICY,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)

@@ -37,7 +37,7 @@ from trimperor.core.policy import BackoffPolicy
 from trimperor.core.reconcile import Action, Notice, Registry, Reload, Start, Stop
 from trimperor.core.stats import DocumentCache, EmperorStats, SourceStats, VassalStats
 from trimperor.core.vassalspec import NativeSpec, VassalSpec, build_spec, tyrant
-from trimperor.supervisor import Supervisor
+from trimperor.supervisor import Supervisor, SupervisorContext
 from trimperor.vassals.armory import Armory
 from trimperor.vassals.notify import Notifier, NotifyHub
 from trimperor.vassals.sockets import ConnectionTable
@@ -152,6 +152,8 @@ class Emperor:
         """Vassals whose supervisor crashed, waiting to be started afresh."""
         self._vassals: trio.Nursery | None = None
         self._armory: Armory | None = None
+        self._context: SupervisorContext | None = None
+        """What every supervisor refers to (made once the armory runs)."""
         self._shutdown = trio.Event()
         self._notifier = Notifier(self._environ)
         self._connections = ConnectionTable()
@@ -175,9 +177,6 @@ class Emperor:
         """Vassals stopped by ``ctl stop``: their last stats, until started or changed."""
         self.control_bound: dict[str, str] = {}
         # health checks and on-failure hooks (they run in the services nursery)
-        # One bound method each for every supervisor (not one object per vassal).
-        self._observer = self._observe
-        self._resumer = self._resume
         self._oversight = Oversight(
             self._sups, self._stopping, spawner, self._environ, self.hub, self._shutdown
         )
@@ -314,6 +313,18 @@ class Emperor:
             # The first connection at armed sockets, for on demand (one task for all).
             self._armory = Armory()
             await services.start(self._armory.run)
+            # What every supervisor refers to: one record for all.
+            self._context = SupervisorContext(
+                self._spawner,
+                self._environ,
+                uwsgi=self._uwsgi,
+                connections=self._connections,
+                notify_hub=self._notify_hub,
+                observer=self._observe,
+                armory=self._armory,
+                resume=self._resume,
+                changed=self._stats_changed,
+            )
             if self._fleet is not None:
                 self._fleet.attach(
                     running=self._sups.__contains__,
@@ -532,21 +543,9 @@ class Emperor:
             self._parked.add(action.name)
             return
 
+        assert self._context is not None
         sup = Supervisor(
-            action.name,
-            action.source,
-            action.version,
-            action.spec,
-            self._spawner,
-            self._policy,
-            self._environ,
-            uwsgi=self._uwsgi,
-            connections=self._connections,
-            notify_hub=self._notify_hub,
-            observer=self._observer,
-            armory=self._armory,
-            resume=self._resumer,
-            changed=self._stats_changed,
+            action.name, action.source, action.version, action.spec, self._context, self._policy
         )
         self._sups[action.name] = sup
         self._oversight.ensure(action.name)

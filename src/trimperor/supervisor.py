@@ -19,7 +19,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from typing import Any
 
@@ -71,7 +71,7 @@ from trimperor.vassals.sockets import ConnectionTable, HeldSocket, bind
 from trimperor.vassals.spawner import resolve_ids
 from trimperor.vassals.uwsgi import UwsgiChannel, UwsgiOptions, announce_binary
 
-__all__ = ["Supervisor", "native_plan"]
+__all__ = ["Supervisor", "SupervisorContext", "native_plan"]
 
 log = logging.getLogger(__name__)
 vassal_log = logging.getLogger("trimperor.vassal")
@@ -98,91 +98,6 @@ def _settings(policy: BackoffPolicy, graceful_shutdown: bool, curse_tolerance: f
     return Settings(policy, graceful_shutdown, curse_tolerance)
 
 
-class _Shared:
-    """What every supervisor of one emperor refers to: one record, not ten fields each."""
-
-    __slots__ = (
-        "armory",
-        "changed",
-        "connections",
-        "environ",
-        "notify_hub",
-        "observer",
-        "plan_for",
-        "resume",
-        "spawner",
-        "uwsgi",
-    )
-
-    def __init__(
-        self,
-        spawner: Spawner,
-        environ: Mapping[str, str],
-        plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan],
-        uwsgi: UwsgiOptions,
-        connections: ConnectionTable,
-        notify_hub: NotifyHub | None,
-        observer: Callable[..., None] | None,
-        armory: Armory | None,
-        resume: Callable[[Supervisor], None] | None,
-        changed: set[str] | None,
-    ) -> None:
-        self.spawner = spawner
-        self.environ = environ
-        self.plan_for = plan_for
-        self.uwsgi = uwsgi
-        self.connections = connections
-        self.notify_hub = notify_hub
-        self.observer = observer
-        """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
-        self.armory = armory
-        self.resume = resume
-        """Runs :meth:`Supervisor.run` again (in the emperor's nursery) for a dormant vassal."""
-        self.changed = changed
-
-
-_last_shared: list[tuple[tuple[object, ...], _Shared]] = []
-
-
-def _context(
-    spawner: Spawner,
-    environ: Mapping[str, str],
-    plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan],
-    uwsgi: UwsgiOptions | None,
-    connections: ConnectionTable | None,
-    notify_hub: NotifyHub | None,
-    observer: Callable[..., None] | None,
-    armory: Armory | None,
-    resume: Callable[[Supervisor], None] | None,
-    changed: set[str] | None,
-) -> _Shared:
-    """The record for these arguments: the last one made if they are the same objects.
-
-    An emperor passes the same objects for every vassal, so they share one record.
-    Missing options and connection tables are made anew for each (never shared).
-    """
-    key = (spawner, environ, plan_for, uwsgi, connections, notify_hub, observer, armory, resume)
-    if uwsgi is not None and connections is not None and _last_shared:
-        last_key, last = _last_shared[0]
-        if last.changed is changed and all(a is b for a, b in zip(key, last_key, strict=True)):
-            return last
-    shared = _Shared(
-        spawner,
-        environ,
-        plan_for,
-        uwsgi or UwsgiOptions(),
-        connections or ConnectionTable(),
-        notify_hub,
-        observer,
-        armory,
-        resume,
-        changed,
-    )
-    if uwsgi is not None and connections is not None:
-        _last_shared[:] = [(key, shared)]
-    return shared
-
-
 def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
     env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
     env.update(spec.env)
@@ -197,6 +112,30 @@ def native_plan(spec: NativeSpec, environ: Mapping[str, str]) -> LaunchPlan:
         logto=spec.logto,
         as_user=spec.tyrant,
     )
+
+
+@dataclass(slots=True, eq=False, frozen=True)
+class SupervisorContext:
+    """What every supervisor of one emperor refers to: one record, not ten fields each.
+
+    An emperor makes one and hands it to each of its supervisors. One made with
+    only a spawner and an environment has a connection table and uWSGI options
+    of its own.
+    """
+
+    spawner: Spawner
+    environ: Mapping[str, str]
+    plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan] = native_plan
+    uwsgi: UwsgiOptions = field(default_factory=UwsgiOptions)
+    connections: ConnectionTable = field(default_factory=ConnectionTable)
+    notify_hub: NotifyHub | None = None
+    observer: Callable[..., None] | None = None
+    """``observer(kind, name, **fields)``: state changes, spawns, exits, backoff, output."""
+    armory: Armory | None = None
+    resume: Callable[[Supervisor], None] | None = None
+    """Runs :meth:`Supervisor.run` again (in the emperor's nursery) for a dormant vassal."""
+    changed: set[str] | None = None
+    """Where a supervisor puts its name when something its stats show changes."""
 
 
 #: Shared by every supervisor until it holds a process or a timer (never written to:
@@ -253,41 +192,17 @@ class Supervisor:
         source: str,
         version: str,
         spec: VassalSpec,
-        spawner: Spawner,
+        context: SupervisorContext,
         policy: BackoffPolicy,
-        environ: Mapping[str, str],
         *,
-        plan_for: Callable[[NativeSpec, Mapping[str, str]], LaunchPlan] | None = None,
         jitter: Callable[[], float] = random.random,
-        uwsgi: UwsgiOptions | None = None,
-        connections: ConnectionTable | None = None,
-        notify_hub: NotifyHub | None = None,
-        observer: Callable[..., None] | None = None,
-        armory: Armory | None = None,
-        resume: Callable[[Supervisor], None] | None = None,
-        changed: set[str] | None = None,
     ) -> None:
         # Change tracking first: every assignment below goes through __setattr__.
         object.__setattr__(self, "_snap", None)
-        object.__setattr__(
-            self,
-            "_ctx",
-            _context(
-                spawner,
-                environ,
-                plan_for or native_plan,
-                uwsgi,
-                connections,
-                notify_hub,
-                observer,
-                armory,
-                resume,
-                changed,
-            ),
-        )
+        object.__setattr__(self, "_ctx", context)
         self.name = name
-        if changed is not None:
-            changed.add(name)
+        if context.changed is not None:
+            context.changed.add(name)
         self.source = source
         self._machine = VassalMachine(
             version,
@@ -1109,7 +1024,7 @@ class Supervisor:
     # (``__setattr__``); what changes in place (the machine, ``_times``, the held
     # sockets and their states) calls :meth:`_touch` itself.
     _snap: VassalStats | None
-    _ctx: _Shared
+    _ctx: SupervisorContext
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)

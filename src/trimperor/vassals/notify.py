@@ -88,8 +88,8 @@ class NotifyHub:
             self.address = "@" + name
             task_status.started(self.address)
             while True:
-                data, ancdata, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
-                pid = _sender(ancdata)
+                data, creds = await _receive(sock)
+                pid = creds[0] if creds is not None else None
                 handler = self._route(pid)
                 if handler is None:
                     log.debug("notify.unknown_sender pid=%s", pid)
@@ -139,10 +139,7 @@ class PrivateNotify:
     async def run(self, handler: Callable[[dict[str, str]], None], uids: frozenset[int]) -> None:
         """Hand each message from a sender running as one of *uids* to *handler*."""
         while True:
-            data, ancdata, _, _ = await self._sock.recvmsg(
-                4096, socket.CMSG_SPACE(_CREDENTIALS.size)
-            )
-            creds = _credentials(ancdata)
+            data, creds = await _receive(self._sock)
             if creds is None or creds[1] not in uids:
                 log.debug("notify.foreign_sender pid=%s", creds[0] if creds else None)
                 continue
@@ -158,18 +155,15 @@ class PrivateNotify:
         self.close()
 
 
-def _credentials(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
-    """The sender's (pid, uid, gid), as the kernel attached them."""
-    for level, kind, data in ancdata:
+async def _receive(sock: trio.socket.SocketType) -> tuple[bytes, tuple[int, int, int] | None]:
+    """The next datagram on *sock*, and its sender's (pid, uid, gid) as the kernel
+    attached them (``SO_PASSCRED``)."""
+    data, ancdata, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+    for level, kind, cmsg in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            pid, uid, gid = _CREDENTIALS.unpack_from(data)
-            return int(pid), int(uid), int(gid)
-    return None
-
-
-def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
-    creds = _credentials(ancdata)
-    return creds[0] if creds is not None else None
+            pid, uid, gid = _CREDENTIALS.unpack_from(cmsg)
+            return data, (int(pid), int(uid), int(gid))
+    return data, None
 
 
 def parse_message(data: bytes) -> dict[str, str]:
