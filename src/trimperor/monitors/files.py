@@ -57,7 +57,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import trio
@@ -437,8 +437,10 @@ class _FileMonitor:
         """A file source has no connection to lose: it is always watching."""
         return WatchingStatus(self.uri)
 
-    def _candidates(self) -> list[tuple[str, str]]:
-        """(vassal name, absolute path) of every configuration name; blocking.
+    def _candidates(self) -> Iterator[tuple[str, str]]:
+        """(vassal name, absolute path) of every configuration name, one at a time;
+        blocking. A rescan so holds one entry at a time, not 10,000 at once (their
+        strings would leave the allocator's pools fragmented, scan after scan).
 
         Raises :class:`_Gone` if there is nothing to list, OSError if listing failed.
         """
@@ -472,20 +474,21 @@ class _FileMonitor:
                 in_own_dir=self._in_own_dir,
             )
             if doc is not None:
+                key = doc.name  # an unchanged file's: the string the cache holds
                 if follow:
-                    if doc is cache.get(name):  # unchanged: so is whether it is a link
+                    if doc is cache.get(key):  # unchanged: so is whether it is a link
                         if path in self._links:
                             links[path] = self._links[path]
                     elif os.path.islink(path):
                         links[path] = _target_version(path)
                 if self._in_own_dir and not doc.in_own_dir:
                     doc = replace(doc, in_own_dir=True)
-                if name in busy and doc.socket is not None:
-                    docs[name] = doc  # the document sent before, standing in: as it was
+                if key in busy and doc.socket is not None:
+                    docs[key] = doc  # the document sent before, standing in: as it was
                     continue
-                if doc.error is None and name not in busy:
-                    loaded[name] = doc
-                docs[name] = _with_socket(doc, self._own)
+                if doc.error is None and key not in busy:
+                    loaded[key] = doc
+                docs[key] = _with_socket(doc, self._own)
                 continue
             if name in busy:
                 continue  # open for writing, and new: not there yet
@@ -727,13 +730,16 @@ class DirMonitor(_FileMonitor):
         self.path = os.path.abspath(path)
         self.uri = f"dir://{self.path}"
 
-    def _candidates(self) -> list[tuple[str, str]]:
+    def _candidates(self) -> Iterator[tuple[str, str]]:
         extra = self._options.extra_extensions
         try:
-            with os.scandir(self.path) as entries:
-                return [(e.name, e.path) for e in entries if is_valid_name(e.name, extra)]
+            entries = os.scandir(self.path)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise _Gone(str(exc)) from exc
+        with entries:
+            for e in entries:
+                if is_valid_name(e.name, extra):
+                    yield e.name, e.path
 
     def _pattern(self) -> str:
         return os.path.join(glob.escape(self.path), "*")
@@ -750,13 +756,11 @@ class GlobMonitor(_FileMonitor):
         self.pattern = pattern
         self.uri = f"glob://{pattern}"
 
-    def _candidates(self) -> list[tuple[str, str]]:
+    def _candidates(self) -> Iterator[tuple[str, str]]:
         extra = self._options.extra_extensions
-        return [
-            (match, os.path.abspath(match))
-            for match in glob.glob(self.pattern)
-            if is_valid_name(match, extra)
-        ]
+        for match in glob.iglob(self.pattern):
+            if is_valid_name(match, extra):
+                yield match, os.path.abspath(match)
 
     def _pattern(self) -> str:
         return os.path.abspath(self.pattern)
