@@ -338,6 +338,7 @@ async def test_notify_from_a_child_of_the_vassal_is_attributed(
         "import os, socket\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.sendto(b'READY=1\\nSTATUS=from a worker', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\n"
+        # A worker still alive when its message is read (the next test: one that has exited).
         "import time; time.sleep(5)\n"
     )
     gate = tmp_path / "gate"

@@ -12,6 +12,7 @@ the machine through the same inbox. Everything runs in the vassal's nursery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -925,15 +926,15 @@ class Supervisor:
         """The process's own NOTIFY_SOCKET, until it exits: any sender running as the
         vassal's user (or the emperor's) speaks for it."""
         with scope, private:
-            uid = os.getuid()
+            uids = {os.getuid()}
             if spec.uid is not None:
-                try:  # a user name may be looked up in a directory service: not here
-                    found = await trio.to_thread.run_sync(resolve_ids, spec.uid, None)
-                except SpawnError:
-                    found = (None, None, None)  # gone since the spawn: the emperor's only
-                uid = found[0] if found[0] is not None else uid
-            uids = frozenset({os.getuid(), uid})
-            await private.run(partial(self._on_notify, token, proc), uids)
+                # A user name may be looked up in a directory service: not in the loop.
+                # Gone since the spawn: only the emperor's user is heard.
+                with contextlib.suppress(SpawnError):
+                    uid = (await trio.to_thread.run_sync(resolve_ids, spec.uid, None))[0]
+                    if uid is not None:
+                        uids.add(uid)
+            await private.run(partial(self._on_notify, token, proc), frozenset(uids))
 
     def _on_notify(self, token: int, proc: Process, fields: dict[str, str]) -> None:
         """A message on the shared NOTIFY_SOCKET from this vassal's process group,
